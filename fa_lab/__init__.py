@@ -1,0 +1,16 @@
+"""fa_lab: learn and profile FlashAttention on the CPU, with every number measured here.
+
+Public API (stable; later work builds on it):
+
+* :func:`attention` -- scaled dot-product attention with a choice of kernel
+* :data:`KERNELS` -- the kernel registry (the ladder ``reference`` .. ``tiled_simd``)
+* :mod:`fa_lab.reference` -- the float64 NumPy source of truth
+"""
+
+from fa_lab.api import KernelFallbackWarning, attention, choose_kernel
+from fa_lab.registry import KERNELS, Kernel, ladder
+
+__version__ = "0.1.0"
+
+__all__ = ["attention", "choose_kernel", "KERNELS", "Kernel", "KernelFallbackWarning",
+           "ladder", "__version__"]

@@ -1,0 +1,188 @@
+"""The public entry point: :func:`attention` validates, normalizes and dispatches."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import numpy as np
+
+from fa_lab import config
+from fa_lab.reference import causal_alignment, mask_to_bias
+from fa_lab.registry import KERNELS, Kernel, Request, ladder
+
+
+class KernelFallbackWarning(UserWarning):
+    """``kernel="auto"`` skipped a faster kernel that cannot serve the call (reason inside)."""
+
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _as_float_array(name, x) -> np.ndarray:
+    x = np.asarray(x)
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be a float32 or float64 array, got dtype {x.dtype}")
+    return x
+
+
+def _check_block(name, value):
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int or None, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int or None, got {value}")
+    return int(value)
+
+
+def _check_shapes(q, k, v):
+    """Return (lead, H, H_kv, Nq, Nk, d) or raise naming the argument."""
+    if q.ndim < 2:
+        raise ValueError(f"q must have shape (..., H, Nq, d) or (Nq, d), got shape {q.shape}")
+    for name, x in (("k", k), ("v", v)):
+        if x.ndim != q.ndim:
+            raise ValueError(f"{name} must have the same rank as q ({q.ndim}): expected "
+                             f"{'(Nk, d)' if q.ndim == 2 else '(..., H_kv, Nk, d)'}, "
+                             f"got shape {x.shape}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the same shape as k {k.shape}, got {v.shape}")
+    d = q.shape[-1]
+    if k.shape[-1] != d:
+        raise ValueError(f"k must have the head dimension d={d} of q, got shape {k.shape}")
+    if d == 0:
+        raise ValueError(f"q must have a head dimension d >= 1, got shape {q.shape}")
+    if q.ndim == 2:
+        return (), 1, 1, q.shape[0], k.shape[0], d
+    if k.shape[:-3] != q.shape[:-3]:
+        raise ValueError(f"k and v must have the leading dims {q.shape[:-3]} of q, got "
+                         f"shape {k.shape}")
+    H, H_kv = q.shape[-3], k.shape[-3]
+    if H_kv == 0 or H % H_kv:
+        raise ValueError(f"the heads of q (H={H}) must be a multiple of the heads of k and "
+                         f"v (H_kv={H_kv})")
+    return q.shape[:-3], H, H_kv, q.shape[-2], k.shape[-2], d
+
+
+def _bias(mask, dtype, full_shape, B, H, Nq, Nk):
+    """Validate ``mask`` and return it as a read-only additive (B, H, Nq, Nk) view."""
+    mask = np.asarray(mask)
+    if mask.dtype != np.bool_ and mask.dtype.kind != "f":
+        raise TypeError(f"mask must be a bool or float array, got dtype {mask.dtype}")
+    try:
+        ok = np.broadcast_shapes(mask.shape, full_shape) == tuple(full_shape)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"mask of shape {mask.shape} does not broadcast to the scores' "
+                         f"shape (..., H, Nq, Nk) = {tuple(full_shape)}")
+    bias = np.broadcast_to(mask_to_bias(mask, dtype), full_shape).reshape(B, H, Nq, Nk)
+    bias.flags.writeable = False  # one numba type whether reshape copied or not
+    return bias
+
+
+def choose_kernel(kernel: str, req: Request) -> tuple[Kernel, list[str]]:
+    """Resolve ``kernel`` (a registry name or ``"auto"``) for ``req``.
+
+    Returns the kernel and, for ``"auto"``, the reasons why faster kernels were
+    skipped. An explicit kernel that cannot serve the call raises NotImplementedError.
+    """
+    if not isinstance(kernel, str):
+        raise TypeError(f"kernel must be a str (a name in fa_lab.KERNELS or 'auto'), "
+                        f"got {kernel!r}")
+    if kernel != "auto":
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be 'auto' or one of {sorted(KERNELS)}, "
+                             f"got {kernel!r}")
+        reason = KERNELS[kernel].unsupported(req)
+        if reason:
+            raise NotImplementedError(reason)
+        return KERNELS[kernel], []
+    skipped = []
+    for candidate in reversed(ladder()):
+        reason = candidate.unsupported(req)
+        if reason is None:
+            return candidate, skipped
+        skipped.append(reason)
+    raise NotImplementedError("no registered kernel supports this call: " + "; ".join(skipped))
+
+
+def attention(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto",
+              block_q=None, block_kv=None, return_lse=False):
+    """Scaled dot-product attention ``softmax(Q K^T * scale + mask) V``.
+
+    Parameters
+    ----------
+    q : array (..., H, Nq, d) or (Nq, d), float32 or float64
+    k, v : arrays (..., H_kv, Nk, d) or (Nk, d), the same dtype and leading dims as q.
+        ``H % H_kv == 0``: query head ``h`` uses kv head ``h // (H // H_kv)``
+        (grouped-query / multi-query attention, as PyTorch's ``enable_gqa``).
+        Strided (non-contiguous) views are accepted (copied to contiguous memory).
+    causal : False, True, "top_left" or "bottom_right"
+        ``True``/``"top_left"``: query ``i`` sees keys ``j <= i`` (PyTorch ``is_causal``).
+        ``"bottom_right"``: query ``i`` sees keys ``j <= i + Nk - Nq`` (flash-attn >= 2.1;
+        decoding with a KV cache).
+    scale : float, optional
+        Multiplies ``Q K^T``; defaults to ``1 / sqrt(d)``.
+    mask : bool or float array broadcastable to (..., H, Nq, Nk), optional
+        bool: True = attend (PyTorch's meaning). float: added to the scaled scores
+        (e.g. an ALiBi bias; ``-inf`` hides a key). Combines with ``causal``.
+    kernel : str
+        A name in :data:`fa_lab.KERNELS` or ``"auto"`` (the highest rung that supports
+        the call; if it has to skip one it says why with a :class:`KernelFallbackWarning`).
+    block_q, block_kv : int, optional
+        Tile sizes ``Br``, ``Bc`` for tiled kernels (defaults in :mod:`fa_lab.config`).
+    return_lse : bool
+        Also return ``lse``, the natural-log logsumexp of each row of the scaled,
+        masked scores.
+
+    Returns
+    -------
+    out : (..., H, Nq, d), q's dtype
+    lse : (..., H, Nq), q's dtype, only with ``return_lse``
+
+    Notes
+    -----
+    A row with no visible key (fully masked) returns zeros and ``lse = -inf``, never
+    NaN. NaN in a query row makes that output row NaN and leaves the others exact.
+    ``Nq = 0`` returns an empty result; ``Nk = 0`` gives zeros and ``lse = -inf``.
+    """
+    q = _as_float_array("q", q)
+    k = _as_float_array("k", k)
+    v = _as_float_array("v", v)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, "
+                        f"{v.dtype}")
+    lead, H, H_kv, Nq, Nk, d = _check_shapes(q, k, v)
+    alignment = causal_alignment(causal)
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    elif isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {scale!r}")
+    block_q = _check_block("block_q", block_q)
+    block_kv = _check_block("block_kv", block_kv)
+
+    B = math.prod(lead)
+    full_shape = (*lead, H, Nq, Nk) if q.ndim > 2 else (Nq, Nk)
+    bias = None if mask is None else _bias(mask, q.dtype, full_shape, B, H, Nq, Nk)
+    req = Request(dtype=q.dtype, causal=alignment is not None, mask=bias is not None,
+                  gqa=H != H_kv, blocks=block_q is not None or block_kv is not None)
+    chosen, skipped = choose_kernel(kernel, req)
+    if skipped:
+        warnings.warn(f"kernel='auto' chose {chosen.name!r}: " + "; ".join(skipped),
+                      KernelFallbackWarning, stacklevel=2)
+
+    out_shape, lse_shape = q.shape, q.shape[:-1]
+    if B == 0 or Nq == 0:
+        out, lse = np.zeros(out_shape, q.dtype), np.zeros(lse_shape, q.dtype)
+        return (out, lse) if return_lse else out
+    if chosen.tiled:  # clamp to the problem so tiny inputs do not allocate big tiles
+        block_q = min(block_q or config.BLOCK_Q, Nq)
+        block_kv = min(block_kv or config.BLOCK_KV, max(Nk, 1))
+    q4 = np.ascontiguousarray(q.reshape(B, H, Nq, d))
+    k4 = np.ascontiguousarray(k.reshape(B, H_kv, Nk, d))
+    v4 = np.ascontiguousarray(v.reshape(B, H_kv, Nk, d))
+    out, lse = chosen.run(q4, k4, v4, bias, scale, alignment, block_q, block_kv)
+    out, lse = out.reshape(out_shape), lse.reshape(lse_shape)
+    return (out, lse) if return_lse else out

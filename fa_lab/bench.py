@@ -1,0 +1,240 @@
+"""Benchmarks: validate first, then time kernels side by side, interleaved.
+
+Rules (house style, rule 8): every kernel is checked against the reference once on
+the benchmarked shape (that call also compiles it), then all kernels are timed in
+rounds, one call each per round, so drift on a noisy VM hits all of them alike. We
+report the median and the spread (25th-75th percentile) over rounds, GFLOP/s from an
+explicit FLOP count, the ratio to a chosen baseline, and the machine in every row.
+
+FLOP count: ``4 * B * H * Nq * Nk * d`` (two matrix products of ``2 N^2 d``), halved
+for causal (the convention of FlashAttention's and Triton's benchmarks). The softmax's
+exponentials are not counted.
+
+Baselines that are not kernels of the registry: ``numpy_standard`` (float32 NumPy
+materializing the scores, the textbook implementation) and ``torch_sdpa``
+(``torch.nn.functional.scaled_dot_product_attention``) when torch is installed.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fa_lab import reference
+from fa_lab.api import attention
+from fa_lab.registry import KERNELS
+from fa_lab.testing import Case, assert_close
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def machine() -> dict:
+    """The machine a number was measured on: CPU, cores, threads, SIMD, versions."""
+    import numba
+
+    flags = _cpu_flags()
+    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni") if f in flags]
+    info = {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "numba_threads": numba.get_num_threads(),
+        "simd": "+".join(simd) or "unknown",
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "numba": numba.__version__,
+        "os": platform.platform(terse=True),
+    }
+    torch = _torch()
+    info["torch"] = torch.__version__ if torch else "not installed"
+    return info
+
+
+def describe_machine() -> str:
+    """One line for the top of every figure and table."""
+    m = machine()
+    return (f"{m['cpu']} | {m['cores']} cores, {m['numba_threads']} numba threads | "
+            f"{m['simd']} | Python {m['python']}, NumPy {m['numpy']}, numba {m['numba']}, "
+            f"torch {m['torch']}")
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def flops(B, H, Nq, Nk, d, causal=False) -> float:
+    """``4 B H Nq Nk d``, halved when causal."""
+    f = 4.0 * B * H * Nq * Nk * d
+    return f / 2 if causal else f
+
+
+@dataclass
+class Contender:
+    """Something to time: a registry kernel or a baseline, as ``fn(q, k, v) -> out``."""
+
+    name: str
+    fn: object
+    kind: str  # "kernel" or "baseline"
+
+
+def contenders(names, *, causal=False, block_q=None, block_kv=None,
+               with_baselines=True) -> list[Contender]:
+    """Registry kernels by name (plus the NumPy and torch baselines)."""
+    out = []
+    for name in names:
+        if name not in KERNELS:
+            raise ValueError(f"kernels: unknown kernel {name!r}; known: {sorted(KERNELS)}")
+        kw = {"block_q": block_q, "block_kv": block_kv} if KERNELS[name].tiled else {}
+        out.append(Contender(name, lambda q, k, v, _n=name, _kw=kw: attention(
+            q, k, v, causal=causal, kernel=_n, **_kw), "kernel"))
+    if with_baselines:
+        out.append(Contender("numpy_standard", lambda q, k, v: reference.attention(
+            q, k, v, causal=causal, dtype=np.float32)[0], "baseline"))
+        torch = _torch()
+        if torch is not None:
+            F = torch.nn.functional
+
+            def sdpa(q, k, v):
+                tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
+                gqa = tq.shape[-3] != tk.shape[-3]
+                with torch.no_grad():
+                    o = F.scaled_dot_product_attention(tq, tk, tv, is_causal=bool(causal),
+                                                       enable_gqa=gqa)
+                return o.numpy()
+
+            out.append(Contender("torch_sdpa", sdpa, "baseline"))
+    return out
+
+
+def time_calls(contenders_, args, *, repeats=5, warmup=1, min_time=0.0):
+    """Interleaved timing: ``repeats`` rounds, each calls every contender once.
+
+    Returns ``{name: [seconds, ...]}``. ``min_time`` adds rounds until each contender
+    has run at least that long in total (for tiny problems).
+    """
+    for c in contenders_:
+        for _ in range(warmup):
+            c.fn(*args)
+    times = {c.name: [] for c in contenders_}
+    rounds = 0
+    while rounds < repeats or min(sum(t) for t in times.values()) < min_time:
+        for c in contenders_:
+            t0 = time.perf_counter()
+            c.fn(*args)
+            times[c.name].append(time.perf_counter() - t0)
+        rounds += 1
+        if rounds >= 50 * max(repeats, 1):
+            break
+    return times
+
+
+def validate(contender: Contender, q, k, v, causal=False) -> dict:
+    """Check one contender against the float64 reference on the benchmark's own inputs."""
+    expected, _ = reference.attention(q, k, v, causal=causal)
+    baseline, _ = reference.attention(q, k, v, causal=causal, dtype=q.dtype.type)
+    return assert_close(contender.fn(q, k, v), expected, baseline=baseline,
+                        what=contender.name, magnitude=np.abs(v).max())
+
+
+def run(kernels=None, shapes=None, *, causal=False, dtype=np.float32, repeats=5,
+        block_q=None, block_kv=None, baseline="numpy_standard", with_baselines=True,
+        seed=0, progress=None):
+    """Benchmark ``kernels`` (registry names) on ``shapes``; returns a pandas DataFrame.
+
+    ``shapes`` is a list of :class:`fa_lab.testing.Case` or ``(B, H, Nq, Nk, d)``
+    tuples. One row per (shape, contender): median and quartiles of seconds,
+    GFLOP/s, ratio of the baseline's median time to this one's (>1 = faster than the
+    baseline), the validation error, and the machine.
+    """
+    import pandas as pd
+
+    kernels = list(kernels or [k for k in KERNELS if k != "reference"])
+    shapes = shapes or [Case(B=1, H=8, Nq=1024, d=64)]
+    info = machine()
+    rows = []
+    for shape in shapes:
+        if not isinstance(shape, Case):
+            B, H, Nq, Nk, d = shape
+            shape = Case(B=B, H=H, Nq=Nq, Nk=Nk, d=d)
+        q, k, v = shape.inputs(dtype=dtype, seed=seed)
+        cs = contenders(kernels, causal=causal, block_q=block_q, block_kv=block_kv,
+                        with_baselines=with_baselines)
+        errors = {}
+        for c in cs:
+            if progress:
+                progress(f"validate {c.name} on {shape.id}")
+            errors[c.name] = validate(c, q, k, v, causal)["max_error"]
+        if progress:
+            progress(f"time {len(cs)} contenders x {repeats} rounds on {shape.id}")
+        times = time_calls(cs, (q, k, v), repeats=repeats, warmup=0)
+        nk = shape.Nk if shape.Nk is not None else shape.Nq
+        f = flops(shape.B, shape.H, shape.Nq, nk, shape.d, causal)
+        medians = {name: statistics.median(t) for name, t in times.items()}
+        for c in cs:
+            t = np.array(times[c.name])
+            rows.append({
+                "name": c.name, "kind": c.kind, "B": shape.B, "H": shape.H,
+                "Nq": shape.Nq, "Nk": nk, "d": shape.d, "causal": causal,
+                "dtype": np.dtype(dtype).name, "repeats": len(t),
+                "median_s": medians[c.name], "q25_s": float(np.percentile(t, 25)),
+                "q75_s": float(np.percentile(t, 75)), "gflops": f / medians[c.name] / 1e9,
+                f"speedup_vs_{baseline}": (medians[baseline] / medians[c.name]
+                                           if baseline in medians else float("nan")),
+                "max_error": errors[c.name], **{f"machine_{k}": v for k, v in info.items()},
+            })
+    return pd.DataFrame(rows)
+
+
+def plot_ladder(df, path=None, title="Kernel ladder"):
+    """Bar chart of median time per contender (log scale) with the quartile spread."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    colors = ["tab:blue" if k == "kernel" else "tab:gray" for k in df["kind"]]
+    med = df["median_s"] * 1e3
+    err = np.vstack([med - df["q25_s"] * 1e3, df["q75_s"] * 1e3 - med])
+    ax.bar(df["name"], med, yerr=err, color=colors, capsize=3)
+    ax.set_yscale("log")
+    ax.set_ylabel("median time per call (ms, log scale)")
+    for x, (m, g) in enumerate(zip(med, df["gflops"])):
+        ax.annotate(f"{m:.3g} ms\n{g:.3g} GFLOP/s", (x, m), ha="center", va="bottom",
+                    fontsize=8, xytext=(0, 3), textcoords="offset points")
+    r = df.iloc[0]
+    ax.set_title(f"{title}: B={r.B}, H={r.H}, Nq={r.Nq}, Nk={r.Nk}, d={r.d}, "
+                 f"{r.dtype}{', causal' if r.causal else ''}", fontsize=10)
+    fig.text(0.01, 0.005, describe_machine(), fontsize=6.5, color="dimgray")
+    ax.margins(y=0.25)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    if path:
+        fig.savefig(path, dpi=120)
+    return fig

@@ -1,0 +1,35 @@
+"""Settings used across fa_lab: the only place for fastmath flags, block sizes, threads.
+
+Why a flag *set* and not ``fastmath=True``: ``True`` includes ``nnan``/``ninf``, which
+lets LLVM assume there are no infinities or NaNs. A causal mask is a ``-inf`` score,
+and a test such as ``s == -inf`` is then folded to a constant (see
+``../shared/PITFALLS.md``). The set below keeps IEEE semantics for inf and NaN while
+still allowing re-association (needed to vectorize reductions) and FMA contraction.
+"""
+
+from __future__ import annotations
+
+import os
+
+#: fastmath flags for kernels written to vectorize. No ``nnan``/``ninf``: masks are -inf.
+FASTMATH = {"reassoc", "contract", "nsz", "arcp", "afn"}  # numba wants a set (not frozenset)
+
+#: Kernels on the "scalar" rungs of the ladder use strict IEEE arithmetic (no flags):
+#: without ``reassoc`` LLVM cannot vectorize their floating-point reductions.
+STRICT = False
+
+#: numba's on-disk cache (``__pycache__`` inside the package). Set ``FA_LAB_NO_CACHE=1``
+#: to compile fresh every process (useful when editing kernels across modules).
+CACHE = os.environ.get("FA_LAB_NO_CACHE", "0") != "1"
+
+#: Default tile sizes (rows of Q per block, rows of K/V per block) for tiled kernels.
+#: ``Br`` and ``Bc`` in the FlashAttention papers.
+BLOCK_Q = 64
+BLOCK_KV = 64
+
+
+def num_threads() -> int:
+    """Threads numba's parallel kernels use (``NUMBA_NUM_THREADS``, default: all cores)."""
+    import numba
+
+    return numba.get_num_threads()

@@ -1,0 +1,125 @@
+"""The single source of truth: attention in plain NumPy, materializing the scores.
+
+Everything here is obviously correct rather than fast. Tests and notebooks compare
+every kernel against :func:`attention` in float64; the same function run in float32
+(``dtype=np.float32``) is the "straightforward same-precision implementation" whose
+error sets the float32 tolerance (see :mod:`fa_lab.testing`).
+
+Notation (FlashAttention papers): ``S = Q K^T * scale (+ bias)``, ``m = rowmax(S)``,
+``P = exp(S - m)``, ``l = rowsum(P)``, ``O = P V / l``, ``lse = m + log(l)``.
+
+Conventions (shared by every kernel, documented in the README):
+
+* ``causal=True`` or ``"top_left"``: query ``i`` sees keys ``j <= i`` (PyTorch
+  ``is_causal``). ``"bottom_right"``: query ``i`` sees keys ``j <= i + Nk - Nq``
+  (flash-attn >= 2.1; the KV-cache convention).
+* A boolean mask means True = attend. A float mask is added to the scaled scores.
+* A row with no visible key (fully masked) gives ``O = 0`` and ``lse = -inf``.
+* NaN in a query row (or in that row of a mask) makes that row NaN, and only it.
+  NaN in a key or value reaches every row that can see that key.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
+
+
+def causal_alignment(causal) -> str | None:
+    """Normalize the ``causal`` argument to ``None``, ``"top_left"`` or ``"bottom_right"``."""
+    if causal is False or causal is None:
+        return None
+    if causal is True:
+        return "top_left"
+    if isinstance(causal, str) and causal in CAUSAL_ALIGNMENTS:
+        return causal
+    raise ValueError(
+        f"causal must be False, True, 'top_left' or 'bottom_right', got {causal!r}"
+    )
+
+
+def causal_offset(Nq: int, Nk: int, alignment: str) -> int:
+    """Query ``i`` sees keys ``j <= i + offset``; 0 for top-left, ``Nk - Nq`` for bottom-right."""
+    return 0 if alignment == "top_left" else Nk - Nq
+
+
+def causal_mask(Nq: int, Nk: int, causal=True) -> np.ndarray:
+    """Boolean ``(Nq, Nk)`` mask, True where query ``i`` may attend to key ``j``."""
+    offset = causal_offset(Nq, Nk, causal_alignment(causal))
+    return np.arange(Nk)[None, :] <= np.arange(Nq)[:, None] + offset
+
+
+def mask_to_bias(mask, dtype=np.float64) -> np.ndarray:
+    """A boolean mask becomes ``0`` / ``-inf``; a float mask is returned as ``dtype``."""
+    mask = np.asarray(mask)
+    if mask.dtype == np.bool_:
+        return np.where(mask, 0.0, -np.inf).astype(dtype)
+    return mask.astype(dtype)
+
+
+def softmax(x, axis=-1) -> np.ndarray:
+    """Safe softmax (subtracts the row max). A row of all ``-inf`` gives zeros."""
+    x = np.asarray(x)
+    m = np.max(x, axis=axis, keepdims=True)
+    m = np.where(np.isneginf(m), 0.0, m)
+    p = np.exp(x - m)
+    l = p.sum(axis=axis, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(l == 0, 0.0, p / l)
+
+
+def repeat_kv(k, H: int) -> np.ndarray:
+    """Grouped-query attention: repeat each of the ``H_kv`` heads ``H // H_kv`` times."""
+    H_kv = k.shape[-3]
+    return k if H_kv == H else np.repeat(k, H // H_kv, axis=-3)
+
+
+def attention(q, k, v, *, causal=False, scale=None, mask=None, dtype=np.float64,
+              return_p=False):
+    """Standard attention, computed in ``dtype`` with the full score matrix.
+
+    Parameters
+    ----------
+    q : array (..., H, Nq, d) or (Nq, d)
+    k, v : arrays (..., H_kv, Nk, d) or (Nk, d); ``H % H_kv == 0``
+    causal : False, True, "top_left" or "bottom_right"
+    scale : float, default ``1 / sqrt(d)``
+    mask : bool or float array broadcastable to (..., H, Nq, Nk)
+    dtype : compute dtype (float64 for the reference; float32 for the baseline)
+    return_p : also return the probabilities P (..., H, Nq, Nk)
+
+    Returns
+    -------
+    out : (..., H, Nq, d) in ``dtype``
+    lse : (..., H, Nq), natural-log logsumexp of the scaled, masked scores
+    p : (..., H, Nq, Nk), only with ``return_p``
+    """
+    q, k, v = (np.asarray(x, dtype=dtype) for x in (q, k, v))
+    Nq, d = q.shape[-2:]
+    Nk = k.shape[-2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    if q.ndim >= 3:
+        k, v = repeat_kv(k, q.shape[-3]), repeat_kv(v, q.shape[-3])
+    s = (q @ np.swapaxes(k, -1, -2)) * dtype(scale)  # (..., H, Nq, Nk)
+    if mask is not None:
+        s = s + mask_to_bias(mask, dtype)
+    alignment = causal_alignment(causal)
+    if alignment is not None:
+        s = np.where(causal_mask(Nq, Nk, alignment), s, dtype(-np.inf))
+    if Nk == 0:
+        out = np.zeros(s.shape[:-1] + (d,), dtype)
+        lse = np.full(s.shape[:-1], -np.inf, dtype)
+        return (out, lse, s) if return_p else (out, lse)
+    m = s.max(axis=-1, keepdims=True)  # NaN propagates
+    m = np.where(np.isneginf(m), dtype(0), m)  # fully masked row: avoid -inf - -inf
+    p = np.exp(s - m)
+    l = p.sum(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = np.where(l == 0, dtype(0), p / l)
+        out = p @ v
+        lse = np.where(l == 0, dtype(-np.inf), m + np.log(l))[..., 0]
+    return (out, lse, p) if return_p else (out, lse)

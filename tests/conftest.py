@@ -1,0 +1,44 @@
+"""Shared fixtures: the kernels under test come from the registry, never a local list."""
+
+import numpy as np
+import pytest
+
+import fa_lab
+from fa_lab import reference
+from fa_lab.testing import assert_close, lse_magnitude
+
+KERNEL_NAMES = list(fa_lab.KERNELS)
+NUMBA_KERNELS = [n for n in KERNEL_NAMES if n != "reference"]
+DTYPES = [np.float32, np.float64]
+
+
+@pytest.fixture(params=KERNEL_NAMES)
+def kernel(request):
+    return request.param
+
+
+@pytest.fixture(params=DTYPES, ids=["f32", "f64"])
+def dtype(request):
+    return request.param
+
+
+def block_kwargs(kernel, block_q=None, block_kv=None):
+    """Block sizes only for kernels that take them (others refuse them by design)."""
+    if fa_lab.KERNELS[kernel].tiled and (block_q or block_kv):
+        return {"block_q": block_q, "block_kv": block_kv}
+    return {}
+
+
+def check_against_reference(kernel, q, k, v, **kw):
+    """Run ``kernel`` and the reference; assert out and lse close by the tolerance table."""
+    opts = {key: kw[key] for key in ("causal", "scale", "mask") if key in kw}
+    out, lse = fa_lab.attention(q, k, v, kernel=kernel, return_lse=True, **kw)
+    exp_out, exp_lse = reference.attention(q, k, v, **opts)
+    base_out, base_lse = reference.attention(q, k, v, dtype=q.dtype.type, **opts)
+    assert out.dtype == q.dtype and lse.dtype == q.dtype
+    assert out.shape == q.shape and lse.shape == q.shape[:-1]
+    assert_close(out, exp_out, baseline=base_out, what=f"{kernel} out",
+                 magnitude=np.max(np.abs(v), initial=0.0))
+    assert_close(lse, exp_lse, baseline=base_lse, what=f"{kernel} lse",
+                 magnitude=lse_magnitude(exp_lse, q, k, kw.get("scale")))
+    return out, lse

@@ -1,0 +1,49 @@
+"""Benchmarks run (no timing is asserted: only that the harness works and validates)."""
+
+import numpy as np
+import pytest
+
+from fa_lab import bench
+from fa_lab.__main__ import main
+from fa_lab.testing import Case, ToleranceError
+
+
+def test_run_returns_a_table_with_machine_and_flops():
+    df = bench.run(["naive", "tiled_simd"], [Case(B=1, H=2, Nq=33, Nk=40, d=8)],
+                   causal=True, repeats=2)
+    assert set(df["name"]) >= {"naive", "tiled_simd", "numpy_standard"}
+    row = df[df["name"] == "naive"].iloc[0]
+    assert row["Nk"] == 40 and row["repeats"] == 2 and row["machine_cpu"]
+    assert row["gflops"] == pytest.approx(bench.flops(1, 2, 33, 40, 8, True) /
+                                          row["median_s"] / 1e9)
+    assert (df["q25_s"] <= df["median_s"]).all() and (df["median_s"] <= df["q75_s"]).all()
+
+
+def test_flop_model():
+    assert bench.flops(1, 8, 1024, 1024, 64) == 4 * 8 * 1024 * 1024 * 64
+    assert bench.flops(2, 1, 10, 20, 4, causal=True) == 2 * 10 * 20 * 4 * 2
+
+
+def test_validation_rejects_a_wrong_kernel():
+    wrong = bench.Contender("wrong", lambda q, k, v: np.zeros_like(q) + 1e-3, "kernel")
+    q, k, v = Case(Nq=9, d=4).inputs(np.float32)
+    with pytest.raises(ToleranceError):
+        bench.validate(wrong, q, k, v)
+
+
+def test_unknown_kernel_name():
+    with pytest.raises(ValueError, match="unknown kernel"):
+        bench.contenders(["nope"])
+
+
+def test_cli_bench_writes_csv_and_png(tmp_path, capsys):
+    csv, png = tmp_path / "b.csv", tmp_path / "b.png"
+    assert main(["bench", "--kernels", "online", "tiled", "--N", "20", "--H", "2", "--d", "8",
+                 "--repeats", "2", "--csv", str(csv), "--png", str(png)]) == 0
+    assert csv.stat().st_size > 0 and png.stat().st_size > 0
+    assert bench.describe_machine()
+
+
+def test_cli_machine(capsys):
+    assert main(["machine"]) == 0
+    assert "numba" in capsys.readouterr().out
