@@ -40,7 +40,7 @@ test: $(VENV)/.installed-test-$(TORCH)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-report-$(TORCH)
-	$(PY) -m fa_lab bench --csv data/bench_ladder.csv --png figures/bench_ladder.png
+	$(PY) -m fa_lab bench --repeats 9 --csv data/bench_ladder.csv --png figures/bench_ladder.png
 
 clean:
 	rm -rf reports .pytest_cache .hypothesis

@@ -99,7 +99,8 @@ def main(argv=None) -> int:
     r.add_argument("--only", nargs="+", default=None, help="notebook names to run")
     r.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
                    help="a papermill parameter for every notebook (repeatable)")
-    r.add_argument("--workers", type=int, default=1, help="notebooks run in parallel")
+    r.add_argument("--results-dir", default=None,
+                   help="where figures/ and data/ are written (default: the repository)")
     r.set_defaults(func=_report)
 
     args = p.parse_args(argv)

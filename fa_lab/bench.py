@@ -226,15 +226,82 @@ def plot_ladder(df, path=None, title="Kernel ladder"):
     ax.bar(df["name"], med, yerr=err, color=colors, capsize=3)
     ax.set_yscale("log")
     ax.set_ylabel("median time per call (ms, log scale)")
-    for x, (m, g) in enumerate(zip(med, df["gflops"])):
-        ax.annotate(f"{m:.3g} ms\n{g:.3g} GFLOP/s", (x, m), ha="center", va="bottom",
+    for x, (m, top, g) in enumerate(zip(med, df["q75_s"] * 1e3, df["gflops"])):
+        ax.annotate(f"{m:.3g} ms\n{g:.3g} GFLOP/s", (x, max(m, top)), ha="center", va="bottom",
                     fontsize=8, xytext=(0, 3), textcoords="offset points")
     r = df.iloc[0]
-    ax.set_title(f"{title}: B={r.B}, H={r.H}, Nq={r.Nq}, Nk={r.Nk}, d={r.d}, "
-                 f"{r.dtype}{', causal' if r.causal else ''}", fontsize=10)
-    fig.text(0.01, 0.005, describe_machine(), fontsize=6.5, color="dimgray")
+    ax.set_title(f"{title}: B={r['B']}, H={r['H']}, Nq={r['Nq']}, Nk={r['Nk']}, d={r['d']}, "
+                 f"{r['dtype']}{', causal' if r['causal'] else ''}", fontsize=10)
     ax.margins(y=0.25)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.tight_layout()
     if path:
-        fig.savefig(path, dpi=120)
+        from fa_lab.viz import footer
+
+        footer(fig, describe_machine())
+        fig.savefig(path, dpi=120, bbox_inches="tight")
     return fig
+
+
+def _summarize(times: dict, f: float) -> dict:
+    return {name: {"median_s": statistics.median(t), "q25_s": float(np.percentile(t, 25)),
+                   "q75_s": float(np.percentile(t, 75)),
+                   "gflops": f / statistics.median(t) / 1e9, "repeats": len(t)}
+            for name, t in times.items()}
+
+
+def sweep_blocks(kernel, case: Case, blocks_q, blocks_kv, *, causal=False,
+                 dtype=np.float32, repeats=3, seed=0):
+    """Time ``kernel`` for every (block_q, block_kv); each combination validated first.
+
+    Returns a DataFrame with one row per combination (interleaved rounds).
+    """
+    import pandas as pd
+
+    if not KERNELS[kernel].tiled:
+        raise ValueError(f"kernel: {kernel!r} is not tiled; block sizes do not apply")
+    q, k, v = case.inputs(dtype=dtype, seed=seed)
+    expected, _ = reference.attention(q, k, v, causal=causal)
+    baseline, _ = reference.attention(q, k, v, causal=causal, dtype=np.dtype(dtype).type)
+    cs = []
+    for bq in blocks_q:
+        for bk in blocks_kv:
+            c = Contender(f"{bq}x{bk}", lambda q, k, v, _b=(bq, bk): attention(
+                q, k, v, causal=causal, kernel=kernel, block_q=_b[0], block_kv=_b[1]),
+                "kernel")
+            assert_close(c.fn(q, k, v), expected, baseline=baseline, what=f"{kernel} {c.name}",
+                         magnitude=np.abs(v).max())
+            cs.append((bq, bk, c))
+    times = time_calls([c for *_, c in cs], (q, k, v), repeats=repeats, warmup=0)
+    nk = case.Nk if case.Nk is not None else case.Nq
+    stats = _summarize(times, flops(case.B, case.H, case.Nq, nk, case.d, causal))
+    return pd.DataFrame([{"kernel": kernel, "block_q": bq, "block_kv": bk, **stats[c.name]}
+                         for bq, bk, c in cs])
+
+
+def thread_scaling(kernel, case: Case, threads=None, *, causal=False, dtype=np.float32,
+                   repeats=3, seed=0):
+    """Time ``kernel`` with 1..all numba threads (interleaved); speedup vs 1 thread."""
+    import numba
+    import pandas as pd
+
+    threads = list(threads or range(1, numba.config.NUMBA_NUM_THREADS + 1))
+    q, k, v = case.inputs(dtype=dtype, seed=seed)
+    before = numba.get_num_threads()
+
+    def with_threads(t):
+        def fn(q, k, v):
+            numba.set_num_threads(t)
+            return attention(q, k, v, causal=causal, kernel=kernel)
+        return Contender(f"{t}", fn, "kernel")
+
+    cs = [with_threads(t) for t in threads]
+    try:
+        validate(cs[-1], q, k, v, causal)
+        times = time_calls(cs, (q, k, v), repeats=repeats, warmup=1)
+    finally:
+        numba.set_num_threads(before)
+    nk = case.Nk if case.Nk is not None else case.Nq
+    stats = _summarize(times, flops(case.B, case.H, case.Nq, nk, case.d, causal))
+    df = pd.DataFrame([{"kernel": kernel, "threads": t, **stats[str(t)]} for t in threads])
+    df["speedup_vs_1"] = df["median_s"].iloc[0] / df["median_s"]
+    return df

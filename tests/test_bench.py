@@ -47,3 +47,21 @@ def test_cli_bench_writes_csv_and_png(tmp_path, capsys):
 def test_cli_machine(capsys):
     assert main(["machine"]) == 0
     assert "numba" in capsys.readouterr().out
+
+
+def test_sweep_blocks_validates_and_times_every_combination():
+    df = bench.sweep_blocks("tiled_simd", Case(B=1, H=2, Nq=40, d=8), [8, 16], [4, 32],
+                            causal=True, repeats=2)
+    assert len(df) == 4 and set(df["block_q"]) == {8, 16} and (df["median_s"] > 0).all()
+    with pytest.raises(ValueError, match="not tiled"):
+        bench.sweep_blocks("naive", Case(), [8], [8])
+
+
+def test_thread_scaling_restores_the_thread_count():
+    import numba
+
+    before = numba.get_num_threads()
+    df = bench.thread_scaling("tiled_simd", Case(B=1, H=2, Nq=40, d=8), repeats=2)
+    assert numba.get_num_threads() == before
+    assert list(df["threads"]) == list(range(1, numba.config.NUMBA_NUM_THREADS + 1))
+    assert df["speedup_vs_1"].iloc[0] == 1.0

@@ -21,6 +21,11 @@ what changes is only what the compiler sees (the SIMD checklist of numba-example
 ``exp`` is still the scalar ``math.exp`` (it does not vectorize with numba's PyPI
 build); the fast kernel of the performance issue replaces it. A test reads this
 kernel's assembly and counts packed FMA instructions.
+
+Measured (B=1, H=8, N=1024, d=64, float32, one run with every rung; 2-core AMD EPYC
+with AVX-512, numba 0.68.1; ``data/bench_ladder.csv``): 63 ms, 34 GFLOP/s:
+5.4x ``tiled``, 1.47x NumPy's textbook attention (BLAS), 0.41x PyTorch's CPU
+``scaled_dot_product_attention`` (26 ms). 2 threads: 1.83x 1 thread.
 """
 
 from __future__ import annotations

@@ -1,0 +1,16 @@
+"""Root pytest configuration: notebooks collected by nbval run in quick mode.
+
+nbval cannot pass papermill parameters, so the lessons read two environment
+overrides (see :mod:`fa_lab.notebook`). The kernels nbval starts inherit them.
+Figures and tables of the quick runs go to a temporary folder, never over the
+curated files in ``figures/`` and ``data/``.
+"""
+
+import os
+import tempfile
+
+
+def pytest_configure(config):
+    os.environ.setdefault("FA_LAB_QUICK", "1")
+    os.environ.setdefault("FA_LAB_RESULTS_DIR", tempfile.mkdtemp(prefix="fa_lab_nbval_"))
+    os.environ.setdefault("MPLBACKEND", "Agg")

@@ -1,0 +1,149 @@
+"""Figures the lessons share. Each takes data computed elsewhere and returns a Figure."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg", force=False)  # headless by default; JupyterLab's inline backend wins
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+
+from fa_lab.reference import causal_mask  # noqa: E402
+from fa_lab.tiling import DIAGONAL, FULL, SKIPPED, tile_classes  # noqa: E402
+
+
+def footer(fig, text: str):
+    """The machine line just under a figure's drawn content (every measured figure has one).
+
+    Placed below the tight bounding box of what is already drawn, so tall figures with
+    blank space (equal-aspect grids) do not leave a gap; save with
+    ``bbox_inches="tight"`` to include it.
+    """
+    fig.canvas.draw()
+    box = fig.get_tightbbox(fig.canvas.get_renderer())  # inches
+    fig.text(box.x0 / fig.get_figwidth(), box.y0 / fig.get_figheight() - 0.01, text,
+             fontsize=6.5, color="dimgray", ha="left", va="top")
+    return fig
+
+
+def attention_matrix(P, ax=None, title="P = softmax(S)"):
+    """Heat map of one head's probabilities (rows: queries, columns: keys)."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4, 4))
+    im = ax.imshow(P, cmap="viridis", aspect="auto", interpolation="nearest")
+    ax.set_xlabel("key j")
+    ax.set_ylabel("query i")
+    ax.set_title(title, fontsize=10)
+    plt.colorbar(im, ax=ax, fraction=0.046)
+    return ax.figure
+
+
+def running_state(scores, m_hist, l_hist, block=1):
+    """Lesson 01: the running max ``m`` and sum ``l`` as keys stream in."""
+    fig, (a0, a1) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
+    j = np.arange(1, len(m_hist) + 1) * block
+    a0.plot(np.arange(1, len(scores) + 1), scores, ".", color="lightgray", label="score s_j")
+    a0.step(j, m_hist, where="post", color="tab:red", label="running max m")
+    a0.set_ylabel("score")
+    a0.legend(loc="lower right", fontsize=8)
+    a1.step(j, l_hist, where="post", color="tab:blue")
+    a1.set_ylabel("running sum l = Σ exp(s - m)")
+    a1.set_xlabel("keys seen")
+    jumps = np.flatnonzero(np.diff(m_hist) > 0) + 1
+    for x in j[jumps]:
+        a1.axvline(x, color="tab:red", alpha=0.25, lw=0.8)
+    a1.set_title("l drops (is rescaled by exp(m_old - m_new)) whenever m grows", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+_TILE_CMAP = ListedColormap(["#eeeeee", "#f4a261", "#2a9d8f"])
+
+
+def tile_schedule(Nq, Nk, block_q, block_kv, causal=False, ax=None, order=True):
+    """The grid of (query block, key block) tiles: full, diagonal (masked) or skipped."""
+    classes = tile_classes(Nq, Nk, block_q, block_kv, causal)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 5 * classes.shape[0] / max(classes.shape[1], 1) + 0.6))
+    ax.imshow(classes, cmap=_TILE_CMAP, vmin=0, vmax=2, aspect="equal")
+    Tr, Tc = classes.shape
+    if order:
+        for a in range(Tr):  # visit order within each query block (one thread's task)
+            step = 0
+            for c in range(Tc):
+                if classes[a, c] != SKIPPED:
+                    ax.text(c, a, str(step), ha="center", va="center", fontsize=7)
+                    step += 1
+    ax.set_xticks(np.arange(Tc))
+    ax.set_yticks(np.arange(Tr))
+    ax.set_xticklabels([f"K{c}" for c in range(Tc)], fontsize=7)
+    ax.set_yticklabels([f"Q{a}" for a in range(Tr)], fontsize=7)
+    ax.set_xticks(np.arange(-0.5, Tc), minor=True)
+    ax.set_yticks(np.arange(-0.5, Tr), minor=True)
+    ax.grid(which="minor", color="white", lw=1.5)
+    ax.tick_params(which="minor", length=0)
+    n = {name: int((classes == v).sum()) for name, v in
+         (("full", FULL), ("diagonal", DIAGONAL), ("skipped", SKIPPED))}
+    ax.set_title(f"Nq={Nq}, Nk={Nk}, Br={block_q}, Bc={block_kv}, causal={causal}\n"
+                 f"full {n['full']}, diagonal {n['diagonal']}, skipped {n['skipped']}",
+                 fontsize=9)
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color=_TILE_CMAP(2), label="full (no mask)"),
+                       Patch(color=_TILE_CMAP(1), label="diagonal (masked)"),
+                       Patch(color=_TILE_CMAP(0), label="skipped")],
+              loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7)
+    return ax.figure
+
+
+def causal_masks(Nq, Nk):
+    """Top-left vs bottom-right causal alignment, side by side."""
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    for ax, align in zip(axes, ("top_left", "bottom_right")):
+        ax.imshow(causal_mask(Nq, Nk, align), cmap="Greens", vmin=-0.3, vmax=1.2,
+                  interpolation="nearest")
+        ax.set_title(f'causal="{align}"  (Nq={Nq}, Nk={Nk})\ndark: query i may attend to key j',
+                     fontsize=9)
+        ax.set_xlabel("key j")
+        ax.set_ylabel("query i")
+        ax.set_xticks(range(Nk))
+        ax.set_yticks(range(Nq))
+        ax.tick_params(labelsize=6)
+    fig.tight_layout()
+    return fig
+
+
+def heatmap(table, title="", fmt="{:.3g}", cmap="viridis_r", xlabel="", ylabel=""):
+    """Annotated heat map of a pandas DataFrame (index = rows, columns = columns)."""
+    fig, ax = plt.subplots(figsize=(1.1 * table.shape[1] + 2, 0.6 * table.shape[0] + 1.6))
+    im = ax.imshow(table.values, cmap=cmap, aspect="auto")
+    ax.set_xticks(range(table.shape[1]), [str(c) for c in table.columns])
+    ax.set_yticks(range(table.shape[0]), [str(i) for i in table.index])
+    for (r, c), val in np.ndenumerate(table.values):
+        if np.isfinite(val):
+            ax.text(c, r, fmt.format(val), ha="center", va="center", fontsize=8, color="w",
+                    path_effects=None)
+    ax.set_xlabel(xlabel or str(table.columns.name or ""))
+    ax.set_ylabel(ylabel or str(table.index.name or ""))
+    ax.set_title(title, fontsize=10)
+    plt.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return fig
+
+
+def bars(labels, values, errors=None, ylabel="", title="", log=False, annotate="{:.3g}",
+         colors=None):
+    """Bar chart with optional error bars and value labels."""
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(labels) + 2), 3.8))
+    ax.bar(labels, values, yerr=errors, capsize=3, color=colors or "tab:blue")
+    if log:
+        ax.set_yscale("log")
+    for x, val in enumerate(values):
+        ax.annotate(annotate.format(val), (x, val), ha="center", va="bottom", fontsize=8,
+                    xytext=(0, 3), textcoords="offset points")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.margins(y=0.2)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,55 @@
+"""Notebooks are committed clean, parametrizable, and all part of the report."""
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+
+from fa_lab import report
+
+NB_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = sorted(NB_DIR.glob("*.ipynb"))
+
+
+def _load(path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_there_are_notebooks_and_each_is_in_the_report():
+    assert NOTEBOOKS, "no notebooks found"
+    assert sorted(p.stem for p in NOTEBOOKS) == sorted(name for name, _ in report.NOTEBOOKS)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_without_outputs(path):
+    nb = _load(path)
+    dirty = [i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code"
+             and (c.get("outputs") or c.get("execution_count") is not None)]
+    assert not dirty, f"{path.name}: cells {dirty} hold outputs; clear them before committing"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_parameters_cell_of_plain_literals_and_standard_kernel(path):
+    nb = _load(path)
+    assert nb["metadata"]["kernelspec"]["name"] == "python3"
+    params = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(params) == 1, f"{path.name}: needs exactly one cell tagged 'parameters'"
+    tree = ast.parse("".join(params[0]["source"]))
+    names = set()
+    for node in tree.body:
+        assert isinstance(node, ast.Assign), f"{path.name}: parameters cell holds only assignments"
+        ast.literal_eval(node.value)  # raises if not a plain literal
+        names.update(t.id for t in node.targets)
+    assert {"quick", "results_dir"} <= names
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_imports_from_fa_lab_and_defines_no_library_code(path):
+    nb = _load(path)
+    code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    assert f'setup("{path.stem}"' in code, "each lesson calls fa_lab.notebook.setup with its name"
+    tree = ast.parse(code)
+    defs = [n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+    assert not defs, f"{path.name} defines {defs}: library code belongs in fa_lab"
+    assert "http://" not in code and "https://" not in code, "notebooks need no network"

@@ -1,0 +1,74 @@
+"""The report entry point: runs notebooks, writes HTML and an index, reports failures."""
+
+import re
+
+import nbformat
+import pytest
+
+from fa_lab import report
+from fa_lab.__main__ import main
+
+
+EXTERNAL = re.compile(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//|@import\s+url\(\s*["']?(?:https?:)?//|url\(\s*["']?https?://""", re.I)
+
+
+def _notebook(path, *sources):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    params = nbformat.v4.new_code_cell("quick = False\nresults_dir = '..'")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params] + [nbformat.v4.new_code_cell(s) for s in sources]
+    nbformat.write(nb, path)
+
+
+@pytest.fixture
+def lessons(tmp_path):
+    nb_dir = tmp_path / "notebooks"
+    nb_dir.mkdir()
+    _notebook(nb_dir / "ok.ipynb", "import fa_lab\nassert quick is True\nprint('fine')")
+    _notebook(nb_dir / "broken.ipynb", "x = 1", "raise RuntimeError('deliberate failure')")
+    return nb_dir
+
+
+def test_report_writes_pages_and_names_the_failing_cell(lessons, tmp_path):
+    out = tmp_path / "reports"
+    results = report.run(out=out, notebooks=["ok", "broken"], params={"quick": True},
+                         results_dir=tmp_path / "res", nb_dir=lessons, show_progress=False)
+    status = {r.name: r for r in results}
+    assert status["ok"].status == "ok"
+    assert status["broken"].status == "failed" and status["broken"].cell == 2
+    assert "deliberate failure" in status["broken"].error
+    for name in ("ok", "broken"):  # both rendered, the failed one with its traceback
+        assert (out / f"{name}.ipynb").exists() and (out / f"{name}.html").exists()
+    index = (out / "index.html").read_text()
+    assert "broken" in index and "cell 2" in index and "deliberate failure" in index
+    for page in (index, (out / "ok.html").read_text()):  # renders offline: nothing to fetch
+        assert not EXTERNAL.findall(page), EXTERNAL.findall(page)[:3]
+    assert not list(out.glob(".*tmp*")), "temporary files must be moved into place"
+
+
+def test_rerun_is_idempotent_and_keeps_good_pages(lessons, tmp_path):
+    out = tmp_path / "reports"
+    for _ in range(2):
+        report.run(out=out, notebooks=["ok"], results_dir=tmp_path / "res", nb_dir=lessons,
+                   show_progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["index.html", "ok.html", "ok.ipynb"]
+
+
+def test_cli_exit_code_is_nonzero_when_a_notebook_fails(lessons, tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "REPO", tmp_path)  # notebooks/ under tmp_path
+    rc = main(["report", "--quick", "--out", str(tmp_path / "r"), "--only", "ok", "broken",
+               "--results-dir", str(tmp_path / "res")])
+    assert rc == 1
+    assert main(["report", "--out", str(tmp_path / "r2"), "--only", "ok",
+                 "--results-dir", str(tmp_path / "res"), "-p", "quick=True"]) == 0
+
+
+def test_unknown_notebook_and_bad_param():
+    with pytest.raises(FileNotFoundError, match="nope"):
+        report.run(notebooks=["nope"], show_progress=False)
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        report.parse_params(["quick"])
+    assert report.parse_params(["quick=True", "N=2048", "label=abc"]) == {
+        "quick": True, "N": 2048, "label": "abc"}
