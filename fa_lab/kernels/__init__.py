@@ -12,4 +12,10 @@ Every driver has the same canonical signature, so the registry can call any of t
     block_q, block_kv        Br, Bc (ignored by the untiled rungs)
     out   (B, H, Nq, d)      written
     lse   (B, H, Nq)         written; -inf for rows that see no key
+
+Neighbouring rungs repeat their loop skeletons (the ``(b, h, i)`` drivers of ``naive``
+and ``online``; ``_q_block`` of ``tiled`` and ``tiled_simd``) on purpose, so a learner
+can diff them. Sharing one skeleton would mean passing the block steps as jitted
+function arguments, and numba then embeds Python object pointers in the compiled code
+and refuses to cache it ("uses dynamic globals"): every process would recompile.
 """
