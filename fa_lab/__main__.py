@@ -31,6 +31,33 @@ def _bench(args) -> int:
     return 0
 
 
+def _memory(args) -> int:
+    import numpy as np
+
+    from fa_lab import bench, memory
+
+    df = memory.sweep(args.kernels, args.N, B=args.B, H=args.H, d=args.d,
+                      dtype=np.dtype(args.dtype), causal=args.causal,
+                      progress=lambda m: print(f"[memory] {m}", file=sys.stderr, flush=True))
+    print(bench.describe_machine())
+    show = df[["kernel", "N", "measured_bytes", "model_bytes", "measured_over_model",
+               "output_bytes", "measured_over_output"]]
+    print(show.to_string(index=False, float_format="%.3f"))
+    if args.csv:
+        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+        df.to_csv(args.csv, index=False)
+        print(f"wrote {args.csv}")
+    if args.png:
+        from fa_lab.viz import footer
+
+        Path(args.png).parent.mkdir(parents=True, exist_ok=True)
+        fig = memory.plot_sweep(df)
+        footer(fig, bench.describe_machine())
+        fig.savefig(args.png, dpi=120, bbox_inches="tight")
+        print(f"wrote {args.png}")
+    return 0
+
+
 def _warmup(args) -> int:
     """Compile (or load from numba's cache) every kernel for every dtype and option path."""
     import numpy as np
@@ -86,6 +113,18 @@ def main(argv=None) -> int:
     b.add_argument("--csv", default=None, help="write the table here (e.g. data/bench.csv)")
     b.add_argument("--png", default=None, help="write the ladder chart here")
     b.set_defaults(func=_bench)
+
+    mem = sub.add_parser("memory", help="measured peak memory vs the byte model, over N")
+    mem.add_argument("--kernels", nargs="+", default=None, help="registry names (default: all)")
+    mem.add_argument("--N", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
+    mem.add_argument("--B", type=int, default=1)
+    mem.add_argument("--H", type=int, default=1)
+    mem.add_argument("--d", type=int, default=64)
+    mem.add_argument("--causal", action="store_true")
+    mem.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    mem.add_argument("--csv", default=None)
+    mem.add_argument("--png", default=None)
+    mem.set_defaults(func=_memory)
 
     w = sub.add_parser("warmup", help="compile every kernel into numba's cache")
     w.set_defaults(func=_warmup)

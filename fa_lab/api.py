@@ -82,6 +82,13 @@ def _bias(mask, dtype, full_shape, B, H, Nq, Nk):
     return bias
 
 
+def effective_blocks(Nq: int, Nk: int, block_q=None, block_kv=None) -> tuple[int, int]:
+    """The tile sizes a tiled kernel really uses: defaults, clamped to the problem
+    (so tiny inputs do not allocate big tiles)."""
+    return (min(block_q or config.BLOCK_Q, max(Nq, 1)),
+            min(block_kv or config.BLOCK_KV, max(Nk, 1)))
+
+
 def choose_kernel(kernel: str, req: Request) -> tuple[Kernel, list[str]]:
     """Resolve ``kernel`` (a registry name or ``"auto"``) for ``req``.
 
@@ -177,9 +184,8 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto",
     if B == 0 or Nq == 0:
         out, lse = np.zeros(out_shape, q.dtype), np.zeros(lse_shape, q.dtype)
         return (out, lse) if return_lse else out
-    if chosen.tiled:  # clamp to the problem so tiny inputs do not allocate big tiles
-        block_q = min(block_q or config.BLOCK_Q, Nq)
-        block_kv = min(block_kv or config.BLOCK_KV, max(Nk, 1))
+    if chosen.tiled:
+        block_q, block_kv = effective_blocks(Nq, Nk, block_q, block_kv)
     q4 = np.ascontiguousarray(q.reshape(B, H, Nq, d))
     k4 = np.ascontiguousarray(k.reshape(B, H_kv, Nk, d))
     v4 = np.ascontiguousarray(v.reshape(B, H_kv, Nk, d))

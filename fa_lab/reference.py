@@ -53,11 +53,16 @@ def causal_mask(Nq: int, Nk: int, causal=True) -> np.ndarray:
 
 
 def mask_to_bias(mask, dtype=np.float64) -> np.ndarray:
-    """A boolean mask becomes ``0`` / ``-inf``; a float mask is returned as ``dtype``."""
+    """A boolean mask becomes ``0`` / ``-inf`` in ``dtype``; a float mask is cast to ``dtype``.
+
+    Built directly in ``dtype`` (no float64 temporary), and a float mask that already
+    has ``dtype`` is returned without a copy.
+    """
     mask = np.asarray(mask)
+    t = np.dtype(dtype).type
     if mask.dtype == np.bool_:
-        return np.where(mask, 0.0, -np.inf).astype(dtype)
-    return mask.astype(dtype)
+        return np.where(mask, t(0), t(-np.inf))
+    return mask.astype(dtype, copy=False)
 
 
 def softmax(x, axis=-1) -> np.ndarray:
@@ -75,6 +80,37 @@ def repeat_kv(k, H: int) -> np.ndarray:
     """Grouped-query attention: repeat each of the ``H_kv`` heads ``H // H_kv`` times."""
     H_kv = k.shape[-3]
     return k if H_kv == H else np.repeat(k, H // H_kv, axis=-3)
+
+
+#: Work buffers OpenBLAS allocates during one ``np.matmul`` beyond tiny sizes (measured
+#: with memray on this project's machine: 524,360 bytes, independent of the shapes).
+BLAS_BUFFER_BYTES = 524_360
+
+
+def scratch_bytes(*, B, H, H_kv, Nq, Nk, d, itemsize, **_):
+    """Byte model of :func:`attention` in float64 (checked against memray in the tests).
+
+    Inputs are first copied to float64 (if float32) and repeated for GQA. The peak is
+    the larger of two phases: during the normalization ``p / l``, four ``(B, H, Nq, Nk)``
+    arrays are alive (scores, exponentials, the quotient and its ``where`` result);
+    during ``out = p @ v``, two of them plus the float64 output and BLAS's work buffer
+    (this phase wins when ``Nk`` is small compared with ``d``).
+    """
+    S = B * H * Nq * Nk * 8
+    rows = 2 * B * H * Nq * 8
+    items = {}
+    if itemsize != 8:
+        items["q, k, v cast to float64"] = (B * H * Nq * d + 2 * B * H_kv * Nk * d) * 8
+    if H != H_kv:
+        items["k, v repeated for GQA (float64)"] = 2 * B * H * Nk * d * 8
+    normalize = 4 * S
+    product = 2 * S + B * H * Nq * d * 8 + BLAS_BUFFER_BYTES
+    if normalize >= product:
+        items["scores S, P and 2 temporaries (4 x B H Nq Nk, float64)"] = normalize
+    else:
+        items["S, P, float64 output and BLAS buffer (during P V)"] = product
+    items["row max and sum (float64)"] = rows
+    return items
 
 
 def attention(q, k, v, *, causal=False, scale=None, mask=None, dtype=np.float64,

@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from fa_lab import reference
+from fa_lab.kernels import naive, online, tiled, tiled_simd
 from fa_lab.kernels.naive import naive_forward
 from fa_lab.kernels.online import online_forward
 from fa_lab.kernels.tiled import tiled_forward
@@ -51,6 +52,7 @@ class Kernel:
     causal: bool = True
     mask: bool = True
     gqa: bool = True
+    scratch: Callable | None = None  # byte model of the kernel's own allocations
     tags: tuple = field(default_factory=tuple)
 
     def unsupported(self, req: Request) -> str | None:
@@ -105,17 +107,17 @@ KERNELS: dict[str, Kernel] = {
     k.name: k
     for k in [
         Kernel("reference", 0, "float64 NumPy, materializes the N x N scores (source of truth)",
-               _reference_run),
+               _reference_run, scratch=reference.scratch_bytes),
         Kernel("naive", 1, "scalar Numba, three passes over a row of scores, 1 thread",
-               numba_runner(naive_forward), naive_forward),
+               numba_runner(naive_forward), naive_forward, scratch=naive.scratch_bytes),
         Kernel("online", 2, "scalar Numba, one pass with running max and sum, 1 thread",
-               numba_runner(online_forward), online_forward),
+               numba_runner(online_forward), online_forward, scratch=online.scratch_bytes),
         Kernel("tiled", 3, "Br x Bc blocks, online softmax across blocks, causal block "
                "skipping; scalar, 1 thread", numba_runner(tiled_forward), tiled_forward,
-               tiled=True),
+               tiled=True, scratch=tiled.scratch_bytes),
         Kernel("tiled_simd", 4, "tiled, inner loops vectorized by LLVM (packed FMA), "
                "prange over (b, h, query block)", numba_runner(tiled_simd_forward),
-               tiled_simd_forward, tiled=True, parallel=True),
+               tiled_simd_forward, tiled=True, parallel=True, scratch=tiled_simd.scratch_bytes),
     ]
 }
 

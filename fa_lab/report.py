@@ -32,6 +32,7 @@ NOTEBOOKS = [
     ("01_online_softmax", "running_state"),
     ("02_tiling_and_simd", "ladder"),
     ("03_causal_masking", "causal_speedup"),
+    ("05_memory_profiling", "peak_vs_N"),
 ]
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,7 +25,13 @@ import numpy as np
 from numba import njit
 
 from fa_lab.config import CACHE
-from fa_lab.kernels.common import NEG_INF, finalize_row, visible_end
+from fa_lab.kernels.common import NEG_INF, NRT_ARRAY_OVERHEAD, finalize_row, visible_end
+
+
+def scratch_bytes(*, Nk, d, itemsize, **_):
+    """Byte model of the driver's own allocations: one score row and a float64 accumulator."""
+    return {"score row (Nk)": Nk * itemsize + NRT_ARRAY_OVERHEAD,
+            "accumulator (d, float64)": d * 8 + NRT_ARRAY_OVERHEAD}
 
 
 @njit(cache=CACHE)

@@ -27,7 +27,12 @@ from numba import njit
 import numpy as np
 
 from fa_lab.config import CACHE
-from fa_lab.kernels.common import NEG_INF, finalize_row, visible_end
+from fa_lab.kernels.common import NEG_INF, NRT_ARRAY_OVERHEAD, finalize_row, visible_end
+
+
+def scratch_bytes(*, d, **_):
+    """Byte model of the driver's own allocations: the float64 accumulator, nothing else."""
+    return {"accumulator (d, float64)": d * 8 + NRT_ARRAY_OVERHEAD}
 
 
 @njit(cache=CACHE)

@@ -33,7 +33,16 @@ import numpy as np
 from numba import njit
 
 from fa_lab.config import CACHE
-from fa_lab.kernels.common import NEG_INF, finalize_row, mask_block, visible_end
+from fa_lab.kernels.common import (NEG_INF, NRT_ARRAY_OVERHEAD, finalize_row, mask_block,
+                                   visible_end)
+
+
+def scratch_bytes(*, d, itemsize, block_q, block_kv, **_):
+    """Byte model: one score tile, running max and sum, one accumulator block (serial)."""
+    a = NRT_ARRAY_OVERHEAD
+    return {"score tile (Br x Bc)": block_q * block_kv * itemsize + a,
+            "running max, sum (2 x Br)": 2 * (block_q * itemsize + a),
+            "accumulator (Br x d)": block_q * d * itemsize + a}
 
 
 @njit(cache=CACHE)

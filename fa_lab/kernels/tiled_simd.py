@@ -36,7 +36,23 @@ import numpy as np
 from numba import njit, prange
 
 from fa_lab.config import CACHE, FASTMATH
-from fa_lab.kernels.common import NEG_INF, finalize_row, mask_block, visible_end
+from fa_lab.kernels.common import (NEG_INF, NRT_ARRAY_OVERHEAD, finalize_row, mask_block,
+                                   visible_end)
+
+
+def scratch_bytes(*, B, H, Nq, d, itemsize, block_q, block_kv, threads, **_):
+    """Byte model: each running task holds a score tile, Kj^T, pv, m, l and acc.
+
+    At most ``min(threads, tasks)`` tasks hold their scratch at once.
+    """
+    a = NRT_ARRAY_OVERHEAD
+    tasks = B * H * -(-Nq // block_q)
+    live = max(1, min(threads, tasks))
+    return {f"score tile (Br x Bc) x {live} threads": live * (block_q * block_kv * itemsize + a),
+            f"Kj^T tile (d x Bc) x {live}": live * (d * block_kv * itemsize + a),
+            f"pv row (d) x {live}": live * (d * itemsize + a),
+            f"running max, sum (2 x Br) x {live}": live * 2 * (block_q * itemsize + a),
+            f"accumulator (Br x d) x {live}": live * (block_q * d * itemsize + a)}
 
 
 @njit(cache=CACHE, fastmath=FASTMATH, error_model="numpy")

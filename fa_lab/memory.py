@@ -1,0 +1,351 @@
+"""Memory: a byte model per kernel, measured peaks (memray), and sweeps over N.
+
+FlashAttention's first promise is memory: the ``N x N`` score matrix is never stored.
+This module predicts and measures the **peak extra bytes** one call allocates
+(beyond its inputs, which the caller owns):
+
+* :func:`estimate` -- the model, itemized: output and LSE (every kernel must allocate
+  them), the mask as the API converts it, and the kernel's own scratch, declared by
+  each kernel next to its code (``scratch_bytes`` in its module, ``Kernel.scratch`` in
+  the registry). Inputs are assumed C-contiguous (otherwise the API copies them).
+* :func:`measure` -- the measured peak of one call with memray's in-process
+  ``Tracker`` (``FileReader(...).metadata.peak_memory``: the high-water mark of the
+  bytes allocated during the call and not yet freed), or tracemalloc where memray is
+  missing. The function is called once before tracking so numba compiles outside the
+  measured region. Both tools see NumPy arrays and arrays allocated inside ``@njit``.
+* :func:`sweep` -- measured vs model over N for every kernel -> DataFrame (CSV, PNG);
+  ``python -m fa_lab memory`` on the command line.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import tempfile
+import tracemalloc
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fa_lab.api import attention, effective_blocks
+from fa_lab.registry import KERNELS
+
+_ACTIVE = False  # one measurement at a time (memray allows a single Tracker)
+
+
+@dataclass
+class ByteModel:
+    """A predicted peak: itemized bytes and their total."""
+
+    kernel: str
+    items: dict
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.items.values()))
+
+    def table(self):
+        import pandas as pd
+
+        rows = [{"item": k, "bytes": int(v)} for k, v in self.items.items()]
+        rows.append({"item": "total", "bytes": self.total})
+        return pd.DataFrame(rows)
+
+
+def _positive_int(name, value):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return int(value)
+
+
+def estimate(kernel, B, H, Nq, Nk, d, dtype=np.float32, block_q=None, block_kv=None,
+             threads=None, *, H_kv=None, mask_elements=0) -> ByteModel:
+    """Predicted peak extra bytes of ``attention(..., kernel=kernel)``, itemized.
+
+    Parameters
+    ----------
+    kernel : a name in :data:`fa_lab.KERNELS`
+    B, H, Nq, Nk, d : problem sizes; ``H_kv`` (default ``H``) for GQA
+    dtype : float32 or float64 (the inputs' dtype)
+    block_q, block_kv : tile sizes as passed to the API (defaults and clamping applied)
+    threads : numba threads (default: the current setting)
+    mask_elements : number of elements of the mask as passed, if the API converts it (a
+        bool mask, or a float mask of another dtype); 0 for no mask or a float mask of
+        the inputs' dtype, which is used without a copy. (A mask whose broadcast to
+        ``(B, H, Nq, Nk)`` cannot be a view is copied at full size: not modelled.)
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {sorted(KERNELS)}, got {kernel!r}")
+    B, H, Nq, Nk, d = (_positive_int(n, x) for n, x in
+                       zip(("B", "H", "Nq", "Nk", "d"), (B, H, Nq, Nk, d)))
+    H_kv = H if H_kv is None else _positive_int("H_kv", H_kv)
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    if threads is None:
+        import numba
+
+        threads = numba.get_num_threads()
+    spec = KERNELS[kernel]
+    isz = dtype.itemsize
+    items = {"output O (B H Nq d)": B * H * Nq * d * isz, "lse (B H Nq)": B * H * Nq * isz}
+    if mask_elements:
+        items["mask as additive bias"] = int(mask_elements) * isz
+    if B * Nq == 0:
+        return ByteModel(kernel, items)
+    bq, bk = effective_blocks(Nq, Nk, block_q, block_kv)
+    if spec.scratch is not None:
+        items.update(spec.scratch(B=B, H=H, H_kv=H_kv, Nq=Nq, Nk=Nk, d=d, itemsize=isz,
+                                  block_q=bq, block_kv=bk, threads=threads))
+    return ByteModel(kernel, items)
+
+
+@dataclass
+class Measured:
+    """One measured call: its peak extra bytes, the tool, and the call's return value."""
+
+    peak_bytes: int
+    tool: str
+    value: object = None
+    capture: Path | None = None
+
+
+def measure(fn, *args, tool="auto", warmup=True, capture=None, **kwargs) -> Measured:
+    """Peak bytes allocated (and not yet freed) during ``fn(*args, **kwargs)``.
+
+    Parameters
+    ----------
+    tool : "memray", "tracemalloc" or "auto" (memray if installed)
+    warmup : call ``fn`` once first, untracked (compilation, caches)
+    capture : path for memray's capture file, kept for :func:`top_allocations`
+        (default: a temporary file, deleted)
+    """
+    global _ACTIVE
+    if tool not in ("auto", "memray", "tracemalloc"):
+        raise ValueError(f"tool must be 'auto', 'memray' or 'tracemalloc', got {tool!r}")
+    if _ACTIVE or tracemalloc.is_tracing():
+        raise RuntimeError("memory profiling is already running (a fa_lab.memory.measure "
+                           "or tracemalloc session is active); measure one call at a time")
+    if tool == "auto":
+        try:
+            import memray  # noqa: F401
+            tool = "memray"
+        except ImportError:
+            tool = "tracemalloc"
+    if warmup:
+        fn(*args, **kwargs)
+    gc.collect()
+    _ACTIVE = True
+    try:
+        if tool == "tracemalloc":
+            tracemalloc.start()
+            try:
+                value = fn(*args, **kwargs)
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            return Measured(int(peak), tool, value)
+        return _measure_memray(fn, args, kwargs, capture)
+    finally:
+        _ACTIVE = False
+
+
+def _measure_memray(fn, args, kwargs, capture):
+    import memray
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(capture) if capture else Path(tmp) / "capture.bin"
+        path.unlink(missing_ok=True)
+        try:
+            tracker = memray.Tracker(path)
+            tracker.__enter__()
+        except RuntimeError as exc:
+            raise RuntimeError(f"memory profiling is already running (memray: {exc}); "
+                               "measure one call at a time") from exc
+        try:
+            value = fn(*args, **kwargs)
+        finally:
+            tracker.__exit__(None, None, None)
+        peak = memray.FileReader(path).metadata.peak_memory
+    return Measured(int(peak), "memray", value, Path(capture) if capture else None)
+
+
+def top_allocations(capture, n=8):
+    """The allocations alive at the peak of a memray capture, largest first (offline view).
+
+    One row per allocation site: bytes, count, the innermost Python frames (``where``)
+    and the source line that allocated (``code``).
+    """
+    import linecache
+
+    import memray
+    import pandas as pd
+
+    rows = []
+    for rec in memray.FileReader(capture).get_high_watermark_allocation_records(
+            merge_threads=True):
+        stack = rec.stack_trace(max_stacks=3)
+        where = " <- ".join(f"{fn} ({Path(file).name}:{line})" for fn, file, line in stack)
+        code = (f"{Path(stack[0][1]).name}:{stack[0][2]}  "
+                f"{linecache.getline(stack[0][1], stack[0][2]).strip()}" if stack
+                else "(inside compiled code: numba runtime)")
+        rows.append({"bytes": rec.size, "allocations": rec.n_allocations,
+                     "where": where or "(inside compiled code: numba runtime)", "code": code})
+    df = pd.DataFrame(rows, columns=["bytes", "allocations", "where", "code"])
+    df = (df.groupby(["where", "code"], as_index=False).sum()
+          .sort_values("bytes", ascending=False))
+    return df.head(n).reset_index(drop=True)
+
+
+def _inputs(B, H, N, d, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((B, H, N, d)).astype(dtype) for _ in range(3)]
+
+
+def sweep(kernels=None, Ns=(256, 512, 1024, 2048), *, B=1, H=1, d=64, dtype=np.float32,
+          causal=False, tool="auto", progress=None):
+    """Measured peak vs model for every kernel and N; returns a DataFrame.
+
+    Each kernel is compiled once on a tiny input; each (kernel, N) is then measured
+    once (allocation is deterministic: no repeats needed).
+    """
+    import pandas as pd
+
+    from fa_lab.bench import machine
+
+    kernels = list(kernels or KERNELS)
+    info = machine()
+    for name in kernels:
+        q = np.ones((1, 1, 4, d), dtype)
+        attention(q, q, q, kernel=name, causal=causal)
+    rows = []
+    for N in Ns:
+        q, k, v = _inputs(B, H, N, d, dtype)
+        for name in kernels:
+            if progress:
+                progress(f"{name} N={N}")
+            m = measure(attention, q, k, v, kernel=name, causal=causal, tool=tool,
+                        warmup=False)
+            model = estimate(name, B, H, N, N, d, dtype)
+            out_bytes = m.value.nbytes
+            del m.value
+            rows.append({"kernel": name, "N": N, "B": B, "H": H, "d": d,
+                         "dtype": np.dtype(dtype).name, "measured_bytes": m.peak_bytes,
+                         "model_bytes": model.total, "output_bytes": out_bytes,
+                         "measured_over_model": m.peak_bytes / model.total,
+                         "measured_over_output": m.peak_bytes / out_bytes, "tool": m.tool,
+                         **{f"machine_{k}": v for k, v in info.items()}})
+        del q, k, v
+        gc.collect()
+    return pd.DataFrame(rows)
+
+
+def largest_n(kernel, budget_bytes, *, B=1, H=1, d=64, dtype=np.float32):
+    """Largest N (a power of two times 1..1.75) whose inputs + modelled peak fit the budget.
+
+    Inputs count here (q, k, v must exist too). The answer is reasoned from the model,
+    not measured: check it with :func:`measure` below the limit.
+    """
+    isz = np.dtype(dtype).itemsize
+
+    def need(N):
+        return 3 * B * H * N * d * isz + estimate(kernel, B, H, N, N, d, dtype).total
+
+    N = 1
+    while need(N * 2) <= budget_bytes:
+        N *= 2
+    best = N
+    for f in (1.25, 1.5, 1.75):  # refine between N and 2N
+        cand = int(N * f)
+        if need(cand) <= budget_bytes:
+            best = cand
+    return best
+
+
+def plot_sweep(df, title="Peak extra memory of one attention call"):
+    """log-log: measured peak (markers) and model (lines) vs N, one colour per kernel."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for i, (name, g) in enumerate(df.groupby("kernel", sort=False)):
+        color = f"C{i}"
+        ax.plot(g["N"], g["model_bytes"] / 2**20, "-", color=color, alpha=0.6)
+        ax.plot(g["N"], g["measured_bytes"] / 2**20, "o", color=color, label=name)
+    g = df.drop_duplicates("N")
+    ax.plot(g["N"], g["output_bytes"] / 2**20, "k:", label="output O alone")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("N (= Nq = Nk)")
+    ax.set_ylabel("peak extra MiB (log)")
+    r = df.iloc[0]
+    ax.set_title(f"{title}\nB={r['B']}, H={r['H']}, d={r['d']}, {r['dtype']}; "
+                 "markers: measured (memray), lines: model", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(True, which="major", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def fmt_bytes(n) -> str:
+    """1536 -> '1.5 KiB'."""
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "n/a"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+CLAIMS_CSV = Path(__file__).resolve().parents[1] / "data" / "memory_claims.csv"
+
+
+def claim_verdict(low, high, measured) -> str:
+    """One line comparing a claimed saving (``low``..``high`` x) with the measured one.
+
+    Within a factor 1.5 of the claimed range counts as consistent (configurations that
+    a claim leaves unstated easily move the ratio that much).
+    """
+    if low / 1.5 <= measured <= high * 1.5:
+        return f"consistent: {measured:,.0f}x measured, {_span(low, high)} claimed"
+    if measured > high:
+        return f"understated: {measured:,.0f}x measured, more than the {_span(low, high)} claimed"
+    return f"overstated here: {measured:,.1f}x measured, less than the {_span(low, high)} claimed"
+
+
+def _span(low, high):
+    return f"{low:,.0f}x" if low == high else f"{low:,.0f}-{high:,.0f}x"
+
+
+def check_claims(path=CLAIMS_CSV, *, baseline="reference", flash="tiled_simd", max_N=None):
+    """Measure each claim's configuration: standard (``baseline``) vs flash peak bytes.
+
+    Returns the claims table with measured bytes, the measured ratio, the modelled ratio
+    and a one-line verdict. ``max_N`` caps N (quick runs); a capped row says so.
+    """
+    import pandas as pd
+
+    claims = pd.read_csv(path)
+    rows = []
+    for _, c in claims.iterrows():
+        B, H, N, d = int(c.B), int(c.H), int(c.N), int(c.d)
+        dtype = np.dtype(c["dtype"])
+        note = c.unstated
+        if max_N is not None and N > max_N:
+            note = f"{note}; quick run: measured at N={max_N} instead of {N}"
+            N = max_N
+        q, k, v = _inputs(B, H, N, d, dtype)
+        std = measure(attention, q, k, v, kernel=baseline).peak_bytes
+        fl = measure(attention, q, k, v, kernel=flash).peak_bytes
+        model = estimate(baseline, B, H, N, N, d, dtype).total / estimate(
+            flash, B, H, N, N, d, dtype).total
+        rows.append({"claim": c.claim, "config measured": f"B={B}, H={H}, N={N}, d={d}, "
+                     f"{dtype.name}", "standard (measured)": fmt_bytes(std),
+                     "flash (measured)": fmt_bytes(fl), "ratio measured": std / fl,
+                     "ratio model": model,
+                     "verdict": claim_verdict(c.claimed_ratio_low, c.claimed_ratio_high,
+                                              std / fl),
+                     "note": note, "source": c.source})
+    return pd.DataFrame(rows)

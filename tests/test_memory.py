@@ -1,0 +1,148 @@
+"""Byte model vs measured peak, for every registered kernel (memory is deterministic,
+so these are correctness checks of the model and of O(N) vs O(N^2), not timings)."""
+
+import numpy as np
+import pytest
+
+import fa_lab
+from fa_lab import memory
+from fa_lab.__main__ import main
+
+from conftest import block_kwargs
+
+# NumPy serves arrays under ~1 KiB from its own cache (no new malloc), and numba's
+# dispatch adds a few hundred bytes: an absolute slack of 4 KiB covers both.
+SLACK_REL, SLACK_ABS = 0.05, 4096
+
+
+def _inputs(B, H, H_kv, Nq, Nk, d, dtype=np.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((B, H, Nq, d)).astype(dtype),
+            rng.standard_normal((B, H_kv, Nk, d)).astype(dtype),
+            rng.standard_normal((B, H_kv, Nk, d)).astype(dtype))
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 2, 100, 100, 7), (2, 4, 2, 77, 130, 16),
+                                   (1, 1, 1, 300, 41, 64)], ids=str)
+@pytest.mark.parametrize("causal", [False, "bottom_right"])
+def test_measured_within_model_and_at_least_the_output(kernel, dtype, shape, causal):
+    B, H, H_kv, Nq, Nk, d = shape
+    q, k, v = _inputs(*shape, dtype=dtype)
+    kw = block_kwargs(kernel, 32, 16)
+    m = memory.measure(fa_lab.attention, q, k, v, kernel=kernel, causal=causal, **kw)
+    model = memory.estimate(kernel, B, H, Nq, Nk, d, dtype, H_kv=H_kv, **kw)
+    assert m.peak_bytes <= model.total * (1 + SLACK_REL) + SLACK_ABS, model.table()
+    assert m.peak_bytes >= m.value.nbytes  # the output itself is unavoidable
+
+
+def test_model_is_not_loose(kernel):
+    # An upper bound that is 10x too high would pass the test above; require ~tight.
+    q, k, v = _inputs(1, 2, 2, 512, 512, 64)
+    m = memory.measure(fa_lab.attention, q, k, v, kernel=kernel)
+    model = memory.estimate(kernel, 1, 2, 512, 512, 64)
+    assert 0.9 * model.total <= m.peak_bytes <= 1.05 * model.total + SLACK_ABS
+
+
+def test_mask_is_counted():
+    q, k, v = _inputs(1, 2, 2, 200, 150, 8)
+    mask = np.random.default_rng(1).random((1, 2, 200, 150)) < 0.8
+    m = memory.measure(fa_lab.attention, q, k, v, kernel="tiled_simd", mask=mask)
+    model = memory.estimate("tiled_simd", 1, 2, 200, 150, 8, mask_elements=mask.size)
+    assert model.items["mask as additive bias"] == mask.size * 4
+    assert m.peak_bytes <= model.total * (1 + SLACK_REL) + SLACK_ABS
+    assert m.peak_bytes >= mask.size * 4  # the bias really was allocated
+
+
+def _peak(kernel, N):
+    q, k, v = _inputs(1, 4, 4, N, N, 64)
+    return memory.measure(fa_lab.attention, q, k, v, kernel=kernel).peak_bytes
+
+
+def test_reference_grows_quadratically_flash_kernels_linearly(kernel):
+    ratio = _peak(kernel, 1024) / _peak(kernel, 512)
+    if kernel == "reference":
+        assert 3.6 <= ratio <= 4.2, ratio  # N x N scores
+    else:
+        assert 1.7 <= ratio <= 2.1, ratio  # dominated by the (N, d) output
+
+
+def test_tracemalloc_fallback_agrees_with_memray():
+    q, k, v = _inputs(1, 2, 2, 256, 256, 32)
+    a = memory.measure(fa_lab.attention, q, k, v, kernel="reference", tool="memray")
+    b = memory.measure(fa_lab.attention, q, k, v, kernel="reference", tool="tracemalloc")
+    assert b.tool == "tracemalloc" and abs(a.peak_bytes - b.peak_bytes) <= 0.05 * a.peak_bytes
+
+
+def test_nested_measurement_is_a_clear_error():
+    def inner():
+        return memory.measure(np.ones, 10)
+
+    with pytest.raises(RuntimeError, match="already running"):
+        memory.measure(inner, warmup=False)
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(RuntimeError, match="already running"):
+            memory.measure(np.ones, 10)
+    finally:
+        tracemalloc.stop()
+    with pytest.raises(ValueError, match="tool"):
+        memory.measure(np.ones, 10, tool="valgrind")
+
+
+def test_estimate_errors_and_items():
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        memory.estimate("nope", 1, 1, 8, 8, 4)
+    with pytest.raises(ValueError, match="N"):
+        memory.estimate("naive", 1, 1, -8, 8, 4)
+    with pytest.raises(TypeError, match="d must be an int"):
+        memory.estimate("naive", 1, 1, 8, 8, 4.0)
+    with pytest.raises(TypeError, match="dtype"):
+        memory.estimate("naive", 1, 1, 8, 8, 4, np.int8)
+    ref = memory.estimate("reference", 1, 1, 8192, 8192, 64)
+    assert ref.total >= 8192 ** 2 * 4  # at least N^2 float32: the issue's floor
+    flash = memory.estimate("tiled_simd", 1, 1, 8192, 8192, 64, threads=2)
+    out = 8192 * 64 * 4
+    assert out <= flash.total <= out + 4 * 2 ** 20  # the issue's target: output + 4 MB
+    assert set(ref.table()["item"]) >= {"output O (B H Nq d)", "total"}
+
+
+def test_largest_n_respects_the_budget():
+    n = memory.largest_n("reference", 2 ** 30)
+    need = lambda N: 3 * N * 64 * 4 + memory.estimate("reference", 1, 1, N, N, 64).total  # noqa
+    assert need(n) <= 2 ** 30 < need(2 * n)
+    assert memory.largest_n("tiled_simd", 2 ** 30) > 100 * n
+
+
+def test_top_allocations_reads_a_capture(tmp_path):
+    q, k, v = _inputs(1, 1, 1, 256, 256, 16)
+    path = tmp_path / "cap.bin"
+    memory.measure(fa_lab.attention, q, k, v, kernel="reference", capture=path)
+    top = memory.top_allocations(path, n=3)
+    assert len(top) >= 1 and top["bytes"].iloc[0] >= 256 * 256 * 8
+    assert "reference.py" in top["where"].iloc[0]
+
+
+def test_sweep_and_cli(tmp_path):
+    df = memory.sweep(["naive", "tiled_simd"], [64, 128], H=2, d=8)
+    assert len(df) == 4 and (df["measured_bytes"] > 0).all()
+    csv, png = tmp_path / "m.csv", tmp_path / "m.png"
+    assert main(["memory", "--kernels", "online", "--N", "64", "128", "--d", "8",
+                 "--csv", str(csv), "--png", str(png)]) == 0
+    assert csv.stat().st_size > 0 and png.stat().st_size > 0
+
+
+def test_claim_verdicts():
+    assert memory.claim_verdict(16, 16, 16.5).startswith("consistent")
+    assert memory.claim_verdict(1000, 5000, 968).startswith("consistent")
+    assert memory.claim_verdict(16, 16, 7.8).startswith("overstated")
+    assert memory.claim_verdict(2, 2, 12).startswith("understated")
+
+
+def test_check_claims_measures_every_row():
+    df = memory.check_claims(max_N=128)
+    claims = __import__("pandas").read_csv(memory.CLAIMS_CSV)
+    assert len(df) == len(claims) and (df["ratio measured"] > 1).all()
+    assert df["verdict"].str.match(r"(consistent|understated|overstated)").all()
+    assert df["note"].str.contains("quick run").any()  # the N=512/8192 rows were capped
