@@ -62,7 +62,7 @@ def _warmup(args) -> int:
     """Compile (or load from numba's cache) every kernel for every dtype and option path."""
     import numpy as np
 
-    from fa_lab import KERNELS, attention
+    from fa_lab import BACKWARD_KERNELS, KERNELS, attention, attention_backward
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(0)
@@ -70,10 +70,14 @@ def _warmup(args) -> int:
         q = rng.standard_normal((1, 2, 5, 3)).astype(dtype)
         kv = rng.standard_normal((1, 1, 4, 3)).astype(dtype)
         masks = [None, np.ones((5, 4), bool), np.ones((1, 2, 5, 4), bool)]
-        for name, spec in KERNELS.items():
-            for mask in masks:
+        for mask in masks:
+            for name in KERNELS:
                 attention(q, kv, kv, kernel=name, mask=mask, causal=True)
-    print(f"[warmup] {len(KERNELS)} kernels ready in {time.perf_counter() - t0:.1f} s")
+            out, lse = attention(q, kv, kv, mask=mask, return_lse=True)
+            for name in BACKWARD_KERNELS:
+                attention_backward(q, kv, kv, out, lse, out, mask=mask, kernel=name)
+    n = len(KERNELS) + len(BACKWARD_KERNELS)
+    print(f"[warmup] {n} kernels ready in {time.perf_counter() - t0:.1f} s")
     return 0
 
 

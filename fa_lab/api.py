@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 
 from fa_lab import config
+from fa_lab.dropout import check_dropout
 from fa_lab.reference import causal_alignment, mask_to_bias
-from fa_lab.registry import KERNELS, Kernel, Request, ladder
+from fa_lab.registry import KERNELS, Kernel, Request
 
 
 class KernelFallbackWarning(UserWarning):
@@ -89,8 +91,9 @@ def effective_blocks(Nq: int, Nk: int, block_q=None, block_kv=None) -> tuple[int
             min(block_kv or config.BLOCK_KV, max(Nk, 1)))
 
 
-def choose_kernel(kernel: str, req: Request) -> tuple[Kernel, list[str]]:
-    """Resolve ``kernel`` (a registry name or ``"auto"``) for ``req``.
+def choose_kernel(kernel: str, req: Request, table=None) -> tuple[Kernel, list[str]]:
+    """Resolve ``kernel`` (a registry name or ``"auto"``) for ``req`` in ``table``
+    (default :data:`fa_lab.KERNELS`; :data:`fa_lab.BACKWARD_KERNELS` for gradients).
 
     Returns the kernel and, for ``"auto"``, the reasons why faster kernels were
     skipped. An explicit kernel that cannot serve the call raises NotImplementedError.
@@ -98,16 +101,17 @@ def choose_kernel(kernel: str, req: Request) -> tuple[Kernel, list[str]]:
     if not isinstance(kernel, str):
         raise TypeError(f"kernel must be a str (a name in fa_lab.KERNELS or 'auto'), "
                         f"got {kernel!r}")
+    table = KERNELS if table is None else table
     if kernel != "auto":
-        if kernel not in KERNELS:
-            raise ValueError(f"kernel must be 'auto' or one of {sorted(KERNELS)}, "
+        if kernel not in table:
+            raise ValueError(f"kernel must be 'auto' or one of {sorted(table)}, "
                              f"got {kernel!r}")
-        reason = KERNELS[kernel].unsupported(req)
+        reason = table[kernel].unsupported(req)
         if reason:
             raise NotImplementedError(reason)
-        return KERNELS[kernel], []
+        return table[kernel], []
     skipped = []
-    for candidate in reversed(ladder()):
+    for candidate in sorted(table.values(), key=lambda c: -c.rung):
         reason = candidate.unsupported(req)
         if reason is None:
             return candidate, skipped
@@ -116,7 +120,7 @@ def choose_kernel(kernel: str, req: Request) -> tuple[Kernel, list[str]]:
 
 
 def attention(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto",
-              block_q=None, block_kv=None, return_lse=False):
+              block_q=None, block_kv=None, return_lse=False, dropout_p=0.0, seed=None):
     """Scaled dot-product attention ``softmax(Q K^T * scale + mask) V``.
 
     Parameters
@@ -143,6 +147,11 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto",
     return_lse : bool
         Also return ``lse``, the natural-log logsumexp of each row of the scaled,
         masked scores.
+    dropout_p : float in [0, 1)
+        Attention dropout on the probabilities (kept ones scaled by ``1/(1-p)``); the
+        mask is a hash of ``(seed, b, h, i, j)`` (:mod:`fa_lab.dropout`), so
+        :func:`fa_lab.attention_backward` regenerates it. ``lse`` is not affected.
+    seed : int, required when ``dropout_p > 0``
 
     Returns
     -------
@@ -155,6 +164,61 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto",
     NaN. NaN in a query row makes that output row NaN and leaves the others exact.
     ``Nq = 0`` returns an empty result; ``Nk = 0`` gives zeros and ``lse = -inf``.
     """
+    call = _prepare(q, k, v, causal, scale, mask, block_q, block_kv, dropout_p, seed)
+    chosen = _choose(kernel, call.request, KERNELS)
+    if call.empty:
+        out, lse = np.zeros(call.q.shape, call.q.dtype), np.zeros(call.q.shape[:-1], call.q.dtype)
+        return (out, lse) if return_lse else out
+    bq, bk = effective_blocks(call.Nq, call.Nk, call.block_q, call.block_kv) if chosen.tiled \
+        else (call.block_q, call.block_kv)
+    extra = (call.dropout_p, call.seed) if chosen.dropout else ()
+    out, lse = chosen.run(call.q4, call.k4, call.v4, call.bias, call.scale, call.alignment,
+                          bq, bk, *extra)
+    out, lse = out.reshape(call.q.shape), lse.reshape(call.q.shape[:-1])
+    return (out, lse) if return_lse else out
+
+
+@dataclass
+class _Call:
+    """A validated, normalized attention call (shared by the forward and the backward)."""
+
+    q: np.ndarray
+    lead: tuple
+    H: int
+    H_kv: int
+    Nq: int
+    Nk: int
+    d: int
+    q4: np.ndarray
+    k4: np.ndarray
+    v4: np.ndarray
+    bias: np.ndarray | None
+    scale: float
+    alignment: str | None
+    block_q: int | None
+    block_kv: int | None
+    dropout_p: float
+    seed: int
+    request: Request
+
+    @property
+    def B(self) -> int:
+        return math.prod(self.lead)
+
+    @property
+    def empty(self) -> bool:
+        return self.B == 0 or self.Nq == 0
+
+    def to4(self, name, x, heads):
+        """Validate a companion array (out, dout, lse) and reshape it like q or k."""
+        x = _as_float_array(name, x)
+        if x.dtype != self.q.dtype:
+            raise TypeError(f"{name} must have q's dtype {self.q.dtype}, got {x.dtype}")
+        return np.ascontiguousarray(x.reshape(heads))
+
+
+def _prepare(q, k, v, causal, scale, mask, block_q, block_kv, dropout_p, seed) -> _Call:
+    """Validate every argument and normalize the arrays to (B, H, N, d)."""
     q = _as_float_array("q", q)
     k = _as_float_array("k", k)
     v = _as_float_array("v", v)
@@ -169,26 +233,23 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto",
         raise TypeError(f"scale must be a real number or None, got {scale!r}")
     block_q = _check_block("block_q", block_q)
     block_kv = _check_block("block_kv", block_kv)
-
+    dropout_p, seed = check_dropout(dropout_p, seed)
     B = math.prod(lead)
     full_shape = (*lead, H, Nq, Nk) if q.ndim > 2 else (Nq, Nk)
     bias = None if mask is None else _bias(mask, q.dtype, full_shape, B, H, Nq, Nk)
     req = Request(dtype=q.dtype, causal=alignment is not None, mask=bias is not None,
-                  gqa=H != H_kv, blocks=block_q is not None or block_kv is not None)
-    chosen, skipped = choose_kernel(kernel, req)
-    if skipped:
-        warnings.warn(f"kernel='auto' chose {chosen.name!r}: " + "; ".join(skipped),
-                      KernelFallbackWarning, stacklevel=2)
-
-    out_shape, lse_shape = q.shape, q.shape[:-1]
-    if B == 0 or Nq == 0:
-        out, lse = np.zeros(out_shape, q.dtype), np.zeros(lse_shape, q.dtype)
-        return (out, lse) if return_lse else out
-    if chosen.tiled:
-        block_q, block_kv = effective_blocks(Nq, Nk, block_q, block_kv)
+                  gqa=H != H_kv, blocks=block_q is not None or block_kv is not None,
+                  dropout=dropout_p > 0)
     q4 = np.ascontiguousarray(q.reshape(B, H, Nq, d))
     k4 = np.ascontiguousarray(k.reshape(B, H_kv, Nk, d))
     v4 = np.ascontiguousarray(v.reshape(B, H_kv, Nk, d))
-    out, lse = chosen.run(q4, k4, v4, bias, scale, alignment, block_q, block_kv)
-    out, lse = out.reshape(out_shape), lse.reshape(lse_shape)
-    return (out, lse) if return_lse else out
+    return _Call(q, lead, H, H_kv, Nq, Nk, d, q4, k4, v4, bias, float(scale), alignment,
+                 block_q, block_kv, dropout_p, seed, req)
+
+
+def _choose(kernel, req, table):
+    chosen, skipped = choose_kernel(kernel, req, table)
+    if skipped:
+        warnings.warn(f"kernel='auto' chose {chosen.name!r}: " + "; ".join(skipped),
+                      KernelFallbackWarning, stacklevel=3)
+    return chosen

@@ -114,7 +114,7 @@ def scratch_bytes(*, B, H, H_kv, Nq, Nk, d, itemsize, **_):
 
 
 def attention(q, k, v, *, causal=False, scale=None, mask=None, dtype=np.float64,
-              return_p=False):
+              return_p=False, dropout_p=0.0, seed=0):
     """Standard attention, computed in ``dtype`` with the full score matrix.
 
     Parameters
@@ -125,7 +125,8 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, dtype=np.float64,
     scale : float, default ``1 / sqrt(d)``
     mask : bool or float array broadcastable to (..., H, Nq, Nk)
     dtype : compute dtype (float64 for the reference; float32 for the baseline)
-    return_p : also return the probabilities P (..., H, Nq, Nk)
+    return_p : also return the probabilities P (..., H, Nq, Nk), after dropout
+    dropout_p, seed : inverted dropout on P with the mask of :func:`dropout_mask`
 
     Returns
     -------
@@ -156,6 +157,65 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, dtype=np.float64,
     l = p.sum(axis=-1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         p = np.where(l == 0, dtype(0), p / l)
+        if dropout_p > 0:
+            p = p * dropout_mask(p.shape, dropout_p, seed, dtype)
         out = p @ v
         lse = np.where(l == 0, dtype(-np.inf), m + np.log(l))[..., 0]
     return (out, lse, p) if return_p else (out, lse)
+
+
+def dropout_mask(shape, dropout_p, seed, dtype=np.float64) -> np.ndarray:
+    """``keep / (1 - p)`` for scores of ``shape`` (..., H, Nq, Nk): 0 where dropped.
+
+    Leading dims are flattened into the batch index ``b`` of the hash in
+    :mod:`fa_lab.dropout`, as the kernels see them.
+    """
+    from fa_lab.dropout import keep_mask
+
+    Nq, Nk = shape[-2:]
+    H = shape[-3] if len(shape) >= 3 else 1
+    B = math.prod(shape[:-3])
+    keep = keep_mask(seed, B, H, Nq, Nk, dropout_p).reshape(shape)
+    return keep.astype(dtype) / dtype(1 - dropout_p)
+
+
+def attention_backward(q, k, v, dout, *, causal=False, scale=None, mask=None,
+                       dropout_p=0.0, seed=0, dtype=np.float64):
+    """Gradients ``(dq, dk, dv)`` of ``sum(attention(q, k, v) * dout)``, materializing P.
+
+    The textbook derivation, in ``dtype``: with ``S = Q K^T * scale (+ mask)``,
+    ``P = softmax(S)``, ``Pd = P * Z`` (dropout) and ``O = Pd V``::
+
+        dV = Pd^T dO;   dPd = dO V^T;   dP = dPd * Z
+        dS = P * (dP - rowsum(P * dP))          (the softmax Jacobian)
+        dQ = dS K * scale;   dK = dS^T Q * scale
+
+    For GQA, ``dk`` and ``dv`` are summed over the query heads sharing a kv head.
+    A fully masked row has ``P = 0`` and contributes nothing.
+    """
+    q, k, v, dout = (np.asarray(x, dtype=dtype) for x in (q, k, v, dout))
+    Nq, d = q.shape[-2:]
+    Nk = k.shape[-2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    H = q.shape[-3] if q.ndim >= 3 else 1
+    H_kv = k.shape[-3] if k.ndim >= 3 else 1
+    kr, vr = (repeat_kv(k, H), repeat_kv(v, H)) if q.ndim >= 3 else (k, v)
+    s = (q @ np.swapaxes(kr, -1, -2)) * dtype(scale)
+    if mask is not None:
+        s = s + mask_to_bias(mask, dtype)
+    alignment = causal_alignment(causal)
+    if alignment is not None:
+        s = np.where(causal_mask(Nq, Nk, alignment), s, dtype(-np.inf))
+    p = softmax(s) if Nk else s
+    z = dropout_mask(p.shape, dropout_p, seed, dtype) if dropout_p > 0 else dtype(1)
+    dv = np.swapaxes(p * z, -1, -2) @ dout
+    dp = (dout @ np.swapaxes(vr, -1, -2)) * z
+    ds = p * (dp - np.sum(p * dp, axis=-1, keepdims=True))
+    dq = (ds @ kr) * dtype(scale)
+    dk = (np.swapaxes(ds, -1, -2) @ q) * dtype(scale)
+    if H != H_kv:  # sum over the query heads of each kv group
+        g = H // H_kv
+        dk = dk.reshape(*dk.shape[:-3], H_kv, g, Nk, d).sum(axis=-3)
+        dv = dv.reshape(*dv.shape[:-3], H_kv, g, Nk, d).sum(axis=-3)
+    return dq, dk, dv

@@ -19,7 +19,10 @@ from typing import Callable
 import numpy as np
 
 from fa_lab import reference
-from fa_lab.kernels import naive, online, tiled, tiled_simd
+from fa_lab.dropout import mix_seed
+from fa_lab.kernels import backward_naive, backward_tiled, naive, online, tiled, tiled_simd
+from fa_lab.kernels.backward_naive import naive_backward
+from fa_lab.kernels.backward_tiled import tiled_backward
 from fa_lab.kernels.naive import naive_forward
 from fa_lab.kernels.online import online_forward
 from fa_lab.kernels.tiled import tiled_forward
@@ -35,6 +38,7 @@ class Request:
     mask: bool = False
     gqa: bool = False
     blocks: bool = False
+    dropout: bool = False
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ class Kernel:
     causal: bool = True
     mask: bool = True
     gqa: bool = True
+    dropout: bool = False  # run() takes (dropout_p, seed) after the block sizes
     scratch: Callable | None = None  # byte model of the kernel's own allocations
     tags: tuple = field(default_factory=tuple)
 
@@ -59,7 +64,7 @@ class Kernel:
         """Why this kernel cannot serve ``req`` (an option name and a sentence), or None."""
         if np.dtype(req.dtype) not in [np.dtype(t) for t in self.dtypes]:
             return f"kernel {self.name!r} does not support dtype={np.dtype(req.dtype).name}"
-        for option in ("causal", "mask", "gqa"):
+        for option in ("causal", "mask", "gqa", "dropout"):
             if getattr(req, option) and not getattr(self, option):
                 return f"kernel {self.name!r} does not support {option}"
         if req.blocks and not self.tiled:
@@ -68,8 +73,10 @@ class Kernel:
         return None
 
 
-def _reference_run(q, k, v, bias, scale, alignment, block_q, block_kv):
-    out, lse = reference.attention(q, k, v, causal=alignment or False, scale=scale, mask=bias)
+def _reference_run(q, k, v, bias, scale, alignment, block_q, block_kv, dropout_p=0.0,
+                   seed=0):
+    out, lse = reference.attention(q, k, v, causal=alignment or False, scale=scale, mask=bias,
+                                   dropout_p=dropout_p, seed=seed)
     return out.astype(q.dtype), lse.astype(q.dtype)
 
 
@@ -84,18 +91,22 @@ def _no_bias(dtype) -> np.ndarray:
     return _NO_BIAS[dtype]
 
 
-def numba_runner(driver) -> Callable:
-    """Adapt a jitted driver with the canonical signature (see :mod:`fa_lab.kernels`)."""
+def numba_runner(driver, dropout=False) -> Callable:
+    """Adapt a jitted driver with the canonical signature (see :mod:`fa_lab.kernels`).
 
-    def run(q, k, v, bias, scale, alignment, block_q, block_kv):
+    With ``dropout=True`` the driver takes ``(dropout_p, seed_mixed)`` after ``lse``.
+    """
+
+    def run(q, k, v, bias, scale, alignment, block_q, block_kv, dropout_p=0.0, seed=0):
         B, H, Nq, d = q.shape
         out = np.empty_like(q)
         lse = np.empty((B, H, Nq), dtype=q.dtype)
         offset = reference.causal_offset(Nq, k.shape[2], alignment) if alignment else 0
         has_bias = bias is not None
+        extra = (float(dropout_p), np.uint64(mix_seed(np.uint64(seed)))) if dropout else ()
         driver(q, k, v, bias if has_bias else _no_bias(q.dtype), has_bias,
                q.dtype.type(scale), alignment is not None, offset, block_q or 1,
-               block_kv or 1, out, lse)
+               block_kv or 1, out, lse, *extra)
         return out, lse
 
     run.__name__ = f"run_{driver.__name__}"
@@ -107,7 +118,7 @@ KERNELS: dict[str, Kernel] = {
     k.name: k
     for k in [
         Kernel("reference", 0, "float64 NumPy, materializes the N x N scores (source of truth)",
-               _reference_run, scratch=reference.scratch_bytes),
+               _reference_run, dropout=True, scratch=reference.scratch_bytes),
         Kernel("naive", 1, "scalar Numba, three passes over a row of scores, 1 thread",
                numba_runner(naive_forward), naive_forward, scratch=naive.scratch_bytes),
         Kernel("online", 2, "scalar Numba, one pass with running max and sum, 1 thread",
@@ -116,8 +127,52 @@ KERNELS: dict[str, Kernel] = {
                "skipping; scalar, 1 thread", numba_runner(tiled_forward), tiled_forward,
                tiled=True, scratch=tiled.scratch_bytes),
         Kernel("tiled_simd", 4, "tiled, inner loops vectorized by LLVM (packed FMA), "
-               "prange over (b, h, query block)", numba_runner(tiled_simd_forward),
-               tiled_simd_forward, tiled=True, parallel=True, scratch=tiled_simd.scratch_bytes),
+               "prange over (b, h, query block)", numba_runner(tiled_simd_forward, dropout=True),
+               tiled_simd_forward, tiled=True, parallel=True, dropout=True,
+               scratch=tiled_simd.scratch_bytes),
+    ]
+}
+
+
+def _reference_backward_run(q, k, v, out, dout, lse, bias, scale, alignment, block_q,
+                            block_kv, dropout_p, seed):
+    grads = reference.attention_backward(q, k, v, dout, causal=alignment or False, scale=scale,
+                                         mask=bias, dropout_p=dropout_p, seed=seed)
+    return tuple(g.astype(q.dtype) for g in grads)
+
+
+def backward_runner(driver) -> Callable:
+    """Adapt a jitted backward driver (canonical signature in :mod:`fa_lab.backward`)."""
+
+    def run(q, k, v, out, dout, lse, bias, scale, alignment, block_q, block_kv, dropout_p,
+            seed):
+        dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
+        offset = reference.causal_offset(q.shape[2], k.shape[2], alignment) if alignment else 0
+        has_bias = bias is not None
+        driver(q, k, v, out, dout, lse, bias if has_bias else _no_bias(q.dtype), has_bias,
+               q.dtype.type(scale), alignment is not None, offset, block_q or 1, block_kv or 1,
+               float(dropout_p), np.uint64(mix_seed(np.uint64(seed))), dq, dk, dv)
+        return dq, dk, dv
+
+    run.__name__ = f"run_{driver.__name__}"
+    run.__doc__ = driver.__doc__
+    return run
+
+
+#: Backward kernels: ``run(q, k, v, out, dout, lse, bias, scale, alignment, block_q,
+#: block_kv, dropout_p, seed) -> (dq, dk, dv)``; same :class:`Kernel` record.
+BACKWARD_KERNELS: dict[str, Kernel] = {
+    k.name: k
+    for k in [
+        Kernel("reference", 0, "float64 NumPy, materializes P and the softmax Jacobian",
+               _reference_backward_run, dropout=True),
+        Kernel("naive", 1, "scalar Numba, one query row at a time, recomputes P from the "
+               "LSE, float64 accumulators, 1 thread", backward_runner(naive_backward),
+               naive_backward, dropout=True, scratch=backward_naive.scratch_bytes),
+        Kernel("tiled", 2, "FlashAttention-2 tiles in two race-free prange passes (dK, dV "
+               "over key blocks; dQ over query blocks)", backward_runner(tiled_backward),
+               tiled_backward, tiled=True, parallel=True, dropout=True,
+               scratch=backward_tiled.scratch_bytes),
     ]
 }
 

@@ -144,3 +144,19 @@ def test_long_sequence_accuracy(kernel):
     # before blocked/float64 accumulation, naive/online/tiled_simd failed here.
     q, k, v = Case(B=1, H=1, Nq=4096, d=64).inputs(np.float32, seed=1)
     check_against_reference(kernel, q, k, v)
+
+
+@pytest.mark.parametrize("causal", [False, "bottom_right"])
+def test_dropout_forward_matches_reference(kernel, causal):
+    spec = fa_lab.KERNELS[kernel]
+    q, k, v = Case(B=2, H=4, H_kv=2, Nq=33, Nk=47, d=8).inputs(np.float32, seed=16)
+    opts = {"dropout_p": 0.35, "seed": 2**63 + 7, "causal": causal}
+    if not spec.dropout:
+        with pytest.raises(NotImplementedError, match="does not support dropout"):
+            fa_lab.attention(q, k, v, kernel=kernel, **opts)
+        return
+    out, lse = check_against_reference(kernel, q, k, v, **opts, **block_kwargs(kernel, 8, 16))
+    plain, plain_lse = fa_lab.attention(q, k, v, kernel=kernel, return_lse=True, causal=causal,
+                                        **block_kwargs(kernel, 8, 16))
+    np.testing.assert_array_equal(lse, plain_lse)  # dropout does not touch the LSE
+    assert not np.allclose(out, plain)

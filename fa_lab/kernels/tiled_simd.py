@@ -36,6 +36,7 @@ import numpy as np
 from numba import njit, prange
 
 from fa_lab.config import CACHE, FASTMATH
+from fa_lab.dropout import keep, row_key
 from fa_lab.kernels.common import (NEG_INF, NRT_ARRAY_OVERHEAD, finalize_row, mask_block,
                                    visible_end)
 
@@ -78,10 +79,12 @@ def _scores_block(Qi, Kj, scale, Sij, KT):
 
 
 @njit(cache=CACHE, fastmath=FASTMATH, error_model="numpy")
-def _online_block(Sij, Vj, m, l, acc, pv):
+def _online_block(Sij, Vj, m, l, acc, pv, dropout_p, seed_mixed, b, h, i0, j0):
     """Fold one score block into ``(m, l, acc)``; every inner loop is contiguous.
 
-    ``pv`` is a length-``d`` scratch row for the block's ``Pij Vj``.
+    ``pv`` is a length-``d`` scratch row for the block's ``Pij Vj``. With dropout, ``l``
+    sums the undropped ``Pij`` and ``acc`` the dropped, rescaled ones (the mask is
+    regenerated from ``(seed, b, h, i, j)``, see :mod:`fa_lab.dropout`).
     """
     br, bc = Sij.shape
     zero = Sij.dtype.type(0)
@@ -102,18 +105,28 @@ def _online_block(Sij, Vj, m, l, acc, pv):
         l[r] = alpha * l[r] + rowsum
         m[r] = m_new
         pv[:] = zero
-        for c in range(bc):
-            p = Sr[c]
-            Vc = Vj[c]
-            for t in range(pv.shape[0]):
-                pv[t] += p * Vc[t]
+        if dropout_p > 0:
+            row = row_key(seed_mixed, b, h, i0 + r)
+            inv_keep = Sr.dtype.type(1 / (1 - dropout_p))
+            for c in range(bc):
+                if keep(row, j0 + c, dropout_p):
+                    p = Sr[c] * inv_keep
+                    Vc = Vj[c]
+                    for t in range(pv.shape[0]):
+                        pv[t] += p * Vc[t]
+        else:
+            for c in range(bc):
+                p = Sr[c]
+                Vc = Vj[c]
+                for t in range(pv.shape[0]):
+                    pv[t] += p * Vc[t]
         for t in range(acc_r.shape[0]):
             acc_r[t] = alpha * acc_r[t] + pv[t]
 
 
 @njit(cache=CACHE)
 def _q_block(Qi, K, V, bias, has_bias, b, h, i0, scale, causal, offset, block_kv,
-             S, KT, pv, m, l, acc, Oi, lse_i):
+             S, KT, pv, m, l, acc, Oi, lse_i, dropout_p, seed_mixed):
     """All key blocks for one query block ``Qi`` (rows ``i0 ..``); see ``tiled._q_block``."""
     br = Qi.shape[0]
     Nk = K.shape[0]
@@ -128,15 +141,19 @@ def _q_block(Qi, K, V, bias, has_bias, b, h, i0, scale, causal, offset, block_kv
         diagonal = causal and j0 + bc > i0 + offset + 1  # some key is in a row's future
         if has_bias or diagonal:
             mask_block(Sij, bias, has_bias, b, h, i0, j0, diagonal, offset)
-        _online_block(Sij, V[j0:j0 + bc], m[:br], l[:br], acc[:br], pv)
+        _online_block(Sij, V[j0:j0 + bc], m[:br], l[:br], acc[:br], pv, dropout_p, seed_mixed,
+                      b, h, i0, j0)
     for r in range(br):
         lse_i[r] = finalize_row(acc[r], m[r], l[r], Oi[r])
 
 
 @njit(cache=CACHE, parallel=True)
 def tiled_simd_forward(q, k, v, bias, has_bias, scale, causal, offset, block_q, block_kv,
-                       out, lse):
-    """Parallel driver: one task per (b, h, query block), spread over threads by prange."""
+                       out, lse, dropout_p, seed_mixed):
+    """Parallel driver: one task per (b, h, query block), spread over threads by prange.
+
+    ``dropout_p``, ``seed_mixed``: attention dropout (0.0 for none; see the registry).
+    """
     B, H, Nq, d = q.shape
     group = H // k.shape[1]
     Tr = (Nq + block_q - 1) // block_q
@@ -154,4 +171,4 @@ def tiled_simd_forward(q, k, v, bias, has_bias, scale, causal, offset, block_q, 
         acc = np.empty((block_q, d), dtype=q.dtype)
         _q_block(q[b, h, i0:i1], k[b, hk], v[b, hk], bias, has_bias, b, h, i0, scale,
                  causal, offset, block_kv, S, KT, pv, m, l, acc, out[b, h, i0:i1],
-                 lse[b, h, i0:i1])
+                 lse[b, h, i0:i1], dropout_p, seed_mixed)
