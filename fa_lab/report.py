@@ -33,6 +33,7 @@ NOTEBOOKS = [
     ("02_tiling_and_simd", "ladder"),
     ("03_causal_masking", "causal_speedup"),
     ("05_memory_profiling", "peak_vs_N"),
+    ("07_backward", "time_ratio"),
 ]
 
 REPO = Path(__file__).resolve().parents[1]
