@@ -1,4 +1,5 @@
-"""One pass of every Numba kernel as plain Python (NUMBA_DISABLE_JIT=1), on tiny shapes.
+"""One pass of every Numba kernel, forward and backward, as plain Python
+(NUMBA_DISABLE_JIT=1), on tiny shapes.
 
 Catches code that only works compiled, and gives real line coverage of the kernels.
 """
@@ -21,6 +22,15 @@ for name in fa_lab.KERNELS:
                                     return_lse=True, **kw)
         exp, exp_lse = reference.attention(q, k, v, causal=causal, mask=mask)
         assert_close(out, exp, what=name); assert_close(lse, exp_lse, what=name)
+for name in fa_lab.BACKWARD_KERNELS:
+    c = Case(B=1, H=2, H_kv=1, Nq=5, Nk=7, d=3)
+    q, k, v = c.inputs(np.float64)
+    opts = {"causal": "bottom_right", "dropout_p": 0.3, "seed": 4}
+    out, lse = fa_lab.attention(q, k, v, return_lse=True, **opts)
+    kw = {"block_q": 2, "block_kv": 3} if fa_lab.BACKWARD_KERNELS[name].tiled else {}
+    got = fa_lab.attention_backward(q, k, v, out, lse, out, kernel=name, **opts, **kw)
+    for g, e in zip(got, reference.attention_backward(q, k, v, out, **opts)):
+        assert_close(g, e, what=name)
 print("nojit ok")
 """
 
