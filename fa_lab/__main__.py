@@ -8,6 +8,23 @@ import time
 from pathlib import Path
 
 
+def _write(df, csv=None, png=None, plot=None) -> None:
+    """Write a result table as CSV and its figure (with the machine line) as PNG."""
+    if csv:
+        Path(csv).parent.mkdir(parents=True, exist_ok=True)
+        df.to_csv(csv, index=False)
+        print(f"wrote {csv}")
+    if png:
+        from fa_lab.bench import describe_machine
+        from fa_lab.viz import footer
+
+        Path(png).parent.mkdir(parents=True, exist_ok=True)
+        fig = plot(df)
+        footer(fig, describe_machine())
+        fig.savefig(png, dpi=120, bbox_inches="tight")
+        print(f"wrote {png}")
+
+
 def _bench(args) -> int:
     from fa_lab import bench
 
@@ -20,14 +37,7 @@ def _bench(args) -> int:
     cols = ["name", "Nq", "Nk", "median_s", "q25_s", "q75_s", "gflops",
             "speedup_vs_numpy_standard", "max_error"]
     print(df[[c for c in cols if c in df]].to_string(index=False, float_format="%.4g"))
-    if args.csv:
-        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
-        df.to_csv(args.csv, index=False)
-        print(f"wrote {args.csv}")
-    if args.png:
-        Path(args.png).parent.mkdir(parents=True, exist_ok=True)
-        bench.plot_ladder(df[df["Nq"] == df["Nq"].iloc[0]], args.png)
-        print(f"wrote {args.png}")
+    _write(df, args.csv, args.png, lambda d: bench.plot_ladder(d[d["Nq"] == d["Nq"].iloc[0]]))
     return 0
 
 
@@ -43,18 +53,7 @@ def _memory(args) -> int:
     show = df[["kernel", "N", "measured_bytes", "model_bytes", "measured_over_model",
                "output_bytes", "measured_over_output"]]
     print(show.to_string(index=False, float_format="%.3f"))
-    if args.csv:
-        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
-        df.to_csv(args.csv, index=False)
-        print(f"wrote {args.csv}")
-    if args.png:
-        from fa_lab.viz import footer
-
-        Path(args.png).parent.mkdir(parents=True, exist_ok=True)
-        fig = memory.plot_sweep(df)
-        footer(fig, bench.describe_machine())
-        fig.savefig(args.png, dpi=120, bbox_inches="tight")
-        print(f"wrote {args.png}")
+    _write(df, args.csv, args.png, memory.plot_sweep)
     return 0
 
 

@@ -84,11 +84,12 @@ def _bias(mask, dtype, full_shape, B, H, Nq, Nk):
     return bias
 
 
-def effective_blocks(Nq: int, Nk: int, block_q=None, block_kv=None) -> tuple[int, int]:
-    """The tile sizes a tiled kernel really uses: defaults, clamped to the problem
-    (so tiny inputs do not allocate big tiles)."""
-    return (min(block_q or config.BLOCK_Q, max(Nq, 1)),
-            min(block_kv or config.BLOCK_KV, max(Nk, 1)))
+def effective_blocks(Nq: int, Nk: int, block_q=None, block_kv=None,
+                     defaults=None) -> tuple[int, int]:
+    """The tile sizes a tiled kernel really uses: its defaults (or :mod:`fa_lab.config`'s)
+    where none are given, clamped to the problem (tiny inputs do not allocate big tiles)."""
+    dq, dk = defaults or (config.BLOCK_Q, config.BLOCK_KV)
+    return min(block_q or dq, max(Nq, 1)), min(block_kv or dk, max(Nk, 1))
 
 
 def choose_kernel(kernel: str, req: Request, table=None) -> tuple[Kernel, list[str]]:
@@ -169,8 +170,9 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto",
     if call.empty:
         out, lse = np.zeros(call.q.shape, call.q.dtype), np.zeros(call.q.shape[:-1], call.q.dtype)
         return (out, lse) if return_lse else out
-    bq, bk = effective_blocks(call.Nq, call.Nk, call.block_q, call.block_kv) if chosen.tiled \
-        else (call.block_q, call.block_kv)
+    bq, bk = (effective_blocks(call.Nq, call.Nk, call.block_q, call.block_kv,
+                               chosen.default_blocks) if chosen.tiled
+              else (call.block_q, call.block_kv))
     extra = (call.dropout_p, call.seed) if chosen.dropout else ()
     out, lse = chosen.run(call.q4, call.k4, call.v4, call.bias, call.scale, call.alignment,
                           bq, bk, *extra)

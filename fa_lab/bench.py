@@ -2,7 +2,9 @@
 
 Rules (house style, rule 8): every kernel is checked against the reference once on
 the benchmarked shape (that call also compiles it), then all kernels are timed in
-rounds, one call each per round, so drift on a noisy VM hits all of them alike. We
+rounds, one call each per round, so drift on a noisy VM hits all of them alike. Each
+timed call follows an untimed pause (:data:`fa_lab.config.BENCH_COOLDOWN_S`): without
+it, whatever ran right after NumPy's multi-threaded BLAS was measured up to 2x slow. We
 report the median and the spread (25th-75th percentile) over rounds, GFLOP/s from an
 explicit FLOP count, the ratio to a chosen baseline, and the machine in every row.
 
@@ -133,12 +135,18 @@ def contenders(names, *, causal=False, block_q=None, block_kv=None,
     return out
 
 
-def time_calls(contenders_, args, *, repeats=5, warmup=1, min_time=0.0):
+def time_calls(contenders_, args, *, repeats=5, warmup=1, min_time=0.0, cooldown=None):
     """Interleaved timing: ``repeats`` rounds, each calls every contender once.
 
     Returns ``{name: [seconds, ...]}``. ``min_time`` adds rounds until each contender
-    has run at least that long in total (for tiny problems).
+    has run at least that long in total (for tiny problems). Each timed call is preceded
+    by an untimed pause of ``cooldown`` seconds (default
+    :data:`fa_lab.config.BENCH_COOLDOWN_S`) so that one contender's spinning thread
+    pool (NumPy's OpenBLAS) does not slow the next one.
     """
+    from fa_lab.config import BENCH_COOLDOWN_S
+
+    cooldown = BENCH_COOLDOWN_S if cooldown is None else cooldown
     for c in contenders_:
         for _ in range(warmup):
             c.fn(*args)
@@ -146,6 +154,8 @@ def time_calls(contenders_, args, *, repeats=5, warmup=1, min_time=0.0):
     rounds = 0
     while rounds < repeats or min(sum(t) for t in times.values()) < min_time:
         for c in contenders_:
+            if cooldown:
+                time.sleep(cooldown)
             t0 = time.perf_counter()
             c.fn(*args)
             times[c.name].append(time.perf_counter() - t0)
@@ -219,7 +229,7 @@ def plot_ladder(df, path=None, title="Kernel ladder"):
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.2))
+    fig, ax = plt.subplots(figsize=(max(8.0, 1.35 * len(df)), 4.2))
     colors = ["tab:blue" if k == "kernel" else "tab:gray" for k in df["kind"]]
     med = df["median_s"] * 1e3
     err = np.vstack([med - df["q25_s"] * 1e3, df["q75_s"] * 1e3 - med])

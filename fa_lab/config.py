@@ -28,6 +28,13 @@ BLOCK_Q = 64
 BLOCK_KV = 64
 
 
+#: Untimed pause (seconds) before each timed call in :func:`fa_lab.bench.time_calls`.
+#: Measured here: after NumPy's multi-threaded OpenBLAS returns, its threads spin for
+#: ~100 ms, and whatever runs next on 2 cores took 1.3-2x as long (torch SDPA 52 -> 105
+#: ms, flash 56 -> 101 ms at N=2048, H=8); a 0.1 s pause removed the effect (56 ms).
+BENCH_COOLDOWN_S = 0.1
+
+
 def num_threads() -> int:
     """Threads numba's parallel kernels use (``NUMBA_NUM_THREADS``, default: all cores)."""
     import numba

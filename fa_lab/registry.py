@@ -20,7 +20,9 @@ import numpy as np
 
 from fa_lab import reference
 from fa_lab.dropout import mix_seed
-from fa_lab.kernels import backward_naive, backward_tiled, naive, online, tiled, tiled_simd
+from fa_lab.kernels import (backward_naive, backward_tiled, flash, naive, online, tiled,
+                           tiled_simd)
+from fa_lab.kernels.flash import flash_forward
 from fa_lab.kernels.backward_naive import naive_backward
 from fa_lab.kernels.backward_tiled import tiled_backward
 from fa_lab.kernels.naive import naive_forward
@@ -57,6 +59,7 @@ class Kernel:
     mask: bool = True
     gqa: bool = True
     dropout: bool = False  # run() takes (dropout_p, seed) after the block sizes
+    default_blocks: tuple | None = None  # (Br, Bc) when not config.BLOCK_Q/BLOCK_KV
     scratch: Callable | None = None  # byte model of the kernel's own allocations
     tags: tuple = field(default_factory=tuple)
 
@@ -130,6 +133,10 @@ KERNELS: dict[str, Kernel] = {
                "prange over (b, h, query block)", numba_runner(tiled_simd_forward, dropout=True),
                tiled_simd_forward, tiled=True, parallel=True, dropout=True,
                scratch=tiled_simd.scratch_bytes),
+        Kernel("flash", 5, "tiled_simd with BLAS block products (np.dot) and a vectorized "
+               "polynomial exp; 128 x 256 tiles", flash.run_flash(numba_runner(flash_forward)),
+               flash_forward, tiled=True, parallel=True,
+               default_blocks=flash.DEFAULT_BLOCKS, scratch=flash.scratch_bytes),
     ]
 }
 
