@@ -14,8 +14,8 @@ The rescale of ``acc`` costs ``d`` multiplies per key; the tiled rungs amortize 
 a block of keys.
 
 Measured (B=1, H=8, N=1024, d=64, float32, one run with every rung; 2-core AMD EPYC
-with AVX-512, numba 0.68.1; ``data/bench_ladder.csv``): 463 ms, 4.6 GFLOP/s:
-1.22x ``naive``.
+with AVX-512, numba 0.68.1; ``data/bench_ladder.csv``): 450 ms, 4.8 GFLOP/s:
+1.24x ``naive``.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ of ``acc`` amortized over ``Bc`` keys and float32 accumulators. ``tiled_simd`` c
 only the loop order, flags and threads.
 
 Measured (B=1, H=8, N=1024, d=64, float32, one run with every rung; 2-core AMD EPYC
-with AVX-512, numba 0.68.1; ``data/bench_ladder.csv``): 344 ms, 6.2 GFLOP/s:
+with AVX-512, numba 0.68.1; ``data/bench_ladder.csv``): 334 ms, 6.4 GFLOP/s:
 1.35x ``online``.
 """
 

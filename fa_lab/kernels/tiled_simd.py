@@ -23,9 +23,9 @@ build); the fast kernel of the performance issue replaces it. A test reads this
 kernel's assembly and counts packed FMA instructions.
 
 Measured (B=1, H=8, N=1024, d=64, float32, one run with every rung; 2-core AMD EPYC
-with AVX-512, numba 0.68.1; ``data/bench_ladder.csv``): 63 ms, 34 GFLOP/s:
-5.4x ``tiled``, 1.47x NumPy's textbook attention (BLAS), 0.41x PyTorch's CPU
-``scaled_dot_product_attention`` (26 ms). 2 threads: 1.83x 1 thread.
+with AVX-512, numba 0.68.1; ``data/bench_ladder.csv``): 58.8 ms, 36.5 GFLOP/s:
+5.7x ``tiled``, 0.25x PyTorch's CPU ``scaled_dot_product_attention`` (14.7 ms).
+2 threads: 1.74-1.83x 1 thread (lesson 02, two runs).
 """
 
 from __future__ import annotations
