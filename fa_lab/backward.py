@@ -55,7 +55,8 @@ def attention_backward(q, k, v, out, lse, dout, *, causal=False, scale=None, mas
     if call.empty or call.Nk == 0:
         return (np.zeros(call.q.shape, call.q.dtype), np.zeros(kshape, call.q.dtype),
                 np.zeros(kshape, call.q.dtype))
-    bq, bk = (effective_blocks(call.Nq, call.Nk, call.block_q, call.block_kv) if chosen.tiled
+    bq, bk = (effective_blocks(call.Nq, call.Nk, call.block_q, call.block_kv,
+                               chosen.default_blocks) if chosen.tiled
               else (call.block_q, call.block_kv))
     dq, dk, dv = chosen.run(call.q4, call.k4, call.v4, out4, dout4, lse4, call.bias,
                             call.scale, call.alignment, bq, bk, call.dropout_p, call.seed)

@@ -34,7 +34,8 @@ from numba import njit, prange
 
 from fa_lab.config import CACHE, FASTMATH
 from fa_lab.dropout import keep, row_key
-from fa_lab.kernels.common import NEG_INF, NRT_ARRAY_OVERHEAD, mask_block, visible_end
+from fa_lab.kernels.common import (NEG_INF, NRT_ARRAY_OVERHEAD, mask_block, task_coords,
+                                   visible_end)
 
 
 def scratch_bytes(*, B, H, Nq, d, itemsize, block_q, block_kv, threads, **_):
@@ -177,7 +178,7 @@ def tiled_backward(q, k, v, out, dout, lse, bias, has_bias, scale, causal, offse
         D[b, h, i] = acc
     Tc = (Nk + block_kv - 1) // block_kv
     for task in prange(B * H_kv * Tc):  # pass 1: one task owns dKj, dVj
-        b, hk, j0 = task // (H_kv * Tc), (task // Tc) % H_kv, (task % Tc) * block_kv
+        b, hk, j0 = task_coords(task, H_kv, Tc, block_kv)
         bc = min(block_kv, Nk - j0)
         S = np.empty(block_q * block_kv, dtype=q.dtype)
         dP = np.empty(block_q * block_kv, dtype=q.dtype)
@@ -201,7 +202,7 @@ def tiled_backward(q, k, v, out, dout, lse, bias, has_bias, scale, causal, offse
                 dv[b, hk, j0 + c, t] = dVj[c, t]
     Tr = (Nq + block_q - 1) // block_q
     for task in prange(B * H * Tr):  # pass 2: one task owns dQi
-        b, h, i0 = task // (H * Tr), (task // Tr) % H, (task % Tr) * block_q
+        b, h, i0 = task_coords(task, H, Tr, block_q)
         br = min(block_q, Nq - i0)
         hk = h // group
         S = np.empty(block_q * block_kv, dtype=q.dtype)

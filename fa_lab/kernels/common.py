@@ -21,6 +21,15 @@ NRT_ARRAY_OVERHEAD = 112
 
 
 @njit(cache=CACHE)
+def task_coords(task, heads, blocks, block):
+    """Parallel drivers number their tasks ``(b, head, block)`` row-major: decode one.
+
+    Returns ``(b, head, start)`` with ``start = block index * block``.
+    """
+    return task // (heads * blocks), (task // blocks) % heads, (task % blocks) * block
+
+
+@njit(cache=CACHE)
 def visible_end(i: int, Nk: int, causal: bool, offset: int) -> int:
     """One past the last key that query row ``i`` may see (0 when it sees none)."""
     if not causal:

@@ -38,7 +38,7 @@ from numba.extending import overload
 
 from fa_lab.config import CACHE, FASTMATH
 from fa_lab.kernels.common import (NEG_INF, NRT_ARRAY_OVERHEAD, finalize_row, mask_block,
-                                   visible_end)
+                                   task_coords, visible_end)
 
 def limit_scipy_blas(threads: int = 1) -> list[str]:
     """Set SciPy's bundled BLAS (not NumPy's, where they differ) to ``threads`` threads.
@@ -242,9 +242,7 @@ def flash_forward(q, k, v, bias, has_bias, scale, causal, offset, block_q, block
     group = H // k.shape[1]
     Tr = (Nq + block_q - 1) // block_q
     for task in prange(B * H * Tr):
-        b = task // (H * Tr)
-        h = (task // Tr) % H
-        i0 = (task % Tr) * block_q
+        b, h, i0 = task_coords(task, H, Tr, block_q)
         i1 = min(i0 + block_q, Nq)
         br = i1 - i0
         Qi = q[b, h, i0:i1] * scale  # scores = (q * scale) k^T: one multiply per q element

@@ -38,7 +38,7 @@ from numba import njit, prange
 from fa_lab.config import CACHE, FASTMATH
 from fa_lab.dropout import keep, row_key
 from fa_lab.kernels.common import (NEG_INF, NRT_ARRAY_OVERHEAD, finalize_row, mask_block,
-                                   visible_end)
+                                   task_coords, visible_end)
 
 
 def scratch_bytes(*, B, H, Nq, d, itemsize, block_q, block_kv, threads, **_):
@@ -158,9 +158,7 @@ def tiled_simd_forward(q, k, v, bias, has_bias, scale, causal, offset, block_q, 
     group = H // k.shape[1]
     Tr = (Nq + block_q - 1) // block_q
     for task in prange(B * H * Tr):
-        b = task // (H * Tr)
-        h = (task // Tr) % H
-        i0 = (task % Tr) * block_q
+        b, h, i0 = task_coords(task, H, Tr, block_q)
         i1 = min(i0 + block_q, Nq)
         hk = h // group
         S = np.empty(block_q * block_kv, dtype=q.dtype)
