@@ -170,14 +170,52 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto",
     if call.empty:
         out, lse = np.zeros(call.q.shape, call.q.dtype), np.zeros(call.q.shape[:-1], call.q.dtype)
         return (out, lse) if return_lse else out
-    bq, bk = (effective_blocks(call.Nq, call.Nk, call.block_q, call.block_kv,
-                               chosen.default_blocks) if chosen.tiled
-              else (call.block_q, call.block_kv))
+    bq, bk, _ = _blocks(kernel, chosen, call)
     extra = (call.dropout_p, call.seed) if chosen.dropout else ()
     out, lse = chosen.run(call.q4, call.k4, call.v4, call.bias, call.scale, call.alignment,
                           bq, bk, *extra)
     out, lse = out.reshape(call.q.shape), lse.reshape(call.q.shape[:-1])
     return (out, lse) if return_lse else out
+
+
+def _blocks(kernel, chosen, call) -> tuple[int | None, int | None, str]:
+    """Tile sizes for a call and where they come from: ``"given"``, ``"tuned"`` (only
+    for ``kernel="auto"``, from :mod:`fa_lab.tune`), ``"default"``, or ``"n/a"``."""
+    if not chosen.tiled:
+        return call.block_q, call.block_kv, "n/a"
+    source = "given" if (call.block_q or call.block_kv) else "default"
+    bq, bk = call.block_q, call.block_kv
+    if kernel == "auto" and source == "default":
+        from fa_lab.tune import tuned_blocks
+
+        tuned = tuned_blocks(chosen.name, call.Nq)
+        if tuned:
+            (bq, bk), source = tuned, "tuned"
+    bq, bk = effective_blocks(call.Nq, call.Nk, bq, bk, chosen.default_blocks)
+    return bq, bk, source
+
+
+def plan(q, k, v, *, causal=False, mask=None, kernel="auto", block_q=None, block_kv=None,
+         dropout_p=0.0, seed=None) -> dict:
+    """What :func:`attention` would run for these arguments, without running it.
+
+    Returns ``kernel``, ``block_q``, ``block_kv``, ``blocks_from`` (``"given"``,
+    ``"tuned"``, ``"default"`` or ``"n/a"``), ``splits`` (key splits of the ``flash``
+    kernel's Flash-Decoding path, 1 = none) and ``skipped`` (why faster kernels could
+    not serve the call). Validates the arguments exactly as :func:`attention` does.
+    """
+    import numba
+
+    call = _prepare(q, k, v, causal, None, mask, block_q, block_kv, dropout_p, seed)
+    chosen, skipped = choose_kernel(kernel, call.request, KERNELS)
+    bq, bk, source = _blocks(kernel, chosen, call)
+    splits = 1
+    if chosen.name == "flash" and not call.empty:
+        from fa_lab.kernels.flash import plan_splits
+
+        splits = plan_splits(call.B, call.H, call.Nq, call.Nk, bq, bk, numba.get_num_threads())
+    return {"kernel": chosen.name, "block_q": bq, "block_kv": bk, "blocks_from": source,
+            "splits": splits, "skipped": skipped}
 
 
 @dataclass

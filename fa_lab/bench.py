@@ -72,6 +72,12 @@ def machine() -> dict:
     }
     torch = _torch()
     info["torch"] = torch.__version__ if torch else "not installed"
+    import fa_lab.kernels.flash  # noqa: F401  (loads SciPy's BLAS, the one kernels call)
+    from fa_lab._blas import blas_libraries
+
+    info["blas"] = ", ".join(f"{b['owner']} OpenBLAS {b['version']} {b['kernels']}"
+                             for b in blas_libraries())
+    info["openblas_coretype"] = os.environ.get("OPENBLAS_CORETYPE", "(auto)")
     return info
 
 
@@ -80,7 +86,7 @@ def describe_machine() -> str:
     m = machine()
     return (f"{m['cpu']} | {m['cores']} cores, {m['numba_threads']} numba threads | "
             f"{m['simd']} | Python {m['python']}, NumPy {m['numpy']}, numba {m['numba']}, "
-            f"torch {m['torch']}")
+            f"torch {m['torch']} | BLAS {m['blas']}")
 
 
 def _torch():
@@ -123,12 +129,22 @@ def contenders(names, *, causal=False, block_q=None, block_kv=None,
         if torch is not None:
             F = torch.nn.functional
 
+            alignment = reference.causal_alignment(causal)
+
             def sdpa(q, k, v):
                 tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
                 gqa = tq.shape[-3] != tk.shape[-3]
+                Nq, Nk = q.shape[-2], k.shape[-2]
+                mask, is_causal = None, alignment is not None
+                if alignment == "bottom_right" and Nq != Nk:
+                    # torch's is_causal is top-left; bottom-right needs a mask (none
+                    # at all for one query row, which sees every key).
+                    is_causal = False
+                    if Nq > 1:
+                        mask = torch.from_numpy(reference.causal_mask(Nq, Nk, alignment))
                 with torch.no_grad():
-                    o = F.scaled_dot_product_attention(tq, tk, tv, is_causal=bool(causal),
-                                                       enable_gqa=gqa)
+                    o = F.scaled_dot_product_attention(tq, tk, tv, attn_mask=mask,
+                                                       is_causal=is_causal, enable_gqa=gqa)
                 return o.numpy()
 
             out.append(Contender("torch_sdpa", sdpa, "baseline"))
@@ -357,4 +373,129 @@ def backward_vs_forward(cases, *, forward="tiled_simd", backward="tiled", causal
                      "forward_gflops": f / fwd / 1e9, "backward_gflops": 3.5 * f / bwd / 1e9,
                      **{f"{n}_max_error": e["max_error"] for n, e in errors.items()},
                      **{f"{n}_allowed": e["allowed"] for n, e in errors.items()}})
+    return pd.DataFrame(rows)
+
+
+def matmul_peak(n=2048, *, repeats=5, dtype=np.float32, block=256):
+    """The machine's measured float32 matrix-product throughput, two ways, same run:
+
+    * ``numpy_matmul``: ``A @ A`` for an ``n x n`` matrix, NumPy's BLAS with its threads;
+    * ``blas_tiles_per_thread``: what the ``flash`` kernel's block products get, one
+      ``block x block`` gemm per ``prange`` iteration through SciPy's BLAS limited to one
+      thread (:func:`fa_lab.kernels.flash.tile_gemm_gflops`).
+
+    Returns a DataFrame with GFLOP/s (``2 n^3`` per product); the peak used for the
+    roofline is the larger of the two.
+    """
+    import pandas as pd
+
+    from fa_lab.kernels import flash
+
+    flash.ensure_blas_threads()
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(dtype)
+    tiles = max(64, 4 * flash_threads())
+    x = np.random.default_rng(1).standard_normal((block, block)).astype(dtype)
+    cs = [Contender("numpy_matmul", lambda: a @ a, "baseline"),
+          Contender("blas_tiles_per_thread", lambda: flash.tile_gemms(x, tiles), "kernel")]
+    times = time_calls(cs, (), repeats=repeats, warmup=1)
+    work = {"numpy_matmul": 2.0 * n ** 3, "blas_tiles_per_thread": 2.0 * block ** 3 * tiles}
+    rows = []
+    for c in cs:
+        t = np.array(times[c.name])
+        med = statistics.median(t)
+        rows.append({"name": c.name, "shape": f"{n}x{n}" if c.name == "numpy_matmul"
+                     else f"{tiles} x ({block}x{block})", "median_s": med,
+                     "q25_s": float(np.percentile(t, 25)), "q75_s": float(np.percentile(t, 75)),
+                     "gflops": work[c.name] / med / 1e9,
+                     **{f"machine_{k}": v for k, v in machine().items()}})
+    return pd.DataFrame(rows)
+
+
+def flash_threads() -> int:
+    from fa_lab.config import num_threads
+
+    return num_threads()
+
+
+#: The four parts of :func:`breakdown`, in the order the kernel runs them.
+BREAKDOWN_PARTS = ("loop, Q scaling, epilogue", "S = Q K^T (BLAS)", "softmax (max, exp, sum)",
+                   "P V (BLAS) + rescale")
+
+
+def breakdown(case: Case, *, causal=False, dtype=np.float32, repeats=5, block_q=None,
+              block_kv=None, seed=0):
+    """Where the ``flash`` kernel's time goes: the same driver stopped after each stage.
+
+    Stage 0 runs only the loops (plus Q scaling and the epilogue), stage 1 adds
+    ``S = Qi Kj^T``, stage 2 the softmax, stage 3 ``P Vj`` and the rescale (the whole
+    kernel, validated first). Part times are differences of interleaved medians, so
+    they carry the noise of two measurements (a small negative part means "lost in
+    the noise"). Returns one row per part with ms and the share of the total.
+    """
+    import pandas as pd
+
+    from fa_lab.api import _prepare, effective_blocks
+    from fa_lab.kernels import flash
+
+    q, k, v = case.inputs(dtype=dtype, seed=seed)
+    validate(Contender("flash", lambda q, k, v: attention(
+        q, k, v, causal=causal, kernel="flash", block_q=block_q, block_kv=block_kv), "kernel"),
+        q, k, v, causal)
+    call = _prepare(q, k, v, causal, None, None, block_q, block_kv, 0.0, None)
+    bq, bk = effective_blocks(call.Nq, call.Nk, block_q, block_kv, flash.DEFAULT_BLOCKS)
+    cs = [Contender(f"stage{s}", lambda q, k, v, _s=s: flash.run(
+        call.q4, call.k4, call.v4, None, call.scale, call.alignment, bq, bk, splits=1,
+        stage=_s), "kernel") for s in range(4)]
+    times = time_calls(cs, (q, k, v), repeats=repeats, warmup=1)
+    med = [statistics.median(times[f"stage{s}"]) for s in range(4)]
+    parts = [med[0], med[1] - med[0], med[2] - med[1], med[3] - med[2]]
+    nk = case.Nk if case.Nk is not None else case.Nq
+    f = flops(case.B, case.H, case.Nq, nk, case.d, causal)
+    return pd.DataFrame([{"part": name, "ms": p * 1e3, "share": p / med[3],
+                          "B": case.B, "H": case.H, "Nq": case.Nq, "Nk": nk, "d": case.d,
+                          "causal": causal, "block_q": bq, "block_kv": bk,
+                          "total_ms": med[3] * 1e3, "total_gflops": f / med[3] / 1e9}
+                         for name, p in zip(BREAKDOWN_PARTS, parts)])
+
+
+def decode_splits(B=1, H=8, H_kv=None, Nk=4096, d=64, splits=(1, 2, 4, 8), *,
+                  dtype=np.float32, repeats=20, seed=0, with_torch=True):
+    """Decode (``Nq = 1``, bottom-right causal) with the ``flash`` kernel forced to each
+    number of key splits (Flash-Decoding), torch SDPA beside it; validated first.
+
+    Returns one row per contender: median ms, spread, and ``auto_splits`` (what
+    :func:`fa_lab.kernels.flash.plan_splits` picks for this shape).
+    """
+    import numba
+    import pandas as pd
+
+    from fa_lab.api import _prepare, effective_blocks
+    from fa_lab.kernels import flash
+
+    H_kv = H_kv or H
+    case = Case(B=B, H=H, Nq=1, Nk=Nk, d=d, H_kv=H_kv)
+    q, k, v = case.inputs(dtype=dtype, seed=seed)
+    call = _prepare(q, k, v, "bottom_right", None, None, None, None, 0.0, None)
+    bq, bk = effective_blocks(1, Nk, None, None, flash.DEFAULT_BLOCKS)
+    cs = []
+    for s in splits:
+        c = Contender(f"flash, {s} split{'s' if s > 1 else ''}", lambda q, k, v, _s=s: flash.run(
+            call.q4, call.k4, call.v4, None, call.scale, call.alignment, bq, bk,
+            splits=_s)[0].reshape(q.shape), "kernel")
+        validate(c, q, k, v, "bottom_right")
+        cs.append(c)
+    if with_torch:
+        cs += [c for c in contenders([], causal="bottom_right", with_baselines=True)
+               if c.name == "torch_sdpa"]
+        for c in cs[len(splits):]:
+            validate(c, q, k, v, "bottom_right")
+    times = time_calls(cs, (q, k, v), repeats=repeats, warmup=2)
+    auto = flash.plan_splits(B, H, 1, Nk, bq, bk, numba.get_num_threads())
+    rows = []
+    for c in cs:
+        t = np.array(times[c.name])
+        rows.append({"name": c.name, "B": B, "H": H, "H_kv": H_kv, "Nk": Nk, "d": d,
+                     "median_ms": float(np.median(t)) * 1e3,
+                     "q25_ms": float(np.percentile(t, 25)) * 1e3,
+                     "q75_ms": float(np.percentile(t, 75)) * 1e3, "auto_splits": auto})
     return pd.DataFrame(rows)

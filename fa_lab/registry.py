@@ -134,7 +134,8 @@ KERNELS: dict[str, Kernel] = {
                tiled_simd_forward, tiled=True, parallel=True, dropout=True,
                scratch=tiled_simd.scratch_bytes),
         Kernel("flash", 5, "tiled_simd with BLAS block products (np.dot) and a vectorized "
-               "polynomial exp; 128 x 256 tiles", flash.run_flash(numba_runner(flash_forward)),
+               "polynomial exp, fused max/exp/sum pass; split-KV (Flash-Decoding) when there are "
+               "too few query blocks for the threads", flash.run,
                flash_forward, tiled=True, parallel=True,
                default_blocks=flash.DEFAULT_BLOCKS, scratch=flash.scratch_bytes),
     ]

@@ -33,8 +33,8 @@ import os
 
 import numpy as np
 import scipy.linalg.cython_blas  # noqa: F401  (load SciPy's BLAS now: see the docstring)
-from numba import njit, prange
-from numba.extending import overload
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
 
 from fa_lab.config import CACHE, FASTMATH
 from fa_lab.kernels.common import (NEG_INF, NRT_ARRAY_OVERHEAD, finalize_row, mask_block,
@@ -60,13 +60,18 @@ SCIPY_BLAS_LIMITED = limit_scipy_blas(1)
 
 
 @njit(parallel=True, cache=CACHE)
-def _blas_on_every_thread(n):
-    """One 256 x 256 gemm per prange iteration (static schedule: every thread gets some,
-    and they run long enough, ~3 ms per thread, to overlap in time)."""
-    a = np.ones((256, 256), dtype=np.float32)
-    out = np.zeros(n, dtype=np.float32)
+def tile_gemms(x, n):
+    """``n`` products ``x @ x`` of a square tile, one per ``prange`` iteration, through the
+    same BLAS as the kernel (static schedule: every thread gets ``n / threads``).
+
+    Used to warm BLAS on every thread and, by :func:`fa_lab.bench.matmul_peak`, to
+    measure what the kernel's block products can reach."""
+    b = x.shape[0]
+    out = np.zeros(n, dtype=x.dtype)
     for i in prange(n):
-        out[i] = np.dot(a, a)[0, 0]
+        r = np.empty((b, b), dtype=x.dtype)
+        np.dot(x, x, r)
+        out[i] = r[0, 0]
     return out
 
 
@@ -88,11 +93,11 @@ def ensure_blas_threads() -> None:
 
     threads = numba.get_num_threads()
     if threads > _BLAS_READY_THREADS:
-        _blas_on_every_thread(8 * threads)
+        tile_gemms(np.ones((256, 256), dtype=np.float32), 8 * threads)
         _BLAS_READY_THREADS = threads
 
 #: Default tiles (Br, Bc) for this kernel: BLAS calls want bigger tiles than loops.
-DEFAULT_BLOCKS = (128, 256)
+DEFAULT_BLOCKS = (256, 256)
 
 #: Degree-6 polynomial for 2^f on [0, 1), lowest degree first: a least-squares fit of
 #: 2^f with weights 2^-f (relative error) on 2000 Chebyshev nodes,
@@ -104,141 +109,228 @@ EXP2_COEFFS = (1.0000000018154935, 0.6931469870574726, 0.24022979581425047,
                0.00021690609170271546)
 
 
-def scratch_bytes(*, B, H, Nq, d, itemsize, block_q, block_kv, threads, **_):
-    """Byte model per running task (checked with memray).
+def scratch_bytes(*, B, H, Nq, Nk, d, itemsize, block_q, block_kv, threads, **_):
+    """Byte model per running task (checked with memray), plus the split-KV partials.
 
-    Alive throughout: the scaled ``Qi`` and ``acc`` (Br x d), the ``P`` buffer (Br x Bc)
-    and four row vectors. The BLAS results ``S`` (Br x Bc) and ``PV`` (Br x d) are
-    never alive together (numba frees ``S`` after its last use), so the peak adds the
-    larger of the two.
+    Per task, alive throughout: the scaled ``Qi``, ``PV`` and ``acc`` (Br x d), the
+    ``S`` and ``P`` buffers (Br x Bc, reused by every key block) and three row vectors.
+    When :func:`plan_splits` splits the keys, the partial outputs and LSEs of every
+    split are kept for the merge: ``splits x B x H x Nq x (d + 1)``.
     """
     a = NRT_ARRAY_OVERHEAD
     tasks = B * H * -(-Nq // block_q)
-    live = max(1, min(threads, tasks))
-    always = (2 * block_q * d + block_q * block_kv + 4 * block_q) * itemsize + 7 * a
-    per = always + max(block_q * block_kv, block_q * d) * itemsize + a
-    return {f"tiles (Qi, acc, P, S or PV, row state) x {live} threads": live * per}
+    splits = plan_splits(B, H, Nq, Nk, block_q, block_kv, threads)
+    live = max(1, min(threads, tasks * splits))
+    per = (3 * block_q * d + 2 * block_q * block_kv + 3 * block_q) * itemsize + 8 * a
+    items = {f"tiles (Qi, S, P, PV, acc, row state) x {live} threads": live * per}
+    if splits > 1:
+        items[f"split-KV partials ({splits} splits)"] = (
+            splits * B * H * Nq * (d + 1) * itemsize + 2 * a)
+    return items
 
 
-def exp_rows(S, m_use, P):
-    """``P[r, c] = exp(S[r, c] - m_use[r])``, dispatched by dtype at compile time.
+@intrinsic
+def f32_bits(typingctx, x):
+    """The int32 whose bits are the float32 ``x`` (an LLVM bitcast; free in registers)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], context.get_value_type(types.int32))
+
+    return types.int32(x), codegen
+
+
+@intrinsic
+def bits_f32(typingctx, x):
+    """The float32 whose bits are the low 32 bits of the integer ``x``."""
+    if not isinstance(x, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        value = args[0]
+        if sig.args[0].bitwidth > 32:
+            value = builder.trunc(value, context.get_value_type(types.int32))
+        return builder.bitcast(value, context.get_value_type(types.float32))
+
+    return types.float32(x), codegen
+
+
+def softmax_block(S, m, l, alpha, P):
+    """One block of the online softmax, in place, for rows ``r`` of ``S`` (br, bc):
+
+    ``m_new = max(m, max_c S)``; ``alpha = exp(m - m_new)``; ``P = exp(S - m_new)``;
+    ``l = alpha l + rowsum(P)``; ``m = m_new``. A row that saw only ``-inf`` so far
+    uses 0 as its max (so ``P = 0`` and ``alpha = 1``, never NaN).
 
     This Python body runs only with ``NUMBA_DISABLE_JIT=1``; compiled code uses the
-    ``@overload`` below (polynomial for float32, libm for float64).
+    ``@overload`` below (fused float32 version, or libm for float64).
     """
+    mx = np.maximum(m, S.max(axis=1, initial=NEG_INF))
+    nan_rows = np.isnan(S).any(axis=1)
+    mx[nan_rows] = np.nan
+    m_use = np.where(mx == NEG_INF, 0, mx).astype(S.dtype)
+    alpha[:] = np.exp(m - m_use)
     P[...] = np.exp(S - m_use[:, None])
+    l[:] = alpha * l + P.sum(axis=1)
+    m[:] = mx
 
 
 @njit(cache=CACHE, fastmath=FASTMATH, error_model="numpy")
-def _exp_rows_f32(S, m_use, P):
+def _softmax_block_f32(S, m, l, alpha, P):
+    """Two vectorized passes per row (16 float32 lanes with AVX-512).
+
+    1. The max, as the max of order-preserving int32 keys of the floats (integer max
+       reductions vectorize; a float max reduction does not without ``nnan``). A NaN
+       score has the largest key, so it becomes the row's max and the row turns NaN,
+       as in the reference.
+    2. ``p = 2^x`` with ``x = (s - m) log2 e``: ``2^floor(x)`` from exponent bits,
+       ``2^frac`` from the polynomial :data:`EXP2_COEFFS`; scores below -87 give exactly
+       0 (masked keys). The row sum is taken in the same pass.
+    """
     br, bc = S.shape
     LOG2E = np.float32(1.4426950408889634)
-    bits = P.view(np.int32)
     for r in range(br):
-        mr = m_use[r]
-        Sr, Pr, Br = S[r], P[r], bits[r]
-        for c in range(bc):  # 2^x = 2^floor(x) * poly(x - floor(x))
-            x = max((Sr[c] - mr) * LOG2E, np.float32(-126.0))
-            xi = np.floor(x)
-            f = x - xi
+        Sr, Pr = S[r], P[r]
+        top = np.int32(-2147483648)
+        for c in range(bc):
+            i = f32_bits(Sr[c])
+            top = max(top, np.int32(i ^ ((i >> np.int32(31)) & np.int32(0x7FFFFFFF))))
+        x = bits_f32(top ^ ((top >> np.int32(31)) & np.int32(0x7FFFFFFF)))
+        mx = x if (x > m[r] or x != x) else m[r]
+        m_use = mx if mx != NEG_INF else np.float32(0)
+        a = math.exp(m[r] - m_use)
+        s = np.float32(0)
+        for c in range(bc):
+            y = Sr[c] - m_use
+            t = max(y * LOG2E, np.float32(-126.0))
+            ti = np.floor(t)
+            f = t - ti
             p = np.float32(2.1690609170271546e-4)  # EXP2_COEFFS, highest degree first
             p = p * f + np.float32(1.2443081508389578e-3)
             p = p * f + np.float32(9.678472554453584e-3)
             p = p * f + np.float32(5.54835247239623e-2)
             p = p * f + np.float32(2.4022979581425047e-1)
             p = p * f + np.float32(6.931469870574726e-1)
-            Pr[c] = p * f + np.float32(1.0000000018154935)
-            Br[c] += np.int32(xi) << 23
-        for c in range(bc):  # below -87: exactly 0 (masked keys); NaN stays NaN
-            x = Sr[c] - mr
-            Pr[c] = Pr[c] if x >= np.float32(-87.0) else (
-                np.float32(0) if x < np.float32(-87.0) else x)
-
-
-@njit(cache=CACHE, fastmath=FASTMATH, error_model="numpy")
-def _exp_rows_libm(S, m_use, P):
-    br, bc = S.shape
-    for r in range(br):
-        for c in range(bc):
-            P[r, c] = math.exp(S[r, c] - m_use[r])
-
-
-@overload(exp_rows)
-def _exp_rows_overload(S, m_use, P):
-    if S.dtype.name == "float32":
-        return lambda S, m_use, P: _exp_rows_f32(S, m_use, P)
-    return lambda S, m_use, P: _exp_rows_libm(S, m_use, P)
-
-
-@njit(cache=CACHE, fastmath=FASTMATH, error_model="numpy")
-def _row_max(S, m, m_use, alpha):
-    """New running max per row; ``m_use`` is 0 for rows that saw only -inf so far."""
-    br, bc = S.shape
-    zero = S.dtype.type(0)
-    for r in range(br):
-        mx = m[r]
-        Sr = S[r]
-        for c in range(bc):
-            if Sr[c] > mx:
-                mx = Sr[c]
-        m_use[r] = mx if mx != NEG_INF else zero
-        alpha[r] = math.exp(m[r] - m_use[r])
+            p = p * f + np.float32(1.0000000018154935)
+            p = p * bits_f32((np.int32(ti) + np.int32(127)) << np.int32(23))
+            p = p if y >= np.float32(-87.0) else (np.float32(0) if y < np.float32(-87.0) else y)
+            Pr[c] = p
+            s += p
+        l[r] = a * l[r] + s
+        alpha[r] = a
         m[r] = mx
 
 
 @njit(cache=CACHE, fastmath=FASTMATH, error_model="numpy")
-def _fold(P, PV, alpha, l, acc):
-    """``l = alpha l + rowsum(P)``; ``acc = alpha acc + PV``."""
-    br, bc = P.shape
+def _softmax_block_libm(S, m, l, alpha, P):
+    br, bc = S.shape
     for r in range(br):
-        s = P.dtype.type(0)
-        Pr = P[r]
+        Sr, Pr = S[r], P[r]
+        mx = m[r]
         for c in range(bc):
+            if Sr[c] > mx or Sr[c] != Sr[c]:
+                mx = Sr[c]
+        m_use = mx if mx != NEG_INF else S.dtype.type(0)
+        a = math.exp(m[r] - m_use)
+        s = S.dtype.type(0)
+        for c in range(bc):
+            Pr[c] = math.exp(Sr[c] - m_use)
             s += Pr[c]
-        l[r] = alpha[r] * l[r] + s
-        acc_r, pv_r, a = acc[r], PV[r], alpha[r]
-        for t in range(acc_r.shape[0]):
+        l[r] = a * l[r] + s
+        alpha[r] = a
+        m[r] = mx
+
+
+@overload(softmax_block)
+def _softmax_block_overload(S, m, l, alpha, P):
+    if S.dtype.name == "float32":
+        return lambda S, m, l, alpha, P: _softmax_block_f32(S, m, l, alpha, P)
+    return lambda S, m, l, alpha, P: _softmax_block_libm(S, m, l, alpha, P)
+
+
+@njit(cache=CACHE, fastmath=FASTMATH, error_model="numpy")
+def _rescale_add(acc, alpha, PV):
+    """``acc = alpha acc + PV`` row by row."""
+    br, d = acc.shape
+    for r in range(br):
+        a = alpha[r]
+        acc_r, pv_r = acc[r], PV[r]
+        for t in range(d):
             acc_r[t] = a * acc_r[t] + pv_r[t]
 
 
 @njit(cache=CACHE)
-def _q_block(Qi, K, V, bias, has_bias, b, h, i0, causal, offset, block_kv, P_buf, m, l,
-             m_use, alpha, acc, Oi, lse_i):
-    """All key blocks for one (already scaled) query block ``Qi``."""
+def _q_block(Qi, K, V, bias, has_bias, b, h, i0, causal, offset, j_begin, j_end, block_kv,
+             S_buf, P_buf, PV, m, l, alpha, acc, Oi, lse_i, stage):
+    """Key blocks ``j_begin .. j_end`` (clipped to what causal lets the block see) for one
+    (already scaled) query block ``Qi``; writes ``O = acc / l`` and ``lse``.
+
+    ``stage`` < :data:`FULL` stops each block early, for the time breakdown only
+    (:func:`fa_lab.bench.breakdown`; the output is then meaningless): 0 = the loop
+    alone, 1 = + ``S = Qi Kj^T`` and masking, 2 = + softmax, 3 = + ``P Vj`` and the
+    rescale (the kernel).
+    """
     br = Qi.shape[0]
-    Nk = K.shape[0]
     m[:] = NEG_INF
     l[:] = 0
     acc[:] = 0
-    for j0 in range(0, visible_end(i0 + br - 1, Nk, causal, offset), block_kv):
-        bc = min(block_kv, Nk - j0)
-        S = np.dot(Qi, K[j0:j0 + bc].T)  # (br, bc), BLAS
+    for j0 in range(j_begin, min(j_end, visible_end(i0 + br - 1, K.shape[0], causal, offset)),
+                    block_kv):
+        bc = min(block_kv, j_end - j0)
+        if stage < 1:
+            continue
+        S = S_buf[:br * bc].reshape((br, bc))
+        np.dot(Qi, K[j0:j0 + bc].T, S)  # BLAS, into a reused buffer
         diagonal = causal and j0 + bc > i0 + offset + 1
         if has_bias or diagonal:
             mask_block(S, bias, has_bias, b, h, i0, j0, diagonal, offset)
-        _row_max(S, m, m_use, alpha)
+        if stage < 2:
+            continue
         P = P_buf[:br * bc].reshape((br, bc))
-        exp_rows(S, m_use, P)
-        _fold(P, np.dot(P, V[j0:j0 + bc]), alpha, l, acc)  # PV: BLAS
+        softmax_block(S, m, l, alpha, P)
+        if stage < 3:
+            continue
+        np.dot(P, V[j0:j0 + bc], PV)  # BLAS
+        _rescale_add(acc, alpha, PV)
     for r in range(br):
         lse_i[r] = finalize_row(acc[r], m[r], l[r], Oi[r])
 
 
-def run_flash(driver_run):
-    """Wrap the registry's runner so BLAS is warm on every thread before the first call."""
+def run(q, k, v, bias, scale, alignment, block_q, block_kv, splits=None, stage=3):
+    """The registry's runner: warm BLAS on every thread, then the plain driver, or the
+    split-KV driver when :func:`plan_splits` (or ``splits``) asks for more than one."""
+    import numba
 
-    def run(*args, **kwargs):
-        ensure_blas_threads()
-        return driver_run(*args, **kwargs)
+    from fa_lab.registry import _no_bias  # noqa: PLC0415  (registry imports this module)
+    from fa_lab.reference import causal_offset
 
-    run.__doc__ = driver_run.__doc__
-    return run
+    ensure_blas_threads()
+    B, H, Nq, d = q.shape
+    Nk = k.shape[2]
+    block_q, block_kv = block_q or 1, block_kv or 1
+    if splits is None:
+        splits = plan_splits(B, H, Nq, Nk, block_q, block_kv, numba.get_num_threads())
+    out = np.empty_like(q)
+    lse = np.empty((B, H, Nq), dtype=q.dtype)
+    offset = causal_offset(Nq, Nk, alignment) if alignment else 0
+    has_bias = bias is not None
+    args = (q, k, v, bias if has_bias else _no_bias(q.dtype), has_bias, q.dtype.type(scale),
+            alignment is not None, offset, block_q, block_kv)
+    if splits > 1:
+        flash_splitkv_forward(*args, int(splits), out, lse)
+    else:
+        flash_forward(*args, out, lse, int(stage))
+    return out, lse
 
 
 @njit(cache=CACHE, parallel=True)
-def flash_forward(q, k, v, bias, has_bias, scale, causal, offset, block_q, block_kv, out, lse):
-    """Parallel driver over (b, h, query block), as ``tiled_simd``."""
+def flash_forward(q, k, v, bias, has_bias, scale, causal, offset, block_q, block_kv, out, lse,
+                  stage=3):
+    """Parallel driver over (b, h, query block), as ``tiled_simd`` (``stage``: see
+    :func:`_q_block`)."""
     B, H, Nq, d = q.shape
+    Nk = k.shape[2]
     group = H // k.shape[1]
     Tr = (Nq + block_q - 1) // block_q
     for task in prange(B * H * Tr):
@@ -246,12 +338,96 @@ def flash_forward(q, k, v, bias, has_bias, scale, causal, offset, block_q, block
         i1 = min(i0 + block_q, Nq)
         br = i1 - i0
         Qi = q[b, h, i0:i1] * scale  # scores = (q * scale) k^T: one multiply per q element
+        S_buf = np.empty(br * block_kv, dtype=q.dtype)
         P_buf = np.empty(br * block_kv, dtype=q.dtype)
+        PV = np.empty((br, d), dtype=q.dtype)
         m = np.empty(br, dtype=q.dtype)
         l = np.empty(br, dtype=q.dtype)
-        m_use = np.empty(br, dtype=q.dtype)
         alpha = np.empty(br, dtype=q.dtype)
         acc = np.empty((br, d), dtype=q.dtype)
         _q_block(Qi, k[b, h // group], v[b, h // group], bias, has_bias, b, h, i0, causal,
-                 offset, block_kv, P_buf, m, l, m_use, alpha, acc, out[b, h, i0:i1],
-                 lse[b, h, i0:i1])
+                 offset, 0, Nk, block_kv, S_buf, P_buf, PV, m, l, alpha, acc,
+                 out[b, h, i0:i1], lse[b, h, i0:i1], stage)
+
+
+@njit(cache=CACHE, parallel=True)
+def flash_splitkv_forward(q, k, v, bias, has_bias, scale, causal, offset, block_q, block_kv,
+                          splits, out, lse):
+    """Flash-Decoding: each (b, h, query block) is also split along the keys.
+
+    Pass 1 (prange over ``B * H * Tr * splits``): split ``s`` attends to its own range
+    of key blocks and writes a normalized partial output ``O_s`` and its ``lse_s``.
+    Pass 2 (prange over rows): the exact merge ``lse = log sum_s exp(lse_s)``,
+    ``O = sum_s exp(lse_s - lse) O_s``. A split that sees no key has ``lse_s = -inf``
+    and weight 0; a row that sees none at all gets ``O = 0``, ``lse = -inf``.
+    """
+    B, H, Nq, d = q.shape
+    Nk = k.shape[2]
+    group = H // k.shape[1]
+    Tr = (Nq + block_q - 1) // block_q
+    Tc = (Nk + block_kv - 1) // block_kv
+    per = (Tc + splits - 1) // splits  # key blocks per split
+    part_o = np.empty((splits, B, H, Nq, d), dtype=q.dtype)
+    part_lse = np.empty((splits, B, H, Nq), dtype=q.dtype)
+    for task in prange(B * H * Tr * splits):
+        s = task % splits
+        b, h, i0 = task_coords(task // splits, H, Tr, block_q)
+        i1 = min(i0 + block_q, Nq)
+        br = i1 - i0
+        Qi = q[b, h, i0:i1] * scale
+        S_buf = np.empty(br * block_kv, dtype=q.dtype)
+        P_buf = np.empty(br * block_kv, dtype=q.dtype)
+        PV = np.empty((br, d), dtype=q.dtype)
+        m = np.empty(br, dtype=q.dtype)
+        l = np.empty(br, dtype=q.dtype)
+        alpha = np.empty(br, dtype=q.dtype)
+        acc = np.empty((br, d), dtype=q.dtype)
+        _q_block(Qi, k[b, h // group], v[b, h // group], bias, has_bias, b, h, i0, causal,
+                 offset, min(s * per * block_kv, Nk), min((s + 1) * per * block_kv, Nk),
+                 block_kv, S_buf, P_buf, PV, m, l, alpha, acc, part_o[s, b, h, i0:i1],
+                 part_lse[s, b, h, i0:i1], 3)
+    for row in prange(B * H * Nq):
+        b, h, i = row // (H * Nq), (row // Nq) % H, row % Nq
+        top = NEG_INF
+        nan = False
+        for s in range(splits):
+            x = part_lse[s, b, h, i]
+            if x > top:
+                top = x
+            nan = nan or x != x
+        o = out[b, h, i]
+        o[:] = 0
+        if nan:
+            o[:] = np.nan
+            lse[b, h, i] = np.nan
+        elif top == NEG_INF:
+            lse[b, h, i] = NEG_INF
+        else:
+            total = 0.0
+            for s in range(splits):
+                w = math.exp(part_lse[s, b, h, i] - top)
+                total += w
+                ps = part_o[s, b, h, i]
+                for t in range(d):
+                    o[t] += w * ps[t]
+            for t in range(d):
+                o[t] /= total
+            lse[b, h, i] = top + math.log(total)
+
+
+#: Aim for at least this many tasks per thread before splitting the keys (load balance).
+SPLIT_TASKS_PER_THREAD = 2
+#: Never split into ranges shorter than this many keys (each split pays a merge).
+SPLIT_MIN_KEYS = 512
+
+
+def plan_splits(B, H, Nq, Nk, block_q, block_kv, threads) -> int:
+    """How many key ranges Flash-Decoding uses: 1 (no split) when the (b, h, query
+    block) tasks already give every thread :data:`SPLIT_TASKS_PER_THREAD` of them,
+    else enough splits for that, each at least :data:`SPLIT_MIN_KEYS` keys long."""
+    tasks = B * H * -(-Nq // block_q)
+    want = SPLIT_TASKS_PER_THREAD * threads
+    if tasks == 0 or tasks >= want:
+        return 1
+    most = max(1, Nk // max(SPLIT_MIN_KEYS, block_kv))
+    return int(max(1, min(-(-want // tasks), most)))

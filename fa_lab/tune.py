@@ -1,0 +1,205 @@
+"""The autotuner: pick block sizes for this machine from a short, validated sweep.
+
+:func:`autotune` times the ``flash`` kernel (or another tiled kernel) over a grid of
+``(block_q, block_kv)`` for a few workload *regimes*, each with one representative
+shape, and stores the fastest choice per regime in a JSON file together with the
+machine it was measured on and the whole sweep. ``kernel="auto"`` then uses the stored
+blocks (:func:`tuned_blocks`) when the call gives none; an explicit kernel name keeps
+its documented defaults, so a named kernel behaves the same on every machine.
+
+The file is ``$FA_LAB_TUNE_FILE`` or ``~/.cache/fa_lab/tuned.json``. A choice made on
+another machine (CPU, thread count, BLAS kernels, numba version) is ignored, not
+reused: :func:`tuned_blocks` compares the fingerprint. ``fa_lab.api.plan`` tells which
+blocks a call will use and where they came from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Regime:
+    """A class of calls that share a block-size choice, with the shape it is tuned on."""
+
+    name: str
+    max_Nq: int | None  # calls with Nq <= max_Nq (None: no limit) fall in this regime
+    B: int
+    H: int
+    Nq: int
+    Nk: int
+    d: int
+    causal: bool | str
+    blocks_q: tuple
+    blocks_kv: tuple
+    summary: str
+
+
+#: Regimes in the order they are matched (first whose ``max_Nq`` admits the call).
+#: The grids stay short (the sweep runs in the report): Br, Bc around what BLAS needs.
+REGIMES = (
+    Regime("decode", 16, 1, 8, 1, 4096, 64, "bottom_right", (1,), (128, 256, 512, 1024),
+           "one or a few new tokens against a long KV cache (latency)"),
+    Regime("short", 1024, 1, 8, 512, 512, 64, False, (64, 128, 256), (128, 256, 512),
+           "prompts up to 1024 tokens"),
+    Regime("long", None, 1, 8, 2048, 2048, 64, False, (128, 256, 512), (128, 256, 512),
+           "long prefill (throughput)"),
+)
+
+#: Quick grids (CI and ``--quick``): smaller shapes, two candidates per axis.
+QUICK = {
+    "decode": dict(Nk=1024, blocks_kv=(128, 512)),
+    "short": dict(Nq=256, Nk=256, blocks_q=(64, 128), blocks_kv=(128, 256)),
+    "long": dict(Nq=512, Nk=512, blocks_q=(128, 256), blocks_kv=(128, 256)),
+}
+
+
+def tune_path() -> Path:
+    """Where tuned choices are stored (``$FA_LAB_TUNE_FILE`` or the user's cache)."""
+    key = (os.environ.get("FA_LAB_TUNE_FILE"), os.environ.get("XDG_CACHE_HOME"),
+           os.environ.get("HOME"))
+    if key not in _PATHS:  # resolved once per environment: attention() asks every call
+        env, cache, _ = key
+        _PATHS[key] = Path(env) if env else (
+            Path(cache or Path.home() / ".cache") / "fa_lab" / "tuned.json")
+    return _PATHS[key]
+
+
+_PATHS: dict = {}
+
+
+def fingerprint() -> dict:
+    """What must match for a stored choice to apply: CPU, threads, BLAS kernels, numba."""
+    from fa_lab.bench import machine
+
+    m = machine()
+    return {k: m[k] for k in ("cpu", "cores", "numba_threads", "simd", "numba", "blas")}
+
+
+def regime_for(Nq: int) -> Regime:
+    for r in REGIMES:
+        if r.max_Nq is None or Nq <= r.max_Nq:
+            return r
+    return REGIMES[-1]
+
+
+def autotune(kernel="flash", regimes=None, *, quick=False, repeats=3, path=None,
+             progress=None):
+    """Sweep block sizes per regime, store the fastest choice, return the sweep.
+
+    Every combination is validated against the float64 reference before timing
+    (:func:`fa_lab.bench.sweep_blocks`). Returns a DataFrame (one row per regime and
+    combination, ``chosen`` marks the winner) and writes :func:`tune_path` (or ``path``).
+    """
+    import pandas as pd
+
+    from fa_lab.bench import machine, sweep_blocks
+    from fa_lab.registry import KERNELS
+    from fa_lab.testing import Case
+
+    if kernel not in KERNELS or not KERNELS[kernel].tiled:
+        raise ValueError(f"kernel must be a tiled kernel of fa_lab.KERNELS, got {kernel!r}")
+    names = [r.name for r in REGIMES]
+    regimes = list(regimes or names)
+    unknown = [r for r in regimes if r not in names]
+    if unknown:
+        raise ValueError(f"regimes: unknown {unknown}; known: {names}")
+    frames = []
+    for reg in REGIMES:
+        if reg.name not in regimes:
+            continue
+        p = {**reg.__dict__, **(QUICK[reg.name] if quick else {})}
+        case = Case(B=p["B"], H=p["H"], Nq=p["Nq"], Nk=p["Nk"], d=p["d"])
+        if progress:
+            progress(f"tune {kernel} for {reg.name}: {case.id}, "
+                     f"{len(p['blocks_q']) * len(p['blocks_kv'])} combinations")
+        df = sweep_blocks(kernel, case, p["blocks_q"], p["blocks_kv"], causal=p["causal"],
+                          repeats=repeats)
+        df.insert(0, "regime", reg.name)
+        df["Nq"], df["Nk"], df["causal"] = case.Nq, case.Nk, str(p["causal"])
+        df["chosen"] = df["median_s"] == df["median_s"].min()
+        frames.append(df)
+    sweep = pd.concat(frames, ignore_index=True)
+    stored = load(path) or {}
+    if stored.get("fingerprint") != fingerprint():
+        stored = {}
+    choices = stored.get("choices", {})
+    for _, row in sweep[sweep["chosen"]].iterrows():
+        choices.setdefault(kernel, {})[row["regime"]] = {
+            "block_q": int(row["block_q"]), "block_kv": int(row["block_kv"]),
+            "median_s": float(row["median_s"]), "shape": f"Nq={row['Nq']}, Nk={row['Nk']}",
+            "quick": bool(quick)}
+    target = Path(path) if path else tune_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"fingerprint": fingerprint(), "machine": machine(),
+                               "choices": choices}, indent=1))
+    tmp.replace(target)
+    _CACHE.clear()
+    return sweep
+
+
+_CACHE: dict = {}
+
+
+def load(path=None) -> dict | None:
+    """The stored tuning file (``None`` if absent or unreadable)."""
+    target = Path(path) if path else tune_path()
+    try:
+        stamp = target.stat().st_mtime_ns
+    except OSError:
+        return None
+    key = (str(target), stamp)
+    if key not in _CACHE:
+        try:
+            _CACHE.clear()
+            _CACHE[key] = json.loads(target.read_text())
+        except (OSError, ValueError):
+            return None
+    return _CACHE[key]
+
+
+def tuned_blocks(kernel: str, Nq: int) -> tuple[int, int] | None:
+    """The stored ``(block_q, block_kv)`` for ``kernel`` in ``Nq``'s regime, if tuned
+    on this machine; else ``None``."""
+    stored = load()
+    if not stored or stored.get("fingerprint") != _fingerprint_cached():
+        return None
+    choice = stored.get("choices", {}).get(kernel, {}).get(regime_for(Nq).name)
+    if not choice:
+        return None
+    return int(choice["block_q"]), int(choice["block_kv"])
+
+
+_FP: list = []
+
+
+def _fingerprint_cached() -> dict:
+    """:func:`fingerprint` once per process (it queries threadpoolctl)."""
+    import numba
+
+    if not _FP or _FP[0][0] != numba.get_num_threads():
+        _FP[:] = [(numba.get_num_threads(), fingerprint())]
+    return _FP[0][1]
+
+
+def choices_table(path=None):
+    """The stored choices as a DataFrame (one row per kernel and regime)."""
+    import pandas as pd
+
+    stored = load(path) or {}
+    rows = [{"kernel": k, "regime": r, **c} for k, regs in stored.get("choices", {}).items()
+            for r, c in regs.items()]
+    return pd.DataFrame(rows)
+
+
+def _reset_for_tests() -> None:
+    _CACHE.clear()
+    _FP.clear()
+
+
+__all__ = ["REGIMES", "Regime", "autotune", "tuned_blocks", "tune_path", "fingerprint",
+           "choices_table", "regime_for", "load"]
