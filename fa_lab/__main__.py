@@ -1,4 +1,4 @@
-"""Command line: ``python -m fa_lab {bench, warmup, machine, report}``."""
+"""Command line: ``python -m fa_lab {bench, tune, memory, warmup, machine, report}``."""
 
 from __future__ import annotations
 
@@ -25,19 +25,80 @@ def _write(df, csv=None, png=None, plot=None) -> None:
         print(f"wrote {png}")
 
 
-def _bench(args) -> int:
-    from fa_lab import bench
+def _causal(value):
+    return {"false": False, "true": True}.get(value.lower(), value) if value else False
 
-    shapes = [(args.B, args.H, n, args.Nk or n, args.d) for n in args.N]
-    df = bench.run(args.kernels, shapes, causal=args.causal, dtype=args.dtype,
-                   repeats=args.repeats, block_q=args.block_q, block_kv=args.block_kv,
-                   with_baselines=not args.no_baselines,
-                   progress=lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True))
+
+def _bench(args) -> int:
+    import numpy as np
+
+    from fa_lab import bench
+    from fa_lab.testing import Case
+
+    log = lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True)  # noqa: E731
+    causal = _causal(args.causal)
+    kernel = (args.kernels or ["flash"])[0]
+    case = Case(B=args.B, H=args.H, H_kv=args.H_kv, Nq=args.N[0], Nk=args.Nk or args.N[0],
+                d=args.d)
+    dtype = np.dtype(args.dtype)
+    plot = None
+    if args.sweep == "kernels":
+        shapes = [Case(B=args.B, H=args.H, H_kv=args.H_kv, Nq=n, Nk=args.Nk or n, d=args.d)
+                  for n in args.N]
+        df = bench.run(args.kernels, shapes, causal=causal, dtype=dtype,
+                       repeats=args.repeats, block_q=args.block_q, block_kv=args.block_kv,
+                       with_baselines=not args.no_baselines, baseline=args.baseline,
+                       progress=log)
+        cols = ["name", "Nq", "Nk", "causal", "median_s", "q25_s", "q75_s", "gflops",
+                f"speedup_vs_{args.baseline}", "max_error"]
+        plot = lambda d: bench.plot_ladder(d[d["Nq"] == d["Nq"].iloc[0]])  # noqa: E731
+    elif args.sweep == "blocks":
+        bq = [int(b.split("x")[0]) for b in args.blocks]
+        bk = sorted({int(b.split("x")[1]) for b in args.blocks})
+        df = bench.sweep_blocks(kernel, case, sorted(set(bq)), bk, causal=causal, dtype=dtype,
+                                repeats=args.repeats)
+        cols = list(df.columns)
+    elif args.sweep == "threads":
+        df = bench.thread_scaling(kernel, case, args.threads, causal=causal, dtype=dtype,
+                                  repeats=args.repeats)
+        cols = list(df.columns)
+    elif args.sweep == "decode":
+        df = bench.decode_splits(args.B, args.H, args.H_kv, args.Nk or 4096, args.d,
+                                 dtype=dtype, repeats=max(args.repeats, 20))
+        cols = ["name", "H", "H_kv", "Nk", "median_ms", "q25_ms", "q75_ms", "auto_splits"]
+        plot = lambda d: bench.plot_decode([d])  # noqa: E731
+    elif args.sweep == "breakdown":
+        df = bench.breakdown(case, causal=causal, dtype=dtype, repeats=args.repeats,
+                             block_q=args.block_q, block_kv=args.block_kv)
+        cols = ["part", "ms", "share", "total_ms", "total_gflops"]
+        plot = bench.plot_breakdown
+    elif args.sweep == "peak":
+        df = bench.matmul_peak(repeats=args.repeats)
+        cols = ["name", "shape", "median_s", "q25_s", "q75_s", "gflops"]
+    else:  # claims
+        df = bench.check_speed_claims(kernel=kernel, repeats=args.repeats, progress=log)
+        cols = ["claim", "config measured", "standard ms", f"{kernel} ms", "torch_sdpa ms",
+                "speedup vs standard", "speedup vs torch_sdpa", "verdict"]
     print(bench.describe_machine())
-    cols = ["name", "Nq", "Nk", "median_s", "q25_s", "q75_s", "gflops",
-            "speedup_vs_numpy_standard", "max_error"]
+    from fa_lab._blas import coretype_hint
+
+    if coretype_hint():
+        print(f"note: {coretype_hint()}")
     print(df[[c for c in cols if c in df]].to_string(index=False, float_format="%.4g"))
-    _write(df, args.csv, args.png, lambda d: bench.plot_ladder(d[d["Nq"] == d["Nq"].iloc[0]]))
+    _write(df, args.csv, args.png if plot else None, plot)
+    return 0
+
+
+def _tune(args) -> int:
+    from fa_lab import tune
+
+    df = tune.autotune(args.kernel, args.regimes, quick=args.quick, repeats=args.repeats,
+                       progress=lambda m: print(f"[tune] {m}", file=sys.stderr, flush=True))
+    print(df[["regime", "block_q", "block_kv", "median_s", "gflops", "chosen"]].to_string(
+        index=False, float_format="%.4g"))
+    print(f"stored in {tune.tune_path()}; kernel='auto' now uses:")
+    print(tune.choices_table().to_string(index=False))
+    _write(df, args.csv)
     return 0
 
 
@@ -75,6 +136,11 @@ def _warmup(args) -> int:
             out, lse = attention(q, kv, kv, mask=mask, return_lse=True)
             for name in BACKWARD_KERNELS:
                 attention_backward(q, kv, kv, out, lse, out, mask=mask, kernel=name)
+        # flash's split-KV (Flash-Decoding) driver: one query row against 1100 keys
+        q1 = rng.standard_normal((1, 1, 1, 3)).astype(dtype)
+        kv1 = rng.standard_normal((1, 1, 1100, 3)).astype(dtype)
+        for mask in [None, np.ones((1, 1100), bool), np.ones((1, 1, 1, 1100), bool)]:
+            attention(q1, kv1, kv1, kernel="flash", mask=mask, causal="bottom_right")
     n = len(KERNELS) + len(BACKWARD_KERNELS)
     print(f"[warmup] {n} kernels ready in {time.perf_counter() - t0:.1f} s")
     return 0
@@ -98,24 +164,49 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fa_lab", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    b = sub.add_parser("bench", help="time kernels side by side (validated first)")
+    b = sub.add_parser("bench", help="time kernels side by side (validated first)",
+                       description="Benchmarks, every contender validated first. --sweep "
+                       "kernels: registry kernels and baselines over --N; blocks: one "
+                       "kernel over --blocks; threads: over --threads; decode: flash's "
+                       "split-KV choices vs torch at Nq=1; breakdown: where flash's time "
+                       "goes; peak: the fp32 matmul peak; claims: data/speed_claims.csv.")
+    b.add_argument("--sweep", default="kernels",
+                   choices=["kernels", "blocks", "threads", "decode", "breakdown", "peak",
+                            "claims"])
     b.add_argument("--kernels", nargs="+", default=None,
-                   help="registry names (default: every kernel but the reference)")
+                   help="registry names (default: every kernel but the reference; the "
+                   "other sweeps use the first, default flash)")
     b.add_argument("--B", type=int, default=1)
     b.add_argument("--H", type=int, default=8)
+    b.add_argument("--H-kv", type=int, default=None, help="kv heads (GQA; default: H)")
     b.add_argument("--N", type=int, nargs="+", default=[1024], help="query lengths")
     b.add_argument("--Nk", type=int, default=None, help="key length (default: N)")
     b.add_argument("--d", type=int, default=64)
-    b.add_argument("--causal", action="store_true")
+    b.add_argument("--causal", nargs="?", const="true", default=None,
+                   help="causal mask: --causal (top-left) or --causal bottom_right")
     b.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--block-q", type=int, default=None)
     b.add_argument("--block-kv", type=int, default=None)
+    b.add_argument("--blocks", nargs="+", default=["128x256", "256x256", "256x512"],
+                   metavar="BQxBK", help="tile sizes for --sweep blocks")
+    b.add_argument("--threads", type=int, nargs="+", default=None,
+                   help="thread counts for --sweep threads (default 1..all)")
+    b.add_argument("--baseline", default="numpy_standard",
+                   help="contender the speedup column is relative to (e.g. torch_sdpa)")
     b.add_argument("--no-baselines", action="store_true",
                    help="skip the NumPy and torch baselines")
     b.add_argument("--csv", default=None, help="write the table here (e.g. data/bench.csv)")
-    b.add_argument("--png", default=None, help="write the ladder chart here")
+    b.add_argument("--png", default=None, help="write the chart here")
     b.set_defaults(func=_bench)
+
+    t = sub.add_parser("tune", help="autotune block sizes; kernel='auto' then uses them")
+    t.add_argument("--kernel", default="flash")
+    t.add_argument("--regimes", nargs="+", default=None, help="decode short long (default all)")
+    t.add_argument("--quick", action="store_true", help="small shapes, 2 candidates per axis")
+    t.add_argument("--repeats", type=int, default=3)
+    t.add_argument("--csv", default=None, help="also write the sweep here")
+    t.set_defaults(func=_tune)
 
     mem = sub.add_parser("memory", help="measured peak memory vs the byte model, over N")
     mem.add_argument("--kernels", nargs="+", default=None, help="registry names (default: all)")
