@@ -144,7 +144,9 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto",
         A name in :data:`fa_lab.KERNELS` or ``"auto"`` (the highest rung that supports
         the call; if it has to skip one it says why with a :class:`KernelFallbackWarning`).
     block_q, block_kv : int, optional
-        Tile sizes ``Br``, ``Bc`` for tiled kernels (defaults in :mod:`fa_lab.config`).
+        Tile sizes ``Br``, ``Bc`` for tiled kernels (defaults: the kernel's own or
+        :mod:`fa_lab.config`'s; with ``kernel="auto"``, the autotuner's stored choice
+        for this machine when there is one, see :mod:`fa_lab.tune` and :func:`plan`).
     return_lse : bool
         Also return ``lse``, the natural-log logsumexp of each row of the scaled,
         masked scores.

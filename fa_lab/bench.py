@@ -605,15 +605,15 @@ def plot_roofline(df, peak_gflops: float, title="Throughput against N"):
     ax.annotate(f"measured fp32 matmul peak {peak_gflops:.0f} GFLOP/s", (0.01, peak_gflops),
                 xycoords=("axes fraction", "data"), va="bottom", fontsize=8)
     ax.axhline(0.6 * peak_gflops, color="black", lw=0.8, ls=":")
-    ax.annotate("60% of peak", (0.01, 0.6 * peak_gflops), xycoords=("axes fraction", "data"),
-                va="bottom", fontsize=8)
+    ax.annotate("60% of peak", (0.99, 0.6 * peak_gflops), xycoords=("axes fraction", "data"),
+                va="bottom", ha="right", fontsize=8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("N (= Nq = Nk)")
     ax.set_ylabel("GFLOP/s (4 B H N^2 d, halved when causal)")
     r = df.iloc[0]
     ax.set_title(f"{title}: B={r['B']}, H={r['H']}, d={r['d']}, {r['dtype']}", fontsize=10)
     ax.set_ylim(0, peak_gflops * 1.15)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     return fig
 
@@ -621,7 +621,7 @@ def plot_roofline(df, peak_gflops: float, title="Throughput against N"):
 def plot_breakdown(df, title="Where flash's time goes"):
     """One horizontal stacked bar from :func:`breakdown` (ms per part, share labelled)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 2.4))
+    fig, ax = plt.subplots(figsize=(8, 3.2))
     left = 0.0
     colors = ["tab:gray", "tab:blue", "tab:orange", "tab:green"]
     for (_, r), color in zip(df.iterrows(), colors):
@@ -635,7 +635,7 @@ def plot_breakdown(df, title="Where flash's time goes"):
     ax.set_title(f"{title}: B={r['B']}, H={r['H']}, N={r['Nq']}, d={r['d']}, "
                  f"tiles {r['block_q']}x{r['block_kv']}, total {r['total_ms']:.1f} ms",
                  fontsize=10)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=2)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.32), ncol=2)
     fig.tight_layout()
     return fig
 

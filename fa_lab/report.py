@@ -33,6 +33,7 @@ NOTEBOOKS = [
     ("02_tiling_and_simd", "ladder"),
     ("03_causal_masking", "causal_speedup"),
     ("05_memory_profiling", "peak_vs_N"),
+    ("06_performance", "roofline"),
     ("07_backward", "time_ratio"),
 ]
 

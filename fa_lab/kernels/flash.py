@@ -3,26 +3,35 @@
 What changes against ``tiled_simd`` (same online softmax, same causal block skipping):
 
 * ``Sij = Qi Kj^T`` and ``Pij Vj`` are ``np.dot`` calls on the tiles (SciPy's BLAS,
-  sgemm/dgemm), with larger default tiles (``Br x Bc`` = 128 x 256: a BLAS call needs
-  work to amortize its overhead). BLAS inside ``prange`` must run single-threaded, so
-  importing this module loads SciPy's bundled OpenBLAS (the library numba's ``np.dot``
-  calls) and sets it to 1 thread (:func:`limit_scipy_blas`). NumPy's own OpenBLAS is a
-  separate library in the PyPI wheels and keeps its threads (the NumPy baseline of the
-  benchmarks stays multi-threaded). Where both share one BLAS (some conda builds), NumPy
-  is limited too. Limiting per call with ``threadpool_limits`` cost ~150 KB of Python
-  objects and a library scan on every call.
-* For float32, ``exp`` is a branch-free polynomial ``2^x`` (range reduction, degree-6
-  polynomial on [0, 1), the integer part added to the exponent bits through an int32
-  view) that LLVM vectorizes; scores below -87 (``exp < 1.2e-38``) flush to exactly 0,
-  so fully masked rows still give zeros, and NaN stays NaN. Its relative error is
-  below 1e-7 (see :data:`EXP2_COEFFS`). float64 uses libm's ``exp`` (``@overload`` picks at compile time).
+  sgemm/dgemm) into buffers reused by every key block, with larger default tiles
+  (``Br x Bc`` = 256 x 256: a BLAS call needs work to amortize its overhead; the
+  autotuner, :mod:`fa_lab.tune`, picks per machine). BLAS inside ``prange`` must run
+  single-threaded, so importing this module loads SciPy's bundled OpenBLAS (the library
+  numba's ``np.dot`` calls) and sets it to 1 thread (:func:`limit_scipy_blas`). NumPy's
+  own OpenBLAS is a separate library in the PyPI wheels and keeps its threads (the
+  NumPy baseline of the benchmarks stays multi-threaded). Where both share one BLAS
+  (some conda builds), NumPy is limited too. Limiting per call with
+  ``threadpool_limits`` cost ~150 KB of Python objects and a library scan on every call.
+* The softmax of a block is one fused function (:func:`softmax_block`), two vectorized
+  passes per row: the row max on order-preserving int32 keys of the floats (a float
+  max reduction stays scalar without ``nnan``; the integer one becomes ``vpmaxsd``),
+  then ``p = 2^x`` and the row sum together. For float32, ``2^x`` is branch-free: range
+  reduction, a degree-6 polynomial on [0, 1), ``2^floor(x)`` built from exponent bits
+  (an LLVM bitcast, :func:`bits_f32`). Scores below -87 (``exp < 1.2e-38``) give exactly
+  0, so fully masked rows still give zeros, and NaN stays NaN. float64 uses libm's
+  ``exp`` (``@overload`` picks at compile time). Measured on one core, 33.5M scores in
+  128 x 256 blocks: 19.5 ms for the previous three-pass version (scalar max), 7.5 ms
+  fused.
+* Decoding (few query rows, long keys): when the ``(b, h, query block)`` tasks cannot
+  keep the threads busy, :func:`plan_splits` also splits the keys, and
+  :func:`flash_splitkv_forward` merges the partial results exactly through their LSEs
+  (Flash-Decoding).
+* ``stage`` (default: the whole kernel) stops each block early, so
+  :func:`fa_lab.bench.breakdown` can time the parts with the real code.
 
-Measured (B=1, H=8, d=64, float32, 2-core AMD EPYC with AVX-512, numba 0.68.1;
-``data/bench_ladder.csv``, ``data/bench_flash_vs_torch*.csv``): 16.6 ms, 129 GFLOP/s
-at N=1024 (3.5x ``tiled_simd``); against PyTorch's CPU ``scaled_dot_product_attention``
-in the same runs 1.74x at N=512, 1.01x at N=1024, 0.93x at N=2048 (causal: 2.07x,
-1.41x, 1.00x). It does not yet meet the performance issue's 1.2x target at N=2048;
-dropout is not supported (``tiled_simd`` is).
+Measured results (against PyTorch's CPU SDPA, the matrix-product peak, the time
+breakdown, decoding) are in lesson ``06_performance`` and the README; dropout is not
+supported (``tiled_simd`` is).
 """
 
 from __future__ import annotations
