@@ -4,6 +4,7 @@ Public API (stable; later work builds on it):
 
 * :func:`attention` -- scaled dot-product attention with a choice of kernel
 * :func:`attention_backward`, :func:`attention_grad` -- gradients by recomputation
+* :func:`attention_int8`, :func:`quantize`, :func:`dequantize` -- INT8 attention
 * :func:`plan` -- which kernel, tile sizes and key splits a call would use
 * :data:`KERNELS` -- the kernel registry (the ladder ``reference`` .. ``flash``)
 * :mod:`fa_lab.reference` -- the float64 NumPy source of truth
@@ -11,9 +12,11 @@ Public API (stable; later work builds on it):
 
 from fa_lab.api import KernelFallbackWarning, attention, choose_kernel, plan
 from fa_lab.backward import attention_backward, attention_grad
-from fa_lab.registry import BACKWARD_KERNELS, KERNELS, Kernel, ladder
+from fa_lab.int8 import attention_int8
+from fa_lab.quant import dequantize, quantize
+from fa_lab.registry import BACKWARD_KERNELS, INT8_KERNELS, KERNELS, Kernel, ladder
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "plan", "attention_backward", "attention_grad", "choose_kernel", "KERNELS",
+__all__ = ["attention", "plan", "attention_int8", "quantize", "dequantize", "INT8_KERNELS", "attention_backward", "attention_grad", "choose_kernel", "KERNELS",
            "BACKWARD_KERNELS", "Kernel", "KernelFallbackWarning", "ladder", "__version__"]

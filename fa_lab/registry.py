@@ -20,7 +20,7 @@ import numpy as np
 
 from fa_lab import reference
 from fa_lab.dropout import mix_seed
-from fa_lab.kernels import (backward_naive, backward_tiled, flash, naive, online, tiled,
+from fa_lab.kernels import (backward_naive, backward_tiled, flash, int8, naive, online, tiled,
                            tiled_simd)
 from fa_lab.kernels.flash import flash_forward
 from fa_lab.kernels.backward_naive import naive_backward
@@ -188,3 +188,54 @@ BACKWARD_KERNELS: dict[str, Kernel] = {
 def ladder() -> list[Kernel]:
     """Kernels in rung order (slowest, most obvious first)."""
     return sorted(KERNELS.values(), key=lambda k: k.rung)
+
+
+def _int8_reference_run(q8, sq, k8, sk, v, bias, scale, alignment, block_q, block_kv):
+    """The integer reference: the same quantized inputs, products accumulated exactly
+    (float64 holds every int8 dot product exactly), then float64 attention."""
+    qd = q8.astype(np.float64) * sq[..., None]
+    kd = k8.astype(np.float64) * sk[..., None]
+    out, lse = reference.attention(qd, kd, v, causal=alignment or False, scale=scale, mask=bias)
+    return out.astype(v.dtype), lse.astype(v.dtype)
+
+
+def int8_runner(driver, tiled) -> Callable:
+    """Adapt an int8 driver: ``driver(q8, sq, k8, sk, v, bias, has_bias, scale, causal,
+    offset, [block_q, block_kv,] out, lse)``."""
+
+    def run(q8, sq, k8, sk, v, bias, scale, alignment, block_q, block_kv):
+        B, H, Nq, d = q8.shape
+        out = np.empty((B, H, Nq, d), dtype=v.dtype)
+        lse = np.empty((B, H, Nq), dtype=v.dtype)
+        offset = reference.causal_offset(Nq, k8.shape[2], alignment) if alignment else 0
+        has_bias = bias is not None
+        args = (q8, sq, k8, sk, v, bias if has_bias else _no_bias(v.dtype), has_bias,
+                v.dtype.type(scale), alignment is not None, offset)
+        if tiled:
+            driver(*args, block_q or 1, block_kv or 1, out, lse)
+        else:
+            driver(*args, out, lse)
+        return out, lse
+
+    run.__name__ = f"run_{driver.__name__}"
+    run.__doc__ = driver.__doc__
+    return run
+
+
+#: INT8 kernels (:func:`fa_lab.attention_int8`): ``run(q8, sq, k8, sk, v, bias, scale,
+#: alignment, block_q, block_kv) -> (out, lse)`` with int8 ``q8``/``k8`` and per-row
+#: float scales ``sq`` (B, H, Nq), ``sk`` (B, H_kv, Nk); same :class:`Kernel` record.
+INT8_KERNELS: dict[str, Kernel] = {
+    k.name: k
+    for k in [
+        Kernel("reference", 0, "the integer reference: dequantized in float64 (exact int8 "
+               "dot products), float64 attention", _int8_reference_run),
+        Kernel("naive", 1, "scalar Numba, row by row, int32 dot products, float64 online "
+               "softmax, 1 thread", int8_runner(int8.int8_naive_forward, False),
+               int8.int8_naive_forward, scratch=int8.scratch_bytes_naive),
+        Kernel("simd", 2, "tiled_simd's structure with int32 score blocks (vpmaddwd), "
+               "flash's fused softmax, prange over (b, h, query block)",
+               int8_runner(int8.int8_simd_forward, True), int8.int8_simd_forward,
+               tiled=True, parallel=True, scratch=int8.scratch_bytes_simd),
+    ]
+}
