@@ -141,7 +141,15 @@ def _warmup(args) -> int:
         kv1 = rng.standard_normal((1, 1, 1100, 3)).astype(dtype)
         for mask in [None, np.ones((1, 1100), bool), np.ones((1, 1, 1, 1100), bool)]:
             attention(q1, kv1, kv1, kernel="flash", mask=mask, causal="bottom_right")
-    n = len(KERNELS) + len(BACKWARD_KERNELS)
+        # INT8 kernels (the int8 inputs and per-row scales have one type per dtype)
+        from fa_lab import INT8_KERNELS, attention_int8
+
+        for mask in masks:
+            for name in INT8_KERNELS:
+                attention_int8(q, kv, kv, kernel=name, mask=mask, causal=True)
+    from fa_lab import INT8_KERNELS
+
+    n = len(KERNELS) + len(BACKWARD_KERNELS) + len(INT8_KERNELS)
     print(f"[warmup] {n} kernels ready in {time.perf_counter() - t0:.1f} s")
     return 0
 

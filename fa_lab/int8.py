@@ -32,6 +32,10 @@ def quantize_inputs(q4, k4, granularity, block_q, block_kv, smooth):
     Returns ``q8, sq, k8, sk, mean`` with per-row scales ``sq`` (B, H, Nq) and ``sk``
     (B, H_kv, Nk) as float64 and ``mean`` the subtracted K mean (or ``None``).
     """
+    for name, x in (("q", q4), ("k", k4)):
+        if not np.isfinite(x).all():
+            raise ValueError(f"{name}: must be finite to quantize (INT8 has no NaN or "
+                             f"infinity)")
     mean = None
     if smooth:
         k4, mean = quant.smooth_k(k4)

@@ -40,6 +40,10 @@ def _check(x, granularity, block):
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if granularity == "per_block":
+        if block is None:
+            from fa_lab.config import BLOCK_KV
+
+            block = BLOCK_KV
         if isinstance(block, (bool, np.bool_)) or not isinstance(block, numbers.Integral):
             raise TypeError(f"block must be a positive int for granularity='per_block', "
                             f"got {block!r}")
@@ -49,12 +53,12 @@ def _check(x, granularity, block):
         raise ValueError(f"block applies only to granularity='per_block', not {granularity!r}")
     if not np.isfinite(x).all():
         raise ValueError("x must be finite to quantize (INT8 has no NaN or infinity)")
-    return x
+    return x, block
 
 
 def absmax_scales(x, granularity="per_block", block=None) -> np.ndarray:
     """``max|x| / 127`` per group, float32, shaped as :func:`quantize` returns them."""
-    x = _check(x, granularity, block)
+    x, block = _check(x, granularity, block)
     a = np.abs(x).astype(np.float32, copy=False)
     if granularity == "per_tensor":
         amax = np.full((1,) * x.ndim, a.max(initial=0.0), np.float32)
@@ -74,7 +78,8 @@ def absmax_scales(x, granularity="per_block", block=None) -> np.ndarray:
 def quantize(x, granularity="per_block", block=None):
     """``(xq, scales)``: int8 values and float32 scales (see the module docstring).
 
-    ``block`` is required for ``"per_block"`` (rows per block) and refused otherwise.
+    ``block``: rows per scale for ``"per_block"`` (default :data:`fa_lab.config.BLOCK_KV`,
+    64, the tiled kernels' default tile); refused for the other granularities.
     """
     scales = absmax_scales(x, granularity, block)
     xq = np.clip(np.rint(np.asarray(x, np.float32) / scales), -QMAX, QMAX).astype(np.int8)
