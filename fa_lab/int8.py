@@ -48,7 +48,7 @@ def quantize_inputs(q4, k4, granularity, block_q, block_kv, smooth):
             raise ValueError(f"{name}: {e}") from None
         rows = np.ascontiguousarray(np.broadcast_to(s, x.shape[:-1] + (1,))[..., 0],
                                     dtype=np.float64)
-        out += [np.ascontiguousarray(xq), rows]
+        out += [quant.aligned(xq), rows]
     return (*out, mean)
 
 

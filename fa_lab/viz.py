@@ -118,12 +118,17 @@ def heatmap(table, title="", fmt="{:.3g}", cmap="viridis_r", xlabel="", ylabel="
     """Annotated heat map of a pandas DataFrame (index = rows, columns = columns)."""
     fig, ax = plt.subplots(figsize=(1.1 * table.shape[1] + 2, 0.6 * table.shape[0] + 1.6))
     im = ax.imshow(table.values, cmap=cmap, aspect="auto")
-    ax.set_xticks(range(table.shape[1]), [str(c) for c in table.columns])
+    labels = [str(c) for c in table.columns]
+    long = max((len(x) for x in labels), default=0) > 10  # long labels: slant them
+    ax.set_xticks(range(table.shape[1]), labels, rotation=25 if long else 0,
+                  ha="right" if long else "center")
     ax.set_yticks(range(table.shape[0]), [str(i) for i in table.index])
     for (r, c), val in np.ndenumerate(table.values):
         if np.isfinite(val):
-            ax.text(c, r, fmt.format(val), ha="center", va="center", fontsize=8, color="w",
-                    path_effects=None)
+            red, green, blue, _ = im.cmap(im.norm(val))  # dark text on light cells
+            light = 0.299 * red + 0.587 * green + 0.114 * blue > 0.55
+            ax.text(c, r, fmt.format(val), ha="center", va="center", fontsize=8,
+                    color="black" if light else "white")
     ax.set_xlabel(xlabel or str(table.columns.name or ""))
     ax.set_ylabel(ylabel or str(table.index.name or ""))
     ax.set_title(title, fontsize=10)
@@ -137,6 +142,8 @@ def bars(labels, values, errors=None, ylabel="", title="", log=False, annotate="
     """Bar chart with optional error bars and value labels."""
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(labels) + 2), 3.8))
     ax.bar(labels, values, yerr=errors, capsize=3, color=colors or "tab:blue")
+    if max((len(str(x)) for x in labels), default=0) > 12:  # long labels: slant them
+        ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
     if log:
         ax.set_yscale("log")
     for x, val in enumerate(values):
