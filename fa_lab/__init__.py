@@ -5,6 +5,8 @@ Public API (stable; later work builds on it):
 * :func:`attention` -- scaled dot-product attention with a choice of kernel
 * :func:`attention_backward`, :func:`attention_grad` -- gradients by recomputation
 * :func:`attention_int8`, :func:`quantize`, :func:`dequantize` -- INT8 attention
+* :class:`KVCache`, :func:`decode`, :func:`rope` -- incremental decoding
+* :func:`topk_attention` -- attention as top-K retrieval; :mod:`fa_lab.presets`
 * :func:`plan` -- which kernel, tile sizes and key splits a call would use
 * :data:`KERNELS` -- the kernel registry (the ladder ``reference`` .. ``flash``)
 * :mod:`fa_lab.reference` -- the float64 NumPy source of truth
@@ -12,11 +14,14 @@ Public API (stable; later work builds on it):
 
 from fa_lab.api import KernelFallbackWarning, attention, choose_kernel, plan
 from fa_lab.backward import attention_backward, attention_grad
+from fa_lab import presets
+from fa_lab.decoding import KVCache, decode, rope
 from fa_lab.int8 import attention_int8
 from fa_lab.quant import dequantize, quantize
 from fa_lab.registry import BACKWARD_KERNELS, INT8_KERNELS, KERNELS, Kernel, ladder
+from fa_lab.retrieval import topk_attention
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "plan", "attention_int8", "quantize", "dequantize", "INT8_KERNELS", "attention_backward", "attention_grad", "choose_kernel", "KERNELS",
+__all__ = ["attention", "plan", "KVCache", "decode", "rope", "topk_attention", "presets", "attention_int8", "quantize", "dequantize", "INT8_KERNELS", "attention_backward", "attention_grad", "choose_kernel", "KERNELS",
            "BACKWARD_KERNELS", "Kernel", "KernelFallbackWarning", "ladder", "__version__"]

@@ -147,6 +147,10 @@ def _warmup(args) -> int:
         for mask in masks:
             for name in INT8_KERNELS:
                 attention_int8(q, kv, kv, kernel=name, mask=mask, causal=True)
+        # top-K retrieval's merge (one type per dtype)
+        from fa_lab import topk_attention
+
+        topk_attention(q[0, 0], kv[0, 0], k=2)
     from fa_lab import INT8_KERNELS
 
     n = len(KERNELS) + len(BACKWARD_KERNELS) + len(INT8_KERNELS)

@@ -36,6 +36,7 @@ NOTEBOOKS = [
     ("05_memory_profiling", "peak_vs_N"),
     ("06_performance", "roofline"),
     ("07_backward", "time_ratio"),
+    ("08_decoding_and_retrieval", "decode_latency"),
 ]
 
 REPO = Path(__file__).resolve().parents[1]

@@ -127,6 +127,11 @@ def autotune(kernel="flash", regimes=None, *, quick=False, repeats=3, path=None,
     if stored.get("fingerprint") != fingerprint():
         stored = {}
     choices = stored.get("choices", {})
+    sweeps = stored.get("sweeps", {})
+    for regime, g in sweep.groupby("regime"):
+        sweeps.setdefault(kernel, {})[regime] = [
+            {"block_q": int(r.block_q), "block_kv": int(r.block_kv),
+             "median_s": float(r.median_s)} for r in g.itertuples()]
     for _, row in sweep[sweep["chosen"]].iterrows():
         choices.setdefault(kernel, {})[row["regime"]] = {
             "block_q": int(row["block_q"]), "block_kv": int(row["block_kv"]),
@@ -136,7 +141,7 @@ def autotune(kernel="flash", regimes=None, *, quick=False, repeats=3, path=None,
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".tmp")
     tmp.write_text(json.dumps({"fingerprint": fingerprint(), "machine": machine(),
-                               "choices": choices}, indent=1))
+                               "choices": choices, "sweeps": sweeps}, indent=1))
     tmp.replace(target)
     _CACHE.clear()
     return sweep

@@ -306,9 +306,13 @@ def _q_block(Qi, K, V, bias, has_bias, b, h, i0, causal, offset, j_begin, j_end,
         lse_i[r] = finalize_row(acc[r], m[r], l[r], Oi[r])
 
 
-def run(q, k, v, bias, scale, alignment, block_q, block_kv, splits=None, stage=3):
+def run(q, k, v, bias, scale, alignment, block_q, block_kv, splits=None, stage=3,
+        kv_len=None):
     """The registry's runner: warm BLAS on every thread, then the plain driver, or the
-    split-KV driver when :func:`plan_splits` (or ``splits``) asks for more than one."""
+    split-KV driver when :func:`plan_splits` (or ``splits``) asks for more than one.
+
+    ``kv_len``: attend to the first ``kv_len`` keys of ``k``/``v`` only (a KV cache's
+    filled part; ``bias`` must then be None)."""
     import numba
 
     from fa_lab.registry import _no_bias  # noqa: PLC0415  (registry imports this module)
@@ -316,7 +320,7 @@ def run(q, k, v, bias, scale, alignment, block_q, block_kv, splits=None, stage=3
 
     ensure_blas_threads()
     B, H, Nq, d = q.shape
-    Nk = k.shape[2]
+    Nk = k.shape[2] if kv_len is None else int(kv_len)
     block_q, block_kv = block_q or 1, block_kv or 1
     if splits is None:
         splits = plan_splits(B, H, Nq, Nk, block_q, block_kv, numba.get_num_threads())
@@ -326,20 +330,22 @@ def run(q, k, v, bias, scale, alignment, block_q, block_kv, splits=None, stage=3
     has_bias = bias is not None
     args = (q, k, v, bias if has_bias else _no_bias(q.dtype), has_bias, q.dtype.type(scale),
             alignment is not None, offset, block_q, block_kv)
+    n = -1 if kv_len is None else Nk
     if splits > 1:
-        flash_splitkv_forward(*args, int(splits), out, lse)
+        flash_splitkv_forward(*args, int(splits), out, lse, n)
     else:
-        flash_forward(*args, out, lse, int(stage))
+        flash_forward(*args, out, lse, int(stage), n)
     return out, lse
 
 
 @njit(cache=CACHE, parallel=True)
 def flash_forward(q, k, v, bias, has_bias, scale, causal, offset, block_q, block_kv, out, lse,
-                  stage=3):
+                  stage=3, kv_len=-1):
     """Parallel driver over (b, h, query block), as ``tiled_simd`` (``stage``: see
-    :func:`_q_block`)."""
+    :func:`_q_block`; ``kv_len`` >= 0 uses only the first ``kv_len`` keys of ``k`` and
+    ``v``, e.g. the filled part of a preallocated KV cache, without copying)."""
     B, H, Nq, d = q.shape
-    Nk = k.shape[2]
+    Nk = k.shape[2] if kv_len < 0 else kv_len
     group = H // k.shape[1]
     Tr = (Nq + block_q - 1) // block_q
     for task in prange(B * H * Tr):
@@ -354,14 +360,14 @@ def flash_forward(q, k, v, bias, has_bias, scale, causal, offset, block_q, block
         l = np.empty(br, dtype=q.dtype)
         alpha = np.empty(br, dtype=q.dtype)
         acc = np.empty((br, d), dtype=q.dtype)
-        _q_block(Qi, k[b, h // group], v[b, h // group], bias, has_bias, b, h, i0, causal,
+        _q_block(Qi, k[b, h // group, :Nk], v[b, h // group, :Nk], bias, has_bias, b, h, i0, causal,
                  offset, 0, Nk, block_kv, S_buf, P_buf, PV, m, l, alpha, acc,
                  out[b, h, i0:i1], lse[b, h, i0:i1], stage)
 
 
 @njit(cache=CACHE, parallel=True)
 def flash_splitkv_forward(q, k, v, bias, has_bias, scale, causal, offset, block_q, block_kv,
-                          splits, out, lse):
+                          splits, out, lse, kv_len=-1):
     """Flash-Decoding: each (b, h, query block) is also split along the keys.
 
     Pass 1 (prange over ``B * H * Tr * splits``): split ``s`` attends to its own range
@@ -371,7 +377,7 @@ def flash_splitkv_forward(q, k, v, bias, has_bias, scale, causal, offset, block_
     and weight 0; a row that sees none at all gets ``O = 0``, ``lse = -inf``.
     """
     B, H, Nq, d = q.shape
-    Nk = k.shape[2]
+    Nk = k.shape[2] if kv_len < 0 else kv_len
     group = H // k.shape[1]
     Tr = (Nq + block_q - 1) // block_q
     Tc = (Nk + block_kv - 1) // block_kv
@@ -391,7 +397,7 @@ def flash_splitkv_forward(q, k, v, bias, has_bias, scale, causal, offset, block_
         l = np.empty(br, dtype=q.dtype)
         alpha = np.empty(br, dtype=q.dtype)
         acc = np.empty((br, d), dtype=q.dtype)
-        _q_block(Qi, k[b, h // group], v[b, h // group], bias, has_bias, b, h, i0, causal,
+        _q_block(Qi, k[b, h // group, :Nk], v[b, h // group, :Nk], bias, has_bias, b, h, i0, causal,
                  offset, min(s * per * block_kv, Nk), min((s + 1) * per * block_kv, Nk),
                  block_kv, S_buf, P_buf, PV, m, l, alpha, acc, part_o[s, b, h, i0:i1],
                  part_lse[s, b, h, i0:i1], 3)
