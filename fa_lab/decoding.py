@@ -440,6 +440,7 @@ def plot_generation(df):
     ax.set_xlabel("prompt length (tokens)")
     ax.set_ylabel("ms per generated token")
     ax.set_title("Greedy decoding with TinyLM: cache vs recomputation", fontsize=10)
+    ax.margins(y=0.15)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -460,5 +461,40 @@ def plot_decode_latency(df):
     ax.set_ylabel("median ms per decode step")
     ax.set_title(f"One new token, H={r['H']}, H_kv={r['H_kv']}", fontsize=10)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_kv_cache(prompt=6, generated=3, max_len=12):
+    """The KV cache drawn: ``max_len`` slots per layer and kv head; the prompt's keys and
+    values written by one prefill pass, then one slot per generated token; the newest
+    query reads every filled slot (bottom-right causal), the empty ones never."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(10, 2.8))
+    for row, label in ((1.2, "K"), (0.0, "V")):
+        for j in range(max_len):
+            if j < prompt:
+                color, text = "tab:blue", "prefill"
+            elif j < prompt + generated:
+                color, text = "tab:orange", f"step {j - prompt + 1}"
+            else:
+                color, text = "whitesmoke", "empty"
+            ax.add_patch(plt.Rectangle((j, row), 0.92, 0.9, color=color,
+                                       alpha=0.75 if color != "whitesmoke" else 1.0))
+            ax.text(j + 0.46, row + 0.45, text, ha="center", va="center", fontsize=6.5,
+                    color="white" if color != "whitesmoke" else "gray")
+        ax.text(-0.4, row + 0.45, label, ha="right", va="center", fontsize=10)
+    L = prompt + generated
+    ax.plot([0, L - 0.08], [2.25, 2.25], color="black", lw=1)  # a bracket over 0..L-1
+    ax.plot([0, 0], [2.15, 2.25], color="black", lw=1)
+    ax.plot([L - 0.08, L - 0.08], [2.15, 2.25], color="black", lw=1)
+    ax.text(L / 2, 2.4, f"the newest query (token {L - 1}) attends to slots 0..{L - 1}",
+            ha="center", fontsize=8)
+    ax.text(max_len - 0.1, 2.6, f"length {L} / max_len {max_len}", ha="right", fontsize=8)
+    ax.set_xlim(-1.2, max_len + 0.2)
+    ax.set_ylim(-0.2, 3.0)
+    ax.axis("off")
+    ax.set_title("A KV cache (one layer, one kv head): prefill writes the prompt, each "
+                 "decode step appends one token", fontsize=10)
     fig.tight_layout()
     return fig
