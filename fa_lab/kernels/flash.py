@@ -93,16 +93,20 @@ def ensure_blas_threads() -> None:
     OpenBLAS keeps a pool of work buffers and maps a new one (~32 MiB, measured with
     memray) when more gemms run at the same moment than it has buffers; it keeps them.
     Warming up with gemms that overlap on every thread keeps that one-time cost out of
-    the calls (and out of their measured peak memory). With tiny 64 x 64 gemms the
-    threads did not overlap and a 34 MB allocation still appeared, intermittently,
-    inside a later measured call.
+    the calls (and out of their measured peak memory). The gemms must really overlap:
+    with tiny 64 x 64 ones the threads did not, and with 8 x 256^2 per thread (~2 ms)
+    they still ran one after the other when another process loaded a core (time
+    slices of a few ms), and a 34 MB allocation appeared in a later measured call. Two
+    1024^3 products per thread (~20 ms each) overlap under such load too (60 measured
+    calls with a CPU hog beside them: no new buffer; before: one in 30). Cost: once per
+    process.
     """
     global _BLAS_READY_THREADS
     import numba
 
     threads = numba.get_num_threads()
     if threads > _BLAS_READY_THREADS:
-        tile_gemms(np.ones((256, 256), dtype=np.float32), 8 * threads)
+        tile_gemms(np.ones((1024, 1024), dtype=np.float32), 2 * threads)
         _BLAS_READY_THREADS = threads
 
 #: Default tiles (Br, Bc) for this kernel: BLAS calls want bigger tiles than loops.
