@@ -25,6 +25,7 @@ AVX512_CORES = {"skylakex", "cooperlake", "sapphirerapids", "zen4", "zen5"}
 
 
 def cpu_flags() -> set[str]:
+    """The CPU's feature flags (``/proc/cpuinfo``; empty where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):

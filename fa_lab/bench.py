@@ -44,21 +44,13 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def machine() -> dict:
     """The machine a number was measured on: CPU, cores, threads, SIMD, versions."""
     import numba
 
-    flags = _cpu_flags()
+    from fa_lab._blas import cpu_flags
+
+    flags = cpu_flags()
     simd = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni") if f in flags]
     info = {
         "cpu": _cpu_model(),

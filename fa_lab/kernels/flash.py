@@ -275,7 +275,7 @@ def _rescale_add(acc, alpha, PV):
 
 @njit(cache=CACHE)
 def _q_block(Qi, K, V, bias, has_bias, b, h, i0, causal, offset, j_begin, j_end, block_kv,
-             S_buf, P_buf, PV, m, l, alpha, acc, Oi, lse_i, stage):
+             Oi, lse_i, stage):
     """Key blocks ``j_begin .. j_end`` (clipped to what causal lets the block see) for one
     (already scaled) query block ``Qi``; writes ``O = acc / l`` and ``lse``.
 
@@ -284,10 +284,14 @@ def _q_block(Qi, K, V, bias, has_bias, b, h, i0, causal, offset, j_begin, j_end,
     alone, 1 = + ``S = Qi Kj^T`` and masking, 2 = + softmax, 3 = + ``P Vj`` and the
     rescale (the kernel).
     """
-    br = Qi.shape[0]
-    m[:] = NEG_INF
-    l[:] = 0
-    acc[:] = 0
+    br, d = Qi.shape
+    S_buf = np.empty(br * block_kv, dtype=Qi.dtype)  # this task's scratch (scratch_bytes)
+    P_buf = np.empty(br * block_kv, dtype=Qi.dtype)
+    PV = np.empty((br, d), dtype=Qi.dtype)
+    m = np.full(br, NEG_INF, dtype=Qi.dtype)
+    l = np.zeros(br, dtype=Qi.dtype)
+    alpha = np.empty(br, dtype=Qi.dtype)
+    acc = np.zeros((br, d), dtype=Qi.dtype)
     for j0 in range(j_begin, min(j_end, visible_end(i0 + br - 1, K.shape[0], causal, offset)),
                     block_kv):
         bc = min(block_kv, j_end - j0)
@@ -348,25 +352,16 @@ def flash_forward(q, k, v, bias, has_bias, scale, causal, offset, block_q, block
     """Parallel driver over (b, h, query block), as ``tiled_simd`` (``stage``: see
     :func:`_q_block`; ``kv_len`` >= 0 uses only the first ``kv_len`` keys of ``k`` and
     ``v``, e.g. the filled part of a preallocated KV cache, without copying)."""
-    B, H, Nq, d = q.shape
+    B, H, Nq, _ = q.shape
     Nk = k.shape[2] if kv_len < 0 else kv_len
     group = H // k.shape[1]
     Tr = (Nq + block_q - 1) // block_q
     for task in prange(B * H * Tr):
         b, h, i0 = task_coords(task, H, Tr, block_q)
         i1 = min(i0 + block_q, Nq)
-        br = i1 - i0
         Qi = q[b, h, i0:i1] * scale  # scores = (q * scale) k^T: one multiply per q element
-        S_buf = np.empty(br * block_kv, dtype=q.dtype)
-        P_buf = np.empty(br * block_kv, dtype=q.dtype)
-        PV = np.empty((br, d), dtype=q.dtype)
-        m = np.empty(br, dtype=q.dtype)
-        l = np.empty(br, dtype=q.dtype)
-        alpha = np.empty(br, dtype=q.dtype)
-        acc = np.empty((br, d), dtype=q.dtype)
-        _q_block(Qi, k[b, h // group, :Nk], v[b, h // group, :Nk], bias, has_bias, b, h, i0, causal,
-                 offset, 0, Nk, block_kv, S_buf, P_buf, PV, m, l, alpha, acc,
-                 out[b, h, i0:i1], lse[b, h, i0:i1], stage)
+        _q_block(Qi, k[b, h // group, :Nk], v[b, h // group, :Nk], bias, has_bias, b, h, i0,
+                 causal, offset, 0, Nk, block_kv, out[b, h, i0:i1], lse[b, h, i0:i1], stage)
 
 
 @njit(cache=CACHE, parallel=True)
@@ -392,18 +387,9 @@ def flash_splitkv_forward(q, k, v, bias, has_bias, scale, causal, offset, block_
         s = task % splits
         b, h, i0 = task_coords(task // splits, H, Tr, block_q)
         i1 = min(i0 + block_q, Nq)
-        br = i1 - i0
-        Qi = q[b, h, i0:i1] * scale
-        S_buf = np.empty(br * block_kv, dtype=q.dtype)
-        P_buf = np.empty(br * block_kv, dtype=q.dtype)
-        PV = np.empty((br, d), dtype=q.dtype)
-        m = np.empty(br, dtype=q.dtype)
-        l = np.empty(br, dtype=q.dtype)
-        alpha = np.empty(br, dtype=q.dtype)
-        acc = np.empty((br, d), dtype=q.dtype)
-        _q_block(Qi, k[b, h // group, :Nk], v[b, h // group, :Nk], bias, has_bias, b, h, i0, causal,
-                 offset, min(s * per * block_kv, Nk), min((s + 1) * per * block_kv, Nk),
-                 block_kv, S_buf, P_buf, PV, m, l, alpha, acc, part_o[s, b, h, i0:i1],
+        _q_block(q[b, h, i0:i1] * scale, k[b, h // group, :Nk], v[b, h // group, :Nk], bias,
+                 has_bias, b, h, i0, causal, offset, min(s * per * block_kv, Nk),
+                 min((s + 1) * per * block_kv, Nk), block_kv, part_o[s, b, h, i0:i1],
                  part_lse[s, b, h, i0:i1], 3)
     for row in prange(B * H * Nq):
         b, h, i = row // (H * Nq), (row // Nq) % H, row % Nq
