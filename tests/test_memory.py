@@ -72,7 +72,17 @@ def test_reference_grows_quadratically_flash_kernels_linearly(kernel):
         assert 3.6 <= p2 / p1 <= 4.2, p2 / p1  # N x N scores
     else:
         assert p2 / p1 <= 2.1, p2 / p1  # at most linear: the (N, d) output grows 2x ...
-        assert abs(x2 - x1) <= 0.05 * x1 + 16384, (x1, x2)  # ... and scratch does not
+        # ... and scratch does not: the model's scratch is the same at both N, and both
+        # measurements stay under it. (Comparing x1 with x2 directly was flaky: whether
+        # the two threads' tiles are alive at the same moment depends on scheduling,
+        # which made flash's 0.7 MB tiles count once at N=512 and twice at N=1024 under
+        # load.)
+        out_and_lse = {N: 4 * N * 64 * 4 + 4 * N * 4 for N in (512, 1024)}  # float32
+        s1, s2 = (memory.estimate(kernel, 1, 4, N, N, 64).total - out_and_lse[N]
+                  for N in (512, 1024))
+        assert abs(s2 - s1) <= 16384, (s1, s2)  # naive's score row: Nk floats, tiny
+        for x, s_model in ((x1, s1), (x2, s2)):
+            assert 0 <= x <= 1.05 * s_model + 16384, (x, s_model)
 
 
 def test_tracemalloc_fallback_agrees_with_memray():
