@@ -400,7 +400,9 @@ def matmul_peak(n=2048, *, repeats=5, dtype=np.float32, block=256):
 
     flash.ensure_blas_threads()
     a = np.random.default_rng(0).standard_normal((n, n)).astype(dtype)
-    tiles = max(64, 4 * flash_threads())
+    from fa_lab.config import num_threads
+
+    tiles = max(64, 4 * num_threads())
     x = np.random.default_rng(1).standard_normal((block, block)).astype(dtype)
     cs = [Contender("numpy_matmul", lambda: a @ a, "baseline"),
           Contender("blas_tiles_per_thread", lambda: flash.tile_gemms(x, tiles), "kernel")]
@@ -416,12 +418,6 @@ def matmul_peak(n=2048, *, repeats=5, dtype=np.float32, block=256):
                      "gflops": work[c.name] / med / 1e9,
                      **{f"machine_{k}": v for k, v in machine().items()}})
     return pd.DataFrame(rows)
-
-
-def flash_threads() -> int:
-    from fa_lab.config import num_threads
-
-    return num_threads()
 
 
 #: The four parts of :func:`breakdown`, in the order the kernel runs them.

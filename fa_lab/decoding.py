@@ -399,8 +399,6 @@ def plot_split_kv(Nk=4096, splits=4, block_kv=256):
     (whole key blocks), each range a parallel task giving ``(O_s, lse_s)``, then the
     exact LSE merge."""
     plt = _plt()
-    from fa_lab.kernels.flash import SPLIT_MIN_KEYS  # noqa: F401  (documented rule)
-
     Tc = -(-Nk // block_kv)
     per = -(-Tc // splits)
     fig, ax = plt.subplots(figsize=(10, 3.2))
