@@ -1,6 +1,7 @@
 # fa_lab: two commands do everything on a fresh machine with Python 3.11.
-#   make report   run every notebook headless -> reports/index.html, figures/, data/
+#   make report   run every notebook headless -> reports/ (index.html, pages, figures, data)
 #   make test     pytest for the package + nbval for the notebooks (quick mode)
+# make curate refreshes the committed figures/ and data/ that the README shows (on purpose).
 # Each creates or refreshes .venv and installs what it needs (pip, PyPI only).
 # TORCH=0 skips the optional torch==2.13.0 comparison (a large download elsewhere).
 
@@ -14,7 +15,7 @@ EXTRAS_REPORT := $(if $(filter 1,$(TORCH)),torch)
 REPORT_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: report test bench warmup clean venv
+.PHONY: report test bench curate warmup clean venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +41,12 @@ test: $(VENV)/.installed-test-$(TORCH)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-report-$(TORCH)
+	$(PY) -m fa_lab bench --repeats 9 --csv reports/bench_ladder.csv --png reports/bench_ladder.png
+
+# The only command that rewrites the curated results in figures/ and data/ (README).
+curate: $(VENV)/.installed-report-$(TORCH)
+	$(PY) -m fa_lab warmup
+	$(PY) -m fa_lab report --results-dir . $(REPORT_ARGS)
 	$(PY) -m fa_lab bench --repeats 9 --csv data/bench_ladder.csv --png figures/bench_ladder.png
 
 clean:

@@ -20,7 +20,6 @@ materializing the scores, the textbook implementation) and ``torch_sdpa``
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -28,57 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from fa_lab import reference
+from fa_lab import reference, verdict
 from fa_lab.api import attention
+from fa_lab.machine import Load, LoadMonitor, describe_machine, machine
 from fa_lab.registry import KERNELS
 from fa_lab.testing import Case, assert_close
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine() -> dict:
-    """The machine a number was measured on: CPU, cores, threads, SIMD, versions."""
-    import numba
-
-    from fa_lab._blas import cpu_flags
-
-    flags = cpu_flags()
-    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni") if f in flags]
-    info = {
-        "cpu": _cpu_model(),
-        "cores": os.cpu_count(),
-        "numba_threads": numba.get_num_threads(),
-        "simd": "+".join(simd) or "unknown",
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "numba": numba.__version__,
-        "os": platform.platform(terse=True),
-    }
-    torch = _torch()
-    info["torch"] = torch.__version__ if torch else "not installed"
-    import fa_lab.kernels.flash  # noqa: F401  (loads SciPy's BLAS, the one kernels call)
-    from fa_lab._blas import blas_libraries
-
-    info["blas"] = ", ".join(f"{b['owner']} OpenBLAS {b['version']} {b['kernels']}"
-                             for b in blas_libraries())
-    info["openblas_coretype"] = os.environ.get("OPENBLAS_CORETYPE", "(auto)")
-    return info
-
-
-def describe_machine() -> str:
-    """One line for the top of every figure and table."""
-    m = machine()
-    return (f"{m['cpu']} | {m['cores']} cores, {m['numba_threads']} numba threads | "
-            f"{m['simd']} | Python {m['python']}, NumPy {m['numpy']}, numba {m['numba']}, "
-            f"torch {m['torch']} | BLAS {m['blas']}")
 
 
 def _torch():
@@ -151,10 +104,32 @@ def contenders(names, *, causal=False, block_q=None, block_kv=None,
 REWARM_BELOW_S = 0.25
 
 
+class Timings(dict):
+    """``{name: [seconds, ...]}`` from :func:`time_calls`, with ``load``: the machine's
+    :class:`fa_lab.machine.Load` during the timed rounds."""
+
+    load: Load | None = None
+
+    def summary(self, name: str, work: float | None = None) -> dict:
+        """Median and quartiles (seconds) of one contender, GFLOP/s from ``work`` FLOPs,
+        and the load columns: the one summary every benchmark row uses."""
+        q25, med, q75 = verdict.quartiles(self[name])
+        row = {"median_s": med, "q25_s": q25, "q75_s": q75, "repeats": len(self[name])}
+        if work is not None:
+            row["gflops"] = work / med / 1e9
+        if self.load is not None:
+            row.update(self.load.columns())
+        return row
+
+    def ratio(self, slow: str, fast: str) -> tuple[float, float, float]:
+        """``(low, median ratio, high)`` of ``slow``'s time over ``fast``'s (a speedup)."""
+        return verdict.ratio_range(self[slow], self[fast])
+
+
 def time_calls(contenders_, args, *, repeats=5, warmup=1, min_time=0.0, cooldown=None):
     """Interleaved timing: ``repeats`` rounds, each calls every contender once.
 
-    Returns ``{name: [seconds, ...]}``. ``min_time`` adds rounds until each contender
+    Returns :class:`Timings` (``{name: [seconds, ...]}`` plus the load of the window). ``min_time`` adds rounds until each contender
     has run at least that long in total (for tiny problems). Each timed call is preceded
     by an untimed pause of ``cooldown`` seconds (default
     :data:`fa_lab.config.BENCH_COOLDOWN_S`) so that one contender's spinning thread
@@ -170,21 +145,23 @@ def time_calls(contenders_, args, *, repeats=5, warmup=1, min_time=0.0, cooldown
     for c in contenders_:
         for _ in range(warmup):
             c.fn(*args)
-    times = {c.name: [] for c in contenders_}
+    times = Timings({c.name: [] for c in contenders_})
     rounds = 0
-    while rounds < repeats or min(sum(t) for t in times.values()) < min_time:
-        for c in contenders_:
-            if cooldown:
-                time.sleep(cooldown)
-                last = times[c.name][-1] if times[c.name] else 0.0
-                if last < REWARM_BELOW_S:  # wake this contender's threads, untimed
-                    c.fn(*args)
-            t0 = time.perf_counter()
-            c.fn(*args)
-            times[c.name].append(time.perf_counter() - t0)
-        rounds += 1
-        if rounds >= 50 * max(repeats, 1):
-            break
+    with LoadMonitor() as monitor:
+        while rounds < repeats or min(sum(t) for t in times.values()) < min_time:
+            for c in contenders_:
+                if cooldown:
+                    time.sleep(cooldown)
+                    last = times[c.name][-1] if times[c.name] else 0.0
+                    if last < REWARM_BELOW_S:  # wake this contender's threads, untimed
+                        c.fn(*args)
+                t0 = time.perf_counter()
+                c.fn(*args)
+                times[c.name].append(time.perf_counter() - t0)
+            rounds += 1
+            if rounds >= 50 * max(repeats, 1):
+                break
+    times.load = monitor.load
     return times
 
 
@@ -231,13 +208,10 @@ def run(kernels=None, shapes=None, *, causal=False, dtype=np.float32, repeats=5,
         f = flops(shape.B, shape.H, shape.Nq, nk, shape.d, causal)
         medians = {name: statistics.median(t) for name, t in times.items()}
         for c in cs:
-            t = np.array(times[c.name])
             rows.append({
                 "name": c.name, "kind": c.kind, "B": shape.B, "H": shape.H,
                 "Nq": shape.Nq, "Nk": nk, "d": shape.d, "causal": causal,
-                "dtype": np.dtype(dtype).name, "repeats": len(t),
-                "median_s": medians[c.name], "q25_s": float(np.percentile(t, 25)),
-                "q75_s": float(np.percentile(t, 75)), "gflops": f / medians[c.name] / 1e9,
+                "dtype": np.dtype(dtype).name, **times.summary(c.name, f),
                 f"speedup_vs_{baseline}": (medians[baseline] / medians[c.name]
                                            if baseline in medians else float("nan")),
                 "max_error": errors[c.name], **{f"machine_{k}": v for k, v in info.items()},
@@ -247,9 +221,6 @@ def run(kernels=None, shapes=None, *, causal=False, dtype=np.float32, repeats=5,
 
 def plot_ladder(df, path=None, title="Kernel ladder"):
     """Bar chart of median time per contender (log scale) with the quartile spread."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(max(8.0, 1.35 * len(df)), 4.2))
@@ -273,13 +244,6 @@ def plot_ladder(df, path=None, title="Kernel ladder"):
         footer(fig, describe_machine())
         fig.savefig(path, dpi=120, bbox_inches="tight")
     return fig
-
-
-def _summarize(times: dict, f: float) -> dict:
-    return {name: {"median_s": statistics.median(t), "q25_s": float(np.percentile(t, 25)),
-                   "q75_s": float(np.percentile(t, 75)),
-                   "gflops": f / statistics.median(t) / 1e9, "repeats": len(t)}
-            for name, t in times.items()}
 
 
 def sweep_blocks(kernel, case: Case, blocks_q, blocks_kv, *, causal=False,
@@ -306,9 +270,9 @@ def sweep_blocks(kernel, case: Case, blocks_q, blocks_kv, *, causal=False,
             cs.append((bq, bk, c))
     times = time_calls([c for *_, c in cs], (q, k, v), repeats=repeats, warmup=0)
     nk = case.Nk if case.Nk is not None else case.Nq
-    stats = _summarize(times, flops(case.B, case.H, case.Nq, nk, case.d, causal))
-    return pd.DataFrame([{"kernel": kernel, "block_q": bq, "block_kv": bk, **stats[c.name]}
-                         for bq, bk, c in cs])
+    f = flops(case.B, case.H, case.Nq, nk, case.d, causal)
+    return pd.DataFrame([{"kernel": kernel, "block_q": bq, "block_kv": bk,
+                          **times.summary(c.name, f)} for bq, bk, c in cs])
 
 
 def thread_scaling(kernel, case: Case, threads=None, *, causal=False, dtype=np.float32,
@@ -334,9 +298,12 @@ def thread_scaling(kernel, case: Case, threads=None, *, causal=False, dtype=np.f
     finally:
         numba.set_num_threads(before)
     nk = case.Nk if case.Nk is not None else case.Nq
-    stats = _summarize(times, flops(case.B, case.H, case.Nq, nk, case.d, causal))
-    df = pd.DataFrame([{"kernel": kernel, "threads": t, **stats[str(t)]} for t in threads])
+    f = flops(case.B, case.H, case.Nq, nk, case.d, causal)
+    df = pd.DataFrame([{"kernel": kernel, "threads": t, **times.summary(str(t), f)}
+                       for t in threads])
     df["speedup_vs_1"] = df["median_s"].iloc[0] / df["median_s"]
+    ranges = [times.ratio(str(threads[0]), str(t)) for t in threads]
+    df["speedup_low"], df["speedup_high"] = [r[0] for r in ranges], [r[2] for r in ranges]
     return df
 
 
@@ -371,11 +338,13 @@ def backward_vs_forward(cases, *, forward="tiled_simd", backward="tiled", causal
                   q, k, v, out, lse, dout, causal=causal, kernel=backward), "kernel")]
         times = time_calls(cs, (q, k, v), repeats=repeats, warmup=0)
         fwd, bwd = (statistics.median(times[c.name]) for c in cs)
+        low, _, high = times.ratio("backward", "forward")
         nk = case.Nk if case.Nk is not None else case.Nq
         f = flops(case.B, case.H, case.Nq, nk, case.d, causal)
         rows.append({"B": case.B, "H": case.H, "N": case.Nq, "d": case.d, "causal": causal,
                      "forward_kernel": forward, "backward_kernel": backward,
                      "forward_ms": fwd * 1e3, "backward_ms": bwd * 1e3, "ratio": bwd / fwd,
+                     "ratio_low": low, "ratio_high": high, **times.load.columns(),
                      "flop_ratio_as_implemented": 3.5, "flop_ratio_fa2": 2.5,
                      "forward_gflops": f / fwd / 1e9, "backward_gflops": 3.5 * f / bwd / 1e9,
                      **{f"{n}_max_error": e["max_error"] for n, e in errors.items()},
@@ -408,16 +377,10 @@ def matmul_peak(n=2048, *, repeats=5, dtype=np.float32, block=256):
           Contender("blas_tiles_per_thread", lambda: flash.tile_gemms(x, tiles), "kernel")]
     times = time_calls(cs, (), repeats=repeats, warmup=1)
     work = {"numpy_matmul": 2.0 * n ** 3, "blas_tiles_per_thread": 2.0 * block ** 3 * tiles}
-    rows = []
-    for c in cs:
-        t = np.array(times[c.name])
-        med = statistics.median(t)
-        rows.append({"name": c.name, "shape": f"{n}x{n}" if c.name == "numpy_matmul"
-                     else f"{tiles} x ({block}x{block})", "median_s": med,
-                     "q25_s": float(np.percentile(t, 25)), "q75_s": float(np.percentile(t, 75)),
-                     "gflops": work[c.name] / med / 1e9,
-                     **{f"machine_{k}": v for k, v in machine().items()}})
-    return pd.DataFrame(rows)
+    return pd.DataFrame([{"name": c.name, "shape": f"{n}x{n}" if c.name == "numpy_matmul"
+                          else f"{tiles} x ({block}x{block})",
+                          **times.summary(c.name, work[c.name]),
+                          **{f"machine_{k}": v for k, v in machine().items()}} for c in cs])
 
 
 #: The four parts of :func:`breakdown`, in the order the kernel runs them.
@@ -459,7 +422,8 @@ def breakdown(case: Case, *, causal=False, dtype=np.float32, repeats=5, block_q=
     return pd.DataFrame([{"part": name, "ms": p * 1e3, "share": p / med[3],
                           "B": case.B, "H": case.H, "Nq": case.Nq, "Nk": nk, "d": case.d,
                           "causal": causal, "block_q": bq, "block_kv": bk,
-                          "total_ms": med[3] * 1e3, "total_gflops": f / med[3] / 1e9}
+                          "total_ms": med[3] * 1e3, "total_gflops": f / med[3] / 1e9,
+                          **times.load.columns()}
                          for name, p in zip(BREAKDOWN_PARTS, parts)])
 
 
@@ -500,23 +464,15 @@ def decode_splits(B=1, H=8, H_kv=None, Nk=4096, d=64, splits=(1, 2, 4, 8), *,
     auto = flash.plan_splits(B, H, 1, Nk, bq, bk, numba.get_num_threads())
     rows = []
     for c in cs:
-        t = np.array(times[c.name])
+        q25, med, q75 = verdict.quartiles(times[c.name])
         rows.append({"name": c.name, "B": B, "H": H, "H_kv": H_kv, "Nk": Nk, "d": d,
-                     "median_ms": float(np.median(t)) * 1e3,
-                     "q25_ms": float(np.percentile(t, 25)) * 1e3,
-                     "q75_ms": float(np.percentile(t, 75)) * 1e3, "auto_splits": auto})
+                     "median_ms": med * 1e3, "q25_ms": q25 * 1e3, "q75_ms": q75 * 1e3,
+                     "auto_splits": auto, **times.load.columns()})
     return pd.DataFrame(rows)
 
 
-def speed_verdict(low, high, measured) -> str:
-    """Compare a claimed speedup range with the measured one (within 1.25x of the range
-    counts as consistent: unstated configurations move speedups that much)."""
-    span = f"{low:g}x" if low == high else f"{low:g}-{high:g}x"
-    if low / 1.25 <= measured <= high * 1.25:
-        return f"consistent: {measured:.2f}x measured, {span} claimed"
-    if measured > high:
-        return f"understated: {measured:.2f}x measured, more than the {span} claimed"
-    return f"overstated here: {measured:.2f}x measured, less than the {span} claimed"
+def _verdict_columns(v: "verdict.Verdict") -> dict:
+    return {"verdict": v.text, "status": v.status}
 
 
 SPEED_CLAIMS_CSV = Path(__file__).resolve().parents[1] / "data" / "speed_claims.csv"
@@ -529,7 +485,9 @@ def check_speed_claims(path=SPEED_CLAIMS_CSV, *, kernel="flash", repeats=5, max_
     For each row of ``path``: ``kernel`` against NumPy standard attention (the
     ``numpy_standard`` baseline, the "standard attention" the claims compare with) and
     torch SDPA, validated first. The verdict compares the measured speedup over
-    standard attention with the claimed range (:func:`speed_verdict`).
+    standard attention (its quartile range) with the claimed range
+    (:func:`fa_lab.verdict.judge_claim`), or reads ``inconclusive`` when the machine was
+    busy or the range straddles the claim's edge.
     ``max_N`` caps N (quick runs); a capped row says so.
     """
     import pandas as pd
@@ -549,6 +507,9 @@ def check_speed_claims(path=SPEED_CLAIMS_CSV, *, kernel="flash", repeats=5, max_
                  repeats=repeats).set_index("name")
         ms = df["median_s"] * 1e3
         speedup = ms["numpy_standard"] / ms[kernel]
+        low = df.loc["numpy_standard", "q25_s"] / df.loc[kernel, "q75_s"]
+        high = df.loc["numpy_standard", "q75_s"] / df.loc[kernel, "q25_s"]
+        load = load_of(df.loc[kernel])
         claimed_ms = ("" if pd.isna(c["claimed_standard_ms"]) else
                       f"{c['claimed_standard_ms']:g} -> {c['claimed_flash_ms']:g} ms")
         rows.append({
@@ -557,28 +518,27 @@ def check_speed_claims(path=SPEED_CLAIMS_CSV, *, kernel="flash", repeats=5, max_
             "claimed ms": claimed_ms, "standard ms": ms["numpy_standard"],
             f"{kernel} ms": ms[kernel],
             "torch_sdpa ms": ms.get("torch_sdpa", float("nan")),
-            "speedup vs standard": speedup,
+            "speedup vs standard": speedup, "speedup low": low, "speedup high": high,
             "speedup vs torch_sdpa": (ms["torch_sdpa"] / ms[kernel] if "torch_sdpa" in ms
                                       else float("nan")),
-            "verdict": speed_verdict(c["claimed_speedup_low"], c["claimed_speedup_high"],
-                                     speedup),
+            **_verdict_columns(verdict.judge_claim(
+                c["claim"], speedup, c["claimed_speedup_low"], c["claimed_speedup_high"],
+                low=low, high=high, load=load)), **load.columns(),
             "note": note, "source": c["source"],
             **{f"machine_{k}": v for k, v in machine().items()}})
     return pd.DataFrame(rows)
 
 
 def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     return plt
 
 
-def plot_roofline(df, peak_gflops: float, title="Throughput against N"):
+def plot_throughput(df, peak_gflops: float, title="Throughput against N"):
     """GFLOP/s against N per contender (from :func:`run` over several N), with the
-    measured matrix-product peak as a horizontal roofline and 60% of it dashed."""
+    measured matrix-product peak as a horizontal ceiling and 60% of it dashed. (Not a
+    roofline: that needs arithmetic intensity on the x axis.)"""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     styles = {"flash": ("tab:blue", "o", "-"), "torch_sdpa": ("tab:red", "s", "-"),
@@ -653,8 +613,42 @@ def plot_decode(frames, title="Decode: one new token against the KV cache"):
     return fig
 
 
+def load_of(row) -> Load | None:
+    """The :class:`Load` stored in a result row's load columns (None if it has none)."""
+    if "others_pct" not in row or row["others_pct"] != row["others_pct"]:
+        return None
+    return Load(0.0, row.get("load1_start", float("nan")), row.get("load1_end", float("nan")),
+                row["others_pct"] / 100, row.get("steal_pct", 0.0) / 100)
+
+
+def _quart(row, unit="s"):
+    med = row[f"median_{unit}"]
+    return row.get(f"q25_{unit}", med), med, row.get(f"q75_{unit}", med)
+
+
+def speedup(df, fast: str, slow: str, unit="s") -> tuple[float, float, float]:
+    """``(low, value, high)``: how many times faster ``fast`` ran than ``slow`` in a
+    result table of :func:`run` (rows by ``name``), with the quartile range
+    (:func:`fa_lab.verdict.ratio_range`)."""
+    rows = df.set_index("name")
+    (f25, f50, f75), (s25, s50, s75) = _quart(rows.loc[fast], unit), _quart(rows.loc[slow], unit)
+    return s25 / f75, s50 / f50, s75 / f25
+
+
+def judge_speedup(df, fast: str, slow: str, need, what: str | None = None, unit="s",
+                  **kw) -> "verdict.Verdict":
+    """The verdict on "``fast`` is at least ``need`` times as fast as ``slow``" (or a
+    ``(low, high)`` band) from one result table, on the quartile range, with its load."""
+    low, value, high = speedup(df, fast, slow, unit)
+    rows = df.set_index("name")
+    load = Load.merge([load_of(rows.loc[fast]), load_of(rows.loc[slow])])
+    return verdict.judge(what or f"{fast} vs {slow} (speed ratio)", value, need, low=low,
+                         high=high, load=load if load.known else None, **kw)
+
+
 def targets_table(throughput, decode_frames, peak, kernel="flash") -> "pd.DataFrame":
-    """The performance issue's targets against this run's measurements.
+    """The performance issue's targets against this run's measurements, with verdicts
+    (:func:`fa_lab.verdict.judge` on the quartile ranges; ``inconclusive`` under load).
 
     ``throughput``: :func:`run` rows (several N, causal and not) with ``torch_sdpa``;
     ``decode_frames``: :func:`decode_splits` tables; ``peak``: :func:`matmul_peak`.
@@ -663,40 +657,42 @@ def targets_table(throughput, decode_frames, peak, kernel="flash") -> "pd.DataFr
     import pandas as pd
 
     rows = []
-    t = throughput.set_index(["name", "B", "H", "Nq", "causal"])["median_s"]
 
-    def ratio(B, H, N, causal):
-        try:
-            return t[("torch_sdpa", B, H, N, causal)] / t[(kernel, B, H, N, causal)]
-        except KeyError:
-            return None
+    def add(target, need, value, low, high, load, fmt="{:.2f}x"):
+        v = verdict.judge(target, value, need, low=low, high=high, load=load, fmt=fmt)
+        rows.append({"target": target, "need": f">= {fmt.format(need)}",
+                     "measured": fmt.format(value), "verdict": v.text, "met": v.status == "met"})
 
+    t = throughput.set_index(["name", "B", "H", "Nq", "causal"])
     for (B, H, N, causal, need) in [(1, 8, 2048, False, 1.2), (1, 8, 2048, True, 1.2),
                                     (1, 8, 512, False, 1.0), (1, 1, 8192, False, 1.0)]:
-        r = ratio(B, H, N, causal)
-        if r is not None:
-            rows.append({"target": f"throughput vs torch SDPA, B={B}, H={H}, N={N}"
-                         f"{', causal' if causal else ''}", "need": f">= {need:g}x",
-                         "measured": f"{r:.2f}x", "met": r >= need})
+        try:
+            mine, theirs = t.loc[(kernel, B, H, N, causal)], t.loc[("torch_sdpa", B, H, N, causal)]
+        except KeyError:
+            continue
+        (m25, m50, m75), (t25, t50, t75) = _quart(mine), _quart(theirs)
+        add(f"throughput vs torch SDPA, B={B}, H={H}, N={N}{', causal' if causal else ''}",
+            need, t50 / m50, t25 / m75, t75 / m25, load_of(mine))
     for df in decode_frames:
-        d = df.set_index("name")["median_ms"]
+        d = df.set_index("name")
         auto = int(df["auto_splits"].iloc[0])
-        mine = d[f"flash, {auto} split{'s' if auto > 1 else ''}"] if (
-            f"flash, {auto} split{'s' if auto > 1 else ''}" in d) else d.filter(like="flash").min()
-        if "torch_sdpa" in d:
-            r = d["torch_sdpa"] / mine
+        label = f"flash, {auto} split{'s' if auto > 1 else ''}"
+        mine = d.loc[label] if label in d.index else d.filter(like="flash", axis=0).iloc[0]
+        if "torch_sdpa" in d.index:
+            (m25, m50, m75), (t25, t50, t75) = _quart(mine, "ms"), _quart(d.loc["torch_sdpa"], "ms")
             row = df.iloc[0]
-            rows.append({"target": f"decode vs torch SDPA, Nq=1, Nk={row['Nk']}, H={row['H']}"
-                         f"/{row['H_kv']} kv (flash's own split choice: {auto})",
-                         "need": ">= 1x", "measured": f"{r:.2f}x", "met": r >= 1.0})
+            add(f"decode vs torch SDPA, Nq=1, Nk={row['Nk']}, H={row['H']}/{row['H_kv']} kv "
+                f"(flash's own split choice: {auto})", 1.0, t50 / m50, t25 / m75, t75 / m25,
+                load_of(mine))
     best = peak["gflops"].max()
     mine = throughput[throughput["name"] == kernel]
     if len(mine):
         top = mine.loc[mine["gflops"].idxmax()]
-        frac = top["gflops"] / best
-        rows.append({"target": f"fraction of the measured fp32 matmul peak ({best:.0f} GFLOP/s), "
-                     f"best {kernel} row (N={top['Nq']}{', causal' if top['causal'] else ''})",
-                     "need": ">= 60%", "measured": f"{100 * frac:.0f}%", "met": frac >= 0.6})
+        q25, med, q75 = _quart(top)
+        add(f"fraction of the measured fp32 matmul peak ({best:.0f} GFLOP/s), best {kernel} "
+            f"row (N={top['Nq']}{', causal' if top['causal'] else ''})", 0.6,
+            top["gflops"] / best, top["gflops"] * med / q75 / best,
+            top["gflops"] * med / q25 / best, load_of(top), fmt="{:.0%}")
     return pd.DataFrame(rows)
 
 

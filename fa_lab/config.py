@@ -40,3 +40,13 @@ def num_threads() -> int:
     import numba
 
     return numba.get_num_threads()
+
+
+#: A timing window counts as *busy* (its verdicts read ``inconclusive``) when other
+#: processes used more than this share of the machine's CPU time (all cores) during it
+#: (:class:`fa_lab.machine.LoadMonitor`). One core spinning on a 2-core machine reads
+#: 0.3-0.5; a quiet VM 0.00-0.03.
+BUSY_OTHERS = 0.15
+
+#: ... or when the hypervisor stole more than this share of the CPU time.
+BUSY_STEAL = 0.10

@@ -192,8 +192,11 @@ def rope(x, positions, base=10000.0, interleaved=False):
 class TinyLM:
     """A small decoder-only transformer in NumPy with random weights (a fixed seed):
     token embedding, ``layers`` pre-LayerNorm blocks (GQA attention with RoPE, a GELU
-    MLP), a final LayerNorm and tied output weights. Big enough to show that cached
-    decoding gives exactly what recomputing full causal attention gives; not trained.
+    MLP), a final LayerNorm and an output projection of its own. Big enough to show that
+    cached decoding gives exactly what recomputing full causal attention gives; not
+    trained. (Tied output weights made greedy decoding repeat the prompt's last token
+    forever: the residual stream still holds that token's embedding, which scores
+    itself highest; "the same tokens" then proved little.)
     """
 
     def __init__(self, vocab=96, d_model=128, heads=4, kv_heads=2, layers=2, seed=0,
@@ -213,6 +216,7 @@ class TinyLM:
                         "wo": w(d_model, d_model), "w1": w(d_model, 4 * d_model),
                         "w2": w(4 * d_model, d_model, scale=1 / math.sqrt(4 * d_model))}
                        for _ in range(layers)]
+        self.out = w(d_model, vocab)
 
     @staticmethod
     def _norm(x):
@@ -250,7 +254,7 @@ class TinyLM:
             h = self._norm(x)
             u = h @ blk["w1"]
             x = x + (0.5 * u * (1 + np.tanh(0.7978845608 * (u + 0.044715 * u ** 3)))) @ blk["w2"]
-        return self._norm(x) @ self.emb.T
+        return self._norm(x) @ self.out
 
     def new_caches(self, max_len, B=1):
         return [KVCache(B, self.kv_heads, max_len, self.head_dim, self.dtype)
@@ -283,11 +287,12 @@ class TinyLM:
 
 def time_generation(model: TinyLM, prompt_lengths, steps=16, repeats=3, seed=0):
     """Seconds per generated token, cached vs recomputed, for several prompt lengths
-    (both validated to produce the same tokens first). Returns a DataFrame."""
-    import statistics
-    import time
-
+    (both validated to produce the same tokens first; timed by the benchmark harness,
+    interleaved, with the machine's load). Returns a DataFrame."""
     import pandas as pd
+
+    from fa_lab.bench import Contender, time_calls
+    from fa_lab.verdict import quartiles
 
     rng = np.random.default_rng(seed)
     rows = []
@@ -297,16 +302,16 @@ def time_generation(model: TinyLM, prompt_lengths, steps=16, repeats=3, seed=0):
         b, lb = model.generate(prompt, steps, use_cache=False)
         if not np.array_equal(a, b):
             raise AssertionError(f"cached and recomputed decoding differ at prompt length {n}")
-        t = {True: [], False: []}
-        for _ in range(repeats):
-            for cached in (True, False):
-                t0 = time.perf_counter()
-                model.generate(prompt, steps, use_cache=cached)
-                t[cached].append((time.perf_counter() - t0) / steps)
+        cs = [Contender(label, lambda c=cached: model.generate(prompt, steps, use_cache=c),
+                        "kernel") for label, cached in (("cached", True), ("recompute", False))]
+        t = time_calls(cs, (), repeats=repeats, warmup=0)  # the harness: cooldown, load
+        (c25, c50, c75), (r25, r50, r75) = (quartiles(t[c.name]) for c in cs)
         rows.append({"prompt_len": n, "steps": steps,
-                     "cached_ms_per_token": statistics.median(t[True]) * 1e3,
-                     "recompute_ms_per_token": statistics.median(t[False]) * 1e3,
-                     "max_logit_diff": float(np.abs(la - lb).max())})
+                     "cached_ms_per_token": c50 / steps * 1e3,
+                     "recompute_ms_per_token": r50 / steps * 1e3,
+                     "speedup_low": r25 / c75, "speedup_high": r75 / c25,
+                     "distinct_tokens": len(set(a[n:].tolist())),
+                     "max_logit_diff": float(np.abs(la - lb).max()), **t.load.columns()})
     df = pd.DataFrame(rows)
     df["speedup"] = df["recompute_ms_per_token"] / df["cached_ms_per_token"]
     return df
@@ -314,14 +319,13 @@ def time_generation(model: TinyLM, prompt_lengths, steps=16, repeats=3, seed=0):
 
 def decode_latency(context_lengths, *, H=8, H_kv=8, d=64, repeats=30, seed=0):
     """Median latency of one :func:`decode` step (one new token) against caches of
-    several lengths, with torch SDPA on the same keys beside it when installed."""
-    import statistics
-    import time
-
+    several lengths, with torch SDPA on the same keys beside it when installed (the
+    benchmark harness, back-to-back calls, with the machine's load per row)."""
     import pandas as pd
 
     from fa_lab import reference
-    from fa_lab.bench import _torch
+    from fa_lab.bench import Contender, _torch, time_calls
+    from fa_lab.verdict import quartiles
 
     rng = np.random.default_rng(seed)
     torch = _torch()
@@ -338,26 +342,19 @@ def decode_latency(context_lengths, *, H=8, H_kv=8, d=64, repeats=30, seed=0):
             tq, tk, tv = (torch.from_numpy(np.array(x)) for x in (q, cache.keys, cache.values))
             fns["torch_sdpa"] = lambda: torch.nn.functional.scaled_dot_product_attention(
                 tq, tk, tv, enable_gqa=H != H_kv)
-        times = {n: [] for n in fns}
-        for f in fns.values():
-            f()
-        for _ in range(repeats):  # back to back, as in a decoding loop
-            for n, f in fns.items():
-                t0 = time.perf_counter()
-                f()
-                times[n].append(time.perf_counter() - t0)
-        for n, t in times.items():
-            rows.append({"context": L, "name": n, "median_ms": statistics.median(t) * 1e3,
-                         "q25_ms": float(np.percentile(t, 25)) * 1e3,
-                         "q75_ms": float(np.percentile(t, 75)) * 1e3, "H": H, "H_kv": H_kv})
+        cs = [Contender(n, f, "kernel") for n, f in fns.items()]
+        # Back to back, as in a decoding loop (a pause would add the threads' wake-up).
+        times = time_calls(cs, (), repeats=repeats, warmup=1, cooldown=0)
+        for c in cs:
+            q25, med, q75 = quartiles(times[c.name])
+            rows.append({"context": L, "name": c.name, "median_ms": med * 1e3,
+                         "q25_ms": q25 * 1e3, "q75_ms": q75 * 1e3, "H": H, "H_kv": H_kv,
+                         **times.load.columns()})
     return pd.DataFrame(rows)
 
 
 
 def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     return plt

@@ -157,8 +157,10 @@ def speed(N=1024, H=8, d=64, *, repeats=5, block=64, seed=0):
     # thread pools involved; a pause before each call made both read up to 1.6x slower.
     t = bench.time_calls(qk, (), repeats=max(15, 3 * repeats), warmup=2, cooldown=0)
     ops = 2.0 * (N // block * block) ** 2 * d
-    qk_df = pd.DataFrame([{"contender": c.name, "median_ms": statistics.median(t[c.name]) * 1e3,
-                           "gops": ops / statistics.median(t[c.name]) / 1e9} for c in qk])
+    qk_df = pd.DataFrame([{"contender": c.name, "name": c.name,
+                           "median_ms": statistics.median(t[c.name]) * 1e3,
+                           "gops": ops / statistics.median(t[c.name]) / 1e9, **t.summary(c.name)}
+                          for c in qk])
     qk_df["speedup_vs_fp32_loop"] = qk_df["median_ms"].iloc[1] / qk_df["median_ms"]
 
     call = _prepare(q, k, v, False, None, None, None, None, 0.0, None)
@@ -181,8 +183,9 @@ def speed(N=1024, H=8, d=64, *, repeats=5, block=64, seed=0):
         bench.validate(c, q, k, v)
     times = bench.time_calls(cs, (q, k, v), repeats=repeats, warmup=0)
     f = bench.flops(1, H, N, N, d)
-    att = pd.DataFrame([{"contender": c.name, "median_ms": statistics.median(times[c.name]) * 1e3,
-                         "gflops": f / statistics.median(times[c.name]) / 1e9} for c in cs])
+    att = pd.DataFrame([{"contender": c.name, "name": c.name,
+                         "median_ms": statistics.median(times[c.name]) * 1e3,
+                         **times.summary(c.name, f)} for c in cs])
     att["speed_vs_tiled_simd"] = att["median_ms"].iloc[2] / att["median_ms"]
     return qk_df, att
 
@@ -190,9 +193,6 @@ def speed(N=1024, H=8, d=64, *, repeats=5, block=64, seed=0):
 def plot_k_histograms(k, channels=4, title="K channels before and after smoothing"):
     """Histograms of a few K channels (the ones with the largest mean offset), raw and
     after :func:`fa_lab.quant.smooth_k`, with the per-tensor INT8 step marked."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     k = np.asarray(k, np.float32).reshape(-1, k.shape[-1])
@@ -216,9 +216,6 @@ def plot_k_histograms(k, channels=4, title="K channels before and after smoothin
 
 def plot_error_vs_length(df, metric="rel_l1"):
     """``metric`` against N per variant (log-log)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4))

@@ -5,7 +5,11 @@
 * Notebooks run one after another (never in parallel: they time kernels), each in
   the ``notebooks/`` folder as working directory, with the ``python3`` kernel.
 * Each writes its figures and tables to ``<results-dir>/figures`` and ``data/``
-  (default: the repository root).
+  (default: the output folder, ``reports/``, which git ignores): the report never
+  modifies tracked files. ``make curate`` passes ``--results-dir .`` to refresh the
+  curated figures and tables the README shows, on purpose.
+* The console shows one line per lesson (status, time, verdicts, load); the index
+  page shows the same, and flags lessons whose timings ran on a busy machine.
 * Outputs go to ``<out>/<name>.ipynb`` and ``<out>/<name>.html`` through temporary
   files moved into place, so a failed or interrupted run never leaves a half-written
   file; ``<out>/index.html`` embeds the key figures and needs no network.
@@ -20,6 +24,7 @@ from __future__ import annotations
 import ast
 import base64
 import html
+import json
 import os
 import re
 import time
@@ -41,6 +46,10 @@ NOTEBOOKS = [
 
 REPO = Path(__file__).resolve().parents[1]
 
+#: The lessons' kernel logs only errors: ipykernel warns "Kernel is running over TCP
+#: without encryption" on every start (papermill's kernels listen on localhost only).
+KERNEL_ARGS = ["--IPKernelApp.log_level=ERROR"]
+
 
 @dataclass
 class Result:
@@ -50,6 +59,23 @@ class Result:
     error: str = ""
     cell: int | None = None  # index of the failing cell in the source notebook (0-based)
     prompt: int | None = None  # its ``In [n]`` in the executed notebook / HTML
+    lesson: dict | None = None  # the lesson's own status file (verdicts, load), if any
+
+    @property
+    def verdicts(self) -> str:
+        """'3 met, 1 not met, 2 inconclusive' (or '' when the lesson judged nothing)."""
+        counts: dict = {}
+        for v in (self.lesson or {}).get("verdicts", []):
+            counts[v["status"]] = counts.get(v["status"], 0) + 1
+        return ", ".join(f"{n} {status}" for status, n in counts.items())
+
+    @property
+    def busy(self) -> bool:
+        return bool((self.lesson or {}).get("busy_windows"))
+
+    @property
+    def load(self) -> str:
+        return (self.lesson or {}).get("load", "")
 
     @property
     def where(self) -> str:
@@ -108,7 +134,7 @@ def run_notebook(path: Path, out_dir: Path, params: dict, timeout: int | None) -
     try:
         pm.execute_notebook(str(path), str(tmp_nb), parameters=params, cwd=str(path.parent),
                             kernel_name="python3", progress_bar=False, log_output=False,
-                            execution_timeout=timeout)
+                            execution_timeout=timeout, extra_arguments=KERNEL_ARGS)
         result.status = "ok"
     except pm.PapermillExecutionError as exc:
         result.status, result.error = "failed", f"{exc.ename}: {exc.evalue}"
@@ -161,9 +187,19 @@ def index_html(results: list[Result], machine: dict, params: dict, key: dict) ->
         err = ""
         if r.status != "ok":
             err = f"<code>{esc(r.where + r.error)}</code>"
+        load = esc(r.load)
+        if r.busy:
+            load = f'<span class="failed">{load}</span>'
         rows.append(f'<tr><td>{esc(r.name)}</td><td class="{r.status}">{r.status}</td>'
-                    f"<td>{r.seconds:.1f} s</td><td>{links}</td><td>{err}</td></tr>")
+                    f"<td>{r.seconds:.1f} s</td><td>{esc(r.verdicts)}</td><td>{load}</td>"
+                    f"<td>{links}</td><td>{err}</td></tr>")
     figs = []
+    busy = [r.name for r in results if r.busy]
+    warn = ""
+    if busy:
+        warn = (f'<p class="failed">Measured under load: {esc(", ".join(busy))}. Other '
+                "processes took CPU time during some of their timings; those verdicts read "
+                "<i>inconclusive (machine busy)</i>. Re-run on a quiet machine.</p>")
     for r in results:
         path = key.get(r.name)
         if path and path.exists() and r.status == "ok":
@@ -180,8 +216,9 @@ def index_html(results: list[Result], machine: dict, params: dict, key: dict) ->
 <p>{n_ok} of {len(results)} notebooks ran cleanly. Generated {time.strftime('%Y-%m-%d %H:%M')}
 with parameters: {prm}. Every number in these pages was measured on this machine:</p>
 <table>{mrows}</table>
-<h2>Notebooks</h2>
-<table><tr><th>notebook</th><th>status</th><th>run time</th><th>pages</th><th>error</th></tr>
+<h2>Notebooks</h2>{warn}
+<table><tr><th>notebook</th><th>status</th><th>run time</th><th>verdicts</th>
+<th>load during its timings</th><th>pages</th><th>error</th></tr>
 {''.join(rows)}</table>
 <h2>Key figures</h2>{''.join(figs) or '<p>none</p>'}
 </body></html>"""
@@ -189,15 +226,17 @@ with parameters: {prm}. Every number in these pages was measured on this machine
 
 def run(out="reports", notebooks=None, params=None, results_dir=None, nb_dir=None,
         timeout=1800, show_progress=True) -> list[Result]:
-    """Run the lessons (all of :data:`NOTEBOOKS` or the given stems) and write the index."""
-    from tqdm.auto import tqdm
+    """Run the lessons (all of :data:`NOTEBOOKS` or the given stems) and write the index.
 
-    from fa_lab.bench import machine
+    ``results_dir`` (default: ``out``) receives each lesson's ``figures/`` and ``data/``.
+    With ``show_progress``, prints one line per lesson as it finishes.
+    """
+    from fa_lab.machine import machine
 
     nb_dir = Path(nb_dir or REPO / "notebooks").resolve()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    results_dir = Path(results_dir or REPO).resolve()
+    results_dir = Path(results_dir or out).resolve()
     params = dict(params or {})
     params.setdefault("results_dir", str(results_dir))
     known = dict(NOTEBOOKS)
@@ -206,13 +245,32 @@ def run(out="reports", notebooks=None, params=None, results_dir=None, nb_dir=Non
         if not (nb_dir / f"{name}.ipynb").exists():
             raise FileNotFoundError(f"notebook {name!r} not found in {nb_dir}")
     results = []
-    bar = tqdm(names, desc="report", unit="notebook", disable=not show_progress)
-    for name in bar:
-        bar.set_postfix_str(name)
-        results.append(run_notebook(nb_dir / f"{name}.ipynb", out, params, timeout))
+    for i, name in enumerate(names, 1):
+        status_file = results_dir / "data" / f"{name}_status.json"
+        status_file.unlink(missing_ok=True)  # a stale one would describe an earlier run
+        result = run_notebook(nb_dir / f"{name}.ipynb", out, params, timeout)
+        result.lesson = _read_status(status_file)
+        results.append(result)
+        if show_progress:
+            print(f"[{i}/{len(names)}] {_line(result)}", flush=True)
     key = {n: results_dir / "figures" / f"{n}_{stem}.png" for n, stem in known.items()}
     _atomic_write(out / "index.html", index_html(results, machine(), params, key))
     return results
+
+
+def _read_status(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _line(r: Result) -> str:
+    """One console line per lesson: status, time, name, verdicts, load or error."""
+    detail = f"  {r.where}{r.error}" if r.status != "ok" else ""
+    extra = "; ".join(x for x in (r.verdicts, "MEASURED UNDER LOAD" if r.busy else "") if x)
+    return (f"{r.status:>6}  {r.seconds:6.1f} s  {r.name}"
+            f"{f'  ({extra})' if extra else ''}{detail}")
 
 
 def main(args) -> int:
@@ -222,8 +280,5 @@ def main(args) -> int:
         params["quick"] = True
     results = run(out=args.out, notebooks=args.only, params=params,
                   results_dir=args.results_dir)
-    for r in results:
-        detail = f"  {r.where}{r.error}" if r.status != "ok" else ""
-        print(f"{r.status:>7}  {r.seconds:6.1f} s  {r.name}{detail}")
     print(f"wrote {Path(args.out).resolve() / 'index.html'}")
     return 0 if all(r.status == "ok" for r in results) else 1

@@ -136,13 +136,13 @@ def numpy_topk(query, keys, k, *, scale=1.0):
 def benchmark(corpus_sizes, *, d=384, queries=1, k=10, block=8192, repeats=3, seed=0,
               measure_memory=True):
     """Time and peak memory of :func:`topk_attention` vs :func:`numpy_topk` per corpus
-    size (unit-norm random float32 embeddings); results checked equal first."""
-    import statistics
-    import time
-
+    size (unit-norm random float32 embeddings); results checked equal first, then timed
+    by the benchmark harness (interleaved, with the machine's load per row)."""
     import pandas as pd
 
     from fa_lab import memory
+    from fa_lab.bench import Contender, time_calls
+    from fa_lab.verdict import quartiles
 
     rng = np.random.default_rng(seed)
     rows = []
@@ -157,26 +157,20 @@ def benchmark(corpus_sizes, *, d=384, queries=1, k=10, block=8192, repeats=3, se
             raise AssertionError(f"top-{k} sets differ at N={N}")
         fns = {"fa_lab.topk_attention": lambda: topk_attention(q, keys, k=k, block=block),
                "numpy argpartition": lambda: numpy_topk(q, keys, k)}
-        times = {n: [] for n in fns}
-        for _ in range(repeats):
-            for n, f in fns.items():
-                time.sleep(0.05)
-                t0 = time.perf_counter()
-                f()
-                times[n].append(time.perf_counter() - t0)
-        for n, f in fns.items():
-            peak = memory.measure(f).peak_bytes if measure_memory else float("nan")
-            rows.append({"N": N, "d": d, "queries": queries, "k": k, "name": n,
-                         "median_ms": statistics.median(times[n]) * 1e3,
-                         "peak_bytes": peak, "corpus_bytes": keys.nbytes})
+        cs = [Contender(n, f, "kernel") for n, f in fns.items()]
+        times = time_calls(cs, (), repeats=repeats, warmup=0)
+        for c in cs:
+            peak = memory.measure(c.fn).peak_bytes if measure_memory else float("nan")
+            q25, med, q75 = quartiles(times[c.name])
+            rows.append({"N": N, "d": d, "queries": queries, "k": k, "name": c.name,
+                         "median_ms": med * 1e3, "q25_ms": q25 * 1e3, "q75_ms": q75 * 1e3,
+                         "peak_bytes": peak, "corpus_bytes": keys.nbytes,
+                         **times.load.columns()})
     return pd.DataFrame(rows)
 
 
 def plot_benchmark(df):
     """Time and peak extra memory against corpus size, fa_lab vs NumPy."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))

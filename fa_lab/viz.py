@@ -1,29 +1,41 @@
-"""Figures the lessons share. Each takes data computed elsewhere and returns a Figure."""
+"""Figures the lessons share. Each takes data computed elsewhere and returns a Figure.
+
+No backend is chosen here: in JupyterLab and under papermill the inline backend shows
+every figure in its cell's output (and so in the report's HTML pages); scripts and
+tests without a display get matplotlib's own headless fallback (Agg). Selecting Agg at
+import replaced the inline backend and left every executed lesson without a figure.
+"""
 
 from __future__ import annotations
 
-import matplotlib
+import textwrap
 
-matplotlib.use("Agg", force=False)  # headless by default; JupyterLab's inline backend wins
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.colors import ListedColormap
 
-from fa_lab.reference import causal_mask  # noqa: E402
-from fa_lab.tiling import DIAGONAL, FULL, SKIPPED, tile_classes  # noqa: E402
+from fa_lab.reference import causal_mask
+from fa_lab.tiling import DIAGONAL, FULL, SKIPPED, tile_classes
+
+
+#: Footer font size (points) and the average glyph width as a share of it.
+_FOOTER_PT, _GLYPH = 6.5, 0.52
 
 
 def footer(fig, text: str):
     """The machine line just under a figure's drawn content (every measured figure has one).
 
     Placed below the tight bounding box of what is already drawn, so tall figures with
-    blank space (equal-aspect grids) do not leave a gap; save with
-    ``bbox_inches="tight"`` to include it.
+    blank space (equal-aspect grids) do not leave a gap, and wrapped to that box's
+    width, so a long machine line never widens the saved figure (which would shrink
+    the plot in it); save with ``bbox_inches="tight"`` to include it.
     """
     fig.canvas.draw()
     box = fig.get_tightbbox(fig.canvas.get_renderer())  # inches
-    fig.text(box.x0 / fig.get_figwidth(), box.y0 / fig.get_figheight() - 0.01, text,
-             fontsize=6.5, color="dimgray", ha="left", va="top")
+    chars = max(40, int(box.width * 72 / (_FOOTER_PT * _GLYPH)))
+    wrapped = "\n".join(textwrap.wrap(text, chars, break_on_hyphens=False))
+    fig.text(box.x0 / fig.get_figwidth(), box.y0 / fig.get_figheight() - 0.01, wrapped,
+             fontsize=_FOOTER_PT, color="dimgray", ha="left", va="top")
     return fig
 
 
@@ -152,5 +164,95 @@ def bars(labels, values, errors=None, ylabel="", title="", log=False, annotate="
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.margins(y=0.2)
+    fig.tight_layout()
+    return fig
+
+
+def tile_schedules(Nq, Nk, block_q, block_kv, threads=2):
+    """Lesson 02: the tile grid without and with a causal mask, side by side. Numbers are
+    the order in which one query block's task visits its key blocks; the row labels say
+    which thread runs the task (numba splits the task range into equal contiguous chunks)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    Tr = -(-Nq // block_q)
+    for ax, causal in zip(axes, (False, True)):
+        tile_schedule(Nq, Nk, block_q, block_kv, causal=causal, ax=ax)
+        chunk = -(-Tr // threads)
+        ax.set_yticks(np.arange(Tr), [f"Q{a} (thread {a // chunk})" for a in range(Tr)],
+                      fontsize=7)
+        ax.set_xlabel("key block j (visited left to right)")
+        if causal:
+            ax.get_legend().remove()
+    fig.tight_layout()
+    return fig
+
+
+def speedup_bars(labels, measured, low, high, ideals: dict, ylabel="", title=""):
+    """Measured ratios with their quartile range as error bars, beside ideal values
+    (``ideals``: label -> a value per bar, or one number drawn as a line)."""
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    x = np.arange(len(labels))
+    bars = [(k, v) for k, v in ideals.items() if np.ndim(v)]
+    lines = [(k, v) for k, v in ideals.items() if not np.ndim(v)]
+    width = 0.8 / (1 + len(bars))
+    err = np.vstack([np.asarray(measured) - np.asarray(low), np.asarray(high) - np.asarray(measured)])
+    ax.bar(x - 0.4 + width / 2, measured, width, yerr=err, capsize=3, color="tab:blue",
+           label="measured (bars: quartile range)")
+    greys = ["lightgray", "darkgray", "gray"]
+    for i, (label, values) in enumerate(bars, 1):
+        ax.bar(x - 0.4 + width / 2 + i * width, values, width, color=greys[i % 3], label=label)
+    for label, value in lines:
+        ax.axhline(value, color="k", ls=":", lw=1, label=label)
+    ax.set_xticks(x, labels)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    top = max(np.max(high), *[np.max(v) for _, v in ideals.items()])
+    ax.set_ylim(0, top * 1.35)
+    ax.legend(fontsize=8, ncol=2, loc="upper center")
+    fig.tight_layout()
+    return fig
+
+
+def allocations(tops: dict, xlabel="MiB alive at the peak"):
+    """Lesson 05: the allocations alive at the peak, one panel per kernel (from
+    :func:`fa_lab.memory.top_allocations`: ``bytes`` and ``code`` columns)."""
+    fig, axes = plt.subplots(len(tops), 1, figsize=(9, 3 * len(tops)), squeeze=False)
+    for ax, (name, t) in zip(axes[:, 0], tops.items()):
+        labels = [c if len(c) <= 70 else c[:67] + "..." for c in t["code"]]
+        ax.barh(labels[::-1], (t["bytes"] / 2 ** 20)[::-1])
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("allocated at")
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def peak_memory_vs_n(df, x="N", y="peak_bytes", by="kernel", reference_col=None,
+                     reference_label="", title=""):
+    """Peak bytes against N, one line per ``by`` group, log-log, optional dotted line."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, g in df.groupby(by):
+        ax.plot(g[x], g[y] / 2 ** 20, "o-", label=str(name))
+    if reference_col:
+        ref = df.drop_duplicates(x)
+        ax.plot(ref[x], ref[reference_col] / 2 ** 20, "k:", label=reference_label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(x)
+    ax.set_ylabel("peak extra MiB (log)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def keep_mask(kept, p):
+    """Lesson 07: a dropout keep mask (black = dropped)."""
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    ax.imshow(kept, cmap="gray", interpolation="nearest", vmin=0, vmax=1)
+    ax.set_xlabel("key j")
+    ax.set_ylabel("query i")
+    ax.set_title(f"keep mask, first {kept.shape[0]} x {kept.shape[1]}, p = {p}\n"
+                 f"(black = dropped: {1 - kept.mean():.1%} here)", fontsize=9)
     fig.tight_layout()
     return fig

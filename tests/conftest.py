@@ -42,3 +42,11 @@ def check_against_reference(kernel, q, k, v, **kw):
     assert_close(lse, exp_lse, baseline=base_lse, what=f"{kernel} lse",
                  magnitude=lse_magnitude(exp_lse, q, k, kw.get("scale")))
     return out, lse
+
+
+def pytest_configure(config):
+    # The tests' own plotting: headless, in this process only. (The environment variable
+    # MPLBACKEND would reach the notebook kernels too and hide every lesson's figures.)
+    import matplotlib
+
+    matplotlib.use("Agg")

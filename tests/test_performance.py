@@ -157,11 +157,11 @@ def test_torch_baseline_gets_bottom_right_right():
     bench.validate(sdpa, q, k, v, "bottom_right")  # raises if torch used top-left
 
 
-def test_speed_verdict_and_claims_check(tmp_path):
-    assert bench.speed_verdict(2, 4, 3.0).startswith("consistent")
-    assert bench.speed_verdict(2, 4, 9.0).startswith("understated")
-    assert bench.speed_verdict(2, 4, 1.1).startswith("overstated")
-    df = bench.check_speed_claims(repeats=1, max_N=32)
+def test_claims_check_judges_every_row_on_its_range(tmp_path):
+    df = bench.check_speed_claims(repeats=2, max_N=32)
+    assert (df["speedup low"] <= df["speedup vs standard"]).all()
+    assert (df["speedup vs standard"] <= df["speedup high"]).all()
+    assert set(df["status"]) <= {"consistent", "understated", "overstated here", "inconclusive"}
     claims = __import__("pandas").read_csv(bench.SPEED_CLAIMS_CSV)
     assert len(df) == len(claims) and df["verdict"].str.len().min() > 0
     assert df["note"].str.contains("quick run").any()
