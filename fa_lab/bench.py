@@ -547,8 +547,12 @@ def plot_throughput(df, peak_gflops: float, title="Throughput against N"):
         color, marker, _ = styles.get(name, ("tab:purple", "x", "-"))
         g = g.sort_values("Nq")
         label = f"{name}{' (causal)' if causal else ''}"
-        ax.plot(g["Nq"], g["gflops"], marker=marker, color=color,
-                linestyle="--" if causal else "-", label=label)
+        # quartiles of time -> GFLOP/s range (the faster quartile gives the higher rate)
+        low = g["gflops"] * g["median_s"] / g["q75_s"]
+        high = g["gflops"] * g["median_s"] / g["q25_s"]
+        ax.errorbar(g["Nq"], g["gflops"], yerr=[g["gflops"] - low, high - g["gflops"]],
+                    marker=marker, color=color, capsize=3, linestyle="--" if causal else "-",
+                    label=label)
     ax.axhline(peak_gflops, color="black", lw=1)
     ax.annotate(f"measured fp32 matmul peak {peak_gflops:.0f} GFLOP/s", (0.01, peak_gflops),
                 xycoords=("axes fraction", "data"), va="bottom", fontsize=8)
@@ -557,7 +561,7 @@ def plot_throughput(df, peak_gflops: float, title="Throughput against N"):
                 va="bottom", ha="right", fontsize=8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("N (= Nq = Nk)")
-    ax.set_ylabel("GFLOP/s (4 B H N^2 d, halved when causal)")
+    ax.set_ylabel("GFLOP/s (4 B H N^2 d, halved when causal; bars: quartiles)")
     r = df.iloc[0]
     ax.set_title(f"{title}: B={r['B']}, H={r['H']}, d={r['d']}, {r['dtype']}", fontsize=10)
     ax.set_ylim(0, peak_gflops * 1.15)

@@ -310,6 +310,8 @@ def time_generation(model: TinyLM, prompt_lengths, steps=16, repeats=3, seed=0):
                      "cached_ms_per_token": c50 / steps * 1e3,
                      "recompute_ms_per_token": r50 / steps * 1e3,
                      "speedup_low": r25 / c75, "speedup_high": r75 / c25,
+                     "cached_q25_ms": c25 / steps * 1e3, "cached_q75_ms": c75 / steps * 1e3,
+                     "recompute_q25_ms": r25 / steps * 1e3, "recompute_q75_ms": r75 / steps * 1e3,
                      "distinct_tokens": len(set(a[n:].tolist())),
                      "max_logit_diff": float(np.abs(la - lb).max()), **t.load.columns()})
     df = pd.DataFrame(rows)
@@ -425,15 +427,18 @@ def plot_generation(df):
     """ms per generated token against prompt length, cached vs recomputed."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 3.8))
-    ax.plot(df["prompt_len"], df["recompute_ms_per_token"], "o-", label="recompute everything")
-    ax.plot(df["prompt_len"], df["cached_ms_per_token"], "s-", label="KV cache + decode")
+    for key, fmt, label in (("recompute", "o-", "recompute everything"),
+                            ("cached", "s-", "KV cache + decode")):
+        med = df[f"{key}_ms_per_token"]
+        ax.errorbar(df["prompt_len"], med, yerr=[med - df[f"{key}_q25_ms"],
+                    df[f"{key}_q75_ms"] - med], fmt=fmt, capsize=3, label=label)
     for _, r in df.iterrows():
         ax.annotate(f"{r['speedup']:.1f}x", (r["prompt_len"], r["recompute_ms_per_token"]),
                     fontsize=8, xytext=(0, 5), textcoords="offset points", ha="center")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("prompt length (tokens)")
-    ax.set_ylabel("ms per generated token")
+    ax.set_ylabel("ms per generated token (bars: quartiles)")
     ax.set_title("Greedy decoding with TinyLM: cache vs recomputation", fontsize=10)
     ax.margins(y=0.15)
     ax.legend(fontsize=8)

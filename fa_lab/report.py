@@ -245,14 +245,24 @@ def run(out="reports", notebooks=None, params=None, results_dir=None, nb_dir=Non
         if not (nb_dir / f"{name}.ipynb").exists():
             raise FileNotFoundError(f"notebook {name!r} not found in {nb_dir}")
     results = []
-    for i, name in enumerate(names, 1):
-        status_file = results_dir / "data" / f"{name}_status.json"
-        status_file.unlink(missing_ok=True)  # a stale one would describe an earlier run
-        result = run_notebook(nb_dir / f"{name}.ipynb", out, params, timeout)
-        result.lesson = _read_status(status_file)
-        results.append(result)
-        if show_progress:
-            print(f"[{i}/{len(names)}] {_line(result)}", flush=True)
+    # The kernels inherit the environment: the lessons' override (nbval's temporary
+    # folder, see fa_lab.notebook) must not send their results elsewhere than here.
+    saved = os.environ.get("FA_LAB_RESULTS_DIR")
+    os.environ["FA_LAB_RESULTS_DIR"] = str(results_dir)
+    try:
+        for i, name in enumerate(names, 1):
+            status_file = results_dir / "data" / f"{name}_status.json"
+            status_file.unlink(missing_ok=True)  # a stale one would describe an earlier run
+            result = run_notebook(nb_dir / f"{name}.ipynb", out, params, timeout)
+            result.lesson = _read_status(status_file)
+            results.append(result)
+            if show_progress:
+                print(f"[{i}/{len(names)}] {_line(result)}", flush=True)
+    finally:
+        if saved is None:
+            os.environ.pop("FA_LAB_RESULTS_DIR", None)
+        else:
+            os.environ["FA_LAB_RESULTS_DIR"] = saved
     key = {n: results_dir / "figures" / f"{n}_{stem}.png" for n, stem in known.items()}
     _atomic_write(out / "index.html", index_html(results, machine(), params, key))
     return results

@@ -175,10 +175,12 @@ def plot_benchmark(df):
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     for name, g in df.groupby("name", sort=False):
-        a.plot(g["N"], g["median_ms"], "o-", label=name)
+        a.errorbar(g["N"], g["median_ms"], yerr=[g["median_ms"] - g["q25_ms"],
+                   g["q75_ms"] - g["median_ms"]], fmt="o-", capsize=3, label=name)
         b.plot(g["N"], g["peak_bytes"] / 2 ** 20, "o-", label=name)
     r = df.iloc[0]
-    for ax, label in ((a, "median ms per call"), (b, "peak extra memory (MiB, memray)")):
+    for ax, label in ((a, "median ms per call (bars: quartiles)"),
+                      (b, "peak extra memory (MiB, memray)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("corpus size N (keys)")

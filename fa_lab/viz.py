@@ -91,6 +91,8 @@ def tile_schedule(Nq, Nk, block_q, block_kv, causal=False, ax=None, order=True):
     ax.set_yticks(np.arange(Tr))
     ax.set_xticklabels([f"K{c}" for c in range(Tc)], fontsize=7)
     ax.set_yticklabels([f"Q{a}" for a in range(Tr)], fontsize=7)
+    ax.set_xlabel("key block j")
+    ax.set_ylabel("query block i")
     ax.set_xticks(np.arange(-0.5, Tc), minor=True)
     ax.set_yticks(np.arange(-0.5, Tr), minor=True)
     ax.grid(which="minor", color="white", lw=1.5)
