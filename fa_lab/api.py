@@ -21,6 +21,29 @@ class KernelFallbackWarning(UserWarning):
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
+#: Half-precision input dtypes: computed in float32, returned in the input dtype.
+#: bfloat16 is the ``ml_dtypes`` NumPy extension type (installed with the ``models``
+#: extra); it is recognised by name, so fa_lab does not need ml_dtypes itself.
+HALF_DTYPES = ("float16", "bfloat16")
+
+
+def _half_dtype(q) -> np.dtype | None:
+    """q's dtype if it is a half-precision float (see :data:`HALF_DTYPES`), else None."""
+    dtype = getattr(q, "dtype", None)
+    if dtype is None:
+        return None
+    dtype = np.dtype(dtype)
+    return dtype if dtype.name in HALF_DTYPES else None
+
+
+def _widen(name, x, half):
+    """A half-precision companion array (k, v, a float mask) as float32."""
+    x = np.asarray(x)
+    if x.dtype != half:
+        raise TypeError(f"q, k and v must share one dtype, got q {half.name} and {name} "
+                        f"{x.dtype}")
+    return x.astype(np.float32)
+
 
 def _as_float_array(name, x) -> np.ndarray:
     x = np.asarray(x)
@@ -166,7 +189,20 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto",
     A row with no visible key (fully masked) returns zeros and ``lse = -inf``, never
     NaN. NaN in a query row makes that output row NaN and leaves the others exact.
     ``Nq = 0`` returns an empty result; ``Nk = 0`` gives zeros and ``lse = -inf``.
+
+    Half precision: float16 (and ``ml_dtypes.bfloat16``) inputs are computed in
+    float32 by the same kernels and the results rounded to the input dtype; their
+    tolerance is the 2x rule against :func:`fa_lab.reference.attention_half`.
     """
+    half = _half_dtype(q)
+    if half is not None:
+        if isinstance(mask, np.ndarray) and mask.dtype == half:
+            mask = mask.astype(np.float32)
+        res = attention(np.asarray(q).astype(np.float32), _widen("k", k, half),
+                        _widen("v", v, half), causal=causal, scale=scale, mask=mask,
+                        kernel=kernel, block_q=block_q, block_kv=block_kv,
+                        return_lse=return_lse, dropout_p=dropout_p, seed=seed)
+        return tuple(x.astype(half) for x in res) if return_lse else res.astype(half)
     call = _prepare(q, k, v, causal, scale, mask, block_q, block_kv, dropout_p, seed)
     chosen = _choose(kernel, call.request, KERNELS)
     if call.empty:
@@ -208,6 +244,9 @@ def plan(q, k, v, *, causal=False, mask=None, kernel="auto", block_q=None, block
     """
     import numba
 
+    half = _half_dtype(q)
+    if half is not None:  # computed in float32, as attention() does
+        q, k, v = np.asarray(q).astype(np.float32), _widen("k", k, half), _widen("v", v, half)
     call = _prepare(q, k, v, causal, None, mask, block_q, block_kv, dropout_p, seed)
     chosen, skipped = choose_kernel(kernel, call.request, KERNELS)
     bq, bk, source = _blocks(kernel, chosen, call)

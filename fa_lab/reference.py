@@ -219,3 +219,39 @@ def attention_backward(q, k, v, dout, *, causal=False, scale=None, mask=None,
         dk = dk.reshape(*dk.shape[:-3], H_kv, g, Nk, d).sum(axis=-3)
         dv = dv.reshape(*dv.shape[:-3], H_kv, g, Nk, d).sum(axis=-3)
     return dq, dk, dv
+
+
+def attention_half(q, k, v, *, dtype, causal=False, scale=None, mask=None):
+    """The straightforward half-precision implementation (the baseline of the float16
+    and bfloat16 tolerance rules, :mod:`fa_lab.testing`): inputs rounded to ``dtype``,
+    products accumulated in float32 (as half-precision matrix units do), the scores
+    ``S`` and probabilities ``P`` rounded to ``dtype`` before they are used, the output
+    rounded to ``dtype``. Returns ``(out, lse)`` in ``dtype``.
+    """
+    half, f32 = np.dtype(dtype), np.float32
+
+    def rnd(x):
+        return np.asarray(x).astype(half).astype(f32)
+
+    q, k, v = (rnd(x) for x in (q, k, v))
+    Nq, d = q.shape[-2:]
+    Nk = k.shape[-2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if q.ndim >= 3:
+        k, v = repeat_kv(k, q.shape[-3]), repeat_kv(v, q.shape[-3])
+    s = rnd((q @ np.swapaxes(k, -1, -2)) * f32(scale))
+    if mask is not None:
+        s = s + mask_to_bias(mask, f32)
+    alignment = causal_alignment(causal)
+    if alignment is not None:
+        s = np.where(causal_mask(Nq, Nk, alignment), s, f32(-np.inf))
+    if Nk == 0:
+        return (np.zeros(s.shape[:-1] + (d,), half), np.full(s.shape[:-1], -np.inf, half))
+    m = s.max(axis=-1, keepdims=True)
+    m = np.where(np.isneginf(m), f32(0), m)
+    p = np.exp(s - m)
+    l = p.sum(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = rnd(np.where(l == 0, f32(0), p / l))
+        lse = np.where(l == 0, f32(-np.inf), m + np.log(l))[..., 0]
+    return (p @ v).astype(half), lse.astype(half)

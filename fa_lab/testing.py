@@ -31,6 +31,10 @@ import numpy as np
 TOLERANCE = {
     "float32": {"factor": 2.0, "floor_ulps": 2.0},  # forward (flash-attn's rule)
     "float32_grad": {"factor": 3.0, "floor_ulps": 2.0},  # gradients (flash-attn's rule)
+    # half-precision inputs (computed in float32, returned rounded): the same 2x rule
+    # against reference.attention_half, the floor in the half type's own ulps
+    "float16": {"factor": 2.0, "floor_ulps": 2.0, "bits": 10},
+    "bfloat16": {"factor": 2.0, "floor_ulps": 2.0, "bits": 7},
     "float64": {"rtol": 1e-12, "atol": 1e-12},
 }
 
@@ -39,10 +43,14 @@ class ToleranceError(AssertionError):
     """Raised by :func:`assert_close`; the message names the worst element."""
 
 
-def _rounding_floor(values, ulps: float) -> float:
-    """``ulps`` float32 units in the last place at the largest of ``values``."""
+def _rounding_floor(values, ulps: float, bits: int = 23) -> float:
+    """``ulps`` units in the last place of a float with ``bits`` mantissa bits (float32:
+    23, float16: 10, bfloat16: 7) at the largest of ``values``."""
     biggest = np.max(np.abs(np.asarray(values, dtype=np.float64)), initial=0.0)
-    return float(ulps * np.spacing(np.float32(biggest)))
+    if bits == 23:
+        return float(ulps * np.spacing(np.float32(biggest)))
+    exponent = np.floor(np.log2(biggest)) if biggest > 0 else -14.0
+    return float(ulps * 2.0 ** (exponent - bits))
 
 
 def _check_special(actual, expected, what):
@@ -66,7 +74,8 @@ def allowed_error(expected, baseline, rule="float32", magnitude=None) -> float:
     base_err = np.max(np.abs(baseline[finite].astype(np.float64) - expected[finite]),
                       initial=0.0)
     floor_of = expected[finite] if magnitude is None else np.atleast_1d(magnitude)
-    return tol["factor"] * base_err + _rounding_floor(floor_of, tol["floor_ulps"])
+    return tol["factor"] * base_err + _rounding_floor(floor_of, tol["floor_ulps"],
+                                                      tol.get("bits", 23))
 
 
 def assert_close(actual, expected, *, baseline=None, rule=None, what="output",
@@ -95,7 +104,8 @@ def assert_close(actual, expected, *, baseline=None, rule=None, what="output",
     expected = np.asarray(expected, dtype=np.float64)
     if actual.shape != expected.shape:
         raise ToleranceError(f"{what}: shape {actual.shape} != expected {expected.shape}")
-    rule = rule or ("float64" if actual.dtype == np.float64 else "float32")
+    rule = rule or ({"float64": "float64", "float16": "float16", "bfloat16": "bfloat16"}
+                    .get(actual.dtype.name, "float32"))
     _check_special(actual, expected, what)
     finite = np.isfinite(expected)
     err = np.where(finite, np.abs(actual.astype(np.float64) - np.where(finite, expected, 0)), 0)

@@ -1,0 +1,113 @@
+"""fa_lab's attention on CPU torch tensors, with autograd.
+
+``attention(q, k, v, ...)`` has :func:`fa_lab.attention`'s arguments and conventions
+(layout ``(..., H, N, d)``, GQA, both causal alignments, bool/float masks, dropout
+with a seed, LSE) and takes and returns ``torch.Tensor``:
+
+* dtypes float32 and float64 are computed in their own precision; float16 and
+  bfloat16 in float32, the result rounded back (as :func:`fa_lab.attention` does for
+  NumPy half types);
+* the tensors are shared with NumPy, not copied, where the layout allows
+  (``Tensor.numpy()`` and ``torch.from_numpy`` are views): a contiguous float32 q
+  costs no copy; a strided view (transformers hands q over as ``(B, N, H, d)``
+  transposed) is copied once by the kernel's contiguity rule, and half types once by
+  the widening to float32;
+* ``loss.backward()`` works: a ``torch.autograd.Function`` whose backward is
+  :func:`fa_lab.attention_backward` (``O`` and ``lse`` are kept from the forward, ``P``
+  is recomputed). Gradients flow to q, k and v, not to a float mask. ``lse`` is
+  returned as a constant (no gradient through it).
+
+Only CPU tensors: a CUDA tensor raises ``ValueError`` naming the argument.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fa_lab.api import attention as _attention
+from fa_lab.backward import attention_backward
+
+#: torch dtype -> the NumPy dtype fa_lab computes in.
+COMPUTE = {torch.float32: np.float32, torch.float64: np.float64,
+           torch.float16: np.float32, torch.bfloat16: np.float32}
+
+
+def _check(name, t, dtype=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} must be a CPU tensor, got device {t.device}")
+    if t.dtype not in COMPUTE:
+        raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"q, k and v must share one dtype, got q {dtype} and {name} {t.dtype}")
+
+
+def to_numpy(t: torch.Tensor, dtype=None) -> np.ndarray:
+    """A NumPy view of a CPU tensor (no copy) when its dtype is ``dtype`` (default: its
+    own), else a converted copy. bfloat16 has no NumPy dtype: converted to float32."""
+    t = t.detach()
+    want = COMPUTE[t.dtype] if dtype is None else dtype
+    if t.dtype in (torch.float16, torch.bfloat16) or np.dtype(want) != np.dtype(
+            str(t.dtype).removeprefix("torch.")):
+        return t.to(torch.float32 if want == np.float32 else torch.float64).numpy()
+    return t.numpy()
+
+
+def _mask(mask, dtype):
+    if mask is None or not isinstance(mask, torch.Tensor):
+        return mask
+    if mask.device.type != "cpu":
+        raise ValueError(f"mask must be a CPU tensor, got device {mask.device}")
+    if mask.dtype == torch.bool:
+        return mask.numpy()
+    if not mask.is_floating_point():
+        raise TypeError(f"mask must be a bool or float tensor, got {mask.dtype}")
+    return to_numpy(mask, dtype)
+
+
+class _Attention(torch.autograd.Function):
+    """Forward: fa_lab's kernels; backward: :func:`fa_lab.attention_backward`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, opts):
+        dtype = COMPUTE[q.dtype]
+        qn, kn, vn = (to_numpy(x, dtype) for x in (q, k, v))
+        maskn = _mask(mask, dtype)
+        out, lse = _attention(qn, kn, vn, mask=maskn, return_lse=True, **opts)
+        ctx.saved = (qn, kn, vn, maskn, out, lse, opts, q.dtype)
+        out_t = torch.from_numpy(out).to(q.dtype)
+        lse_t = torch.from_numpy(lse).to(q.dtype)
+        ctx.mark_non_differentiable(lse_t)
+        return out_t, lse_t
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        qn, kn, vn, maskn, out, lse, opts, dtype = ctx.saved
+        backward_opts = {key: opts[key] for key in ("causal", "scale", "dropout_p", "seed")}
+        dq, dk, dv = attention_backward(qn, kn, vn, out, lse, to_numpy(dout, qn.dtype.type),
+                                        mask=maskn, **backward_opts)
+        return (torch.from_numpy(dq).to(dtype), torch.from_numpy(dk).to(dtype),
+                torch.from_numpy(dv).to(dtype), None, None)
+
+
+def attention(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto", block_q=None,
+              block_kv=None, return_lse=False, dropout_p=0.0, seed=None):
+    """:func:`fa_lab.attention` on CPU torch tensors; differentiable in q, k and v.
+
+    Parameters and conventions are those of :func:`fa_lab.attention`; ``q``, ``k``,
+    ``v`` are tensors of one dtype (float32, float64, float16 or bfloat16), ``mask`` a
+    bool or float tensor (or NumPy array). Returns ``out`` (and ``lse`` with
+    ``return_lse``) as tensors of q's dtype.
+    """
+    _check("q", q)
+    _check("k", k, q.dtype)
+    _check("v", v, q.dtype)
+    opts = {"causal": causal, "scale": scale, "kernel": kernel, "block_q": block_q,
+            "block_kv": block_kv, "dropout_p": dropout_p, "seed": seed}
+    out, lse = _Attention.apply(q, k, v, mask, opts)
+    return (out, lse) if return_lse else out
+
+
+__all__ = ["attention", "to_numpy", "COMPUTE"]

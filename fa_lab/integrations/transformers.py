@@ -1,0 +1,116 @@
+"""fa_lab as an attention implementation of Hugging Face transformers.
+
+::
+
+    from fa_lab.integrations.transformers import register
+    register()                                  # name "fa_lab", kernel "auto"
+    model = AutoModel.from_pretrained(path, attn_implementation="fa_lab")
+
+:func:`register` registers two things under one name, both needed:
+
+* the **attention function** (``AttentionInterface``): transformers calls it with
+  ``query`` ``(B, H, Nq, d)`` (a transposed view), ``key``/``value`` ``(B, H_kv, Nk, d)``
+  (GQA heads passed unrepeated: fa_lab reads kv head ``h // (H // H_kv)``), the mask,
+  ``scaling`` and ``dropout``; it returns ``(B, Nq, H, d)`` and no weights;
+* the **mask function** (``AttentionMaskInterface``: transformers' ``sdpa_mask``, a
+  bool mask, True = attend). Without it transformers passes ``attention_mask=None``
+  to an unknown implementation and silently ignores padding.
+
+The causal rule is SDPA's, so both give the same answer: causal (top-left) only when no
+mask is passed, there is more than one query and the layer is causal (decoder
+self-attention); a mask, when given, already holds causality and padding. A prefill into
+a preallocated static cache passes keys beyond the queries: as SDPA does, they are cut
+to the first ``Nq`` (top-left causal sees none of them anyway).
+
+Refused with a clear error: ``output_attentions=True`` (fa_lab never forms the weights),
+``softcap``, ``position_bias`` and ``sliding_window`` (not in the registered function;
+flash-attn's options are tracked separately).
+
+``int8=True`` registers :func:`fa_lab.attention_int8` instead (inference only: no
+gradient), for INT8 attention inside a real model (lesson 11).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fa_lab.int8 import attention_int8
+from fa_lab.integrations.torch import attention as torch_attention
+from fa_lab.integrations.torch import to_numpy
+
+REFUSED = ("softcap", "position_bias", "sliding_window")
+
+
+def _attentions_requested(kwargs) -> bool:
+    """Did the caller ask for the attention weights? transformers 5 no longer passes
+    ``output_attentions`` to the attention function; it collects weights through hooks
+    while a context variable names what to collect (read here; older versions pass the
+    keyword)."""
+    if kwargs.get("output_attentions"):
+        return True
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return False
+    collected = _active_collector.get()
+    return bool(collected) and ("attentions" in collected or "cross_attentions" in collected)
+
+
+def _causal(module, query, attention_mask, is_causal) -> bool:
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    return bool(query.shape[2] > 1 and attention_mask is None and is_causal)
+
+
+def make_attention(kernel="auto", *, int8=False, granularity="per_block", smooth_k=True):
+    """The attention function transformers calls (see the module docstring)."""
+
+    def fa_lab_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                         is_causal=None, **kwargs):
+        if _attentions_requested(kwargs):
+            raise ValueError("output_attentions=True: fa_lab never forms the attention "
+                             "weights; use attn_implementation='eager' to get them")
+        for name in REFUSED:
+            if kwargs.get(name) is not None:
+                raise NotImplementedError(f"{name}: not supported by the fa_lab attention "
+                                          "function registered with transformers")
+        causal = _causal(module, query, attention_mask, is_causal)
+        if causal and key.shape[2] > query.shape[2]:  # static-cache prefill (SDPA does this)
+            key, value = key[:, :, :query.shape[2]], value[:, :, :query.shape[2]]
+        if int8:
+            out = attention_int8(to_numpy(query), to_numpy(key), to_numpy(value),
+                                 causal=causal, scale=scaling,
+                                 mask=None if attention_mask is None else to_numpy(
+                                     attention_mask) if attention_mask.is_floating_point()
+                                 else attention_mask.numpy(),
+                                 granularity=granularity, smooth_k=smooth_k)
+            out = torch.from_numpy(out).to(query.dtype)
+        else:
+            p = float(dropout) if module is None or module.training else 0.0
+            seed = int(torch.randint(0, 2 ** 31 - 1, ())) if p > 0 else None
+            out = torch_attention(query, key, value, causal=causal, scale=scaling,
+                                  mask=attention_mask, kernel=kernel, dropout_p=p, seed=seed)
+        return out.transpose(1, 2).contiguous(), None
+
+    return fa_lab_attention
+
+
+def register(name: str = "fa_lab", kernel: str = "auto", *, int8: bool = False,
+             granularity: str = "per_block", smooth_k: bool = True) -> str:
+    """Register fa_lab's attention and its mask function under ``name``; returns it.
+
+    ``kernel``: a name in :data:`fa_lab.KERNELS` or ``"auto"``. With ``int8=True``,
+    :func:`fa_lab.attention_int8` (``granularity``, ``smooth_k``) runs instead.
+    """
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty str, got {name!r}")
+    AttentionInterface.register(name, make_attention(kernel, int8=int8,
+                                                     granularity=granularity,
+                                                     smooth_k=smooth_k))
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name
+
+
+__all__ = ["register", "make_attention", "REFUSED"]
