@@ -197,3 +197,10 @@ def test_minilm_padded_batch_matches_sdpa(registered):
         c = q8(**batch).last_hidden_state
     cos = torch.nn.functional.cosine_similarity(a[valid], c[valid], dim=-1)
     assert cos.min().item() > 0.99
+
+
+def test_register_refuses_names_transformers_reserves():
+    with pytest.raises(ValueError, match="name must not contain 'flash'"):
+        register("my_flash")
+    with pytest.raises(TypeError, match="name"):
+        register("")

@@ -106,6 +106,9 @@ def register(name: str = "fa_lab", kernel: str = "auto", *, int8: bool = False,
 
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty str, got {name!r}")
+    if "flash" in name.lower():
+        raise ValueError(f"name must not contain 'flash', got {name!r}: transformers treats "
+                         "such names as flash-attn packages or hub kernels and tries to load them")
     AttentionInterface.register(name, make_attention(kernel, int8=int8,
                                                      granularity=granularity,
                                                      smooth_k=smooth_k))
