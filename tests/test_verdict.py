@@ -83,16 +83,23 @@ def test_load_monitor_sees_another_process_spinning():
     assert machine.LOG[-1] is load
 
 
-def test_own_work_does_not_count_as_load():
-    a = np.random.default_rng(0).standard_normal((600, 600))
+def test_own_cpu_time_is_subtracted(monkeypatch):
+    """The arithmetic, with /proc/stat and getrusage replaced: 2 cores, a 1 s window."""
+    stat = iter([(100.0, 0.0, 400.0), (101.6, 0.1, 402.0)])  # busy, steal, total (seconds)
+    own = iter([10.0, 11.0])  # this process used 1.0 CPU-second of the 1.6 busy
+    monkeypatch.setattr(machine, "_proc_stat", lambda: next(stat))
+    monkeypatch.setattr(machine, "_own_cpu", lambda: next(own))
     with machine.LoadMonitor() as mon:
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < 0.8:
-            a @ a  # this process's own (possibly multi-threaded) work
-    if not mon.load.known:
-        pytest.skip("no /proc/stat here")
-    # whatever else runs on the machine, this process's own CPU time is subtracted
-    assert mon.load.others < 0.5, mon.load
+        pass
+    # others: (1.6 - 1.0) of 2.0 CPU-seconds; steal 0.1 of 2.0
+    assert mon.load.others == pytest.approx(0.3)
+    assert mon.load.steal == pytest.approx(0.05)
+    assert mon.load.busy  # 0.3 > BUSY_OTHERS
+    stat = iter([(100.0, 0.0, 400.0), (101.0, 0.0, 402.0)])
+    own = iter([10.0, 11.0])  # all the busy time was this process's own
+    with machine.LoadMonitor() as mon:
+        pass
+    assert mon.load.others == 0.0 and not mon.load.busy
 
 
 def test_merge_is_busy_when_any_window_was():
