@@ -23,7 +23,7 @@ from numba import njit
 from fa_lab.config import CACHE
 
 
-@njit(cache=CACHE)
+@njit(cache=CACHE, nogil=True)
 def _merge_topk(S, j0, best_s, best_i):
     """Fold a tile of scores ``S`` (Q, bc) for keys ``j0 ..`` into each query's sorted
     top list (``best_s`` descending, ties by smaller index; ``-inf`` = empty slot).

@@ -65,7 +65,7 @@ def _row_backward(q_i, k, v, o_i, do_i, lse_i, scale, bias_i, has_bias, end, dro
             dk[j, t] += ds * q_i[t]
 
 
-@njit(cache=CACHE)
+@njit(cache=CACHE, nogil=True)
 def naive_backward(q, k, v, out, dout, lse, bias, has_bias, scale, causal, offset, block_q,
                    block_kv, dropout_p, seed_mixed, dq, dk, dv):
     """Serial driver over (b, h, i); writes ``dq`` (B, H, Nq, d), ``dk``/``dv`` (B, H_kv, Nk, d)."""

@@ -162,7 +162,7 @@ def _tile(q, k, v, dout, lse, D, bias, has_bias, scale, causal, offset, dropout_
     return Sij, dPij
 
 
-@njit(cache=CACHE, parallel=True)
+@njit(cache=CACHE, parallel=True, nogil=True)
 def tiled_backward(q, k, v, out, dout, lse, bias, has_bias, scale, causal, offset, block_q,
                    block_kv, dropout_p, seed_mixed, dq, dk, dv):
     """Driver: D, then pass 1 (dK, dV over key blocks), then pass 2 (dQ over query blocks)."""

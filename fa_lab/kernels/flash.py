@@ -68,7 +68,7 @@ def limit_scipy_blas(threads: int = 1) -> list[str]:
 SCIPY_BLAS_LIMITED = limit_scipy_blas(1)
 
 
-@njit(parallel=True, cache=CACHE)
+@njit(parallel=True, cache=CACHE, nogil=True)
 def tile_gemms(x, n):
     """``n`` products ``x @ x`` of a square tile, one per ``prange`` iteration, through the
     same BLAS as the kernel (static schedule: every thread gets ``n / threads``).
@@ -346,7 +346,7 @@ def run(q, k, v, bias, scale, alignment, block_q, block_kv, splits=None, stage=3
     return out, lse
 
 
-@njit(cache=CACHE, parallel=True)
+@njit(cache=CACHE, parallel=True, nogil=True)
 def flash_forward(q, k, v, bias, has_bias, scale, causal, offset, block_q, block_kv, out, lse,
                   stage=3, kv_len=-1):
     """Parallel driver over (b, h, query block), as ``tiled_simd`` (``stage``: see
@@ -364,7 +364,7 @@ def flash_forward(q, k, v, bias, has_bias, scale, causal, offset, block_q, block
                  causal, offset, 0, Nk, block_kv, out[b, h, i0:i1], lse[b, h, i0:i1], stage)
 
 
-@njit(cache=CACHE, parallel=True)
+@njit(cache=CACHE, parallel=True, nogil=True)
 def flash_splitkv_forward(q, k, v, bias, has_bias, scale, causal, offset, block_q, block_kv,
                           splits, out, lse, kv_len=-1):
     """Flash-Decoding: each (b, h, query block) is also split along the keys.

@@ -61,7 +61,7 @@ def dot_i8(a, b):
     return acc
 
 
-@njit(cache=CACHE)
+@njit(cache=CACHE, nogil=True)
 def int8_naive_forward(q8, sq, k8, sk, v, bias, has_bias, scale, causal, offset, out, lse):
     """Rows one by one, keys one by one: int32 dot, then the online softmax in float64."""
     B, H, Nq, d = q8.shape
@@ -162,7 +162,7 @@ def _q_block_i8(Qi8, row_scale, K8, sk, V, bias, has_bias, b, h, i0, causal, off
         lse_i[r] = finalize_row(acc[r], m[r], l[r], Oi[r])
 
 
-@njit(cache=CACHE, parallel=True)
+@njit(cache=CACHE, parallel=True, nogil=True)
 def int8_simd_forward(q8, sq, k8, sk, v, bias, has_bias, scale, causal, offset, block_q,
                       block_kv, out, lse):
     """Parallel driver over (b, h, query block), as ``tiled_simd``."""
@@ -188,7 +188,7 @@ def int8_simd_forward(q8, sq, k8, sk, v, bias, has_bias, scale, causal, offset, 
                     m, l, alpha, acc, out[b, h, i0:i1], lse[b, h, i0:i1])
 
 
-@njit(cache=CACHE)
+@njit(cache=CACHE, nogil=True)
 def qk_all_blocks_i8(q8, k8, block_q, block_kv):
     """Every ``S = Qi Kj^T`` block of one head in int32, one thread (for the QK^T
     throughput comparison with :func:`qk_all_blocks_f32`); returns a checksum."""
@@ -202,7 +202,7 @@ def qk_all_blocks_i8(q8, k8, block_q, block_kv):
     return total
 
 
-@njit(cache=CACHE)
+@njit(cache=CACHE, nogil=True)
 def qk_all_blocks_f32(q, k, block_q, block_kv):
     """The same blocks in float32 through ``tiled_simd``'s score loop (the fp32 kernel of
     the same structure)."""

@@ -72,7 +72,7 @@ def _row_attention(q_i, k, v, scale, bias_i, has_bias, end, s, acc, out_i):
     return finalize_row(acc, m, l, out_i)
 
 
-@njit(cache=CACHE)
+@njit(cache=CACHE, nogil=True)
 def naive_forward(q, k, v, bias, has_bias, scale, causal, offset, block_q, block_kv, out, lse):
     """Serial driver over (b, h, i); ``block_q``/``block_kv`` are unused."""
     B, H, Nq, d = q.shape

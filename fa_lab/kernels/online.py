@@ -61,7 +61,7 @@ def _row_attention(q_i, k, v, scale, bias_i, has_bias, end, acc, out_i):
     return finalize_row(acc, m, l, out_i)
 
 
-@njit(cache=CACHE)
+@njit(cache=CACHE, nogil=True)
 def online_forward(q, k, v, bias, has_bias, scale, causal, offset, block_q, block_kv, out, lse):
     """Serial driver over (b, h, i); ``block_q``/``block_kv`` are unused."""
     B, H, Nq, d = q.shape

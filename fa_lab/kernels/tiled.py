@@ -108,7 +108,7 @@ def _q_block(Qi, K, V, bias, has_bias, b, h, i0, scale, causal, offset, block_kv
         lse_i[r] = finalize_row(acc[r], m[r], l[r], Oi[r])
 
 
-@njit(cache=CACHE)
+@njit(cache=CACHE, nogil=True)
 def tiled_forward(q, k, v, bias, has_bias, scale, causal, offset, block_q, block_kv, out, lse):
     """Serial driver over (b, h, query block)."""
     B, H, Nq, d = q.shape

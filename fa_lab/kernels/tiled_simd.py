@@ -147,7 +147,7 @@ def _q_block(Qi, K, V, bias, has_bias, b, h, i0, scale, causal, offset, block_kv
         lse_i[r] = finalize_row(acc[r], m[r], l[r], Oi[r])
 
 
-@njit(cache=CACHE, parallel=True)
+@njit(cache=CACHE, parallel=True, nogil=True)
 def tiled_simd_forward(q, k, v, bias, has_bias, scale, causal, offset, block_q, block_kv,
                        out, lse, dropout_p, seed_mixed):
     """Parallel driver: one task per (b, h, query block), spread over threads by prange.
