@@ -273,6 +273,38 @@ def _rescale_add(acc, alpha, PV):
             acc_r[t] = a * acc_r[t] + pv_r[t]
 
 
+@njit(cache=CACHE, error_model="numpy")
+def all_finite(X):
+    """True if the 2-D block ``X`` holds no NaN or inf: counts the elements that fail
+    ``|x| < inf`` (false for both). An integer reduction, so it vectorizes without
+    fastmath flags (with ``reassoc``, a float ``sum(x - x)`` version was folded to 0)."""
+    inf = X.dtype.type(np.inf)
+    bad = 0
+    for r in range(X.shape[0]):
+        Xr = X[r]
+        for t in range(X.shape[1]):
+            bad += 0 if abs(Xr[t]) < inf else 1
+    return bad == 0
+
+
+@njit(cache=CACHE, fastmath=FASTMATH, error_model="numpy")
+def _pv_select(S, P, Vj, PV):
+    """``PV = P Vj`` skipping the keys whose score is ``-inf`` (hidden), row by row: the
+    fallback for a masked block whose ``Vj`` holds NaN or inf, where BLAS would compute
+    ``0 * NaN = NaN`` for rows that cannot see that key."""
+    br, bc = P.shape
+    for r in range(br):
+        Sr, Pr, PVr = S[r], P[r], PV[r]
+        PVr[:] = 0
+        for c in range(bc):
+            if Sr[c] == NEG_INF:
+                continue
+            p = Pr[c]
+            Vc = Vj[c]
+            for t in range(PVr.shape[0]):
+                PVr[t] += p * Vc[t]
+
+
 @njit(cache=CACHE)
 def _q_block(Qi, K, V, bias, has_bias, b, h, i0, causal, offset, j_begin, j_end, block_kv,
              Oi, lse_i, stage):
@@ -308,7 +340,11 @@ def _q_block(Qi, K, V, bias, has_bias, b, h, i0, causal, offset, j_begin, j_end,
         softmax_block(S, m, l, alpha, P)
         if stage < 3:
             continue
-        np.dot(P, V[j0:j0 + bc], PV)  # BLAS
+        Vj = V[j0:j0 + bc]
+        if (has_bias or diagonal) and not all_finite(Vj):
+            _pv_select(S, P, Vj, PV)  # a hidden NaN/inf value must not reach any row
+        else:
+            np.dot(P, Vj, PV)  # BLAS (finite Vj: a hidden key's P = 0 adds exactly 0)
         _rescale_add(acc, alpha, PV)
     for r in range(br):
         lse_i[r] = finalize_row(acc[r], m[r], l[r], Oi[r])
