@@ -22,7 +22,38 @@ class KernelFallbackWarning(UserWarning):
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+def refuse_masked(name, x) -> None:
+    """NumPy masked arrays are refused: ``np.asarray`` would drop the mask and use the
+    masked-out entries as data."""
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"{name} must be a plain ndarray, not a numpy masked array (its "
+                        f"mask would be ignored): pass {name}.filled(value), or a bool "
+                        f"attention mask through mask=")
+
+
+def check_scale(scale, d) -> float:
+    """``scale`` as a float: ``1/sqrt(d)`` for None; a finite real number otherwise."""
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {scale!r}")
+    try:
+        value = float(scale)
+    except OverflowError:
+        value = math.inf
+    if not math.isfinite(value):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    return value
+
+
+def check_bool(name, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
+
+
 def _as_float_array(name, x) -> np.ndarray:
+    refuse_masked(name, x)
     x = np.asarray(x)
     if x.dtype not in _FLOATS:
         raise TypeError(f"{name} must be a float32 or float64 array, got dtype {x.dtype}")
@@ -69,6 +100,7 @@ def _check_shapes(q, k, v):
 
 def _bias(mask, dtype, full_shape, B, H, Nq, Nk):
     """Validate ``mask`` and return it as a read-only additive (B, H, Nq, Nk) view."""
+    refuse_masked("mask", mask)
     mask = np.asarray(mask)
     if mask.dtype != np.bool_ and mask.dtype.kind != "f":
         raise TypeError(f"mask must be a bool or float array, got dtype {mask.dtype}")
@@ -164,10 +196,14 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto",
     Notes
     -----
     A row with no visible key (fully masked) returns zeros and ``lse = -inf``, never
-    NaN. NaN in a query row makes that output row NaN and leaves the others exact.
+    NaN. NaN in a query row makes that output row NaN and leaves the others exact; NaN
+    in a key or value reaches exactly the rows that can see that key (hidden keys are
+    selected away, see :mod:`fa_lab.reference`). ``scale`` must be finite; NumPy masked
+    arrays are refused.
     ``Nq = 0`` returns an empty result; ``Nk = 0`` gives zeros and ``lse = -inf``.
     """
     call = _prepare(q, k, v, causal, scale, mask, block_q, block_kv, dropout_p, seed)
+    return_lse = check_bool("return_lse", return_lse)
     chosen = _choose(kernel, call.request, KERNELS)
     if call.empty:
         out, lse = np.zeros(call.q.shape, call.q.dtype), np.zeros(call.q.shape[:-1], call.q.dtype)
@@ -197,8 +233,8 @@ def _blocks(kernel, chosen, call) -> tuple[int | None, int | None, str]:
     return bq, bk, source
 
 
-def plan(q, k, v, *, causal=False, mask=None, kernel="auto", block_q=None, block_kv=None,
-         dropout_p=0.0, seed=None) -> dict:
+def plan(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto", block_q=None,
+         block_kv=None, dropout_p=0.0, seed=None) -> dict:
     """What :func:`attention` would run for these arguments, without running it.
 
     Returns ``kernel``, ``block_q``, ``block_kv``, ``blocks_from`` (``"given"``,
@@ -208,7 +244,7 @@ def plan(q, k, v, *, causal=False, mask=None, kernel="auto", block_q=None, block
     """
     import numba
 
-    call = _prepare(q, k, v, causal, None, mask, block_q, block_kv, dropout_p, seed)
+    call = _prepare(q, k, v, causal, scale, mask, block_q, block_kv, dropout_p, seed)
     chosen, skipped = choose_kernel(kernel, call.request, KERNELS)
     bq, bk, source = _blocks(kernel, chosen, call)
     splits = 1
@@ -269,10 +305,7 @@ def _prepare(q, k, v, causal, scale, mask, block_q, block_kv, dropout_p, seed) -
                         f"{v.dtype}")
     lead, H, H_kv, Nq, Nk, d = _check_shapes(q, k, v)
     alignment = causal_alignment(causal)
-    if scale is None:
-        scale = 1.0 / math.sqrt(d)
-    elif isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a real number or None, got {scale!r}")
+    scale = check_scale(scale, d)
     block_q = _check_block("block_q", block_q)
     block_kv = _check_block("block_kv", block_kv)
     dropout_p, seed = check_dropout(dropout_p, seed)
@@ -285,7 +318,7 @@ def _prepare(q, k, v, causal, scale, mask, block_q, block_kv, dropout_p, seed) -
     q4 = np.ascontiguousarray(q.reshape(B, H, Nq, d))
     k4 = np.ascontiguousarray(k.reshape(B, H_kv, Nk, d))
     v4 = np.ascontiguousarray(v.reshape(B, H_kv, Nk, d))
-    return _Call(q, lead, H, H_kv, Nq, Nk, d, q4, k4, v4, bias, float(scale), alignment,
+    return _Call(q, lead, H, H_kv, Nq, Nk, d, q4, k4, v4, bias, scale, alignment,
                  block_q, block_kv, dropout_p, seed, req)
 
 

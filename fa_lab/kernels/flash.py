@@ -26,6 +26,11 @@ What changes against ``tiled_simd`` (same online softmax, same causal block skip
   keep the threads busy, :func:`plan_splits` also splits the keys, and
   :func:`flash_splitkv_forward` merges the partial results exactly through their LSEs
   (Flash-Decoding).
+* NaN rule (:mod:`fa_lab.reference`): BLAS would compute ``0 * NaN = NaN`` for a hidden
+  key whose value is NaN, so a masked block (causal diagonal, or a mask) first checks
+  its ``Vj`` in one vectorized pass (:func:`all_finite`, ``O(Bc d)`` against the block's
+  ``O(Br Bc d)``) and, only when it holds NaN or inf, multiplies ``P Vj`` with a loop
+  that skips the hidden keys (:func:`_pv_select`). Unmasked blocks are untouched.
 * ``stage`` (default: the whole kernel) stops each block early, so
   :func:`fa_lab.bench.breakdown` can time the parts with the real code.
 
