@@ -1,11 +1,81 @@
-"""Command line: ``python -m fa_lab {bench, tune, memory, warmup, machine, report}``."""
+"""Command line: ``python -m fa_lab {bench, tune, memory, warmup, machine, report}``.
+
+Bad options are usage errors (argparse's message and exit code 2), found before any
+work starts: sizes and counts must be positive ints, ``--blocks`` entries ``BQxBK``,
+kernel and baseline names known, ``-p`` entries ``NAME=VALUE`` with a Python identifier
+as the name, and ``--csv``/``--png``/``--out`` paths writable (a folder that exists or
+can be created, not a file). A ``ValueError``/``TypeError`` that the library raises
+for a combination of options is reported the same way.
+"""
 
 from __future__ import annotations
 
 import argparse
+import keyword
+import os
 import sys
 import time
 from pathlib import Path
+
+
+def _positive_int(text) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
+    return value
+
+
+def _blocks_spec(text) -> tuple[int, int]:
+    """``"128x256"`` -> (128, 256)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"must look like BQxBK (e.g. 128x256), got {text!r}")
+    return _positive_int(parts[0]), _positive_int(parts[1])
+
+
+def _param(text) -> str:
+    """``NAME=VALUE`` with a Python identifier as NAME (a notebook parameter)."""
+    name, eq, _ = text.partition("=")
+    name = name.strip()
+    if not eq or not name.isidentifier() or keyword.iskeyword(name):
+        raise argparse.ArgumentTypeError(f"must look like NAME=VALUE with NAME a Python "
+                                         f"identifier, got {text!r}")
+    return text
+
+
+def _writable(path: Path, what: str) -> None:
+    """``path`` (a file or folder to create) can be written: its first existing ancestor
+    is a writable folder."""
+    parent = path
+    while not parent.exists():
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if parent != path and not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{what} {str(path)!r}: {str(parent)!r} is a file, "
+                                         f"not a folder")
+    if not os.access(parent if parent.is_dir() else parent.parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{what} {str(path)!r}: {str(parent)!r} is not "
+                                         f"writable")
+
+
+def _output_file(text) -> str:
+    path = Path(text)
+    if not text or path.is_dir():
+        raise argparse.ArgumentTypeError(f"must be a file path, got the folder {text!r}")
+    _writable(path, "file")
+    return text
+
+
+def _output_dir(text) -> str:
+    path = Path(text)
+    if not text or (path.exists() and not path.is_dir()):
+        raise argparse.ArgumentTypeError(f"must be a folder, got {text!r}")
+    _writable(path, "folder")
+    return text
 
 
 def _write(df, csv=None, png=None, plot=None) -> None:
@@ -53,8 +123,8 @@ def _bench(args) -> int:
                 f"speedup_vs_{args.baseline}", "max_error"]
         plot = lambda d: bench.plot_ladder(d[d["Nq"] == d["Nq"].iloc[0]])  # noqa: E731
     elif args.sweep == "blocks":
-        bq = [int(b.split("x")[0]) for b in args.blocks]
-        bk = sorted({int(b.split("x")[1]) for b in args.blocks})
+        bq = [b[0] for b in args.blocks]
+        bk = sorted({b[1] for b in args.blocks})
         df = bench.sweep_blocks(kernel, case, sorted(set(bq)), bk, causal=causal, dtype=dtype,
                                 repeats=args.repeats)
         cols = list(df.columns)
@@ -216,48 +286,50 @@ def main(argv=None) -> int:
     b.add_argument("--kernels", nargs="+", default=None,
                    help="registry names (default: every kernel but the reference; the "
                    "other sweeps use the first, default flash)")
-    b.add_argument("--B", type=int, default=1)
-    b.add_argument("--H", type=int, default=8)
-    b.add_argument("--H-kv", type=int, default=None, help="kv heads (GQA; default: H)")
-    b.add_argument("--N", type=int, nargs="+", default=[1024], help="query lengths")
-    b.add_argument("--Nk", type=int, default=None, help="key length (default: N)")
-    b.add_argument("--d", type=int, default=64)
+    b.add_argument("--B", type=_positive_int, default=1)
+    b.add_argument("--H", type=_positive_int, default=8)
+    b.add_argument("--H-kv", type=_positive_int, default=None, help="kv heads (GQA; default: H)")
+    b.add_argument("--N", type=_positive_int, nargs="+", default=[1024], help="query lengths")
+    b.add_argument("--Nk", type=_positive_int, default=None, help="key length (default: N)")
+    b.add_argument("--d", type=_positive_int, default=64)
     b.add_argument("--causal", nargs="?", const="true", default=None,
                    help="causal mask: --causal (top-left) or --causal bottom_right")
     b.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    b.add_argument("--repeats", type=int, default=5)
-    b.add_argument("--block-q", type=int, default=None)
-    b.add_argument("--block-kv", type=int, default=None)
-    b.add_argument("--blocks", nargs="+", default=["128x256", "256x256", "256x512"],
+    b.add_argument("--repeats", type=_positive_int, default=5)
+    b.add_argument("--block-q", type=_positive_int, default=None)
+    b.add_argument("--block-kv", type=_positive_int, default=None)
+    b.add_argument("--blocks", nargs="+", type=_blocks_spec,
+                   default=[(128, 256), (256, 256), (256, 512)],
                    metavar="BQxBK", help="tile sizes for --sweep blocks")
-    b.add_argument("--threads", type=int, nargs="+", default=None,
+    b.add_argument("--threads", type=_positive_int, nargs="+", default=None,
                    help="thread counts for --sweep threads (default 1..all)")
     b.add_argument("--baseline", default="numpy_standard",
                    help="contender the speedup column is relative to (e.g. torch_sdpa)")
     b.add_argument("--no-baselines", action="store_true",
                    help="skip the NumPy and torch baselines")
-    b.add_argument("--csv", default=None, help="write the table here (e.g. data/bench.csv)")
-    b.add_argument("--png", default=None, help="write the chart here")
+    b.add_argument("--csv", type=_output_file, default=None,
+                   help="write the table here (e.g. data/bench.csv)")
+    b.add_argument("--png", type=_output_file, default=None, help="write the chart here")
     b.set_defaults(func=_bench)
 
     t = sub.add_parser("tune", help="autotune block sizes; kernel='auto' then uses them")
     t.add_argument("--kernel", default="flash")
     t.add_argument("--regimes", nargs="+", default=None, help="decode short long (default all)")
     t.add_argument("--quick", action="store_true", help="small shapes, 2 candidates per axis")
-    t.add_argument("--repeats", type=int, default=3)
-    t.add_argument("--csv", default=None, help="also write the sweep here")
+    t.add_argument("--repeats", type=_positive_int, default=3)
+    t.add_argument("--csv", type=_output_file, default=None, help="also write the sweep here")
     t.set_defaults(func=_tune)
 
     mem = sub.add_parser("memory", help="measured peak memory vs the byte model, over N")
     mem.add_argument("--kernels", nargs="+", default=None, help="registry names (default: all)")
-    mem.add_argument("--N", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
-    mem.add_argument("--B", type=int, default=1)
-    mem.add_argument("--H", type=int, default=1)
-    mem.add_argument("--d", type=int, default=64)
+    mem.add_argument("--N", type=_positive_int, nargs="+", default=[256, 512, 1024, 2048, 4096])
+    mem.add_argument("--B", type=_positive_int, default=1)
+    mem.add_argument("--H", type=_positive_int, default=1)
+    mem.add_argument("--d", type=_positive_int, default=64)
     mem.add_argument("--causal", action="store_true")
     mem.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    mem.add_argument("--csv", default=None)
-    mem.add_argument("--png", default=None)
+    mem.add_argument("--csv", type=_output_file, default=None)
+    mem.add_argument("--png", type=_output_file, default=None)
     mem.set_defaults(func=_memory)
 
     w = sub.add_parser("warmup", help="compile every kernel into numba's cache")
@@ -268,18 +340,81 @@ def main(argv=None) -> int:
 
     r = sub.add_parser("report", help="run every notebook and write reports/index.html")
     r.add_argument("--quick", action="store_true", help="small sizes (as CI runs them)")
-    r.add_argument("--out", default="reports", help="output folder")
+    r.add_argument("--out", type=_output_dir, default="reports", help="output folder")
     r.add_argument("--only", nargs="+", default=None, help="notebook names to run")
     r.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
+                   type=_param,
                    help="a papermill parameter for every notebook (repeatable)")
-    r.add_argument("--results-dir", default=None,
+    r.add_argument("--results-dir", type=_output_dir, default=None,
                    help="where figures/ and data/ are written (default: the output "
                    "folder; `make curate` passes the repository root to refresh the "
                    "curated results the README shows)")
     r.set_defaults(func=_report)
 
     args = p.parse_args(argv)
-    return args.func(args)
+    parser = {"bench": b, "tune": t, "memory": mem, "warmup": w, "machine": m,
+              "report": r}[args.cmd]
+    problem = _check(args)
+    if problem:
+        parser.error(problem)  # exits with 2, before any work
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, NotImplementedError) as e:  # a bad option combination
+        parser.error(str(e))
+
+
+def _check(args) -> str | None:
+    """Cross-option checks argparse cannot express (before any work starts)."""
+    from fa_lab.reference import causal_alignment
+    from fa_lab.registry import KERNELS
+
+    for name in getattr(args, "kernels", None) or []:
+        if name not in KERNELS:
+            return f"--kernels: unknown kernel {name!r}; known: {sorted(KERNELS)}"
+    if args.cmd == "bench":
+        try:
+            causal_alignment(_causal(args.causal))
+        except ValueError:
+            return (f"--causal must be true, false, top_left or bottom_right, got "
+                    f"{args.causal!r}")
+        if args.H_kv and args.H % args.H_kv:
+            return f"--H {args.H} must be a multiple of --H-kv {args.H_kv}"
+        if args.sweep == "kernels":
+            names = set(args.kernels or [k for k in KERNELS if k != "reference"])
+            if not args.no_baselines:
+                names.add("numpy_standard")
+                from fa_lab.bench import _torch
+
+                if _torch() is not None:
+                    names.add("torch_sdpa")
+            if args.baseline not in names:
+                return (f"--baseline must be one of the contenders {sorted(names)}, got "
+                        f"{args.baseline!r}")
+        if args.threads:
+            import numba
+
+            most = numba.config.NUMBA_NUM_THREADS
+            if max(args.threads) > most:
+                return f"--threads: at most {most} (NUMBA_NUM_THREADS), got {max(args.threads)}"
+    if args.cmd == "tune":
+        tiled = sorted(k for k in KERNELS if KERNELS[k].tiled)
+        if args.kernel not in tiled:
+            return f"--kernel must be a tiled kernel {tiled}, got {args.kernel!r}"
+        from fa_lab.tune import REGIMES
+
+        known = [r.name for r in REGIMES]
+        for r in args.regimes or []:
+            if r not in known:
+                return f"--regimes: unknown regime {r!r}; known: {known}"
+    if args.cmd == "report" and args.only:
+        from fa_lab import report
+
+        nb_dir = report.REPO / "notebooks"
+        for n in args.only:
+            if not (nb_dir / f"{n}.ipynb").exists():
+                known = sorted(p.stem for p in nb_dir.glob("*.ipynb"))
+                return f"--only: unknown notebook {n!r} (not in {nb_dir}); known: {known}"
+    return None
 
 
 if __name__ == "__main__":

@@ -45,7 +45,38 @@ def _widen(name, x, half):
     return x.astype(np.float32)
 
 
+def refuse_masked(name, x) -> None:
+    """NumPy masked arrays are refused: ``np.asarray`` would drop the mask and use the
+    masked-out entries as data."""
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"{name} must be a plain ndarray, not a numpy masked array (its "
+                        f"mask would be ignored): pass {name}.filled(value), or a bool "
+                        f"attention mask through mask=")
+
+
+def check_scale(scale, d) -> float:
+    """``scale`` as a float: ``1/sqrt(d)`` for None; a finite real number otherwise."""
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {scale!r}")
+    try:
+        value = float(scale)
+    except OverflowError:
+        value = math.inf
+    if not math.isfinite(value):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    return value
+
+
+def check_bool(name, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
+
+
 def _as_float_array(name, x) -> np.ndarray:
+    refuse_masked(name, x)
     x = np.asarray(x)
     if x.dtype not in _FLOATS:
         raise TypeError(f"{name} must be a float32 or float64 array, got dtype {x.dtype}")
@@ -92,6 +123,7 @@ def _check_shapes(q, k, v):
 
 def _bias(mask, dtype, full_shape, B, H, Nq, Nk):
     """Validate ``mask`` and return it as a read-only additive (B, H, Nq, Nk) view."""
+    refuse_masked("mask", mask)
     mask = np.asarray(mask)
     if mask.dtype != np.bool_ and mask.dtype.kind != "f":
         raise TypeError(f"mask must be a bool or float array, got dtype {mask.dtype}")
@@ -187,7 +219,10 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto",
     Notes
     -----
     A row with no visible key (fully masked) returns zeros and ``lse = -inf``, never
-    NaN. NaN in a query row makes that output row NaN and leaves the others exact.
+    NaN. NaN in a query row makes that output row NaN and leaves the others exact; NaN
+    in a key or value reaches exactly the rows that can see that key (hidden keys are
+    selected away, see :mod:`fa_lab.reference`). ``scale`` must be finite; NumPy masked
+    arrays are refused.
     ``Nq = 0`` returns an empty result; ``Nk = 0`` gives zeros and ``lse = -inf``.
 
     Half precision: float16 (and ``ml_dtypes.bfloat16``) inputs are computed in
@@ -204,6 +239,7 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto",
                         return_lse=return_lse, dropout_p=dropout_p, seed=seed)
         return tuple(x.astype(half) for x in res) if return_lse else res.astype(half)
     call = _prepare(q, k, v, causal, scale, mask, block_q, block_kv, dropout_p, seed)
+    return_lse = check_bool("return_lse", return_lse)
     chosen = _choose(kernel, call.request, KERNELS)
     if call.empty:
         out, lse = np.zeros(call.q.shape, call.q.dtype), np.zeros(call.q.shape[:-1], call.q.dtype)
@@ -233,8 +269,8 @@ def _blocks(kernel, chosen, call) -> tuple[int | None, int | None, str]:
     return bq, bk, source
 
 
-def plan(q, k, v, *, causal=False, mask=None, kernel="auto", block_q=None, block_kv=None,
-         dropout_p=0.0, seed=None) -> dict:
+def plan(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto", block_q=None,
+         block_kv=None, dropout_p=0.0, seed=None) -> dict:
     """What :func:`attention` would run for these arguments, without running it.
 
     Returns ``kernel``, ``block_q``, ``block_kv``, ``blocks_from`` (``"given"``,
@@ -247,7 +283,7 @@ def plan(q, k, v, *, causal=False, mask=None, kernel="auto", block_q=None, block
     half = _half_dtype(q)
     if half is not None:  # computed in float32, as attention() does
         q, k, v = np.asarray(q).astype(np.float32), _widen("k", k, half), _widen("v", v, half)
-    call = _prepare(q, k, v, causal, None, mask, block_q, block_kv, dropout_p, seed)
+    call = _prepare(q, k, v, causal, scale, mask, block_q, block_kv, dropout_p, seed)
     chosen, skipped = choose_kernel(kernel, call.request, KERNELS)
     bq, bk, source = _blocks(kernel, chosen, call)
     splits = 1
@@ -308,10 +344,7 @@ def _prepare(q, k, v, causal, scale, mask, block_q, block_kv, dropout_p, seed) -
                         f"{v.dtype}")
     lead, H, H_kv, Nq, Nk, d = _check_shapes(q, k, v)
     alignment = causal_alignment(causal)
-    if scale is None:
-        scale = 1.0 / math.sqrt(d)
-    elif isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a real number or None, got {scale!r}")
+    scale = check_scale(scale, d)
     block_q = _check_block("block_q", block_q)
     block_kv = _check_block("block_kv", block_kv)
     dropout_p, seed = check_dropout(dropout_p, seed)
@@ -324,7 +357,7 @@ def _prepare(q, k, v, causal, scale, mask, block_q, block_kv, dropout_p, seed) -
     q4 = np.ascontiguousarray(q.reshape(B, H, Nq, d))
     k4 = np.ascontiguousarray(k.reshape(B, H_kv, Nk, d))
     v4 = np.ascontiguousarray(v.reshape(B, H_kv, Nk, d))
-    return _Call(q, lead, H, H_kv, Nq, Nk, d, q4, k4, v4, bias, float(scale), alignment,
+    return _Call(q, lead, H, H_kv, Nq, Nk, d, q4, k4, v4, bias, scale, alignment,
                  block_q, block_kv, dropout_p, seed, req)
 
 

@@ -9,7 +9,10 @@ still allowing re-association (needed to vectorize reductions) and FMA contracti
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
+import warnings
 
 #: fastmath flags for kernels written to vectorize. No ``nnan``/``ninf``: masks are -inf.
 FASTMATH = {"reassoc", "contract", "nsz", "arcp", "afn"}  # numba wants a set (not frozenset)
@@ -50,3 +53,78 @@ BUSY_OTHERS = 0.15
 
 #: ... or when the hypervisor stole more than this share of the CPU time.
 BUSY_STEAL = 0.10
+
+#: numba's threading layer for the ``parallel=True`` kernels, set when fa_lab is imported
+#: (before any parallel kernel runs; once numba has started its threads it cannot change).
+#:
+#: Why TBB: numba's choices on Linux are GNU OpenMP (``omp``, the default when TBB is
+#: missing), ``workqueue`` and ``tbb``. With GNU OpenMP, a process that forks after a
+#: parallel kernel ran kills the child ("fork() called from a process already using GNU
+#: OpenMP") and ``multiprocessing.Pool`` hangs: Python's default start method on Linux
+#: and PyTorch's DataLoader workers both fork. ``workqueue`` survives a fork but is not
+#: thread-safe (two Python threads calling a parallel kernel at once abort the
+#: process). TBB is both fork-safe and thread-safe, so it is a dependency (``tbb`` from
+#: PyPI). Trade-off, measured once (flash, B=1, H=8, N=1024, d=64, float32, 3 alternating
+#: processes per layer x 15 calls, 2 cores, load average 0.6-1.1, a shared VM): OpenMP
+#: median 33.2 ms (quartiles 32.3-35.6), TBB 27.3 ms (27.1-27.4): no cost here. The
+#: price is a dependency (a 3 MB wheel) and a preload of its library (below).
+#: An explicit ``NUMBA_THREADING_LAYER`` in the environment wins over this setting.
+THREADING_LAYER = "tbb"
+
+
+def _preload_tbb() -> bool:
+    """Load ``libtbb.so.12`` from the environment's ``lib/`` (where PyPI's ``tbb`` wheel
+    puts it) so numba's TBB pool, which has no search path of its own, finds it in a
+    virtual environment. True if TBB is loaded."""
+    names = {"linux": "libtbb.so.12", "darwin": "libtbb.12.dylib"}
+    name = names.get(sys.platform)
+    if name is None:  # Windows: tbb12.dll sits next to python.exe and is found anyway
+        return True
+    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
+        path = os.path.join(prefix, "lib", name)
+        if os.path.exists(path):
+            try:
+                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                return True
+            except OSError:
+                pass
+    try:  # a system-wide TBB (e.g. conda, apt)
+        ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+        return True
+    except OSError:
+        return False
+
+
+def set_threading_layer() -> str:
+    """Select :data:`THREADING_LAYER` and start numba's threads now; returns the layer
+    in use (``numba.threading_layer()``).
+
+    Keeps the user's ``NUMBA_THREADING_LAYER`` when set. Warns (once, at import) and
+    keeps numba's default when TBB cannot be loaded, or when numba's threads were
+    already started with another layer (a parallel function ran before fa_lab was
+    imported): fork after a parallel call is then unsafe with GNU OpenMP.
+    """
+    import numba
+    from numba.np.ufunc import parallel
+
+    if os.environ.get("NUMBA_DISABLE_JIT", "0") == "1":
+        return "none (NUMBA_DISABLE_JIT=1)"
+    if not getattr(parallel, "_is_initialized", False) and not os.environ.get("NUMBA_THREADING_LAYER"):
+        if _preload_tbb():
+            numba.config.THREADING_LAYER = THREADING_LAYER
+        else:
+            warnings.warn("fa_lab: TBB (pip install tbb) could not be loaded; numba keeps "
+                          "its default threading layer, which may not survive a fork after "
+                          "a parallel kernel ran (see fa_lab.config.THREADING_LAYER)",
+                          RuntimeWarning, stacklevel=2)
+    numba.get_num_threads()  # starts the threads: the layer is fixed from here on
+    layer = numba.threading_layer()
+    if layer == "omp" and not os.environ.get("NUMBA_THREADING_LAYER"):
+        warnings.warn("fa_lab: numba runs on OpenMP (its threads started before fa_lab was "
+                      "imported, or TBB is missing): forking after a parallel kernel call "
+                      "may kill the child", RuntimeWarning, stacklevel=2)
+    return layer
+
+
+#: The threading layer in use in this process (set at import).
+THREADING_LAYER_IN_USE = set_threading_layer()

@@ -33,6 +33,11 @@ class KVCache:
     ----------
     B, H_kv, max_len, d : positive ints (``max_len`` may be 0 only for an empty cache)
     dtype : float32 (default) or float64
+
+    ``append`` accepts ``k_new``/``v_new`` of the cache's dtype, or of a dtype that casts
+    to it without loss (``np.can_cast(..., "safe")``: float16 or float32 into a float64
+    cache, float16 into a float32 one); anything else (float64 into a float32 cache:
+    1e300 would become inf) raises ``TypeError``.
     """
 
     def __init__(self, B, H_kv, max_len, d, dtype=np.float32):
@@ -42,7 +47,10 @@ class KVCache:
                 raise TypeError(f"{name} must be an int, got {value!r}")
             if value < low:
                 raise ValueError(f"{name} must be >= {low}, got {value}")
-        dtype = np.dtype(dtype)
+        try:
+            dtype = np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
         if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
         self.k = np.zeros((B, H_kv, max_len, d), dtype)
@@ -79,11 +87,18 @@ class KVCache:
     def append(self, k_new, v_new) -> int:
         """Write ``T`` new tokens ``(B, H_kv, T, d)`` after the filled part; returns the
         new length. Raises ``ValueError`` (nothing written) if ``length + T > max_len``."""
+        from fa_lab.api import refuse_masked
+
         B, H_kv, _, d = self.k.shape
         for name, x in (("k_new", k_new), ("v_new", v_new)):
+            refuse_masked(name, x)
             x = np.asarray(x)
             if x.dtype.kind != "f":
                 raise TypeError(f"{name} must be a float array, got dtype {x.dtype}")
+            if not np.can_cast(x.dtype, self.k.dtype, "safe"):
+                raise TypeError(f"{name} has dtype {x.dtype}, which does not fit the cache's "
+                                f"{self.k.dtype} without loss: cast it first (or use a "
+                                f"{x.dtype} cache)")
             if x.ndim != 4 or x.shape[:2] != (B, H_kv) or x.shape[3] != d:
                 raise ValueError(f"{name} must have shape (B={B}, H_kv={H_kv}, T, d={d}), "
                                  f"got {x.shape}")
@@ -116,13 +131,20 @@ def decode(q, cache: KVCache, *, scale=None, return_lse=False, block_kv=None, sp
     Bottom-right causal (see the module docstring): append the new tokens' k and v to
     the cache first. ``H`` must be a multiple of the cache's ``H_kv`` (GQA). Runs the
     ``flash`` kernel on the cache buffers without copying them; ``block_kv`` and
-    ``splits`` override the tuned/default key tile and the split-KV plan.
+    ``splits`` override the tuned/default key tile and the split-KV plan: ``block_kv`` a
+    positive int (clamped to the cache length), ``splits`` a positive int, clamped to the
+    number of key blocks (more splits than blocks would only add empty ones).
     """
+    from fa_lab.api import _check_block, check_bool, check_scale, refuse_masked
     from fa_lab.kernels import flash
     from fa_lab.tune import tuned_blocks
 
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a fa_lab.KVCache, got {type(cache).__name__}")
+    refuse_masked("q", q)
+    block_kv = _check_block("block_kv", block_kv)
+    splits = _check_block("splits", splits)
+    return_lse = check_bool("return_lse", return_lse)
     q = np.asarray(q)
     B, H_kv, _, d = cache.shape
     if q.dtype != cache.k.dtype:
@@ -137,14 +159,15 @@ def decode(q, cache: KVCache, *, scale=None, return_lse=False, block_kv=None, sp
     if Tq > L:
         raise ValueError(f"q has {Tq} new tokens but the cache holds {L}: append the new "
                          f"tokens' k and v before decode()")
-    if scale is None:
-        scale = 1.0 / math.sqrt(d)
+    scale = check_scale(scale, d)
     if Tq == 0:
         out, lse = np.zeros(q.shape, q.dtype), np.zeros(q.shape[:-1], q.dtype)
         return (out, lse) if return_lse else out
     tuned = tuned_blocks("flash", Tq)
     bq = min(tuned[0] if tuned else flash.DEFAULT_BLOCKS[0], Tq)
     bk = min(block_kv or (tuned[1] if tuned else flash.DEFAULT_BLOCKS[1]), L)
+    if splits is not None:
+        splits = min(splits, -(-L // bk))
     out, lse = flash.run(np.ascontiguousarray(q), cache.k, cache.v, None, scale,
                          "bottom_right", bq, bk, splits=splits, kv_len=L)
     return (out, lse) if return_lse else out
@@ -154,6 +177,9 @@ def rope(x, positions, base=10000.0, interleaved=False):
     """Rotary position embedding of ``x`` ``(..., T, d)`` at ``positions`` ``(T,)`` (or
     broadcastable to ``x.shape[:-1]``); ``d`` must be even. Computed in float64,
     returned in ``x``'s dtype. See the module docstring for the two layouts."""
+    from fa_lab.api import refuse_masked
+
+    refuse_masked("x", x)
     x = np.asarray(x)
     if x.dtype.kind != "f":
         raise TypeError(f"x must be a float array, got dtype {x.dtype}")
@@ -170,8 +196,12 @@ def rope(x, positions, base=10000.0, interleaved=False):
     except ValueError:
         raise ValueError(f"positions of shape {np.shape(positions)} do not broadcast to "
                          f"x's (..., T) = {x.shape[:-1]}") from None
-    if not (isinstance(base, numbers.Real) and base > 0):
-        raise ValueError(f"base must be a positive number, got {base!r}")
+    if isinstance(base, (bool, np.bool_)) or not isinstance(base, numbers.Real):
+        raise TypeError(f"base must be a positive finite number, got {base!r}")
+    if not (math.isfinite(base) and base > 0):
+        raise ValueError(f"base must be a positive finite number, got {base!r}")
+    if not isinstance(interleaved, (bool, np.bool_)):
+        raise TypeError(f"interleaved must be a bool, got {interleaved!r}")
     inv = base ** (-np.arange(0, d, 2, dtype=np.float64) / d)  # (d/2,)
     angle = pos[..., None] * inv  # (..., T, d/2)
     cos, sin = np.cos(angle), np.sin(angle)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from fa_lab import config, quant
-from fa_lab.api import _choose, _prepare, effective_blocks
+from fa_lab.api import _choose, _prepare, check_bool, effective_blocks
 from fa_lab.registry import INT8_KERNELS
 
 
@@ -43,7 +43,8 @@ def quantize_inputs(q4, k4, granularity, block_q, block_kv, smooth):
     for name, x, block in (("q", q4, block_q), ("k", k4, block_kv)):
         try:
             xq, s = quant.quantize(x, granularity,
-                                   block if granularity == "per_block" else None)
+                                   block if granularity == "per_block" else None,
+                                   scale_dtype=np.float64)  # beyond float32's range too
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
         rows = np.ascontiguousarray(np.broadcast_to(s, x.shape[:-1] + (1,))[..., 0],
@@ -71,8 +72,9 @@ def attention_int8(q, k, v, *, causal=False, scale=None, mask=None,
     Returns ``out`` (q's dtype) and, with ``return_lse``, ``lse``.
     """
     call = _prepare(q, k, v, causal, scale, mask, block_q, block_kv, 0.0, None)
+    return_lse = check_bool("return_lse", return_lse)
     chosen = _choose(kernel, call.request, INT8_KERNELS)
-    if granularity not in quant.GRANULARITIES:
+    if not isinstance(granularity, str) or granularity not in quant.GRANULARITIES:
         raise ValueError(f"granularity must be one of {quant.GRANULARITIES}, "
                          f"got {granularity!r}")
     if not isinstance(smooth_k, (bool, np.bool_)):

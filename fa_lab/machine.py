@@ -79,6 +79,7 @@ def machine() -> dict:
         "blas": ", ".join(f"{b['owner']} OpenBLAS {b['version']} {b['kernels']}"
                           for b in blas_libraries()),
         "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", "(auto)"),
+        "threading_layer": config.THREADING_LAYER_IN_USE,
     }
 
 

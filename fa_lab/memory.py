@@ -77,18 +77,30 @@ def estimate(kernel, B, H, Nq, Nk, d, dtype=np.float32, block_q=None, block_kv=N
         the inputs' dtype, which is used without a copy. (A mask whose broadcast to
         ``(B, H, Nq, Nk)`` cannot be a view is copied at full size: not modelled.)
     """
-    if kernel not in KERNELS:
+    from fa_lab.api import _check_block
+
+    if not isinstance(kernel, str) or kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {sorted(KERNELS)}, got {kernel!r}")
     B, H, Nq, Nk, d = (_positive_int(n, x) for n, x in
                        zip(("B", "H", "Nq", "Nk", "d"), (B, H, Nq, Nk, d)))
     H_kv = H if H_kv is None else _positive_int("H_kv", H_kv)
-    dtype = np.dtype(dtype)
+    if H and (H_kv == 0 or H % H_kv):
+        raise ValueError(f"H={H} must be a multiple of H_kv={H_kv} (each kv head serves "
+                         f"H // H_kv query heads)")
+    block_q, block_kv = _check_block("block_q", block_q), _check_block("block_kv", block_kv)
+    mask_elements = _positive_int("mask_elements", mask_elements)
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
     if dtype not in (np.float32, np.float64):
         raise TypeError(f"dtype must be float32 or float64, got {dtype}")
     if threads is None:
         import numba
 
         threads = numba.get_num_threads()
+    elif _positive_int("threads", threads) < 1:
+        raise ValueError(f"threads must be a positive int, got {threads}")
     spec = KERNELS[kernel]
     isz = dtype.itemsize
     items = {"output O (B H Nq d)": B * H * Nq * d * isz, "lse (B H Nq)": B * H * Nq * isz}
@@ -249,13 +261,24 @@ def largest_n(kernel, budget_bytes, *, B=1, H=1, d=64, dtype=np.float32):
     """Largest N (a power of two times 1..1.75) whose inputs + modelled peak fit the budget.
 
     Inputs count here (q, k, v must exist too). The answer is reasoned from the model,
-    not measured: check it with :func:`measure` below the limit.
+    not measured: check it with :func:`measure` below the limit. ``budget_bytes`` must
+    be a finite number >= 0; returns 0 when not even N=1 fits.
     """
+    import numbers
+
+    if isinstance(budget_bytes, (bool, np.bool_)) or not isinstance(budget_bytes,
+                                                                     numbers.Real):
+        raise TypeError(f"budget_bytes must be a number of bytes, got {budget_bytes!r}")
+    if not (math.isfinite(budget_bytes) and budget_bytes >= 0):
+        raise ValueError(f"budget_bytes must be finite and >= 0, got {budget_bytes!r}")
     isz = np.dtype(dtype).itemsize
+    estimate(kernel, B, H, 1, 1, d, dtype)  # validates kernel, B, H, d, dtype
 
     def need(N):
         return 3 * B * H * N * d * isz + estimate(kernel, B, H, N, N, d, dtype).total
 
+    if need(1) > budget_bytes:
+        return 0
     N = 1
     while need(N * 2) <= budget_bytes:
         N *= 2

@@ -34,9 +34,17 @@ def table(path=None, *, B=1, H=8, N=2048, d=64):
     """The presets as a DataFrame: kernel, blocks, threads, source, the measured median
     of that choice in the tuning sweep, and the modelled peak extra bytes
     (:func:`fa_lab.memory.estimate`, output included) at ``B, H, N, d``."""
+    import numbers
+
     import pandas as pd
 
     from fa_lab.config import num_threads
+
+    for name, value in (("B", B), ("H", H), ("N", N), ("d", d)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be a positive int, got {value!r}")
+        if value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value}")
     from fa_lab.kernels.flash import DEFAULT_BLOCKS
     from fa_lab.memory import estimate
 
@@ -58,8 +66,9 @@ def table(path=None, *, B=1, H=8, N=2048, d=64):
                        vs_fastest=float(best.median_s / fastest),
                        source=f"tuned ({regime} sweep: smallest scratch)")
         elif c and name != "memory":
-            row.update(block_q=c["block_q"], block_kv=c["block_kv"], median_s=c["median_s"],
-                       vs_fastest=1.0, source=f"tuned ({regime}: fastest, {c['shape']}"
+            row.update(block_q=c["block_q"], block_kv=c["block_kv"],
+                       median_s=float(c.get("median_s", float("nan"))),
+                       vs_fastest=1.0, source=f"tuned ({regime}: fastest, {c.get('shape', '?')}"
                                                f"{', quick sweep' if c.get('quick') else ''})")
         else:
             bq = 1 if name == "latency" else DEFAULT_BLOCKS[0]

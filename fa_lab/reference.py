@@ -16,7 +16,12 @@ Conventions (shared by every kernel, documented in the README):
 * A boolean mask means True = attend. A float mask is added to the scaled scores.
 * A row with no visible key (fully masked) gives ``O = 0`` and ``lse = -inf``.
 * NaN in a query row (or in that row of a mask) makes that row NaN, and only it.
-  NaN in a key or value reaches every row that can see that key.
+  NaN in a key or value reaches every row that can see that key, and no other row:
+  a hidden key (causal, ``False`` in a bool mask, ``-inf`` in a float mask) is
+  *selected* away (its score set to ``-inf``, its value skipped), never multiplied by a
+  zero probability (``0 * NaN`` is NaN). A visible key's value is always multiplied by
+  its probability, even one that underflowed to 0. With dropout, a dropped key's value
+  is skipped the same way. :func:`select_matmul` is that product.
 """
 
 from __future__ import annotations
@@ -63,6 +68,40 @@ def mask_to_bias(mask, dtype=np.float64) -> np.ndarray:
     if mask.dtype == np.bool_:
         return np.where(mask, t(0), t(-np.inf))
     return mask.astype(dtype, copy=False)
+
+
+def apply_mask(s, mask, dtype):
+    """Scores with the mask applied by selection: ``-inf`` where the mask hides a key
+    (``False``, or ``-inf`` in a float mask), ``s + bias`` elsewhere. Adding ``-inf``
+    instead would keep a NaN score (a NaN key) NaN although the key is hidden."""
+    bias = mask_to_bias(mask, dtype)
+    with np.errstate(invalid="ignore"):
+        return np.where(np.isneginf(bias), dtype(-np.inf), s + bias)
+
+
+def select_matmul(w, x, use) -> np.ndarray:
+    """``sum_j w[..., i, j] x[..., j, t]`` over the ``j`` with ``use[..., i, j]`` only.
+
+    Equal to ``w @ x`` when ``x`` is finite (an unused ``w`` is 0 there). With NaN or
+    inf in ``x``, an unused ``j`` contributes nothing (selection), while a used one
+    follows IEEE arithmetic (``0 * inf`` and ``w * NaN`` are NaN, ``w > 0`` times ``inf``
+    is ``inf``). The finite part is one matrix product; the non-finite entries are
+    counted with three more products of 0/1 matrices.
+    """
+    bad = ~np.isfinite(x)
+    if not bad.any():
+        return w @ x
+    dtype = np.result_type(w, x)
+    out = w @ np.where(bad, dtype.type(0), x)
+    use = np.broadcast_to(use, w.shape)
+    hits = lambda cond, y: (cond.astype(np.float64) @ y.astype(np.float64)) > 0  # noqa: E731
+    nan = hits(use, np.isnan(x)) | hits(use & (w == 0), np.isinf(x))
+    pos = hits(use & (w > 0), np.isposinf(x)) | hits(use & (w < 0), np.isneginf(x))
+    neg = hits(use & (w > 0), np.isneginf(x)) | hits(use & (w < 0), np.isposinf(x))
+    with np.errstate(invalid="ignore"):
+        out = np.where(pos, out + dtype.type(np.inf), out)
+        out = np.where(neg, out - dtype.type(np.inf), out)
+    return np.where(nan, dtype.type(np.nan), out)
 
 
 def softmax(x, axis=-1) -> np.ndarray:
@@ -143,7 +182,7 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, dtype=np.float64,
         k, v = repeat_kv(k, q.shape[-3]), repeat_kv(v, q.shape[-3])
     s = (q @ np.swapaxes(k, -1, -2)) * dtype(scale)  # (..., H, Nq, Nk)
     if mask is not None:
-        s = s + mask_to_bias(mask, dtype)
+        s = apply_mask(s, mask, dtype)
     alignment = causal_alignment(causal)
     if alignment is not None:
         s = np.where(causal_mask(Nq, Nk, alignment), s, dtype(-np.inf))
@@ -155,11 +194,13 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, dtype=np.float64,
     m = np.where(np.isneginf(m), dtype(0), m)  # fully masked row: avoid -inf - -inf
     p = np.exp(s - m)
     l = p.sum(axis=-1, keepdims=True)
+    visible = ~np.isneginf(s)  # hidden keys are selected away, not multiplied by 0
     with np.errstate(invalid="ignore", divide="ignore"):
         p = np.where(l == 0, dtype(0), p / l)
         if dropout_p > 0:
-            p = p * dropout_mask(p.shape, dropout_p, seed, dtype)
-        out = p @ v
+            z = dropout_mask(p.shape, dropout_p, seed, dtype)
+            p, visible = p * z, visible & (z != 0)
+        out = select_matmul(p, v, visible)
         lse = np.where(l == 0, dtype(-np.inf), m + np.log(l))[..., 0]
     return (out, lse, p) if return_p else (out, lse)
 
@@ -203,16 +244,18 @@ def attention_backward(q, k, v, dout, *, causal=False, scale=None, mask=None,
     kr, vr = (repeat_kv(k, H), repeat_kv(v, H)) if q.ndim >= 3 else (k, v)
     s = (q @ np.swapaxes(kr, -1, -2)) * dtype(scale)
     if mask is not None:
-        s = s + mask_to_bias(mask, dtype)
+        s = apply_mask(s, mask, dtype)
     alignment = causal_alignment(causal)
     if alignment is not None:
         s = np.where(causal_mask(Nq, Nk, alignment), s, dtype(-np.inf))
-    p = softmax(s) if Nk else s
+    visible = ~np.isneginf(s)  # hidden keys: selected away (see the module docstring)
+    p = np.where(visible, softmax(s), dtype(0)) if Nk else s  # exp(-inf - NaN) is NaN
     z = dropout_mask(p.shape, dropout_p, seed, dtype) if dropout_p > 0 else dtype(1)
-    dv = np.swapaxes(p * z, -1, -2) @ dout
-    dp = (dout @ np.swapaxes(vr, -1, -2)) * z
-    ds = p * (dp - np.sum(p * dp, axis=-1, keepdims=True))
-    dq = (ds @ kr) * dtype(scale)
+    with np.errstate(invalid="ignore"):
+        dv = np.swapaxes(np.where(z != 0, p * z, dtype(0)), -1, -2) @ dout  # dropped: skipped
+        dp = np.where(visible & (z != 0), (dout @ np.swapaxes(vr, -1, -2)) * z, dtype(0))
+        ds = np.where(visible, p * (dp - np.sum(p * dp, axis=-1, keepdims=True)), dtype(0))
+    dq = select_matmul(ds, kr, visible) * dtype(scale)
     dk = (np.swapaxes(ds, -1, -2) @ q) * dtype(scale)
     if H != H_kv:  # sum over the query heads of each kv group
         g = H // H_kv

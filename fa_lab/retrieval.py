@@ -23,7 +23,7 @@ from numba import njit
 from fa_lab.config import CACHE
 
 
-@njit(cache=CACHE)
+@njit(cache=CACHE, nogil=True)
 def _merge_topk(S, j0, best_s, best_i):
     """Fold a tile of scores ``S`` (Q, bc) for keys ``j0 ..`` into each query's sorted
     top list (``best_s`` descending, ties by smaller index; ``-inf`` = empty slot).
@@ -59,11 +59,17 @@ def topk_attention(query, keys, values=None, k=5, *, scale=1.0, block=8192):
     keys : (N, d), the same dtype
     values : (N, dv), optional; then also returns the softmax-weighted values of the top k
     k : 1 <= k <= N
+    scale : a finite real number; query, keys and ``scale * query . key`` must be finite
+        (``ValueError`` naming what is not: a NaN score has no rank)
 
     Returns ``(indices, scores)`` each ``(Q, k)`` (``(k,)`` for a 1-D query), sorted by
     score descending (ties: smaller index first), plus ``out`` ``(Q, dv)`` with
     ``values``.
     """
+    from fa_lab.api import check_scale, refuse_masked
+
+    for name, x in (("query", query), ("keys", keys), ("values", values)):
+        refuse_masked(name, x)
     q = np.asarray(query)
     K = np.asarray(keys)
     for name, x in (("query", q), ("keys", K)):
@@ -85,13 +91,23 @@ def topk_attention(query, keys, values=None, k=5, *, scale=1.0, block=8192):
         raise ValueError(f"k must be in 1..N (N={N} keys), got {k}")
     if isinstance(block, (bool, np.bool_)) or not isinstance(block, numbers.Integral) or block < 1:
         raise ValueError(f"block must be a positive int, got {block!r}")
+    if scale is None:
+        raise TypeError("scale must be a finite real number (1.0 for cosine similarity "
+                        "of unit vectors), got None")
+    scale = check_scale(scale, q2.shape[1])
     if not np.isfinite(q2).all():
         raise ValueError("query must be finite (a NaN score has no rank)")
     if values is not None:
         V = np.asarray(values)
         if V.ndim != 2 or V.shape[0] != N:
             raise ValueError(f"values must have shape (N={N}, dv), got {V.shape}")
-    q2 = np.ascontiguousarray(q2 * q2.dtype.type(scale))
+        if V.dtype.kind not in "fiu" or V.dtype == np.bool_:
+            raise TypeError(f"values must be a float array, got dtype {V.dtype}")
+    with np.errstate(over="ignore"):
+        q2 = np.ascontiguousarray(q2 * q2.dtype.type(scale))
+    if not np.isfinite(q2).all():
+        raise ValueError(f"scale * query overflows {q2.dtype} (scale={scale!r}): rescale "
+                         f"the inputs or use float64")
     Q = q2.shape[0]
     best_s = np.full((Q, k), -np.inf, dtype=q2.dtype)
     best_i = np.full((Q, k), -1, dtype=np.int64)
@@ -99,9 +115,14 @@ def topk_attention(query, keys, values=None, k=5, *, scale=1.0, block=8192):
     for j0 in range(0, N, block):
         j1 = min(j0 + block, N)
         tile = S[:, :j1 - j0]
-        np.matmul(q2, K[j0:j1].T, out=tile)
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.matmul(q2, K[j0:j1].T, out=tile)
         if not np.isfinite(tile).all():  # checks keys too, at Q x block per tile
-            raise ValueError(f"keys must be finite: a NaN or inf among keys {j0}..{j1 - 1}")
+            if not np.isfinite(K[j0:j1]).all():
+                raise ValueError(f"keys must be finite: a NaN or inf among keys "
+                                 f"{j0}..{j1 - 1}")
+            raise ValueError(f"scale * query . key overflows {tile.dtype} for keys "
+                             f"{j0}..{j1 - 1} (finite inputs): rescale them or use float64")
         _merge_topk(tile, j0, best_s, best_i)
     result = (best_i, best_s)
     if values is not None:

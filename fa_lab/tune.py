@@ -11,14 +11,32 @@ The file is ``$FA_LAB_TUNE_FILE`` or ``~/.cache/fa_lab/tuned.json``. A choice ma
 another machine (CPU, thread count, BLAS kernels, numba version) is ignored, not
 reused: :func:`tuned_blocks` compares the fingerprint. ``fa_lab.api.plan`` tells which
 blocks a call will use and where they came from.
+
+The file is validated when read (:func:`validate`): a JSON object with a
+``fingerprint`` object, ``choices`` ``{kernel: {regime: {block_q, block_kv, ...}}}``
+with block sizes ints in ``1 ..`` :data:`MAX_BLOCK`, and optional ``sweeps`` of the same
+kind with finite, positive ``median_s``. A file that fails (bad JSON, a list, a negative
+or huge block, a string where a number belongs) is ignored as a whole with **one**
+:class:`TuningFileWarning` naming the file and the first problem; the kernels' default
+blocks are then used, exactly as without a file.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
+#: Largest block size accepted from a tuning file (rows of Q or K per tile).
+MAX_BLOCK = 1 << 16
+
+
+class TuningFileWarning(UserWarning):
+    """The tuning file is malformed and was ignored (defaults are used)."""
 
 
 @dataclass(frozen=True)
@@ -150,8 +168,51 @@ def autotune(kernel="flash", regimes=None, *, quick=False, repeats=3, path=None,
 _CACHE: dict = {}
 
 
+def _block_problem(where, entry) -> str | None:
+    if not isinstance(entry, dict):
+        return f"{where} must be an object, got {type(entry).__name__}"
+    for key in ("block_q", "block_kv"):
+        b = entry.get(key)
+        if isinstance(b, bool) or not isinstance(b, numbers.Integral):
+            return f"{where}.{key} must be an int, got {b!r}"
+        if not 1 <= b <= MAX_BLOCK:
+            return f"{where}.{key} must be in 1..{MAX_BLOCK}, got {b}"
+    if "median_s" in entry or where.startswith("sweeps"):
+        t = entry.get("median_s")
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not (
+                math.isfinite(t) and t > 0):
+            return f"{where}.median_s must be a positive number, got {t!r}"
+    return None
+
+
+def validate(data) -> str | None:
+    """The first problem of a parsed tuning file (a sentence), or None if it is valid."""
+    if not isinstance(data, dict):
+        return f"the file must hold a JSON object, got {type(data).__name__}"
+    if not isinstance(data.get("fingerprint"), dict):
+        return "'fingerprint' must be an object"
+    for section in ("choices", "sweeps"):
+        tables = data.get(section, {})
+        if not isinstance(tables, dict):
+            return f"'{section}' must be an object"
+        for kernel, regimes in tables.items():
+            if not isinstance(regimes, dict):
+                return f"{section}.{kernel} must be an object"
+            for regime, entry in regimes.items():
+                where = f"{section}.{kernel}.{regime}"
+                entries = entry if section == "sweeps" else [entry]
+                if not isinstance(entries, list):
+                    return f"{where} must be a list"
+                for e in entries:
+                    problem = _block_problem(where, e)
+                    if problem:
+                        return problem
+    return None
+
+
 def load(path=None) -> dict | None:
-    """The stored tuning file (``None`` if absent or unreadable)."""
+    """The stored tuning file, validated (``None`` if absent, unreadable or invalid;
+    an unreadable or invalid file gives one :class:`TuningFileWarning`)."""
     target = Path(path) if path else tune_path()
     try:
         stamp = target.stat().st_mtime_ns
@@ -159,11 +220,20 @@ def load(path=None) -> dict | None:
         return None
     key = (str(target), stamp)
     if key not in _CACHE:
+        _CACHE.clear()
         try:
-            _CACHE.clear()
-            _CACHE[key] = json.loads(target.read_text())
-        except (OSError, ValueError):
-            return None
+            data = json.loads(target.read_text())
+            problem = validate(data)
+        except (OSError, UnicodeDecodeError) as e:
+            data, problem = None, f"unreadable ({e})"
+        except ValueError as e:  # JSON syntax, or numbers Python cannot hold
+            data, problem = None, f"not valid JSON ({e})"
+        if problem:
+            warnings.warn(f"ignoring the tuning file {target}: {problem}; using the default "
+                          f"block sizes (re-run python -m fa_lab tune, or delete the file)",
+                          TuningFileWarning, stacklevel=3)
+            data = None
+        _CACHE[key] = data
     return _CACHE[key]
 
 
@@ -176,7 +246,7 @@ def tuned_blocks(kernel: str, Nq: int) -> tuple[int, int] | None:
     choice = stored.get("choices", {}).get(kernel, {}).get(regime_for(Nq).name)
     if not choice:
         return None
-    return int(choice["block_q"]), int(choice["block_kv"])
+    return int(choice["block_q"]), int(choice["block_kv"])  # validated by load()
 
 
 _FP: list = []
@@ -207,4 +277,4 @@ def _reset_for_tests() -> None:
 
 
 __all__ = ["REGIMES", "Regime", "autotune", "tuned_blocks", "tune_path", "fingerprint",
-           "choices_table", "regime_for", "load"]
+           "choices_table", "regime_for", "load", "validate", "TuningFileWarning", "MAX_BLOCK"]

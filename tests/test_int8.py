@@ -114,8 +114,8 @@ def test_masks_fully_masked_rows_and_nan_in_v():
     q, k, v = Case(B=1, H=2, Nq=6, Nk=40, d=8).inputs(seed=3)
     mask = np.ones((6, 40), bool)
     mask[2] = False
-    v[0, 1, 7, 0] = np.nan  # NaN in V: head 1's rows turn NaN in that channel, as in the
-    expected, _ = reference.attention(q, k, v, mask=mask)  # reference (0 * NaN = NaN)
+    v[0, 1, 7, 0] = np.nan  # NaN in V: the head-1 rows that see key 7 turn NaN in that
+    expected, _ = reference.attention(q, k, v, mask=mask)  # channel; masked row 2 stays 0
     for name in INT8_NAMES:
         out, lse = fa_lab.attention_int8(q, k, v, mask=mask, kernel=name, return_lse=True)
         assert np.all(out[:, :, 2] == 0) and np.all(lse[:, :, 2] == -np.inf)

@@ -49,23 +49,26 @@ def _row_backward(q_i, k, v, o_i, do_i, lse_i, scale, bias_i, has_bias, end, dro
             s += q_i[t] * k[j, t]
         x = q_i.dtype.type(s) * scale
         if has_bias:
-            x += bias_i[j]
+            x = NEG_INF if bias_i[j] == NEG_INF else x + bias_i[j]
+        if x == NEG_INF:
+            continue  # hidden key: no probability, no gradient (selection, not 0 * NaN)
         p = math.exp(x - lse_i)
         z = 1.0
         if dropout_p > 0:
             z = inv_keep if keep(row, j, dropout_p) else 0.0
         dpd = 0.0
-        for t in range(d):
-            dpd += do_i[t] * v[j, t]
+        if z != 0:  # a dropped key's value is skipped, as in the forward
+            for t in range(d):
+                dpd += do_i[t] * v[j, t]
         ds = p * (dpd * z - D)
-        pz = p * z
+        pz = p * z if z != 0 else 0.0  # a dropped key gets no dV (selection)
         for t in range(d):
             dv[j, t] += pz * do_i[t]
             dq_i[t] += ds * k[j, t]
             dk[j, t] += ds * q_i[t]
 
 
-@njit(cache=CACHE)
+@njit(cache=CACHE, nogil=True)
 def naive_backward(q, k, v, out, dout, lse, bias, has_bias, scale, causal, offset, block_q,
                    block_kv, dropout_p, seed_mixed, dq, dk, dv):
     """Serial driver over (b, h, i); writes ``dq`` (B, H, Nq, d), ``dk``/``dv`` (B, H_kv, Nk, d)."""

@@ -85,8 +85,11 @@ def _ds_block(P, dP, lse_i, D_i, dropout_p, seed_mixed, b, h, i0, j0):
     """In place: ``P <- exp(S - lse) * Z`` (dropped probabilities) and ``dP <- dS``.
 
     On entry ``P`` holds the masked scores and ``dP`` holds ``dO Vj^T``.
+    A hidden key (score ``-inf``) gets ``P = dS = 0`` by selection: its ``dO Vj^T``
+    may be NaN (a NaN value) and ``0 * NaN`` is NaN.
     """
     br, bc = P.shape
+    zero = P.dtype.type(0)
     inv_keep = P.dtype.type(1 / (1 - dropout_p))
     for r in range(br):
         Pr = P[r]
@@ -96,17 +99,24 @@ def _ds_block(P, dP, lse_i, D_i, dropout_p, seed_mixed, b, h, i0, j0):
                 Pr[c] = 0
                 dPr[c] = 0
             continue
+        row = row_key(seed_mixed, b, h, i0 + r) if dropout_p > 0 else np.uint64(0)
         for c in range(bc):
-            Pr[c] = math.exp(Pr[c] - lse_i[r])
-        if dropout_p > 0:
-            row = row_key(seed_mixed, b, h, i0 + r)
-            for c in range(bc):
-                z = inv_keep if keep(row, j0 + c, dropout_p) else P.dtype.type(0)
-                dPr[c] = Pr[c] * (dPr[c] * z - D_i[r])
-                Pr[c] *= z
-        else:
-            for c in range(bc):
-                dPr[c] = Pr[c] * (dPr[c] - D_i[r])
+            x = Pr[c]
+            if x == NEG_INF:  # hidden key: selected away
+                Pr[c] = zero
+                dPr[c] = zero
+                continue
+            p = math.exp(x - lse_i[r])
+            if dropout_p > 0:
+                if keep(row, j0 + c, dropout_p):
+                    dPr[c] = p * (dPr[c] * inv_keep - D_i[r])
+                    Pr[c] = p * inv_keep
+                else:  # dropped: its value is skipped, the softmax term stays
+                    dPr[c] = p * (zero - D_i[r])
+                    Pr[c] = zero
+            else:
+                dPr[c] = p * (dPr[c] - D_i[r])
+                Pr[c] = p
 
 
 @njit(cache=CACHE, fastmath=FASTMATH, error_model="numpy")
@@ -129,7 +139,10 @@ def _accumulate_t(W, X, acc, tmp):
 
 @njit(cache=CACHE, fastmath=FASTMATH, error_model="numpy")
 def _accumulate(W, X, acc, tmp):
-    """``acc += W X`` (W: br x bc, X: bc x d, acc: br x d) via a zeroed ``tmp`` tile."""
+    """``acc += W X`` (W: br x bc, X: bc x d, acc: br x d) via a zeroed ``tmp`` tile.
+
+    A zero weight is skipped (selection): ``dS = 0`` for a hidden key whose row of ``X``
+    (a key) may be NaN."""
     br, bc = W.shape
     tmp[:] = 0
     for r in range(br):
@@ -137,6 +150,8 @@ def _accumulate(W, X, acc, tmp):
         tr = tmp[r]
         for c in range(bc):
             w = Wr[c]
+            if w == 0:
+                continue
             Xc = X[c]
             for t in range(Xc.shape[0]):
                 tr[t] += w * Xc[t]
@@ -162,7 +177,7 @@ def _tile(q, k, v, dout, lse, D, bias, has_bias, scale, causal, offset, dropout_
     return Sij, dPij
 
 
-@njit(cache=CACHE, parallel=True)
+@njit(cache=CACHE, parallel=True, nogil=True)
 def tiled_backward(q, k, v, out, dout, lse, bias, has_bias, scale, causal, offset, block_q,
                    block_kv, dropout_p, seed_mixed, dq, dk, dv):
     """Driver: D, then pass 1 (dK, dV over key blocks), then pass 2 (dQ over query blocks)."""

@@ -14,6 +14,12 @@ from fa_lab.config import CACHE
 
 NEG_INF = -np.inf
 
+#: What the loop kernels store in place of the probability of a *hidden* key (score
+#: ``-inf``: causal, a False in a bool mask, ``-inf`` in a float mask), so their ``P V``
+#: loop skips it (selection) instead of computing ``0 * v``: ``0 * NaN`` is NaN, and a
+#: NaN in a hidden value must not reach the row. A probability is never negative.
+HIDDEN = -1.0
+
 #: Bytes numba's runtime adds to each array a jitted function allocates (its meminfo
 #: and array header), measured with memray: 6 scratch arrays of ``tiled_simd`` took
 #: 672 bytes beyond their data. Used by the byte models below.
@@ -41,7 +47,9 @@ def visible_end(i: int, Nk: int, causal: bool, offset: int) -> int:
 def mask_block(Sij, bias, has_bias, b, h, i0, j0, causal, offset):
     """Add the bias and apply the causal mask to a score block ``Sij`` (br, bc) in place.
 
-    ``Sij[r, c]`` is the score of query ``i0 + r`` against key ``j0 + c``.
+    ``Sij[r, c]`` is the score of query ``i0 + r`` against key ``j0 + c``. A key the
+    mask hides (bias ``-inf``) gets the score ``-inf`` by selection, not by adding
+    ``-inf``: a NaN score (a NaN key) stays hidden.
     """
     br, bc = Sij.shape
     for r in range(br):
@@ -49,7 +57,8 @@ def mask_block(Sij, bias, has_bias, b, h, i0, j0, causal, offset):
         if has_bias:
             bias_r = bias[b, h, i0 + r]
             for c in range(bc):
-                Sr[c] += bias_r[j0 + c]
+                bc_ = bias_r[j0 + c]
+                Sr[c] = NEG_INF if bc_ == NEG_INF else Sr[c] + bc_
         if causal:
             first_hidden = i0 + r + offset + 1 - j0  # columns c >= this are in the future
             for c in range(max(first_hidden, 0), bc):

@@ -26,6 +26,11 @@ What changes against ``tiled_simd`` (same online softmax, same causal block skip
   keep the threads busy, :func:`plan_splits` also splits the keys, and
   :func:`flash_splitkv_forward` merges the partial results exactly through their LSEs
   (Flash-Decoding).
+* NaN rule (:mod:`fa_lab.reference`): BLAS would compute ``0 * NaN = NaN`` for a hidden
+  key whose value is NaN, so a masked block (causal diagonal, or a mask) first checks
+  its ``Vj`` in one vectorized pass (:func:`all_finite`, ``O(Bc d)`` against the block's
+  ``O(Br Bc d)``) and, only when it holds NaN or inf, multiplies ``P Vj`` with a loop
+  that skips the hidden keys (:func:`_pv_select`). Unmasked blocks are untouched.
 * ``stage`` (default: the whole kernel) stops each block early, so
   :func:`fa_lab.bench.breakdown` can time the parts with the real code.
 
@@ -68,7 +73,7 @@ def limit_scipy_blas(threads: int = 1) -> list[str]:
 SCIPY_BLAS_LIMITED = limit_scipy_blas(1)
 
 
-@njit(parallel=True, cache=CACHE)
+@njit(parallel=True, cache=CACHE, nogil=True)
 def tile_gemms(x, n):
     """``n`` products ``x @ x`` of a square tile, one per ``prange`` iteration, through the
     same BLAS as the kernel (static schedule: every thread gets ``n / threads``).
@@ -273,6 +278,38 @@ def _rescale_add(acc, alpha, PV):
             acc_r[t] = a * acc_r[t] + pv_r[t]
 
 
+@njit(cache=CACHE, error_model="numpy")
+def all_finite(X):
+    """True if the 2-D block ``X`` holds no NaN or inf: counts the elements that fail
+    ``|x| < inf`` (false for both). An integer reduction, so it vectorizes without
+    fastmath flags (with ``reassoc``, a float ``sum(x - x)`` version was folded to 0)."""
+    inf = X.dtype.type(np.inf)
+    bad = 0
+    for r in range(X.shape[0]):
+        Xr = X[r]
+        for t in range(X.shape[1]):
+            bad += 0 if abs(Xr[t]) < inf else 1
+    return bad == 0
+
+
+@njit(cache=CACHE, fastmath=FASTMATH, error_model="numpy")
+def _pv_select(S, P, Vj, PV):
+    """``PV = P Vj`` skipping the keys whose score is ``-inf`` (hidden), row by row: the
+    fallback for a masked block whose ``Vj`` holds NaN or inf, where BLAS would compute
+    ``0 * NaN = NaN`` for rows that cannot see that key."""
+    br, bc = P.shape
+    for r in range(br):
+        Sr, Pr, PVr = S[r], P[r], PV[r]
+        PVr[:] = 0
+        for c in range(bc):
+            if Sr[c] == NEG_INF:
+                continue
+            p = Pr[c]
+            Vc = Vj[c]
+            for t in range(PVr.shape[0]):
+                PVr[t] += p * Vc[t]
+
+
 @njit(cache=CACHE)
 def _q_block(Qi, K, V, bias, has_bias, b, h, i0, causal, offset, j_begin, j_end, block_kv,
              Oi, lse_i, stage):
@@ -308,7 +345,11 @@ def _q_block(Qi, K, V, bias, has_bias, b, h, i0, causal, offset, j_begin, j_end,
         softmax_block(S, m, l, alpha, P)
         if stage < 3:
             continue
-        np.dot(P, V[j0:j0 + bc], PV)  # BLAS
+        Vj = V[j0:j0 + bc]
+        if (has_bias or diagonal) and not all_finite(Vj):
+            _pv_select(S, P, Vj, PV)  # a hidden NaN/inf value must not reach any row
+        else:
+            np.dot(P, Vj, PV)  # BLAS (finite Vj: a hidden key's P = 0 adds exactly 0)
         _rescale_add(acc, alpha, PV)
     for r in range(br):
         lse_i[r] = finalize_row(acc[r], m[r], l[r], Oi[r])
@@ -346,7 +387,7 @@ def run(q, k, v, bias, scale, alignment, block_q, block_kv, splits=None, stage=3
     return out, lse
 
 
-@njit(cache=CACHE, parallel=True)
+@njit(cache=CACHE, parallel=True, nogil=True)
 def flash_forward(q, k, v, bias, has_bias, scale, causal, offset, block_q, block_kv, out, lse,
                   stage=3, kv_len=-1):
     """Parallel driver over (b, h, query block), as ``tiled_simd`` (``stage``: see
@@ -364,7 +405,7 @@ def flash_forward(q, k, v, bias, has_bias, scale, causal, offset, block_q, block
                  causal, offset, 0, Nk, block_kv, out[b, h, i0:i1], lse[b, h, i0:i1], stage)
 
 
-@njit(cache=CACHE, parallel=True)
+@njit(cache=CACHE, parallel=True, nogil=True)
 def flash_splitkv_forward(q, k, v, bias, has_bias, scale, causal, offset, block_q, block_kv,
                           splits, out, lse, kv_len=-1):
     """Flash-Decoding: each (b, h, query block) is also split along the keys.

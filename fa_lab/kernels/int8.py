@@ -61,7 +61,7 @@ def dot_i8(a, b):
     return acc
 
 
-@njit(cache=CACHE)
+@njit(cache=CACHE, nogil=True)
 def int8_naive_forward(q8, sq, k8, sk, v, bias, has_bias, scale, causal, offset, out, lse):
     """Rows one by one, keys one by one: int32 dot, then the online softmax in float64."""
     B, H, Nq, d = q8.shape
@@ -79,7 +79,10 @@ def int8_naive_forward(q8, sq, k8, sk, v, bias, has_bias, scale, causal, offset,
                 for j in range(visible_end(i, Nk, causal, offset)):
                     s = float(dot_i8(qi, k8[b, hk, j])) * row_scale * sk[b, hk, j]
                     if has_bias:
-                        s += bias[b, h, i, j]
+                        bij = bias[b, h, i, j]
+                        s = -np.inf if bij == -np.inf else s + bij
+                    if s == -np.inf:
+                        continue  # hidden key: selected away, never 0 * v
                     m_new = max(m, s) if s == s else s
                     if m_new == -np.inf:
                         continue  # masked so far: nothing to add
@@ -121,13 +124,16 @@ def _rescale_scores(S32, row_scale, sk_j, S):
 
 
 @njit(cache=CACHE, fastmath=FASTMATH, error_model="numpy")
-def _pv_block(P, Vj, alpha, acc, pv):
-    """``acc = alpha acc + P Vj``, row by row, contiguous inner loops (as tiled_simd)."""
+def _pv_block(S, P, Vj, alpha, acc, pv):
+    """``acc = alpha acc + P Vj``, row by row, contiguous inner loops (as tiled_simd);
+    keys whose score ``S`` is ``-inf`` (hidden) are skipped (selection, not ``0 * v``)."""
     br, bc = P.shape
     for r in range(br):
-        Pr = P[r]
+        Pr, Sr = P[r], S[r]
         pv[:] = 0
         for c in range(bc):
+            if Sr[c] == NEG_INF:
+                continue
             p = Pr[c]
             Vc = Vj[c]
             for t in range(pv.shape[0]):
@@ -157,12 +163,12 @@ def _q_block_i8(Qi8, row_scale, K8, sk, V, bias, has_bias, b, h, i0, causal, off
             mask_block(S, bias, has_bias, b, h, i0, j0, diagonal, offset)
         P = P_buf[:br * bc].reshape((br, bc))
         softmax_block(S, m, l, alpha, P)
-        _pv_block(P, V[j0:j0 + bc], alpha, acc, pv)
+        _pv_block(S, P, V[j0:j0 + bc], alpha, acc, pv)
     for r in range(br):
         lse_i[r] = finalize_row(acc[r], m[r], l[r], Oi[r])
 
 
-@njit(cache=CACHE, parallel=True)
+@njit(cache=CACHE, parallel=True, nogil=True)
 def int8_simd_forward(q8, sq, k8, sk, v, bias, has_bias, scale, causal, offset, block_q,
                       block_kv, out, lse):
     """Parallel driver over (b, h, query block), as ``tiled_simd``."""
@@ -188,7 +194,7 @@ def int8_simd_forward(q8, sq, k8, sk, v, bias, has_bias, scale, causal, offset, 
                     m, l, alpha, acc, out[b, h, i0:i1], lse[b, h, i0:i1])
 
 
-@njit(cache=CACHE)
+@njit(cache=CACHE, nogil=True)
 def qk_all_blocks_i8(q8, k8, block_q, block_kv):
     """Every ``S = Qi Kj^T`` block of one head in int32, one thread (for the QK^T
     throughput comparison with :func:`qk_all_blocks_f32`); returns a checksum."""
@@ -202,7 +208,7 @@ def qk_all_blocks_i8(q8, k8, block_q, block_kv):
     return total
 
 
-@njit(cache=CACHE)
+@njit(cache=CACHE, nogil=True)
 def qk_all_blocks_f32(q, k, block_q, block_kv):
     """The same blocks in float32 through ``tiled_simd``'s score loop (the fp32 kernel of
     the same structure)."""

@@ -25,7 +25,7 @@ import numpy as np
 from numba import njit
 
 from fa_lab.config import CACHE
-from fa_lab.kernels.common import NEG_INF, NRT_ARRAY_OVERHEAD, finalize_row, visible_end
+from fa_lab.kernels.common import HIDDEN, NEG_INF, NRT_ARRAY_OVERHEAD, finalize_row, visible_end
 
 
 def scratch_bytes(*, Nk, d, itemsize, **_):
@@ -47,8 +47,8 @@ def _row_scores(q_i, k, scale, bias_i, has_bias, end, s):
         for t in range(d):
             dot += q_i[t] * k[j, t]
         s[j] = dot * scale
-        if has_bias:
-            s[j] += bias_i[j]
+        if has_bias:  # selection: a hidden key's score is -inf even if it is NaN
+            s[j] = NEG_INF if bias_i[j] == NEG_INF else s[j] + bias_i[j]
         x = s[j]  # rounded to the input dtype, as stored
         if x > m:  # a NaN score never wins; it propagates through exp instead
             m = x
@@ -62,17 +62,20 @@ def _row_attention(q_i, k, v, scale, bias_i, has_bias, end, s, acc, out_i):
     m_use = m if m != NEG_INF else q_i.dtype.type(0)  # fully masked: exp(-inf - 0) = 0
     l = 0.0  # float64 accumulator
     for j in range(k.shape[0]):  # pass 2: P = exp(S - m), l = rowsum(P)
-        s[j] = math.exp(s[j] - m_use)
-        l += s[j]
+        x = s[j]
+        p = math.exp(x - m_use)
+        l += p
+        s[j] = p if x != NEG_INF else HIDDEN  # hidden keys are skipped in pass 3
     for t in range(v.shape[1]):  # pass 3: acc = P V
         a = 0.0  # float64 accumulator
         for j in range(v.shape[0]):
-            a += s[j] * v[j, t]
+            if s[j] != HIDDEN:  # selection: never 0 * v (0 * NaN is NaN)
+                a += s[j] * v[j, t]
         acc[t] = a
     return finalize_row(acc, m, l, out_i)
 
 
-@njit(cache=CACHE)
+@njit(cache=CACHE, nogil=True)
 def naive_forward(q, k, v, bias, has_bias, scale, causal, offset, block_q, block_kv, out, lse):
     """Serial driver over (b, h, i); ``block_q``/``block_kv`` are unused."""
     B, H, Nq, d = q.shape

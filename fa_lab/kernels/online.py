@@ -49,7 +49,9 @@ def _row_attention(q_i, k, v, scale, bias_i, has_bias, end, acc, out_i):
             dot += q_i[t] * k[j, t]
         x = q_i.dtype.type(dot) * scale
         if has_bias:
-            x += bias_i[j]
+            x = NEG_INF if bias_i[j] == NEG_INF else x + bias_i[j]
+        if x == NEG_INF:
+            continue  # a hidden key contributes nothing (selection: never 0 * v)
         m_new = x if x > m else m
         m_use = m_new if m_new != NEG_INF else zero  # all -inf so far: keep exp finite
         alpha = math.exp(m - m_use)  # rescale of the old state
@@ -61,7 +63,7 @@ def _row_attention(q_i, k, v, scale, bias_i, has_bias, end, acc, out_i):
     return finalize_row(acc, m, l, out_i)
 
 
-@njit(cache=CACHE)
+@njit(cache=CACHE, nogil=True)
 def online_forward(q, k, v, bias, has_bias, scale, causal, offset, block_q, block_kv, out, lse):
     """Serial driver over (b, h, i); ``block_q``/``block_kv`` are unused."""
     B, H, Nq, d = q.shape

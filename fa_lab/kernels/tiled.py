@@ -33,8 +33,8 @@ import numpy as np
 from numba import njit
 
 from fa_lab.config import CACHE
-from fa_lab.kernels.common import (NEG_INF, NRT_ARRAY_OVERHEAD, finalize_row, mask_block,
-                                   visible_end)
+from fa_lab.kernels.common import (HIDDEN, NEG_INF, NRT_ARRAY_OVERHEAD, finalize_row,
+                                   mask_block, visible_end)
 
 
 def scratch_bytes(*, d, itemsize, block_q, block_kv, **_):
@@ -71,14 +71,17 @@ def _online_block(Sij, Vj, m, l, acc):
         alpha = math.exp(m[r] - m_use)
         rowsum = zero
         for c in range(bc):
-            Sij[r, c] = math.exp(Sij[r, c] - m_use)  # Sij now holds Pij
-            rowsum += Sij[r, c]
+            x = Sij[r, c]
+            p = math.exp(x - m_use)
+            rowsum += p
+            Sij[r, c] = p if x != NEG_INF else HIDDEN  # Sij now holds Pij (HIDDEN: skip)
         l[r] = alpha * l[r] + rowsum
         m[r] = m_new
         for t in range(acc.shape[1]):  # acc = alpha * acc + Pij Vj, one dot per element
             pv = zero
             for c in range(bc):
-                pv += Sij[r, c] * Vj[c, t]
+                if Sij[r, c] != HIDDEN:  # selection: a hidden key adds nothing
+                    pv += Sij[r, c] * Vj[c, t]
             acc[r, t] = alpha * acc[r, t] + pv
 
 
@@ -108,7 +111,7 @@ def _q_block(Qi, K, V, bias, has_bias, b, h, i0, scale, causal, offset, block_kv
         lse_i[r] = finalize_row(acc[r], m[r], l[r], Oi[r])
 
 
-@njit(cache=CACHE)
+@njit(cache=CACHE, nogil=True)
 def tiled_forward(q, k, v, bias, has_bias, scale, causal, offset, block_q, block_kv, out, lse):
     """Serial driver over (b, h, query block)."""
     B, H, Nq, d = q.shape

@@ -37,8 +37,8 @@ from numba import njit, prange
 
 from fa_lab.config import CACHE, FASTMATH
 from fa_lab.dropout import keep, row_key
-from fa_lab.kernels.common import (NEG_INF, NRT_ARRAY_OVERHEAD, finalize_row, mask_block,
-                                   task_coords, visible_end)
+from fa_lab.kernels.common import (HIDDEN, NEG_INF, NRT_ARRAY_OVERHEAD, finalize_row,
+                                   mask_block, task_coords, visible_end)
 
 
 def scratch_bytes(*, B, H, Nq, d, itemsize, block_q, block_kv, threads, **_):
@@ -99,8 +99,9 @@ def _online_block(Sij, Vj, m, l, acc, pv, dropout_p, seed_mixed, b, h, i0, j0):
         alpha = math.exp(m[r] - m_use)
         rowsum = zero
         for c in range(bc):
-            p = math.exp(Sr[c] - m_use)
-            Sr[c] = p  # Sij now holds Pij
+            x = Sr[c]
+            p = math.exp(x - m_use)
+            Sr[c] = p if x != NEG_INF else HIDDEN  # Sij now holds Pij (HIDDEN: skipped)
             rowsum += p
         l[r] = alpha * l[r] + rowsum
         m[r] = m_new
@@ -109,7 +110,7 @@ def _online_block(Sij, Vj, m, l, acc, pv, dropout_p, seed_mixed, b, h, i0, j0):
             row = row_key(seed_mixed, b, h, i0 + r)
             inv_keep = Sr.dtype.type(1 / (1 - dropout_p))
             for c in range(bc):
-                if keep(row, j0 + c, dropout_p):
+                if Sr[c] != HIDDEN and keep(row, j0 + c, dropout_p):
                     p = Sr[c] * inv_keep
                     Vc = Vj[c]
                     for t in range(pv.shape[0]):
@@ -117,6 +118,8 @@ def _online_block(Sij, Vj, m, l, acc, pv, dropout_p, seed_mixed, b, h, i0, j0):
         else:
             for c in range(bc):
                 p = Sr[c]
+                if p == HIDDEN:  # selection: a hidden key adds nothing (0 * NaN is NaN)
+                    continue
                 Vc = Vj[c]
                 for t in range(pv.shape[0]):
                     pv[t] += p * Vc[t]
@@ -147,7 +150,7 @@ def _q_block(Qi, K, V, bias, has_bias, b, h, i0, scale, causal, offset, block_kv
         lse_i[r] = finalize_row(acc[r], m[r], l[r], Oi[r])
 
 
-@njit(cache=CACHE, parallel=True)
+@njit(cache=CACHE, parallel=True, nogil=True)
 def tiled_simd_forward(q, k, v, bias, has_bias, scale, causal, offset, block_q, block_kv,
                        out, lse, dropout_p, seed_mixed):
     """Parallel driver: one task per (b, h, query block), spread over threads by prange.
