@@ -307,7 +307,7 @@ def roofline(points, bandwidths: dict, peaks: dict, title="Roofline"):
     for i, (label, g) in enumerate(peaks.items()):
         ax.axhline(g, color="black", lw=1, ls=["-", "--", ":"][i % 3])
         ax.annotate(f"{label} {g:.0f} GFLOP/s", (x[0], g), va="bottom", fontsize=7)
-    markers = {"L1": "o", "L2": "s", "L3": "D", "DRAM": "^"}
+    markers = {"L2": "o", "L3": "s", "DRAM": "^"}
     for name, g in points.groupby("name", sort=False):
         g = g.sort_values("intensity")
         ax.plot(g["intensity"], g["gflops"], "-", color="gray", lw=0.6)
@@ -319,7 +319,7 @@ def roofline(points, bandwidths: dict, peaks: dict, title="Roofline"):
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("arithmetic intensity (FLOP per byte moved from the level below; model)\n"
-                  "markers: o traffic into L1, s into L2, D into L3, ^ from DRAM")
+                  "markers: traffic served by o L2, s L3, ^ DRAM")
     ax.set_ylabel("GFLOP/s (measured)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="lower right")
