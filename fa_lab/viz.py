@@ -338,6 +338,7 @@ def traffic_bars(table, level: str, title=""):
         vals = t[item].to_numpy() / 2 ** 20
         ax.bar(t["name"], vals, bottom=bottom, label=item.replace(" bytes", ""))
         bottom += vals
+    ax.set_xticks(range(len(t)), t["name"], rotation=20, ha="right")
     for i, total in enumerate(bottom):
         ax.annotate(f"{total:.3g} MiB", (i, total), ha="center", va="bottom", fontsize=7)
     ax.set_ylabel(f"MiB moved into {level} (model)")
