@@ -145,6 +145,8 @@ def _bench(args) -> int:
     elif args.sweep == "peak":
         df = bench.matmul_peak(repeats=args.repeats)
         cols = ["name", "shape", "median_s", "q25_s", "q75_s", "gflops"]
+    elif args.sweep == "bandwidth":
+        df, cols, plot = _bandwidth(args, log)
     elif args.sweep == "targets":
         df = _targets(args, log)
         cols = ["target", "need", "measured", "verdict"]
@@ -160,6 +162,21 @@ def _bench(args) -> int:
     print(df[[c for c in cols if c in df]].to_string(index=False, float_format="%.4g"))
     _write(df, args.csv, args.png if plot else None, plot)
     return 0
+
+
+def _bandwidth(args, log):
+    """Streaming bandwidth over working sets up to --max-mib, with one GB/s per level."""
+    from fa_lab import hierarchy, viz
+
+    levels = hierarchy.data_levels()
+    df = hierarchy.bandwidth_sweep(hierarchy.working_sets(hi=args.max_mib * 2 ** 20),
+                                   repeats=args.repeats, progress=log)
+    print("caches (cpu0):", ", ".join(f"{k} {v // 1024} KiB" for k, v in levels.items()))
+    print(hierarchy.level_bandwidths(df, levels)[["level", "threads", "gbps", "points"]]
+          .rename(columns={"gbps": "read GB/s"}).to_string(index=False, float_format="%.1f"))
+    df["GB/s"] = df["gbps"]
+    return df, ["stream", "threads", "ws_bytes", "GB/s"], (
+        lambda d: viz.bandwidth_curve(d, levels))
 
 
 def _targets(args, log):
@@ -248,6 +265,11 @@ def _warmup(args) -> int:
         from fa_lab import topk_attention
 
         topk_attention(q[0, 0], kv[0, 0], k=2)
+    # the memory-hierarchy micro-kernels (lesson 09)
+    from fa_lab import hierarchy
+
+    hierarchy.bandwidth_sweep([4096], repeats=1, target_bytes=4096)
+    hierarchy.fma_peak(repeats=1, steps=10)
     from fa_lab import INT8_KERNELS
 
     n = len(KERNELS) + len(BACKWARD_KERNELS) + len(INT8_KERNELS)
@@ -279,10 +301,11 @@ def main(argv=None) -> int:
                        "kernel over --blocks; threads: over --threads; decode: flash's "
                        "split-KV choices vs torch at Nq=1; breakdown: where flash's time "
                        "goes; peak: the fp32 matmul peak; claims: data/speed_claims.csv; "
-                       "targets: the performance issue's targets, judged.")
+                       "targets: the performance issue's targets, judged; bandwidth: "
+                       "streaming GB/s per working set and per cache level.")
     b.add_argument("--sweep", default="kernels",
                    choices=["kernels", "blocks", "threads", "decode", "breakdown", "peak",
-                            "claims", "targets"])
+                            "claims", "targets", "bandwidth"])
     b.add_argument("--kernels", nargs="+", default=None,
                    help="registry names (default: every kernel but the reference; the "
                    "other sweeps use the first, default flash)")
@@ -303,6 +326,8 @@ def main(argv=None) -> int:
                    metavar="BQxBK", help="tile sizes for --sweep blocks")
     b.add_argument("--threads", type=_positive_int, nargs="+", default=None,
                    help="thread counts for --sweep threads (default 1..all)")
+    b.add_argument("--max-mib", type=int, default=256,
+                   help="largest working set of --sweep bandwidth (MiB)")
     b.add_argument("--baseline", default="numpy_standard",
                    help="contender the speedup column is relative to (e.g. torch_sdpa)")
     b.add_argument("--no-baselines", action="store_true",

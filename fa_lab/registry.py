@@ -20,8 +20,9 @@ import numpy as np
 
 from fa_lab import reference
 from fa_lab.dropout import mix_seed
-from fa_lab.kernels import (backward_naive, backward_tiled, flash, int8, naive, online, tiled,
-                           tiled_simd)
+from fa_lab.kernels import (backward_naive, backward_tiled, fa1, flash, int8, naive, online,
+                           tiled, tiled_simd)
+from fa_lab.kernels.fa1 import fa1_forward
 from fa_lab.kernels.flash import flash_forward
 from fa_lab.kernels.backward_naive import naive_backward
 from fa_lab.kernels.backward_tiled import tiled_backward
@@ -129,6 +130,12 @@ KERNELS: dict[str, Kernel] = {
         Kernel("tiled", 3, "Br x Bc blocks, online softmax across blocks, causal block "
                "skipping; scalar, 1 thread", numba_runner(tiled_forward), tiled_forward,
                tiled=True, scratch=tiled.scratch_bytes),
+        # Same rung as tiled and listed after it, so kernel="auto" (highest rung first,
+        # ties in this order) never picks it: a teaching contrast, not a faster kernel.
+        Kernel("fa1", 3, "FlashAttention-1's order: K/V blocks outside, Q blocks inside, "
+               "O, m, l written back and O normalized every pass; scalar, 1 thread",
+               numba_runner(fa1_forward), fa1_forward, tiled=True, scratch=fa1.scratch_bytes,
+               tags=("teaching",)),
         Kernel("tiled_simd", 4, "tiled, inner loops vectorized by LLVM (packed FMA), "
                "prange over (b, h, query block)", numba_runner(tiled_simd_forward, dropout=True),
                tiled_simd_forward, tiled=True, parallel=True, dropout=True,

@@ -42,6 +42,7 @@ NOTEBOOKS = [
     ("06_performance", "roofline"),
     ("07_backward", "time_ratio"),
     ("08_decoding_and_retrieval", "decode_latency"),
+    ("09_memory_hierarchy", "roofline"),
     ("11_real_model", "retrieval"),
 ]
 

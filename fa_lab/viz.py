@@ -258,3 +258,119 @@ def keep_mask(kept, p):
                  f"(black = dropped: {1 - kept.mean():.1%} here)", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+# --- lesson 09: the memory hierarchy -------------------------------------------------
+
+_LEVEL_COLORS = {"L1": "tab:green", "L2": "tab:blue", "L3": "tab:purple", "DRAM": "tab:red"}
+
+
+def bandwidth_curve(sweep, caches: dict, title="Streaming bandwidth against working set"):
+    """GB/s against working-set bytes (log-log), one line per (stream, threads), with the
+    quartile band and the cache sizes ``{"L1": bytes, ...}`` as vertical lines."""
+    fig, ax = plt.subplots(figsize=(8, 4.4))
+    for (kind, t), g in sweep.groupby(["stream", "threads"]):
+        g = g.sort_values("ws_bytes")
+        line, = ax.plot(g["ws_bytes"], g["gbps"], "o-" if kind == "read" else "s--", ms=3,
+                        label=f"{kind}, {t} thread{'s' if t > 1 else ''}")
+        ax.fill_between(g["ws_bytes"], g["gbps_low"], g["gbps_high"], alpha=0.15,
+                        color=line.get_color())
+    for name, size in caches.items():
+        ax.axvline(size, color=_LEVEL_COLORS.get(name, "gray"), lw=1, ls=":")
+        ax.annotate(f"{name} {size / 2 ** 10:.0f} KiB" if size < 2 ** 20 else
+                    f"{name} {size / 2 ** 20:.0f} MiB", (size, 1.0),
+                    xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right",
+                    fontsize=7, color=_LEVEL_COLORS.get(name, "gray"))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("working set (bytes, log; cache sizes of one core dotted)")
+    ax.set_ylabel("GB/s (log)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def roofline(points, bandwidths: dict, peaks: dict, title="Roofline"):
+    """A hierarchical roofline: intensity (FLOP/byte, log) on x, GFLOP/s (log) on y.
+
+    ``points``: rows with ``name``, ``level``, ``intensity``, ``gflops`` (a kernel has one
+    point per level, joined by a line at its measured speed); ``bandwidths``:
+    ``{level: GB/s}`` drawn as diagonal ceilings; ``peaks``: ``{label: GFLOP/s}``
+    drawn as horizontal ceilings.
+    """
+    fig, ax = plt.subplots(figsize=(8.5, 5.2))
+    x = np.geomspace(min(0.05, points["intensity"].min() / 2),
+                     max(1e3, points["intensity"].max() * 2), 200)
+    top = max(peaks.values())
+    for level, gbps in bandwidths.items():
+        ax.plot(x, np.minimum(gbps * x, top), color=_LEVEL_COLORS.get(level, "gray"), lw=1,
+                label=f"{level} bandwidth {gbps:.0f} GB/s")
+    for i, (label, g) in enumerate(peaks.items()):
+        ax.axhline(g, color="black", lw=1, ls=["-", "--", ":"][i % 3])
+        ax.annotate(f"{label} {g:.0f} GFLOP/s", (x[0], g), va="bottom", fontsize=7)
+    markers = {"L2": "o", "L3": "s", "DRAM": "^"}
+    for name, g in points.groupby("name", sort=False):
+        g = g.sort_values("intensity")
+        ax.plot(g["intensity"], g["gflops"], "-", color="gray", lw=0.6)
+        for _, r in g.iterrows():
+            ax.plot(r["intensity"], r["gflops"], markers.get(r["level"], "x"),
+                    color=_LEVEL_COLORS.get(r["level"], "gray"), ms=5)
+        ax.annotate(name, (g["intensity"].iloc[-1], g["gflops"].iloc[-1]), fontsize=7,
+                    xytext=(4, 2), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (FLOP per byte moved from the level below; model)\n"
+                  "markers: traffic served by o L2, s L3, ^ DRAM")
+    ax.set_ylabel("GFLOP/s (measured)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def traffic_bars(table, level: str, title=""):
+    """Stacked bars of modelled bytes per item (Q, K, V, S/P, O, row state) at one level,
+    one bar per kernel (a :func:`fa_lab.traffic.table`)."""
+    t = table[table["level"] == level]
+    items = [c for c in t.columns if c.endswith(" bytes") and c != "total_bytes"]
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    bottom = np.zeros(len(t))
+    for item in items:
+        vals = t[item].to_numpy() / 2 ** 20
+        ax.bar(t["name"], vals, bottom=bottom, label=item.replace(" bytes", ""))
+        bottom += vals
+    ax.set_xticks(range(len(t)), t["name"], rotation=20, ha="right")
+    for i, total in enumerate(bottom):
+        ax.annotate(f"{total:.3g} MiB", (i, total), ha="center", va="bottom", fontsize=7)
+    ax.set_ylabel(f"MiB moved into {level} (model)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, ncol=3)
+    ax.margins(y=0.2)
+    fig.tight_layout()
+    return fig
+
+
+def decode_floor(df, title="Decode step against its bandwidth floor"):
+    """Measured decode time and its floor ``bytes(K, V) / bandwidth`` against the cache
+    length (a :func:`fa_lab.hierarchy.decode_vs_floor` table), and the ratio."""
+    fig, (a0, a1) = plt.subplots(1, 2, figsize=(10, 3.8))
+    a0.plot(df["tokens"], df["median_s"] * 1e3, "o-", label="measured (median)")
+    a0.fill_between(df["tokens"], df["q25_s"] * 1e3, df["q75_s"] * 1e3, alpha=0.2)
+    a0.plot(df["tokens"], df["floor_s"] * 1e3, "k--", label="floor: bytes(K, V) / bandwidth")
+    for _, r in df.iterrows():
+        a0.annotate(r["level"], (r["tokens"], r["floor_s"] * 1e3), fontsize=7,
+                    xytext=(0, -10), textcoords="offset points", ha="center")
+    a0.set_xscale("log", base=2)
+    a0.set_yscale("log")
+    a0.set_xlabel("cached tokens")
+    a0.set_ylabel("ms per decode step (log)")
+    a0.legend(fontsize=8)
+    err = np.vstack([df["x_floor"] - df["x_floor_low"], df["x_floor_high"] - df["x_floor"]])
+    a1.bar([str(t) for t in df["tokens"]], df["x_floor"], yerr=err, capsize=3)
+    a1.axhline(1.0, color="black", lw=1)
+    a1.set_xlabel("cached tokens")
+    a1.set_ylabel("measured / floor (1 = at the floor)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

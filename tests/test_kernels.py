@@ -160,3 +160,14 @@ def test_dropout_forward_matches_reference(kernel, causal):
                                         **block_kwargs(kernel, 8, 16))
     np.testing.assert_array_equal(lse, plain_lse)  # dropout does not touch the LSE
     assert not np.allclose(out, plain)
+
+
+@pytest.mark.parametrize("dtype_", [np.float32, np.float64])
+@pytest.mark.parametrize("opts", [{}, {"causal": True, "mask": True, "gqa": True}])
+def test_auto_never_picks_the_fa1_teaching_rung(dtype_, opts, monkeypatch):
+    # Even when every rung above 3 is unavailable, tiled (same rung, listed first) wins.
+    req = fa_lab.registry.Request(dtype=dtype_, **opts)
+    assert fa_lab.choose_kernel("auto", req)[0].name != "fa1"
+    for name in ("flash", "tiled_simd"):
+        monkeypatch.delitem(fa_lab.KERNELS, name)
+    assert fa_lab.choose_kernel("auto", req)[0].name == "tiled"

@@ -22,7 +22,7 @@ def test_vectorized_rungs_have_packed_vector_fma(name):
 
 def test_scalar_rungs_have_no_packed_fma():
     # The contrast the ladder teaches: strict IEEE dot products stay scalar.
-    for name in ("naive", "online", "tiled"):
+    for name in ("naive", "online", "tiled", "fa1"):
         assert simd.vector_report(_compiled(name))["packed_fma"] == 0, name
 
 
