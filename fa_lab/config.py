@@ -54,6 +54,12 @@ BUSY_OTHERS = 0.15
 #: ... or when the hypervisor stole more than this share of the CPU time.
 BUSY_STEAL = 0.10
 
+#: Shortest load window (seconds). /proc/stat counts in ticks of 10 ms, so a 5 ms window
+#: (a decode benchmark) read one stray tick as "others used 50% of the CPU"; a shorter
+#: window is padded with an idle wait (this process does nothing meanwhile, so whatever
+#: runs then is others' load) until it lasts this long.
+MIN_LOAD_WINDOW_S = 0.5
+
 #: numba's threading layer for the ``parallel=True`` kernels, set when fa_lab is imported
 #: (before any parallel kernel runs; once numba has started its threads it cannot change).
 #:

@@ -174,6 +174,9 @@ class LoadMonitor:
         return self
 
     def __exit__(self, *exc) -> None:
+        short = config.MIN_LOAD_WINDOW_S - (time.perf_counter() - self._t0)
+        if short > 0:  # too few /proc/stat ticks to judge: wait, idle, and count others
+            time.sleep(short)
         wall = time.perf_counter() - self._t0
         stat, own = _proc_stat(), _own_cpu()
         load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

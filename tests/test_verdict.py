@@ -89,6 +89,7 @@ def test_own_cpu_time_is_subtracted(monkeypatch):
     own = iter([10.0, 11.0])  # this process used 1.0 CPU-second of the 1.6 busy
     monkeypatch.setattr(machine, "_proc_stat", lambda: next(stat))
     monkeypatch.setattr(machine, "_own_cpu", lambda: next(own))
+    monkeypatch.setattr(machine.config, "MIN_LOAD_WINDOW_S", 0.0)
     with machine.LoadMonitor() as mon:
         pass
     # others: (1.6 - 1.0) of 2.0 CPU-seconds; steal 0.1 of 2.0
@@ -100,6 +101,14 @@ def test_own_cpu_time_is_subtracted(monkeypatch):
     with machine.LoadMonitor() as mon:
         pass
     assert mon.load.others == 0.0 and not mon.load.busy
+
+
+def test_short_windows_are_padded_to_enough_ticks():
+    t0 = time.perf_counter()
+    with machine.LoadMonitor() as mon:
+        pass  # a few microseconds of work: far below one /proc/stat tick
+    assert time.perf_counter() - t0 >= machine.config.MIN_LOAD_WINDOW_S
+    assert mon.load.seconds >= machine.config.MIN_LOAD_WINDOW_S
 
 
 def test_merge_is_busy_when_any_window_was():
