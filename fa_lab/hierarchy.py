@@ -328,3 +328,30 @@ def perf_counters(events=("LLC-load-misses", "LLC-loads"), nbytes=128 * MiB, rep
 __all__ = ["Cache", "cache_levels", "data_levels", "working_sets", "bandwidth_sweep",
            "level_bandwidths", "fma_peak", "fit_level", "decode_vs_floor", "judge_ratio",
            "perf_counters", "STREAMS"]
+
+
+def roofline_points(run, N, d, H, levels: dict, bandwidths, peak_gflops: float, *, B=1):
+    """Place every contender of a :func:`fa_lab.bench.run` table on the roofline.
+
+    Each contender gets one point per memory level (its modelled arithmetic intensity at
+    that level, :func:`fa_lab.traffic.table`, and its measured GFLOP/s); ``roof`` is
+    ``min(peak, intensity x that level's bandwidth)`` (all-thread GB/s from
+    :func:`level_bandwidths`), ``share_of_roof`` the measured fraction of it, and
+    ``bound by`` the level (or compute) that sets the lowest roof. Returns
+    ``(points, ceilings)``: the table and ``{level: GB/s}`` for :func:`fa_lab.viz.roofline`.
+    """
+    from fa_lab import traffic
+
+    serving = {"L2": levels["L1"], "L3": levels["L2"], "DRAM": levels["L3"]}
+    names = list(run["name"])
+    model = traffic.table(names, N, N, d, serving, B=B, H=H)
+    cols = ["name", "gflops", "median_s", "q25_s", "q75_s", "others_pct", "busy"]
+    pts = model.merge(run[[c for c in cols if c in run]], on="name")
+    top = bandwidths[bandwidths["threads"] == bandwidths["threads"].max()]
+    ceilings = {lv: g for lv, g in top.set_index("level")["gbps"].items() if lv in serving}
+    pts["roof"] = [min(peak_gflops, r.intensity * ceilings.get(r.level, np.inf))
+                   for r in pts.itertuples()]
+    pts["share_of_roof"] = pts["gflops"] / pts["roof"]
+    pts["bound by"] = [r.level if r.intensity * ceilings.get(r.level, np.inf) < peak_gflops
+                       else "compute (FMA)" for r in pts.itertuples()]
+    return pts, ceilings
