@@ -12,7 +12,7 @@ import numpy as np
 from fa_lab import config
 from fa_lab.dropout import check_dropout
 from fa_lab.reference import causal_alignment, mask_to_bias
-from fa_lab.registry import KERNELS, Kernel, Request
+from fa_lab.registry import CUDA_KERNELS, KERNELS, Kernel, Request
 
 
 class KernelFallbackWarning(UserWarning):
@@ -159,9 +159,11 @@ def choose_kernel(kernel: str, req: Request, table=None) -> tuple[Kernel, list[s
                         f"got {kernel!r}")
     table = KERNELS if table is None else table
     if kernel != "auto":
+        if table is KERNELS and kernel in CUDA_KERNELS:  # GPU kernels: by name only
+            table = CUDA_KERNELS
         if kernel not in table:
-            raise ValueError(f"kernel must be 'auto' or one of {sorted(table)}, "
-                             f"got {kernel!r}")
+            known = sorted(table) + (sorted(CUDA_KERNELS) if table is KERNELS else [])
+            raise ValueError(f"kernel must be 'auto' or one of {known}, got {kernel!r}")
         reason = table[kernel].unsupported(req)
         if reason:
             raise NotImplementedError(reason)

@@ -83,6 +83,17 @@ def machine() -> dict:
     }
 
 
+def cuda_device() -> str | None:
+    """``"gpu"`` when an NVIDIA device node exists, ``"simulator"`` when numba's CUDA
+    simulator is enabled (``NUMBA_ENABLE_CUDASIM=1``), else None. Imports nothing: numba's
+    CUDA target is loaded only by the GPU kernel itself (:mod:`fa_lab.gpu`)."""
+    if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "1":
+        return "simulator"
+    if Path("/dev/nvidia0").exists() or Path("/dev/nvidiactl").exists():
+        return "gpu"
+    return None
+
+
 def describe_machine() -> str:
     """One line for the foot of every figure and table."""
     m = machine()

@@ -130,3 +130,22 @@ def show_source(obj) -> None:
     """Print the source of a function (the Python behind a jitted one) or module."""
     fn = getattr(obj, "py_func", obj)
     print(inspect.getsource(fn))
+
+
+def show_side_by_side(left, right, titles=("", "")) -> None:
+    """Two functions' sources in two columns (HTML in Jupyter, one after the other in a
+    terminal), to read a GPU kernel beside its CPU counterpart."""
+    sources = [inspect.getsource(getattr(obj, "py_func", obj)) for obj in (left, right)]
+    try:
+        from IPython import get_ipython
+        from IPython.display import HTML, display
+    except ImportError:
+        get_ipython = None
+    if get_ipython is None or get_ipython() is None:
+        for title, src in zip(titles, sources):
+            print(f"--- {title}\n{src}")
+        return
+    cols = "".join(f'<td style="vertical-align:top;text-align:left"><b>{html.escape(t)}</b>'
+                   f'<pre style="font-size:10px">{html.escape(src)}</pre></td>'
+                   for t, src in zip(titles, sources))
+    display(HTML(f"<table><tr>{cols}</tr></table>"))

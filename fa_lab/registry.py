@@ -20,6 +20,7 @@ import numpy as np
 
 from fa_lab import reference
 from fa_lab.dropout import mix_seed
+from fa_lab.machine import cuda_device
 from fa_lab.kernels import (backward_naive, backward_tiled, fa1, flash, int8, naive, online,
                            tiled, tiled_simd)
 from fa_lab.kernels.fa1 import fa1_forward
@@ -63,9 +64,13 @@ class Kernel:
     default_blocks: tuple | None = None  # (Br, Bc) when not config.BLOCK_Q/BLOCK_KV
     scratch: Callable | None = None  # byte model of the kernel's own allocations
     tags: tuple = field(default_factory=tuple)
+    device: str = "cpu"  # "cpu", or "cuda" (an NVIDIA GPU, or numba's CUDA simulator)
 
     def unsupported(self, req: Request) -> str | None:
         """Why this kernel cannot serve ``req`` (an option name and a sentence), or None."""
+        if self.device == "cuda" and cuda_device() is None:
+            return (f"kernel {self.name!r} needs an NVIDIA GPU, or numba's CUDA simulator "
+                    "(NUMBA_ENABLE_CUDASIM=1, or fa_lab.gpu.use_simulator() before first use)")
         if np.dtype(req.dtype) not in [np.dtype(t) for t in self.dtypes]:
             return f"kernel {self.name!r} does not support dtype={np.dtype(req.dtype).name}"
         for option in ("causal", "mask", "gqa", "dropout"):
@@ -244,5 +249,26 @@ INT8_KERNELS: dict[str, Kernel] = {
                "flash's fused softmax, prange over (b, h, query block)",
                int8_runner(int8.int8_simd_forward, True), int8.int8_simd_forward,
                tiled=True, parallel=True, scratch=int8.scratch_bytes_simd),
+    ]
+}
+
+
+def _cuda_fa2_run(q, k, v, bias, scale, alignment, block_q, block_kv):
+    """Imports numba's CUDA target on first use only (fa_lab needs no CUDA otherwise)."""
+    from fa_lab.kernels import cuda_fa2
+
+    return cuda_fa2.run(q, k, v, bias, scale, alignment)
+
+
+#: GPU kernels (``device="cuda"``): the same :class:`Kernel` record and ``run`` signature
+#: as :data:`KERNELS`, reachable by name (``kernel="cuda_fa2"``) when a GPU or numba's CUDA
+#: simulator is present; ``kernel="auto"`` never picks them (it searches :data:`KERNELS`).
+CUDA_KERNELS: dict[str, Kernel] = {
+    k.name: k
+    for k in [
+        Kernel("cuda_fa2", 6, "FlashAttention-2's forward as a numba.cuda kernel: a thread "
+               "block per (b, h, query block), Qi, Kj, Vj tiles in shared memory, one thread "
+               "per query row with m, l, acc in registers", _cuda_fa2_run,
+               parallel=True, dtypes=(np.float32,), device="cuda", tags=("gpu",)),
     ]
 }

@@ -44,6 +44,7 @@ NOTEBOOKS = [
     ("08_decoding_and_retrieval", "decode_latency"),
     ("09_memory_hierarchy", "roofline"),
     ("11_real_model", "retrieval"),
+    ("12_gpu_kernel", "occupancy"),
 ]
 
 REPO = Path(__file__).resolve().parents[1]
