@@ -9,13 +9,15 @@ curated files in ``figures/`` and ``data/``; autotuner choices to a temporary fi
 import os
 import tempfile
 
+# The GPU kernel runs in numba's CUDA simulator unless told otherwise (set
+# NUMBA_ENABLE_CUDASIM=0 on a machine with a GPU to test on the device). numba reads it
+# when it is imported: that happens while pytest loads tests/conftest.py, before any
+# pytest_configure hook, so it is set here, when this root conftest is loaded (first).
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
 
 def pytest_configure(config):
     os.environ.setdefault("FA_LAB_QUICK", "1")
-    # The GPU kernel runs in numba's CUDA simulator unless told otherwise (set
-    # NUMBA_ENABLE_CUDASIM=0 on a machine with a GPU to test on the device); numba reads
-    # it at import, which has not happened yet here.
-    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
     os.environ.setdefault("FA_LAB_RESULTS_DIR", tempfile.mkdtemp(prefix="fa_lab_nbval_"))
     # The autotuner's choices go to a throwaway file: tests never read or change the
     # user's ~/.cache/fa_lab/tuned.json (which would change what kernel="auto" runs).
