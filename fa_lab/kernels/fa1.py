@@ -40,7 +40,7 @@ import numpy as np
 from numba import njit
 
 from fa_lab.config import CACHE
-from fa_lab.kernels.common import NEG_INF, NRT_ARRAY_OVERHEAD, mask_block
+from fa_lab.kernels.common import HIDDEN, NEG_INF, NRT_ARRAY_OVERHEAD, mask_block
 from fa_lab.kernels.tiled import _scores_block
 
 
@@ -69,8 +69,10 @@ def _fa1_update(Sij, Vj, m, l, Oi, pv):
         m_new_use = m_new if m_new != NEG_INF else zero  # a row masked so far
         l_blk = zero  # l~ij
         for c in range(bc):
-            Sij[r, c] = math.exp(Sij[r, c] - m_blk_use)  # P~ij
-            l_blk += Sij[r, c]
+            x = Sij[r, c]
+            p = math.exp(x - m_blk_use)  # P~ij
+            l_blk += p
+            Sij[r, c] = p if x != NEG_INF else HIDDEN  # HIDDEN: a masked key, skipped below
         alpha = math.exp(m[r] - m_new_use)  # rescales the old state
         beta = math.exp(m_blk - m_new_use)  # rescales this block
         l_new = alpha * l[r] + beta * l_blk
@@ -81,7 +83,8 @@ def _fa1_update(Sij, Vj, m, l, Oi, pv):
         for t in range(Oi.shape[1]):
             acc = zero
             for c in range(bc):
-                acc += Sij[r, c] * Vj[c, t]
+                if Sij[r, c] != HIDDEN:  # selection: a hidden key adds nothing (NaN rule)
+                    acc += Sij[r, c] * Vj[c, t]
             pv[t] = acc
         for t in range(Oi.shape[1]):  # normalized at every step
             Oi[r, t] = (l[r] * alpha * Oi[r, t] + beta * pv[t]) / l_new
@@ -113,7 +116,7 @@ def _head(Q, K, V, bias, has_bias, b, h, scale, causal, offset, block_q, block_k
         lse[r] = NEG_INF if l[r] == 0 else m[r] + math.log(l[r])
 
 
-@njit(cache=CACHE)
+@njit(cache=CACHE, nogil=True)
 def fa1_forward(q, k, v, bias, has_bias, scale, causal, offset, block_q, block_kv, out, lse):
     """Serial driver over (b, h); each head runs FlashAttention-1's loop order."""
     B, H, Nq, d = q.shape
