@@ -335,7 +335,8 @@ def roofline_points(run, N, d, H, levels: dict, bandwidths, peak_gflops: float, 
 
     Each contender gets one point per memory level (its modelled arithmetic intensity at
     that level, :func:`fa_lab.traffic.table`, and its measured GFLOP/s); ``roof`` is
-    ``min(peak, intensity x that level's bandwidth)`` (all-thread GB/s from
+    ``min(peak, intensity x that level's bandwidth)`` (``peak_gflops``: the compute
+    ceiling, e.g. the larger of the FMA loop and the BLAS matmul peak; all-thread GB/s from
     :func:`level_bandwidths`), ``share_of_roof`` the measured fraction of it, and
     ``bound by`` the level (or compute) that sets the lowest roof. Returns
     ``(points, ceilings)``: the table and ``{level: GB/s}`` for :func:`fa_lab.viz.roofline`.
@@ -353,5 +354,5 @@ def roofline_points(run, N, d, H, levels: dict, bandwidths, peak_gflops: float, 
                    for r in pts.itertuples()]
     pts["share_of_roof"] = pts["gflops"] / pts["roof"]
     pts["bound by"] = [r.level if r.intensity * ceilings.get(r.level, np.inf) < peak_gflops
-                       else "compute (FMA)" for r in pts.itertuples()]
+                       else "compute" for r in pts.itertuples()]
     return pts, ceilings
