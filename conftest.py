@@ -23,3 +23,19 @@ def pytest_configure(config):
     # user's ~/.cache/fa_lab/tuned.json (which would change what kernel="auto" runs).
     os.environ["FA_LAB_TUNE_FILE"] = os.path.join(tempfile.mkdtemp(prefix="fa_lab_tune_"),
                                                   "tuned.json")
+
+
+def pytest_collection_modifyitems(config, items):
+    """A lesson whose optional packages are missing (TORCH=0, MODELS=0) is skipped, with
+    the reason, instead of failing under nbval."""
+    import pytest
+
+    from fa_lab.report import missing_requirements
+
+    for item in items:
+        path = getattr(item, "path", None)
+        if path is None or path.suffix != ".ipynb":
+            continue
+        missing = missing_requirements(path.stem)
+        if missing:
+            item.add_marker(pytest.mark.skip(reason=f"needs {', '.join(missing)} (not installed)"))

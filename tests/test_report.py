@@ -72,3 +72,14 @@ def test_unknown_notebook_and_bad_param():
         report.parse_params(["quick"])
     assert report.parse_params(["quick=True", "N=2048", "label=abc"]) == {
         "quick": True, "N": 2048, "label": "abc"}
+
+
+def test_a_lesson_missing_its_optional_packages_is_skipped_not_failed(lessons, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.setitem(report.REQUIRES, "ok", ("no_such_package_here",))
+    results = report.run(out=tmp_path / "r", notebooks=["ok"], results_dir=tmp_path / "res",
+                         nb_dir=lessons, show_progress=False)
+    assert results[0].status == "skipped" and "no_such_package_here" in results[0].error
+    assert not (tmp_path / "r" / "ok.ipynb").exists()  # nothing ran
+    assert "skipped" in (tmp_path / "r" / "index.html").read_text()
+    assert report.missing_requirements("00_tour") == []
