@@ -85,13 +85,7 @@ def test_concurrent_threads_give_bitwise_single_thread_results(kernel):
         except BaseException as e:  # noqa: BLE001  (reported below)
             errors.append(e)
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(TIMEOUT_S)
-    assert not any(t.is_alive() for t in threads), "a thread hung"
-    assert not errors, errors
+    _run_threads(work, [(t,) for t in range(4)], errors)
     assert len(results) == 4 * 3 * len(cases)
     for (t, rep, i), (out, lse) in results.items():
         np.testing.assert_array_equal(out, expected[i][0])
@@ -120,13 +114,7 @@ def test_concurrent_threads_decode_int8_backward_topk():
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
 
-    threads = [threading.Thread(target=work) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(TIMEOUT_S)
-    assert not any(t.is_alive() for t in threads), "a thread hung"
-    assert not errors, errors
+    _run_threads(work, [()] * 3, errors)
 
 
 def test_every_jitted_driver_releases_the_gil():
@@ -139,3 +127,14 @@ def test_every_jitted_driver_releases_the_gil():
     assert len(drivers) >= 10
     for d in drivers:
         assert d.targetoptions.get("nogil") is True, d.py_func.__name__
+
+
+def _run_threads(work, args_list, errors):
+    """Start one thread per args tuple, wait (bounded), and fail on a hang or an error."""
+    threads = [threading.Thread(target=work, args=args) for args in args_list]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT_S)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    assert not errors, errors
