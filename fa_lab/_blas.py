@@ -36,7 +36,9 @@ def cpu_flags() -> set[str]:
 
 
 def blas_libraries() -> list[dict]:
-    """Loaded BLAS libraries: whose (NumPy/SciPy), file, version, kernel set (``kernels``) and threads."""
+    """Loaded BLAS libraries: whose (NumPy/SciPy), file, version, kernel set (``kernels``) and
+    threads; sorted by owner, so the description (and the tuning file's fingerprint) does not
+    depend on which library happened to load first."""
     from threadpoolctl import threadpool_info
 
     out = []
@@ -47,7 +49,7 @@ def blas_libraries() -> list[dict]:
         owner = "NumPy" if "numpy" in path else "SciPy" if "scipy" in path else "other"
         out.append({"owner": owner, "library": Path(path).name, "kernels": i.get("architecture"),
                     "version": i.get("version"), "threads": i.get("num_threads")})
-    return out
+    return sorted(out, key=lambda b: (b["owner"], b["library"]))
 
 
 def coretype_hint() -> str | None:

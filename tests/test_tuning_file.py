@@ -102,3 +102,19 @@ def test_validate_names_the_problem():
     assert "choices.flash.long.block_q" in tune.validate(bad)
     assert "JSON object" in tune.validate([1])
     assert tune.MAX_BLOCK >= max(DEFAULT_BLOCKS)
+
+
+def test_fingerprint_does_not_depend_on_blas_load_order(monkeypatch):
+    """A stored choice must apply whichever BLAS (NumPy's or SciPy's) loaded first."""
+    from fa_lab import _blas
+
+    libs = [{"user_api": "blas", "filepath": "/x/scipy/libscipy_openblas.so",
+             "architecture": "SkylakeX", "version": "0.3.30", "num_threads": 1},
+            {"user_api": "blas", "filepath": "/x/numpy/libscipy_openblas64_.so",
+             "architecture": "SkylakeX", "version": "0.3.31", "num_threads": 2}]
+    import threadpoolctl
+
+    monkeypatch.setattr(threadpoolctl, "threadpool_info", lambda: libs)
+    first = _blas.blas_libraries()
+    monkeypatch.setattr(threadpoolctl, "threadpool_info", lambda: libs[::-1])
+    assert _blas.blas_libraries() == first and first[0]["owner"] == "NumPy"
