@@ -13,6 +13,8 @@ from fa_lab import config
 from fa_lab.dropout import check_dropout
 from fa_lab.reference import causal_alignment, mask_to_bias
 from fa_lab.registry import CUDA_KERNELS, KERNELS, Kernel, Request
+from fa_lab.scoremod import NONE as NO_MODS
+from fa_lab.scoremod import ScoreMods, check_mods
 
 
 class KernelFallbackWarning(UserWarning):
@@ -178,7 +180,8 @@ def choose_kernel(kernel: str, req: Request, table=None) -> tuple[Kernel, list[s
 
 
 def attention(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto",
-              block_q=None, block_kv=None, return_lse=False, dropout_p=0.0, seed=None):
+              block_q=None, block_kv=None, return_lse=False, dropout_p=0.0, seed=None,
+              window=None, softcap=0.0, alibi_slopes=None):
     """Scaled dot-product attention ``softmax(Q K^T * scale + mask) V``.
 
     Parameters
@@ -212,6 +215,16 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto",
         mask is a hash of ``(seed, b, h, i, j)`` (:mod:`fa_lab.dropout`), so
         :func:`fa_lab.attention_backward` regenerates it. ``lse`` is not affected.
     seed : int, required when ``dropout_p > 0``
+    window : (left, right), optional
+        flash-attn's sliding window: query ``i`` (at position ``i + offset``, ``offset =
+        0`` for ``causal=True``/``"top_left"``, else ``Nk - Nq``) sees keys ``i + offset
+        - left <= j <= i + offset + right``; ``-1`` = unbounded on that side. Combines
+        with ``causal`` and ``mask``; key tiles outside the band are skipped.
+    softcap : float >= 0
+        Scores ``c * tanh(scale * q.k / c)`` (Gemma-2), before any bias or mask; 0 = off.
+    alibi_slopes : array (H,) or (..., H), optional
+        ALiBi: adds ``-slope * |i + offset - j|`` to the (softcapped) scores, computed
+        in the kernel (no ``N x N`` bias).
 
     Returns
     -------
@@ -238,9 +251,11 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto",
         res = attention(np.asarray(q).astype(np.float32), _widen("k", k, half),
                         _widen("v", v, half), causal=causal, scale=scale, mask=mask,
                         kernel=kernel, block_q=block_q, block_kv=block_kv,
-                        return_lse=return_lse, dropout_p=dropout_p, seed=seed)
+                        return_lse=return_lse, dropout_p=dropout_p, seed=seed,
+                        window=window, softcap=softcap, alibi_slopes=alibi_slopes)
         return tuple(x.astype(half) for x in res) if return_lse else res.astype(half)
-    call = _prepare(q, k, v, causal, scale, mask, block_q, block_kv, dropout_p, seed)
+    call = _prepare(q, k, v, causal, scale, mask, block_q, block_kv, dropout_p, seed,
+                    window=window, softcap=softcap, alibi_slopes=alibi_slopes)
     return_lse = check_bool("return_lse", return_lse)
     chosen = _choose(kernel, call.request, KERNELS)
     if call.empty:
@@ -248,8 +263,9 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto",
         return (out, lse) if return_lse else out
     bq, bk, _ = _blocks(kernel, chosen, call)
     extra = (call.dropout_p, call.seed) if chosen.dropout else ()
+    mods = {"mods": call.mods} if call.mods.active else {}
     out, lse = chosen.run(call.q4, call.k4, call.v4, call.bias, call.scale, call.alignment,
-                          bq, bk, *extra)
+                          bq, bk, *extra, **mods)
     out, lse = out.reshape(call.q.shape), lse.reshape(call.q.shape[:-1])
     return (out, lse) if return_lse else out
 
@@ -272,7 +288,8 @@ def _blocks(kernel, chosen, call) -> tuple[int | None, int | None, str]:
 
 
 def plan(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto", block_q=None,
-         block_kv=None, dropout_p=0.0, seed=None) -> dict:
+         block_kv=None, dropout_p=0.0, seed=None, window=None, softcap=0.0,
+         alibi_slopes=None) -> dict:
     """What :func:`attention` would run for these arguments, without running it.
 
     Returns ``kernel``, ``block_q``, ``block_kv``, ``blocks_from`` (``"given"``,
@@ -285,7 +302,8 @@ def plan(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto", block_q
     half = _half_dtype(q)
     if half is not None:  # computed in float32, as attention() does
         q, k, v = np.asarray(q).astype(np.float32), _widen("k", k, half), _widen("v", v, half)
-    call = _prepare(q, k, v, causal, scale, mask, block_q, block_kv, dropout_p, seed)
+    call = _prepare(q, k, v, causal, scale, mask, block_q, block_kv, dropout_p, seed,
+                    window=window, softcap=softcap, alibi_slopes=alibi_slopes)
     chosen, skipped = choose_kernel(kernel, call.request, KERNELS)
     bq, bk, source = _blocks(kernel, chosen, call)
     splits = 1
@@ -319,6 +337,7 @@ class _Call:
     dropout_p: float
     seed: int
     request: Request
+    mods: ScoreMods = NO_MODS
 
     @property
     def B(self) -> int:
@@ -336,7 +355,8 @@ class _Call:
         return np.ascontiguousarray(x.reshape(heads))
 
 
-def _prepare(q, k, v, causal, scale, mask, block_q, block_kv, dropout_p, seed) -> _Call:
+def _prepare(q, k, v, causal, scale, mask, block_q, block_kv, dropout_p, seed, *,
+             window=None, softcap=0.0, alibi_slopes=None) -> _Call:
     """Validate every argument and normalize the arrays to (B, H, N, d)."""
     q = _as_float_array("q", q)
     k = _as_float_array("k", k)
@@ -353,14 +373,16 @@ def _prepare(q, k, v, causal, scale, mask, block_q, block_kv, dropout_p, seed) -
     B = math.prod(lead)
     full_shape = (*lead, H, Nq, Nk) if q.ndim > 2 else (Nq, Nk)
     bias = None if mask is None else _bias(mask, q.dtype, full_shape, B, H, Nq, Nk)
+    mods = check_mods(window, softcap, alibi_slopes, lead, H, q.dtype)
     req = Request(dtype=q.dtype, causal=alignment is not None, mask=bias is not None,
                   gqa=H != H_kv, blocks=block_q is not None or block_kv is not None,
-                  dropout=dropout_p > 0)
+                  dropout=dropout_p > 0, window=mods.window, softcap=mods.softcap > 0,
+                  alibi=mods.slopes is not None)
     q4 = np.ascontiguousarray(q.reshape(B, H, Nq, d))
     k4 = np.ascontiguousarray(k.reshape(B, H_kv, Nk, d))
     v4 = np.ascontiguousarray(v.reshape(B, H_kv, Nk, d))
     return _Call(q, lead, H, H_kv, Nq, Nk, d, q4, k4, v4, bias, scale, alignment,
-                 block_q, block_kv, dropout_p, seed, req)
+                 block_q, block_kv, dropout_p, seed, req, mods)
 
 
 def _choose(kernel, req, table):

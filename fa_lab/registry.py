@@ -21,6 +21,7 @@ import numpy as np
 from fa_lab import reference
 from fa_lab.dropout import mix_seed
 from fa_lab.machine import cuda_device
+from fa_lab.scoremod import NONE as NO_MODS
 from fa_lab.kernels import (backward_naive, backward_tiled, fa1, flash, int8, naive, online,
                            tiled, tiled_simd)
 from fa_lab.kernels.fa1 import fa1_forward
@@ -43,6 +44,9 @@ class Request:
     gqa: bool = False
     blocks: bool = False
     dropout: bool = False
+    window: bool = False  # a sliding window (fa_lab.scoremod)
+    softcap: bool = False
+    alibi: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,10 @@ class Kernel:
     mask: bool = True
     gqa: bool = True
     dropout: bool = False  # run() takes (dropout_p, seed) after the block sizes
+    # flash-attn's score modifiers (fa_lab.scoremod); run() then takes mods=ScoreMods
+    window: bool = False
+    softcap: bool = False
+    alibi: bool = False
     default_blocks: tuple | None = None  # (Br, Bc) when not config.BLOCK_Q/BLOCK_KV
     scratch: Callable | None = None  # byte model of the kernel's own allocations
     tags: tuple = field(default_factory=tuple)
@@ -73,7 +81,7 @@ class Kernel:
                     "(NUMBA_ENABLE_CUDASIM=1, or fa_lab.gpu.use_simulator() before first use)")
         if np.dtype(req.dtype) not in [np.dtype(t) for t in self.dtypes]:
             return f"kernel {self.name!r} does not support dtype={np.dtype(req.dtype).name}"
-        for option in ("causal", "mask", "gqa", "dropout"):
+        for option in ("causal", "mask", "gqa", "dropout", "window", "softcap", "alibi"):
             if getattr(req, option) and not getattr(self, option):
                 return f"kernel {self.name!r} does not support {option}"
         if req.blocks and not self.tiled:
@@ -83,9 +91,10 @@ class Kernel:
 
 
 def _reference_run(q, k, v, bias, scale, alignment, block_q, block_kv, dropout_p=0.0,
-                   seed=0):
+                   seed=0, mods=None):
     out, lse = reference.attention(q, k, v, causal=alignment or False, scale=scale, mask=bias,
-                                   dropout_p=dropout_p, seed=seed)
+                                   dropout_p=dropout_p, seed=seed,
+                                   **(mods or NO_MODS).reference_kwargs())
     return out.astype(q.dtype), lse.astype(q.dtype)
 
 
@@ -100,19 +109,25 @@ def _no_bias(dtype) -> np.ndarray:
     return _NO_BIAS[dtype]
 
 
-def numba_runner(driver, dropout=False) -> Callable:
+def numba_runner(driver, dropout=False, with_mods=False) -> Callable:
     """Adapt a jitted driver with the canonical signature (see :mod:`fa_lab.kernels`).
 
-    With ``dropout=True`` the driver takes ``(dropout_p, seed_mixed)`` after ``lse``.
+    With ``dropout=True`` the driver takes ``(dropout_p, seed_mixed)`` after ``lse``;
+    with ``with_mods=True`` then ``(left, right, softcap, slopes, has_alibi)``
+    (:meth:`fa_lab.scoremod.ScoreMods.kernel_args`), and ``run`` takes ``mods=``.
     """
 
-    def run(q, k, v, bias, scale, alignment, block_q, block_kv, dropout_p=0.0, seed=0):
+    def run(q, k, v, bias, scale, alignment, block_q, block_kv, dropout_p=0.0, seed=0,
+            mods=None):
         B, H, Nq, d = q.shape
         out = np.empty_like(q)
         lse = np.empty((B, H, Nq), dtype=q.dtype)
-        offset = reference.causal_offset(Nq, k.shape[2], alignment) if alignment else 0
+        # query i at i + offset, for causal and (without causal too) window and ALiBi
+        offset = reference.feature_offset(Nq, k.shape[2], alignment)
         has_bias = bias is not None
         extra = (float(dropout_p), np.uint64(mix_seed(np.uint64(seed)))) if dropout else ()
+        if with_mods:
+            extra += (mods or NO_MODS).kernel_args(q.dtype)
         driver(q, k, v, bias if has_bias else _no_bias(q.dtype), has_bias,
                q.dtype.type(scale), alignment is not None, offset, block_q or 1,
                block_kv or 1, out, lse, *extra)
@@ -127,7 +142,8 @@ KERNELS: dict[str, Kernel] = {
     k.name: k
     for k in [
         Kernel("reference", 0, "float64 NumPy, materializes the N x N scores (source of truth)",
-               _reference_run, dropout=True, scratch=reference.scratch_bytes),
+               _reference_run, dropout=True, window=True, softcap=True, alibi=True,
+               scratch=reference.scratch_bytes),
         Kernel("naive", 1, "scalar Numba, three passes over a row of scores, 1 thread",
                numba_runner(naive_forward), naive_forward, scratch=naive.scratch_bytes),
         Kernel("online", 2, "scalar Numba, one pass with running max and sum, 1 thread",
@@ -142,13 +158,15 @@ KERNELS: dict[str, Kernel] = {
                numba_runner(fa1_forward), fa1_forward, tiled=True, scratch=fa1.scratch_bytes,
                tags=("teaching",)),
         Kernel("tiled_simd", 4, "tiled, inner loops vectorized by LLVM (packed FMA), "
-               "prange over (b, h, query block)", numba_runner(tiled_simd_forward, dropout=True),
+               "prange over (b, h, query block)",
+               numba_runner(tiled_simd_forward, dropout=True, with_mods=True),
                tiled_simd_forward, tiled=True, parallel=True, dropout=True,
+               window=True, softcap=True, alibi=True,
                scratch=tiled_simd.scratch_bytes),
         Kernel("flash", 5, "tiled_simd with BLAS block products (np.dot) and a vectorized "
                "polynomial exp, fused max/exp/sum pass; split-KV (Flash-Decoding) when there are "
                "too few query blocks for the threads", flash.run,
-               flash_forward, tiled=True, parallel=True,
+               flash_forward, tiled=True, parallel=True, window=True, softcap=True, alibi=True,
                default_blocks=flash.DEFAULT_BLOCKS, scratch=flash.scratch_bytes),
     ]
 }

@@ -79,3 +79,69 @@ def finalize_row(acc_r, m_r, l_r, out_r):
     for t in range(out_r.shape[0]):
         out_r[t] = acc_r[t] / l_r
     return m_r + math.log(l_r)
+
+
+# --- flash-attn's score modifiers (fa_lab.scoremod): window, softcap, ALiBi -------------
+
+
+@njit(cache=CACHE)
+def window_keys(i0, br, Nk, causal, offset, left, right, block_kv):
+    """Key range ``[j_lo, j_hi)`` that query rows ``i0 .. i0 + br - 1`` may see under
+    causal and a window ``(left, right)`` (``-1``: unbounded); ``j_lo`` is rounded down
+    to a multiple of ``block_kv`` so the tiles stay those of the unwindowed grid. Key
+    blocks outside this range are skipped, never computed."""
+    last = i0 + br - 1
+    j_hi = visible_end(last, Nk, causal, offset)
+    if right >= 0:
+        j_hi = min(j_hi, max(last + offset + right + 1, 0))
+    j_lo = 0
+    if left >= 0:
+        j_lo = min(max(i0 + offset - left, 0), Nk)
+        j_lo = (j_lo // block_kv) * block_kv
+    return j_lo, j_hi
+
+
+@njit(cache=CACHE)
+def window_cuts(i0, br, j0, bc, offset, left, right):
+    """True when some key of block ``(i0.., j0..)`` is outside some row's window."""
+    if left >= 0 and j0 < i0 + br - 1 + offset - left:
+        return True
+    return right >= 0 and j0 + bc - 1 > i0 + offset + right
+
+
+@njit(cache=CACHE)
+def window_block(Sij, i0, j0, offset, left, right):
+    """Set ``-inf`` (selection) where key ``j0 + c`` is outside row ``i0 + r``'s window."""
+    br, bc = Sij.shape
+    for r in range(br):
+        Sr = Sij[r]
+        pos = i0 + r + offset - j0  # the row's position, in block columns
+        if left >= 0:
+            for c in range(0, min(max(pos - left, 0), bc)):
+                Sr[c] = NEG_INF
+        if right >= 0:
+            for c in range(max(pos + right + 1, 0), bc):
+                Sr[c] = NEG_INF
+
+
+@njit(cache=CACHE)
+def softcap_alibi_block(Sij, softcap, slopes, has_alibi, b, h, i0, j0, offset, G):
+    """In place on a block of scaled scores ``x``: ``s = c tanh(x / c)`` when ``softcap >
+    0`` (storing ``1 - tanh^2`` in ``G``, same shape, when ``G.size`` > 0: the backward's
+    chain rule), then ALiBi ``s -= slope * |i0 + r + offset - (j0 + c)|``."""
+    br, bc = Sij.shape
+    keep = G.size > 0
+    slope = slopes[b, h] if has_alibi else Sij.dtype.type(0)
+    for r in range(br):
+        Sr = Sij[r]
+        if softcap > 0:
+            inv = 1 / softcap
+            for c in range(bc):
+                t = math.tanh(Sr[c] * inv)
+                Sr[c] = softcap * t
+                if keep:
+                    G[r, c] = 1 - t * t
+        if has_alibi:
+            pos = i0 + r + offset - j0
+            for c in range(bc):
+                Sr[c] -= slope * abs(pos - c)
