@@ -10,7 +10,8 @@ kernels live in :mod:`fa_lab.kernels.backward_naive` and
 Canonical driver signature of a jitted backward kernel::
 
     driver(q, k, v, out, dout, lse, bias, has_bias, scale, causal, offset, block_q,
-           block_kv, dropout_p, seed_mixed, dq, dk, dv)
+           block_kv, dropout_p, seed_mixed, dq, dk, dv[, left, right, softcap, slopes,
+           has_alibi])
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from fa_lab.registry import BACKWARD_KERNELS
 
 
 def attention_backward(q, k, v, out, lse, dout, *, causal=False, scale=None, mask=None,
-                       dropout_p=0.0, seed=None, kernel="auto", block_q=None, block_kv=None):
+                       dropout_p=0.0, seed=None, kernel="auto", block_q=None, block_kv=None,
+                       window=None, softcap=0.0, alibi_slopes=None):
     """Gradients ``(dq, dk, dv)`` of ``sum(attention(q, k, v, ...) * dout)``.
 
     Parameters
@@ -35,13 +37,16 @@ def attention_backward(q, k, v, out, lse, dout, *, causal=False, scale=None, mas
     dropout_p, seed : the forward's dropout; the mask is regenerated from the seed
     kernel : a name in :data:`fa_lab.BACKWARD_KERNELS` or ``"auto"``
     block_q, block_kv : tile sizes for tiled kernels
+    window, softcap, alibi_slopes : the forward's score modifiers (:mod:`fa_lab.scoremod`);
+        with a softcap the gradient goes through ``c tanh(x / c)`` (``1 - tanh^2``)
 
     Returns
     -------
     dq, dk, dv : the shapes and dtypes of q, k, v. For GQA, ``dk`` and ``dv`` are summed
     over the query heads that share a kv head. A fully masked row has zero gradient.
     """
-    call = _prepare(q, k, v, causal, scale, mask, block_q, block_kv, dropout_p, seed)
+    call = _prepare(q, k, v, causal, scale, mask, block_q, block_kv, dropout_p, seed,
+                    window=window, softcap=softcap, alibi_slopes=alibi_slopes)
     chosen = _choose(kernel, call.request, BACKWARD_KERNELS)
     for name, x, shape in (("out", out, call.q.shape), ("dout", dout, call.q.shape),
                            ("lse", lse, call.q.shape[:-1])):
@@ -58,15 +63,18 @@ def attention_backward(q, k, v, out, lse, dout, *, causal=False, scale=None, mas
     bq, bk = (effective_blocks(call.Nq, call.Nk, call.block_q, call.block_kv,
                                chosen.default_blocks) if chosen.tiled
               else (call.block_q, call.block_kv))
+    mods = {"mods": call.mods} if call.mods.active else {}
     dq, dk, dv = chosen.run(call.q4, call.k4, call.v4, out4, dout4, lse4, call.bias,
-                            call.scale, call.alignment, bq, bk, call.dropout_p, call.seed)
+                            call.scale, call.alignment, bq, bk, call.dropout_p, call.seed,
+                            **mods)
     return dq.reshape(call.q.shape), dk.reshape(kshape), dv.reshape(kshape)
 
 
 def attention_grad(q, k, v, *, kernel="auto", backward_kernel="auto", **options):
     """Forward now, backward later: returns ``(out, backward)`` with ``backward(dout)``.
 
-    ``options`` (causal, scale, mask, dropout_p, seed, block sizes) are shared by both.
+    ``options`` (causal, scale, mask, dropout_p, seed, block sizes, window, softcap,
+    alibi_slopes) are shared by both.
     A small autograd-style helper::
 
         out, backward = fa_lab.attention_grad(q, k, v, causal=True)

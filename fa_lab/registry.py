@@ -173,23 +173,26 @@ KERNELS: dict[str, Kernel] = {
 
 
 def _reference_backward_run(q, k, v, out, dout, lse, bias, scale, alignment, block_q,
-                            block_kv, dropout_p, seed):
+                            block_kv, dropout_p, seed, mods=None):
     grads = reference.attention_backward(q, k, v, dout, causal=alignment or False, scale=scale,
-                                         mask=bias, dropout_p=dropout_p, seed=seed)
+                                         mask=bias, dropout_p=dropout_p, seed=seed,
+                                         **(mods or NO_MODS).reference_kwargs())
     return tuple(g.astype(q.dtype) for g in grads)
 
 
-def backward_runner(driver) -> Callable:
-    """Adapt a jitted backward driver (canonical signature in :mod:`fa_lab.backward`)."""
+def backward_runner(driver, with_mods=False) -> Callable:
+    """Adapt a jitted backward driver (canonical signature in :mod:`fa_lab.backward`);
+    ``with_mods``: the driver also takes ``ScoreMods.kernel_args`` after ``dv``."""
 
     def run(q, k, v, out, dout, lse, bias, scale, alignment, block_q, block_kv, dropout_p,
-            seed):
+            seed, mods=None):
         dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
-        offset = reference.causal_offset(q.shape[2], k.shape[2], alignment) if alignment else 0
+        offset = reference.feature_offset(q.shape[2], k.shape[2], alignment)
         has_bias = bias is not None
+        extra = (mods or NO_MODS).kernel_args(q.dtype) if with_mods else ()
         driver(q, k, v, out, dout, lse, bias if has_bias else _no_bias(q.dtype), has_bias,
                q.dtype.type(scale), alignment is not None, offset, block_q or 1, block_kv or 1,
-               float(dropout_p), np.uint64(mix_seed(np.uint64(seed))), dq, dk, dv)
+               float(dropout_p), np.uint64(mix_seed(np.uint64(seed))), dq, dk, dv, *extra)
         return dq, dk, dv
 
     run.__name__ = f"run_{driver.__name__}"
@@ -203,13 +206,15 @@ BACKWARD_KERNELS: dict[str, Kernel] = {
     k.name: k
     for k in [
         Kernel("reference", 0, "float64 NumPy, materializes P and the softmax Jacobian",
-               _reference_backward_run, dropout=True),
+               _reference_backward_run, dropout=True, window=True, softcap=True, alibi=True),
         Kernel("naive", 1, "scalar Numba, one query row at a time, recomputes P from the "
                "LSE, float64 accumulators, 1 thread", backward_runner(naive_backward),
                naive_backward, dropout=True, scratch=backward_naive.scratch_bytes),
         Kernel("tiled", 2, "FlashAttention-2 tiles in two race-free prange passes (dK, dV "
-               "over key blocks; dQ over query blocks)", backward_runner(tiled_backward),
+               "over key blocks; dQ over query blocks)",
+               backward_runner(tiled_backward, with_mods=True),
                tiled_backward, tiled=True, parallel=True, dropout=True,
+               window=True, softcap=True, alibi=True,
                scratch=backward_tiled.scratch_bytes),
     ]
 }
