@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numba
 import numpy as np
 
 from fa_lab import reference
@@ -23,7 +24,7 @@ from fa_lab.dropout import mix_seed
 from fa_lab.machine import cuda_device
 from fa_lab.scoremod import NONE as NO_MODS
 from fa_lab.kernels import (backward_naive, backward_tiled, fa1, flash, int8, naive, online,
-                           tiled, tiled_simd)
+                           paged, tiled, tiled_simd, varlen)
 from fa_lab.kernels.fa1 import fa1_forward
 from fa_lab.kernels.flash import flash_forward
 from fa_lab.kernels.backward_naive import naive_backward
@@ -293,5 +294,106 @@ CUDA_KERNELS: dict[str, Kernel] = {
                "block per (b, h, query block), Qi, Kj, Vj tiles in shared memory, one thread "
                "per query row with m, l, acc in registers", _cuda_fa2_run,
                parallel=True, dtypes=(np.float32,), device="cuda", tags=("gpu",)),
+    ]
+}
+
+
+def _varlen_reference_run(q, k, v, cu_q, cu_k, scale, alignment, block_q, block_kv,
+                          mods=None):
+    """Sequence by sequence through the float64 reference (q (H, total_q, d) layout)."""
+    mods = mods or NO_MODS
+    out = np.zeros(q.shape, q.dtype)
+    lse = np.full(q.shape[:2], -np.inf, q.dtype)
+    for b in range(len(cu_q) - 1):
+        rows, keys = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        kw = mods.reference_kwargs()
+        if mods.slopes is not None:
+            kw["alibi_slopes"] = mods.slopes[b]
+        o, s = reference.attention(q[:, rows], k[:, keys], v[:, keys], scale=scale,
+                                   causal=alignment or False, **kw)
+        out[:, rows], lse[:, rows] = o, s
+    return out, lse
+
+
+def _varlen_flash_run(q, k, v, cu_q, cu_k, scale, alignment, block_q, block_kv, mods=None):
+    flash.ensure_blas_threads()
+    out = np.empty_like(q)
+    lse = np.empty(q.shape[:2], q.dtype)
+    tasks = varlen.varlen_tasks(cu_q, q.shape[0], block_q)
+    varlen.flash_varlen_forward(q, k, v, cu_q.astype(np.int64), cu_k.astype(np.int64), tasks,
+                         _no_bias(q.dtype), q.dtype.type(scale), alignment is not None,
+                         alignment == "top_left", block_q, block_kv, out, lse,
+                         *(mods or NO_MODS).kernel_args(q.dtype))
+    return out, lse
+
+
+#: Packed variable-length kernels (:func:`fa_lab.attention_varlen`): ``run(q, k, v, cu_q,
+#: cu_k, scale, alignment, block_q, block_kv, mods) -> (out, lse)`` with q ``(H, total_q,
+#: d)``, k/v ``(H_kv, total_k, d)``, lse ``(H, total_q)``.
+VARLEN_KERNELS: dict[str, Kernel] = {
+    k.name: k
+    for k in [
+        Kernel("reference", 0, "float64 NumPy, one call per sequence", _varlen_reference_run,
+               mask=False, window=True, softcap=True, alibi=True),
+        Kernel("flash", 5, "one prange over (sequence, head, query block) tasks of flash's "
+               "tiles; no padding computed", _varlen_flash_run, tiled=True, parallel=True,
+               mask=False, window=True, softcap=True, alibi=True,
+               default_blocks=flash.DEFAULT_BLOCKS),
+    ]
+}
+
+
+def _gather(pages, table_b, L):
+    """Sequence ``b``'s first ``L`` keys, ``(H_kv, L, d)``, copied out of the pages."""
+    page = pages.shape[2]
+    n = -(-L // page)
+    return np.concatenate([pages[p] for p in table_b[:n]], axis=1)[:, :L] if n else \
+        pages[:0, :, :0].reshape(pages.shape[1], 0, pages.shape[3])
+
+
+def _paged_reference_run(q, k_pages, v_pages, block_table, lengths, scale, causal, block_q,
+                         block_kv, mods=None):
+    """Gather each sequence's keys, then the float64 reference (bottom-right)."""
+    mods = mods or NO_MODS
+    out = np.zeros(q.shape, q.dtype)
+    lse = np.full(q.shape[:3], -np.inf, q.dtype)
+    for b in range(q.shape[0]):
+        kw = mods.reference_kwargs()
+        if mods.slopes is not None:
+            kw["alibi_slopes"] = mods.slopes[b]
+        o, s = reference.attention(q[b], _gather(k_pages, block_table[b], lengths[b]),
+                                   _gather(v_pages, block_table[b], lengths[b]), scale=scale,
+                                   causal="bottom_right" if causal else False, **kw)
+        out[b], lse[b] = o, s
+    return out, lse
+
+
+def _paged_flash_run(q, k_pages, v_pages, block_table, lengths, scale, causal, block_q,
+                     block_kv, mods=None):
+    flash.ensure_blas_threads()
+    B, H, Nq, d = q.shape
+    out = np.empty_like(q)
+    lse = np.empty((B, H, Nq), q.dtype)
+    splits = flash.plan_splits(B, H, Nq, int(np.max(lengths, initial=0)), block_q, block_kv,
+                               numba.get_num_threads())
+    paged.paged_forward(q, k_pages, v_pages, block_table.astype(np.int64),
+                  lengths.astype(np.int64), _no_bias(q.dtype), q.dtype.type(scale),
+                  bool(causal), block_q, block_kv, int(splits), out, lse,
+                  *(mods or NO_MODS).kernel_args(q.dtype))
+    return out, lse
+
+
+#: KV-cache kernels (:func:`fa_lab.attention_with_kvcache`): ``run(q, k_pages, v_pages,
+#: block_table, lengths, scale, causal, block_q, block_kv, mods) -> (out, lse)``; a
+#: contiguous cache is passed as pages of ``S_max`` rows with ``block_table[b] = [b]``.
+KVCACHE_KERNELS: dict[str, Kernel] = {
+    k.name: k
+    for k in [
+        Kernel("reference", 0, "gathers each sequence's pages, float64 NumPy",
+               _paged_reference_run, mask=False, window=True, softcap=True, alibi=True),
+        Kernel("flash", 5, "flash's tiles read in place through the block table (a tile "
+               "never crosses a page), split-KV for long caches", _paged_flash_run,
+               tiled=True, parallel=True, mask=False, window=True, softcap=True, alibi=True,
+               default_blocks=flash.DEFAULT_BLOCKS),
     ]
 }

@@ -449,6 +449,17 @@ def flash_splitkv_forward(q, k, v, bias, has_bias, scale, causal, offset, block_
                  has_bias, b, h, i0, causal, offset, min(s * per * block_kv, Nk),
                  min((s + 1) * per * block_kv, Nk), block_kv, part_o[s, b, h, i0:i1],
                  part_lse[s, b, h, i0:i1], 3, left, right, softcap, slopes, has_alibi)
+    merge_splits(part_o, part_lse, out, lse)
+
+
+@njit(cache=CACHE, parallel=True, nogil=True)
+def merge_splits(part_o, part_lse, out, lse):
+    """Flash-Decoding's pass 2 (prange over rows): the exact merge of ``splits`` partial
+    results ``part_o`` (splits, B, H, Nq, d) with their ``part_lse`` (splits, B, H, Nq):
+    ``lse = log sum_s exp(lse_s)``, ``O = sum_s exp(lse_s - lse) O_s``. A split that saw
+    no key has ``lse_s = -inf`` and weight 0; a row that saw none gets ``O = 0``,
+    ``lse = -inf``; a NaN partial makes the row NaN."""
+    splits, B, H, Nq, d = part_o.shape
     for row in prange(B * H * Nq):
         b, h, i = row // (H * Nq), (row // Nq) % H, row % Nq
         top = NEG_INF
