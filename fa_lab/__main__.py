@@ -150,6 +150,11 @@ def _bench(args) -> int:
     elif args.sweep == "targets":
         df = _targets(args, log)
         cols = ["target", "need", "measured", "verdict"]
+    elif args.sweep == "features":
+        from fa_lab import bench_features
+
+        df = bench_features.features(quick=args.quick, repeats=args.repeats, progress=log)
+        cols = bench_features.COLUMNS
     else:  # claims
         df = bench.check_speed_claims(kernel=kernel, repeats=args.repeats, progress=log)
         cols = ["claim", "config measured", "standard ms", f"{kernel} ms", "torch_sdpa ms",
@@ -302,10 +307,12 @@ def main(argv=None) -> int:
                        "split-KV choices vs torch at Nq=1; breakdown: where flash's time "
                        "goes; peak: the fp32 matmul peak; claims: data/speed_claims.csv; "
                        "targets: the performance issue's targets, judged; bandwidth: "
-                       "streaming GB/s per working set and per cache level.")
+                       "streaming GB/s per working set and per cache level; features: "
+                       "sliding window vs causal at N=8192, varlen vs padded, paged vs "
+                       "contiguous decode (flash-attn's features), judged.")
     b.add_argument("--sweep", default="kernels",
                    choices=["kernels", "blocks", "threads", "decode", "breakdown", "peak",
-                            "claims", "targets", "bandwidth"])
+                            "claims", "targets", "bandwidth", "features"])
     b.add_argument("--kernels", nargs="+", default=None,
                    help="registry names (default: every kernel but the reference; the "
                    "other sweeps use the first, default flash)")
@@ -330,6 +337,8 @@ def main(argv=None) -> int:
                    help="largest working set of --sweep bandwidth (MiB)")
     b.add_argument("--baseline", default="numpy_standard",
                    help="contender the speedup column is relative to (e.g. torch_sdpa)")
+    b.add_argument("--quick", action="store_true",
+                   help="small shapes (--sweep features), for a smoke run")
     b.add_argument("--no-baselines", action="store_true",
                    help="skip the NumPy and torch baselines")
     b.add_argument("--csv", type=_output_file, default=None,
