@@ -329,3 +329,30 @@ def test_auto_falls_back_with_a_reason_when_flash_cannot():
     base, _ = reference.attention(q, k, v, window=(2, 0), dropout_p=0.1, seed=3,
                                   dtype=np.float32)
     assert_close(out, exp, baseline=base, magnitude=np.abs(v).max() / 0.9)
+
+
+@pytest.mark.parametrize("causal", [False, True, "bottom_right"])
+@pytest.mark.parametrize("window", [(0, 0), (5, 0), (7, 3), (-1, 2), (4, -1), (20, 20)])
+def test_tiling_mirror_matches_the_kernels_loop_bounds(causal, window):
+    # lessons draw fa_lab.tiling; the kernels run window_keys: the same tiles
+    from fa_lab import tiling
+
+    Nq, Nk, bq, bk = 37, 45, 8, 6
+    alignment = reference.causal_alignment(causal)
+    off = reference.feature_offset(Nq, Nk, alignment)
+    classes = tiling.tile_classes(Nq, Nk, bq, bk, causal, window)
+    allowed = reference.window_mask(Nq, Nk, window, off)
+    if alignment:
+        allowed &= reference.causal_mask(Nq, Nk, alignment)
+    for a, i0 in enumerate(range(0, Nq, bq)):
+        br = min(bq, Nq - i0)
+        lo, hi = window_keys(i0, br, Nk, alignment is not None, off, *window, bk)
+        computed = [c for c in range(classes.shape[1]) if lo <= c * bk < hi]
+        assert computed == [c for c in range(classes.shape[1])
+                            if classes[a, c] != tiling.SKIPPED]
+        for c in range(classes.shape[1]):  # FULL tiles need no mask, DIAGONAL ones do
+            block = allowed[i0:i0 + br, c * bk:(c + 1) * bk]
+            if classes[a, c] == tiling.FULL:
+                assert block.all()
+            elif classes[a, c] == tiling.DIAGONAL:
+                assert block.any() and not block.all()
