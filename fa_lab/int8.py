@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fa_lab import config, quant
-from fa_lab.api import _choose, _prepare, check_bool, effective_blocks
+from fa_lab import quant
+from fa_lab.api import check_bool, effective_blocks, prepare
 from fa_lab.registry import INT8_KERNELS
 
 
@@ -71,9 +71,10 @@ def attention_int8(q, k, v, *, causal=False, scale=None, mask=None,
 
     Returns ``out`` (q's dtype) and, with ``return_lse``, ``lse``.
     """
-    call = _prepare(q, k, v, causal, scale, mask, block_q, block_kv, 0.0, None)
+    call = prepare(q, k, v, causal=causal, scale=scale, mask=mask, block_q=block_q,
+                   block_kv=block_kv)
     return_lse = check_bool("return_lse", return_lse)
-    chosen = _choose(kernel, call.request, INT8_KERNELS)
+    chosen = call.choose(kernel, INT8_KERNELS)
     if not isinstance(granularity, str) or granularity not in quant.GRANULARITIES:
         raise ValueError(f"granularity must be one of {quant.GRANULARITIES}, "
                          f"got {granularity!r}")
@@ -83,9 +84,9 @@ def attention_int8(q, k, v, *, causal=False, scale=None, mask=None,
         out, lse = np.zeros(call.q.shape, call.q.dtype), np.zeros(call.q.shape[:-1], call.q.dtype)
         return (out, lse) if return_lse else out
     bq, bk = effective_blocks(call.Nq, call.Nk, call.block_q, call.block_kv,
-                              chosen.default_blocks or (config.BLOCK_Q, config.BLOCK_KV))
+                              chosen.default_blocks)
     q8, sq, k8, sk, mean = quantize_inputs(call.q4, call.k4, granularity, bq, bk, smooth_k)
-    out, lse = chosen.run(q8, sq, k8, sk, call.v4, call.bias, call.scale, call.alignment,
+    out, lse = chosen.run((q8, sq, k8, sk, call.v4), call.bias, call.scale, call.alignment,
                           bq if chosen.tiled else None, bk if chosen.tiled else None)
     if return_lse and mean is not None and call.Nk:
         group = call.H // call.H_kv

@@ -21,7 +21,8 @@ import numbers
 
 import numpy as np
 
-from fa_lab.api import _as_float_array, check_bool, check_scale, choose_kernel, effective_blocks
+from fa_lab.api import choose_kernel, effective_blocks
+from fa_lab.checks import as_float_array, check_bool, check_scale
 from fa_lab.registry import KVCACHE_KERNELS, Request
 from fa_lab.scoremod import check_mods
 
@@ -54,7 +55,7 @@ def _check_caches(q, k_cache, v_cache, writing):
         if writing and not isinstance(x, np.ndarray):
             raise TypeError(f"{name} must be a numpy array to be written in place, got "
                             f"{type(x).__name__}")
-    kc, vc = _as_float_array("k_cache", k_cache), _as_float_array("v_cache", v_cache)
+    kc, vc = as_float_array("k_cache", k_cache), as_float_array("v_cache", v_cache)
     if q.ndim != 4:
         raise ValueError(f"q must have shape (B, H, Nq, d), got {q.shape}")
     if kc.ndim != 4 or vc.shape != kc.shape:
@@ -92,7 +93,7 @@ def _check_new(k, v, B, H_kv, d, dtype):
         raise ValueError("k and v must be given together (or neither)")
     if k is None:
         return None, None, 0
-    k, v = _as_float_array("k", k), _as_float_array("v", v)
+    k, v = as_float_array("k", k), as_float_array("v", v)
     if k.dtype != dtype or v.dtype != dtype:
         raise TypeError(f"k and v must have q's dtype {dtype}, got {k.dtype}, {v.dtype}")
     if k.ndim != 4 or k.shape[:2] != (B, H_kv) or k.shape[3] != d or v.shape != k.shape:
@@ -130,7 +131,7 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None
     out : (B, H, Nq, d); lse : (B, H, Nq) with ``return_lse``. A sequence with no key
     gives zeros and ``lse = -inf``.
     """
-    q = _as_float_array("q", q)
+    q = as_float_array("q", q)
     writing = k is not None or v is not None
     kc, vc = _check_caches(q, k_cache, v_cache, writing)
     B, H, Nq, d = q.shape

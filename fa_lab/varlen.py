@@ -14,7 +14,8 @@ import numbers
 
 import numpy as np
 
-from fa_lab.api import _as_float_array, check_bool, check_scale, choose_kernel, effective_blocks
+from fa_lab.api import choose_kernel, effective_blocks
+from fa_lab.checks import as_float_array, check_bool, check_scale
 from fa_lab.reference import causal_alignment
 from fa_lab.registry import VARLEN_KERNELS, Request
 from fa_lab.scoremod import check_mods
@@ -53,7 +54,7 @@ def _check_max(name, value, actual) -> None:
 
 
 def _check_packed(q, k, v):
-    q, k, v = (_as_float_array(n, x) for n, x in (("q", q), ("k", k), ("v", v)))
+    q, k, v = (as_float_array(n, x) for n, x in (("q", q), ("k", k), ("v", v)))
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.ndim != 3:

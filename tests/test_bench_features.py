@@ -4,12 +4,12 @@ targets are benchmark verdicts, not tests)."""
 import numpy as np
 import pytest
 
-from fa_lab import bench_features
+from fa_lab.bench import features as bench_features
 from fa_lab.__main__ import main
 
 
 def test_quick_features_table_has_every_study_and_a_verdict(capsys):
-    df = bench_features.features(quick=True, repeats=2)
+    df = bench_features.feature_studies(quick=True, repeats=2)
     assert set(df["study"]) == {"window", "varlen", "paged"}
     judged = df.dropna(subset=["verdict"])
     assert {"window", "varlen", "paged"} <= set(judged["study"])

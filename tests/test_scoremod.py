@@ -224,7 +224,7 @@ def test_window_keys_is_tight_and_complete(causal, window):
 def test_sliding_window_visits_a_sixteenth_of_the_causal_tiles():
     # the benchmark shape: N=8192, window (256, 0) against full causal, flash's
     # 256 x 256 tiles: tiles computed = what the kernel's loop bounds give
-    N, (bq, bk) = 8192, fa_lab.kernels.flash.DEFAULT_BLOCKS
+    N, (bq, bk) = 8192, fa_lab.config.FLASH_BLOCKS
 
     def tiles(left, right, causal):
         return sum(-(-(hi - lo) // bk) for i0 in range(0, N, bq)

@@ -10,7 +10,7 @@ place, nothing is gathered. Sequence ``b`` has ``lengths[b]`` keys and the queri
 at its end (bottom-right: query ``i`` of ``Nq`` at position ``lengths[b] - Nq + i``).
 
 Long caches with few query rows (decoding) split the keys as ``flash`` does
-(Flash-Decoding) and merge the partial results exactly (:func:`flash.merge_splits`).
+(Flash-Decoding) and merge the partial results exactly (:func:`fa_lab.kernels.common.merge_splits`).
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import numpy as np
 from numba import njit, prange
 
 from fa_lab.config import CACHE
-from fa_lab.kernels.common import (NEG_INF, finalize_row, mask_block, softcap_alibi_block,
-                                   task_coords, window_block, window_cuts, window_keys)
-from fa_lab.kernels.flash import (_pv_select, _rescale_add, all_finite, merge_splits,
-                                  softmax_block)
+from fa_lab.kernels.common import (NEG_INF, finalize_row, mask_block, merge_splits,
+                                   softcap_alibi_block, task_coords, window_block,
+                                   window_cuts, window_keys)
+from fa_lab.kernels.flash import _pv_select, _rescale_add, all_finite, softmax_block
 
 
 @njit(cache=CACHE)

@@ -1,6 +1,7 @@
-"""Benchmarks of flash-attn's features on the CPU (``python -m fa_lab bench --sweep
-features``): validated first, then timed side by side with :func:`fa_lab.bench.time_calls`
-(interleaved rounds, load recorded), judged by :mod:`fa_lab.verdict` on quartile ranges.
+"""Benchmarks of flash-attn's features on the CPU (:func:`feature_studies`, or
+``python -m fa_lab bench --sweep features``): validated first, then timed side by side
+with :func:`fa_lab.bench.harness.time_calls` (interleaved rounds, load recorded), judged
+by :mod:`fa_lab.verdict` on quartile ranges.
 
 Three studies, the issue's targets:
 
@@ -23,10 +24,10 @@ import numpy as np
 
 from fa_lab import reference, verdict
 from fa_lab.api import attention
-from fa_lab.bench import Contender, time_calls
-from fa_lab.kernels.common import window_keys
-from fa_lab.kernels.flash import DEFAULT_BLOCKS
+from fa_lab.bench.harness import Contender, time_calls
+from fa_lab.config import FLASH_BLOCKS
 from fa_lab.kvcache import attention_with_kvcache, paginate
+from fa_lab.tiling import tile_classes, SKIPPED
 from fa_lab.testing import Case, assert_close
 from fa_lab.varlen import attention_varlen, pack
 
@@ -37,11 +38,10 @@ PAGED_NEED = 1.25
 
 
 def tiles_visited(N, window, causal, block_q, block_kv) -> int:
-    """Key tiles a tiled kernel computes for one head (from its own loop bounds)."""
-    left, right = window
-    return sum(-(-max(hi - lo, 0) // block_kv) for i0 in range(0, N, block_q)
-               for lo, hi in [window_keys(i0, min(block_q, N - i0), N, causal, 0, left, right,
-                                          block_kv)])
+    """Key tiles a tiled kernel computes for one head: the tiles :mod:`fa_lab.tiling` does
+    not skip (the Python mirror of the kernels' loop bounds, tested against them)."""
+    w = None if tuple(window) == (-1, -1) else window
+    return int((tile_classes(N, N, block_q, block_kv, causal, w) != SKIPPED).sum())
 
 
 def visible_pairs(N, window=(-1, -1)) -> int:
@@ -84,7 +84,7 @@ def window_study(N=8192, H=8, d=64, repeats=5, window=WINDOW, seed=0):
             assert_close(out[..., rows, :], exp, baseline=base, what=c.name,
                          magnitude=np.abs(v).max())
     times = time_calls([full, win], (q, k, v), repeats=repeats)
-    bq, bk = (min(b, N) for b in DEFAULT_BLOCKS)
+    bq, bk = (min(b, N) for b in FLASH_BLOCKS)
     model = {"pairs_ratio": visible_pairs(N) / visible_pairs(N, window),
              "tiles_ratio": tiles_visited(N, (-1, -1), True, bq, bk)
              / tiles_visited(N, window, True, bq, bk)}
@@ -163,7 +163,7 @@ def paged_study(B=8, H=8, H_kv=8, d=64, lengths=None, page=256, repeats=30, seed
     return rows
 
 
-def features(quick=False, repeats=5, progress=None):
+def feature_studies(quick=False, repeats=5, progress=None):
     """All three studies as one table (``quick``: small shapes, for tests and lessons)."""
     import pandas as pd
 
