@@ -179,5 +179,7 @@ def feature_studies(quick=False, repeats=5, progress=None):
     return pd.DataFrame(rows)
 
 
-COLUMNS = ["study", "name", "median_ms", "q25_ms", "q75_ms", "ratio", "ratio_low",
-           "ratio_high", "pairs_ratio", "tiles_ratio", "verdict", "others_pct", "steal_pct"]
+#: What ``bench --sweep features`` prints (the CSV has every column, lengths included).
+COLUMNS = ["study", "name", "B", "H", "N", "page", "median_ms", "q25_ms", "q75_ms", "ratio",
+           "ratio_low", "ratio_high", "pairs_ratio", "tiles_ratio", "verdict", "others_pct",
+           "steal_pct"]
