@@ -167,7 +167,10 @@ def test_time_generation_and_decode_latency_run():
     assert df["max_logit_diff"].iloc[0] < 1e-3
     np.testing.assert_allclose(df["speedup"], df["recompute_ms_per_token"]
                                / df["cached_ms_per_token"])
-    assert ((df["speedup_low"] <= df["speedup"]) & (df["speedup"] <= df["speedup_high"])).all()
+    # the median ratio lies in its quartile range (up to rounding: ms per token vs seconds)
+    slack = 1 + 1e-9
+    assert ((df["speedup_low"] <= df["speedup"] * slack)
+            & (df["speedup"] <= df["speedup_high"] * slack)).all()
     lat = decode_latency([64], H=2, H_kv=1, d=8, repeats=2)
     assert "fa_lab.decode" in set(lat["name"])
 
