@@ -150,6 +150,9 @@ def _bench(args) -> int:
     elif args.sweep == "targets":
         df = _targets(args, log)
         cols = ["target", "need", "measured", "verdict"]
+    elif args.sweep == "int8":
+        df = _int8(args, log)
+        cols = ["what", "detail"]
     else:  # claims
         df = bench.check_speed_claims(kernel=kernel, repeats=args.repeats, progress=log)
         cols = ["claim", "config measured", "standard ms", f"{kernel} ms", "torch_sdpa ms",
@@ -162,6 +165,35 @@ def _bench(args) -> int:
     print(df[[c for c in cols if c in df]].to_string(index=False, float_format="%.4g"))
     _write(df, args.csv, args.png if plot else None, plot)
     return 0
+
+
+def _int8(args, log):
+    """Issue 15's sweep (:func:`fa_lab.lowprec.sweep`): prints each table, returns the
+    targets with their verdicts."""
+    import pandas as pd
+
+    from fa_lab import lowprec
+    from fa_lab.cpu_features import detect
+
+    r = lowprec.sweep(args.N[0], args.H, args.B, args.d, repeats=args.repeats, progress=log)
+    print(f"instruction paths: {detect().note('bfloat16')}")
+    with pd.option_context("display.width", 250, "display.max_columns", 30):
+        for key, cols in (("peaks", ["precision", "instruction", "threads", "gops", "q25_s",
+                                     "median_s", "q75_s", "others_pct"]),
+                          ("tiles", ["name", "tiles", "gops", "q25_s", "median_s", "q75_s",
+                                     "others_pct"]),
+                          ("speed", ["name", "causal", "median_s", "q25_s", "q75_s", "gflops",
+                                     "precision", "peak_gops", "fraction_of_peak",
+                                     "others_pct", "busy"]),
+                          ("accuracy", ["data", "causal", "pv_dtype", "cosine", "rel_l1",
+                                        "max_error"])):
+            print(f"\n== {key} (load: {lowprec.load_note(r[key]) if key != 'accuracy' else '-'})")
+            print(r[key][[c for c in cols if c in r[key]]].to_string(index=False,
+                                                                     float_format="{:.4g}".format))
+    acc = r["accuracy"].rename(columns={"verdict": "detail"})
+    acc["what"] = [f"accuracy ({'causal' if c else 'not causal'})" for c in acc["causal"]]
+    print("\n== targets (issue 15)")
+    return pd.concat([r["targets"], acc[["what", "detail"]]], ignore_index=True)
 
 
 def _bandwidth(args, log):
@@ -302,10 +334,13 @@ def main(argv=None) -> int:
                        "split-KV choices vs torch at Nq=1; breakdown: where flash's time "
                        "goes; peak: the fp32 matmul peak; claims: data/speed_claims.csv; "
                        "targets: the performance issue's targets, judged; bandwidth: "
-                       "streaming GB/s per working set and per cache level.")
+                       "streaming GB/s per working set and per cache level; int8: peaks "
+                       "per precision, the INT8 score micro-kernel vs BLAS tiles, the "
+                       "Sage-style kernel vs flash and torch SDPA (causal and not) and its "
+                       "accuracy, issue 15's targets judged (use --N 2048 --H 8).")
     b.add_argument("--sweep", default="kernels",
                    choices=["kernels", "blocks", "threads", "decode", "breakdown", "peak",
-                            "claims", "targets", "bandwidth"])
+                            "claims", "targets", "bandwidth", "int8"])
     b.add_argument("--kernels", nargs="+", default=None,
                    help="registry names (default: every kernel but the reference; the "
                    "other sweeps use the first, default flash)")

@@ -131,6 +131,29 @@ def pack_kv(k8, sk, v, bk, Kp, corr, skp, Vp, vfin, vnni, bf16):
         vfin[bh, jb] = bad == 0
 
 
+def store_p(Pr, c, p):
+    """``Pr[c] = p``: fp32 as is, or its bf16 bits (uint16 ``Pr``), rounded to nearest
+    even as :func:`~fa_lab.kernels.microkernels.round_bf16` (p >= 0 or NaN here)."""
+    Pr[c] = p
+
+
+def _store_f32(Pr, c, p):
+    Pr[c] = p
+
+
+def _store_bf16(Pr, c, p):
+    b = f32_bits(p)
+    r = (b + np.int32(0x7FFF) + ((b >> np.int32(16)) & np.int32(1))) >> np.int32(16)
+    Pr[c] = np.uint16(0x7FC0) if p != p else np.uint16(r)
+
+
+@overload(store_p, inline="always")
+def _store_p_overload(Pr, c, p):
+    if Pr.dtype == types.uint16:
+        return _store_bf16
+    return _store_f32
+
+
 @njit(cache=CACHE, fastmath=FASTMATH, error_model="numpy")
 def _softmax_row(Sr, m_old, Pr):
     """``flash``'s fused block softmax on one row (1-D views, indexed from 0 so LLVM
@@ -162,7 +185,7 @@ def _softmax_row(Sr, m_old, Pr):
         p = p * f + np.float32(1.0000000018154935)
         p = p * bits_f32((np.int32(ti) + np.int32(127)) << np.int32(23))
         p = p if y >= np.float32(-87.0) else (np.float32(0) if y < np.float32(-87.0) else y)
-        Pr[c] = p
+        store_p(Pr, c, p)
         total += p
     return mx, math.exp(m_old - m_use), total
 
@@ -170,7 +193,8 @@ def _softmax_row(Sr, m_old, Pr):
 @njit(cache=CACHE, error_model="numpy")
 def _softmax(S, ld, br, bc, m, l, alpha, P):
     """The online softmax of a block held in rows of stride ``ld`` (S and P flat),
-    ``P`` zero past ``bc`` (the micro-kernel reads whole 32-key chunks)."""
+    ``P`` zero past ``bc`` (the micro-kernel reads whole 32-key chunks). ``P`` float32,
+    or uint16: the ``P V`` operand's bf16 bits, written in the same pass."""
     for r in range(br):
         Pr = P[r * ld:(r + 1) * ld]
         mx, al, total = _softmax_row(S[r * ld:r * ld + bc], m[r], Pr[:bc])
@@ -208,29 +232,31 @@ def _scores(Qx, qo, dq, steps, Kp, ko, corr_j, sk_j, rs, S, brp, bc, bkp):
                    r0 * bkp + ch, bkp)
 
 
-def pv_block(P, Px, ld, bc, Vp, vo, dv, alpha, acc, brp):
-    """``acc = alpha acc + P Vj`` by the micro-kernel, all row strips and channel tiles.
-    bf16 (uint16 ``Vp``): P is rounded into ``Px`` first, ``(bc + 1) // 2`` key pairs;
-    fp32: P itself, ``bc`` keys. Chosen by ``Vp``'s dtype when compiled."""
+def pv_block(S, P, Px, ld, br, bc, Vp, vo, dv, m, l, alpha, acc, brp):
+    """The softmax of the block (:func:`_softmax`), then ``acc = alpha acc + P Vj`` by
+    the micro-kernel over all row strips and channel tiles. bf16 (uint16 ``Vp``): the
+    softmax writes P's bf16 bits into ``Px``, ``(bc + 1) // 2`` key pairs; fp32: P,
+    ``bc`` keys. Chosen by ``Vp``'s dtype when compiled."""
     raise NotImplementedError("micro-kernels need the JIT (NUMBA_DISABLE_JIT is set)")
 
 
-def _pv_block_bf16(P, Px, ld, bc, Vp, vo, dv, alpha, acc, brp):
-    round_bf16(P, Px)
+def _pv_block_bf16(S, P, Px, ld, br, bc, Vp, vo, dv, m, l, alpha, acc, brp):
+    _softmax(S, ld, br, bc, m, l, alpha, Px)
     for r0 in range(0, brp, MR):
         for g in range(0, dv, 32):
             pv_tile(Px, r0 * ld, ld, (bc + 1) // 2, Vp, vo + 2 * g, 2 * dv, alpha, r0, acc,
                     r0 * dv + g, dv)
 
 
-def _pv_block_f32(P, Px, ld, bc, Vp, vo, dv, alpha, acc, brp):
+def _pv_block_f32(S, P, Px, ld, br, bc, Vp, vo, dv, m, l, alpha, acc, brp):
+    _softmax(S, ld, br, bc, m, l, alpha, P)
     for r0 in range(0, brp, MR):
         for g in range(0, dv, 32):
             pv_tile(P, r0 * ld, ld, bc, Vp, vo + g, dv, alpha, r0, acc, r0 * dv + g, dv)
 
 
 @overload(pv_block, jit_options={"error_model": "numpy"})
-def _pv_block_overload(P, Px, ld, bc, Vp, vo, dv, alpha, acc, brp):
+def _pv_block_overload(S, P, Px, ld, br, bc, Vp, vo, dv, m, l, alpha, acc, brp):
     return _pv_block_bf16 if Vp.dtype == types.uint16 else _pv_block_f32
 
 
@@ -254,12 +280,12 @@ def _q_block(Qx, qo, dq, steps, rs, Kp, corr, skp, Vp, vfin, v, bias, has_bias, 
         if masked:
             mask_block(S.reshape((brp, bkp))[:br, :bc], bias, has_bias, b, h, i0, j0,
                        causal and j0 + bc > i0 + offset + 1, offset)
-        _softmax(S, bkp, br, bc, m, l, alpha, P)
         if masked and not vfin[jb]:  # a hidden NaN/inf value must not reach any row
+            _softmax(S, bkp, br, bc, m, l, alpha, P)
             _pv_select(S.reshape((brp, bkp))[:br, :bc], P.reshape((brp, bkp))[:br, :bc], v,
                        j0, alpha, acc, dv)
             continue
-        pv_block(P, Px, bkp, bc, Vp, jb * bkp * dv, dv, alpha, acc, brp)
+        pv_block(S, P, Px, bkp, br, bc, Vp, jb * bkp * dv, dv, m, l, alpha, acc, brp)
     for r in range(br):
         lse_i[r] = finalize_row(acc[r * dv:r * dv + Oi.shape[1]], m[r], l[r], Oi[r])
 
@@ -327,34 +353,72 @@ def unavailable() -> str | None:
                                       + f.note())
 
 
+def pack(q8, sq, k8, sk, v, scale, bq, bk, score_path, pv_path):
+    """Q, K, V in the micro-kernels' layouts (parallel): ``(Qx, rs, Kp, corr, skp, Vp,
+    vfin)`` (see :func:`pack_q`, :func:`pack_kv`)."""
+    B, H, Nq, d = q8.shape
+    Hkv, Nk = k8.shape[1], k8.shape[2]
+    width, dq, steps, bkp, dv = layout(d, bk, score_path, pv_path)
+    Tc = -(-Nk // bk)
+    vnni = score_path == "vnni"
+    Qx = np.empty(B * H * (Nq + MR - 1) * dq, np.uint8 if vnni else np.int16)
+    rs = np.empty(B * H * (Nq + MR - 1), np.float32)
+    pack_q(q8, sq, float(scale), Qx, rs, 128 if vnni else 0)
+    Kp = np.empty(B * Hkv * Tc * bkp * dq, np.int8 if vnni else np.int16)
+    corr = np.empty((B * Hkv, Tc, bkp), np.int32)
+    skp = np.empty((B * Hkv, Tc, bkp), np.float32)
+    Vp = np.empty(B * Hkv * Tc * bkp * dv, np.uint16 if pv_path == "bf16" else np.float32)
+    vfin = np.empty((B * Hkv, Tc), np.bool_)
+    pack_kv(k8, sk, v, bk, Kp, corr, skp, Vp, vfin, vnni, pv_path == "bf16")
+    return Qx, rs, Kp, corr, skp, Vp, vfin
+
+
 def run(q8, sq, k8, sk, v, bias, scale, alignment, block_q, block_kv, pv_dtype="float32"):
     """The registry's runner: pack for this CPU's paths, then :func:`sage_forward`."""
     score_path, pv_path = paths(pv_dtype)
     if score_path is None:
         raise NotImplementedError(unavailable())
     B, H, Nq, d = q8.shape
-    Hkv, Nk = k8.shape[1], k8.shape[2]
+    Nk = k8.shape[2]
     if Nk == 0:  # no key: zeros and lse = -inf (the convention of every kernel)
         return np.zeros((B, H, Nq, d), np.float32), np.full((B, H, Nq), -np.inf, np.float32)
     bq, bk = int(block_q or DEFAULT_BLOCKS[0]), int(block_kv or DEFAULT_BLOCKS[1])
-    width, dq, steps, bkp, dv = layout(d, bk, score_path, pv_path)
-    Tc = -(-Nk // bk)
-    qt = np.uint8 if score_path == "vnni" else np.int16
-    Qx = np.empty(B * H * (Nq + MR - 1) * dq, qt)
-    rs = np.empty(B * H * (Nq + MR - 1), np.float32)
-    pack_q(q8, sq, float(scale), Qx, rs, 128 if score_path == "vnni" else 0)
-    Kp = np.empty(B * Hkv * Tc * bkp * dq, np.int8 if score_path == "vnni" else np.int16)
-    corr = np.empty((B * Hkv, Tc, bkp), np.int32)
-    skp = np.empty((B * Hkv, Tc, bkp), np.float32)
-    pt = np.uint16 if pv_path == "bf16" else np.float32
-    Vp = np.zeros(B * Hkv * Tc * bkp * dv, pt)
-    vfin = np.empty((B * Hkv, Tc), np.bool_)
-    pack_kv(k8, sk, v, bk, Kp, corr, skp, Vp, vfin, score_path == "vnni", pv_path == "bf16")
+    packed = pack(q8, sq, k8, sk, v, scale, bq, bk, score_path, pv_path)
     out = np.empty((B, H, Nq, d), np.float32)
     lse = np.empty((B, H, Nq), np.float32)
     offset = causal_offset(Nq, Nk, alignment) if alignment else 0
     has_bias = bias is not None
     bias = bias if has_bias else np.broadcast_to(np.zeros((), np.float32), (1, 1, 1, 1))
-    sage_forward(Qx, rs, Kp, corr, skp, Vp, vfin, v, bias, has_bias, alignment is not None,
-                 offset, bq, bk, out, lse, score_path == "vnni")
+    sage_forward(*packed, v, bias, has_bias, alignment is not None, offset, bq, bk, out, lse,
+                 score_path == "vnni")
     return out, lse
+
+
+@njit(cache=CACHE, nogil=True)
+def qk_blocks_microkernel(Qx, rs, Kp, corr, skp, Nq, d, block_q, steps):
+    """Every ``S = Qi Kj^T`` block of one packed head by the score micro-kernel (full
+    blocks only), one thread: the throughput the kernel's score step gets. Returns a
+    checksum."""
+    Tc, bkp = corr.shape[1], corr.shape[2]
+    dq = Qx.shape[0] // (Nq + MR - 1)
+    S = np.empty(block_q * bkp, np.float32)
+    total = 0.0
+    for i0 in range(0, Nq - block_q + 1, block_q):
+        for jb in range(Tc):
+            _scores(Qx, i0 * dq, dq, steps, Kp, jb * bkp * dq, corr[0, jb], skp[0, jb],
+                    rs[i0:], S, block_q, bkp, bkp)
+            total += S[0]
+    return total
+
+
+@njit(cache=CACHE, nogil=True)
+def qk_blocks_blas(q, k, block_q, block_kv):
+    """The same blocks in float32 through BLAS (``np.dot`` into a reused buffer, one
+    thread: what ``flash``'s score step runs)."""
+    S = np.empty((block_q, block_kv), dtype=q.dtype)
+    total = 0.0
+    for i0 in range(0, q.shape[0] - block_q + 1, block_q):
+        for j0 in range(0, k.shape[0] - block_kv + 1, block_kv):
+            np.dot(q[i0:i0 + block_q], k[j0:j0 + block_kv].T, S)
+            total += S[0, 0]
+    return total
