@@ -17,6 +17,19 @@ import sys
 import time
 from pathlib import Path
 
+import numba
+import numpy as np
+import pandas as pd
+
+from fa_lab import (BACKWARD_KERNELS, INT8_KERNELS, KERNELS, attention, attention_backward,
+                    attention_int8, bench, hierarchy, memory, report, topk_attention, tune, viz)
+from fa_lab._blas import coretype_hint
+from fa_lab.bench import lowprec
+from fa_lab.bench.contenders import _torch
+from fa_lab.machine import describe_machine, machine
+from fa_lab.reference import causal_alignment
+from fa_lab.testing import Case
+
 
 def _positive_int(text) -> int:
     try:
@@ -85,12 +98,9 @@ def _write(df, csv=None, png=None, plot=None) -> None:
         df.to_csv(csv, index=False)
         print(f"wrote {csv}")
     if png:
-        from fa_lab.bench import describe_machine
-        from fa_lab.viz import footer
-
         Path(png).parent.mkdir(parents=True, exist_ok=True)
         fig = plot(df)
-        footer(fig, describe_machine())
+        viz.footer(fig, describe_machine())
         fig.savefig(png, dpi=120, bbox_inches="tight")
         print(f"wrote {png}")
 
@@ -100,10 +110,6 @@ def _causal(value):
 
 
 def _bench(args) -> int:
-    import numpy as np
-
-    from fa_lab import bench
-    from fa_lab.testing import Case
 
     log = lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True)  # noqa: E731
     causal = _causal(args.causal)
@@ -121,7 +127,7 @@ def _bench(args) -> int:
                        progress=log)
         cols = ["name", "Nq", "Nk", "causal", "median_s", "q25_s", "q75_s", "gflops",
                 f"speedup_vs_{args.baseline}", "max_error"]
-        plot = lambda d: bench.plot_ladder(d[d["Nq"] == d["Nq"].iloc[0]])  # noqa: E731
+        plot = lambda d: viz.plot_ladder(d[d["Nq"] == d["Nq"].iloc[0]])  # noqa: E731
     elif args.sweep == "blocks":
         bq = [b[0] for b in args.blocks]
         bk = sorted({b[1] for b in args.blocks})
@@ -136,12 +142,12 @@ def _bench(args) -> int:
         df = bench.decode_splits(args.B, args.H, args.H_kv, args.Nk or 4096, args.d,
                                  dtype=dtype, repeats=max(args.repeats, 20))
         cols = ["name", "H", "H_kv", "Nk", "median_ms", "q25_ms", "q75_ms", "auto_splits"]
-        plot = lambda d: bench.plot_decode([d])  # noqa: E731
+        plot = lambda d: viz.plot_decode([d])  # noqa: E731
     elif args.sweep == "breakdown":
         df = bench.breakdown(case, causal=causal, dtype=dtype, repeats=args.repeats,
                              block_q=args.block_q, block_kv=args.block_kv)
         cols = ["part", "ms", "share", "total_ms", "total_gflops"]
-        plot = bench.plot_breakdown
+        plot = viz.plot_breakdown
     elif args.sweep == "peak":
         df = bench.matmul_peak(repeats=args.repeats)
         cols = ["name", "shape", "median_s", "q25_s", "q75_s", "gflops"]
@@ -157,9 +163,7 @@ def _bench(args) -> int:
         df = bench.check_speed_claims(kernel=kernel, repeats=args.repeats, progress=log)
         cols = ["claim", "config measured", "standard ms", f"{kernel} ms", "torch_sdpa ms",
                 "speedup vs standard", "speedup vs torch_sdpa", "verdict"]
-    print(bench.describe_machine())
-    from fa_lab._blas import coretype_hint
-
+    print(describe_machine())
     if coretype_hint():
         print(f"note: {coretype_hint()}")
     print(df[[c for c in cols if c in df]].to_string(index=False, float_format="%.4g"))
@@ -168,38 +172,15 @@ def _bench(args) -> int:
 
 
 def _int8(args, log):
-    """Issue 15's sweep (:func:`fa_lab.lowprec.sweep`): prints each table, returns the
-    targets with their verdicts."""
-    import pandas as pd
-
-    from fa_lab import lowprec
-    from fa_lab.cpu_features import detect
-
+    """Issue 15's sweep (:func:`fa_lab.bench.lowprec.sweep`): prints each table, returns
+    the targets with their verdicts."""
     r = lowprec.sweep(args.N[0], args.H, args.B, args.d, repeats=args.repeats, progress=log)
-    print(f"instruction paths: {detect().note('bfloat16')}")
-    with pd.option_context("display.width", 250, "display.max_columns", 30):
-        for key, cols in (("peaks", ["precision", "instruction", "threads", "gops", "q25_s",
-                                     "median_s", "q75_s", "others_pct"]),
-                          ("tiles", ["name", "tiles", "gops", "q25_s", "median_s", "q75_s",
-                                     "others_pct"]),
-                          ("speed", ["name", "causal", "median_s", "q25_s", "q75_s", "gflops",
-                                     "precision", "peak_gops", "fraction_of_peak",
-                                     "others_pct", "busy"]),
-                          ("accuracy", ["data", "causal", "pv_dtype", "cosine", "rel_l1",
-                                        "max_error"])):
-            print(f"\n== {key} (load: {lowprec.load_note(r[key]) if key != 'accuracy' else '-'})")
-            print(r[key][[c for c in cols if c in r[key]]].to_string(index=False,
-                                                                     float_format="{:.4g}".format))
-    acc = r["accuracy"].rename(columns={"verdict": "detail"})
-    acc["what"] = [f"accuracy ({'causal' if c else 'not causal'})" for c in acc["causal"]]
-    print("\n== targets (issue 15)")
-    return pd.concat([r["targets"], acc[["what", "detail"]]], ignore_index=True)
+    print(lowprec.format_sweep(r) + "\n\n== targets (issue 15)")
+    return lowprec.targets(r)
 
 
 def _bandwidth(args, log):
     """Streaming bandwidth over working sets up to --max-mib, with one GB/s per level."""
-    from fa_lab import hierarchy, viz
-
     levels = hierarchy.data_levels()
     df = hierarchy.bandwidth_sweep(hierarchy.working_sets(hi=args.max_mib * 2 ** 20),
                                    repeats=args.repeats, progress=log)
@@ -213,10 +194,7 @@ def _bandwidth(args, log):
 
 def _targets(args, log):
     """The performance issue's targets, measured side by side in this run and judged."""
-    import pandas as pd
 
-    from fa_lab import bench
-    from fa_lab.testing import Case
 
     log("fp32 matmul peak")
     peak = bench.matmul_peak(repeats=args.repeats)
@@ -236,8 +214,6 @@ def _targets(args, log):
 
 
 def _tune(args) -> int:
-    from fa_lab import tune
-
     df = tune.autotune(args.kernel, args.regimes, quick=args.quick, repeats=args.repeats,
                        progress=lambda m: print(f"[tune] {m}", file=sys.stderr, flush=True))
     print(df[["regime", "block_q", "block_kv", "median_s", "gflops", "chosen"]].to_string(
@@ -249,26 +225,21 @@ def _tune(args) -> int:
 
 
 def _memory(args) -> int:
-    import numpy as np
-
-    from fa_lab import bench, memory
 
     df = memory.sweep(args.kernels, args.N, B=args.B, H=args.H, d=args.d,
                       dtype=np.dtype(args.dtype), causal=args.causal,
                       progress=lambda m: print(f"[memory] {m}", file=sys.stderr, flush=True))
-    print(bench.describe_machine())
+    print(describe_machine())
     show = df[["kernel", "N", "measured_bytes", "model_bytes", "measured_over_model",
                "output_bytes", "measured_over_output"]]
     print(show.to_string(index=False, float_format="%.3f"))
-    _write(df, args.csv, args.png, memory.plot_sweep)
+    _write(df, args.csv, args.png, viz.plot_memory_sweep)
     return 0
 
 
 def _warmup(args) -> int:
     """Compile (or load from numba's cache) every kernel for every dtype and option path."""
-    import numpy as np
 
-    from fa_lab import BACKWARD_KERNELS, KERNELS, attention, attention_backward
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(0)
@@ -288,21 +259,19 @@ def _warmup(args) -> int:
         for mask in [None, np.ones((1, 1100), bool), np.ones((1, 1, 1, 1100), bool)]:
             attention(q1, kv1, kv1, kernel="flash", mask=mask, causal="bottom_right")
         # INT8 kernels (the int8 inputs and per-row scales have one type per dtype)
-        from fa_lab import INT8_KERNELS, attention_int8
-
         for mask in masks:
-            for name in INT8_KERNELS:
-                attention_int8(q, kv, kv, kernel=name, mask=mask, causal=True)
+            for name, kern in INT8_KERNELS.items():
+                if "pv_dtype" not in kern.tags:
+                    attention_int8(q, kv, kv, kernel=name, mask=mask, causal=True)
+                elif dtype == np.float32 and kern.available() is None:  # sage: fp32, AVX-512
+                    for pv in ("float32", "bfloat16"):
+                        attention_int8(q, kv, kv, kernel=name, mask=mask, causal=True,
+                                       pv_dtype=pv)
         # top-K retrieval's merge (one type per dtype)
-        from fa_lab import topk_attention
-
         topk_attention(q[0, 0], kv[0, 0], k=2)
     # the memory-hierarchy micro-kernels (lesson 09)
-    from fa_lab import hierarchy
-
     hierarchy.bandwidth_sweep([4096], repeats=1, target_bytes=4096)
     hierarchy.fma_peak(repeats=1, steps=10)
-    from fa_lab import INT8_KERNELS
 
     n = len(KERNELS) + len(BACKWARD_KERNELS) + len(INT8_KERNELS)
     print(f"[warmup] {n} kernels ready in {time.perf_counter() - t0:.1f} s")
@@ -310,16 +279,12 @@ def _warmup(args) -> int:
 
 
 def _machine(args) -> int:
-    from fa_lab.bench import machine
-
     for k, v in machine().items():
         print(f"{k:>14}: {v}")
     return 0
 
 
 def _report(args) -> int:
-    from fa_lab import report
-
     return report.main(args)
 
 
@@ -425,9 +390,6 @@ def main(argv=None) -> int:
 
 def _check(args) -> str | None:
     """Cross-option checks argparse cannot express (before any work starts)."""
-    from fa_lab.reference import causal_alignment
-    from fa_lab.registry import KERNELS
-
     for name in getattr(args, "kernels", None) or []:
         if name not in KERNELS:
             return f"--kernels: unknown kernel {name!r}; known: {sorted(KERNELS)}"
@@ -443,16 +405,12 @@ def _check(args) -> str | None:
             names = set(args.kernels or [k for k in KERNELS if k != "reference"])
             if not args.no_baselines:
                 names.add("numpy_standard")
-                from fa_lab.bench import _torch
-
                 if _torch() is not None:
                     names.add("torch_sdpa")
             if args.baseline not in names:
                 return (f"--baseline must be one of the contenders {sorted(names)}, got "
                         f"{args.baseline!r}")
         if args.threads:
-            import numba
-
             most = numba.config.NUMBA_NUM_THREADS
             if max(args.threads) > most:
                 return f"--threads: at most {most} (NUMBA_NUM_THREADS), got {max(args.threads)}"
@@ -460,15 +418,11 @@ def _check(args) -> str | None:
         tiled = sorted(k for k in KERNELS if KERNELS[k].tiled)
         if args.kernel not in tiled:
             return f"--kernel must be a tiled kernel {tiled}, got {args.kernel!r}"
-        from fa_lab.tune import REGIMES
-
-        known = [r.name for r in REGIMES]
+        known = [r.name for r in tune.REGIMES]
         for r in args.regimes or []:
             if r not in known:
                 return f"--regimes: unknown regime {r!r}; known: {known}"
     if args.cmd == "report" and args.only:
-        from fa_lab import report
-
         nb_dir = report.REPO / "notebooks"
         for n in args.only:
             if not (nb_dir / f"{n}.ipynb").exists():

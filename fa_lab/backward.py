@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fa_lab.api import _choose, _prepare, attention, effective_blocks
+from fa_lab.api import attention, prepare
 from fa_lab.registry import BACKWARD_KERNELS
 
 
@@ -41,8 +41,9 @@ def attention_backward(q, k, v, out, lse, dout, *, causal=False, scale=None, mas
     dq, dk, dv : the shapes and dtypes of q, k, v. For GQA, ``dk`` and ``dv`` are summed
     over the query heads that share a kv head. A fully masked row has zero gradient.
     """
-    call = _prepare(q, k, v, causal, scale, mask, block_q, block_kv, dropout_p, seed)
-    chosen = _choose(kernel, call.request, BACKWARD_KERNELS)
+    call = prepare(q, k, v, causal=causal, scale=scale, mask=mask, block_q=block_q,
+                   block_kv=block_kv, dropout_p=dropout_p, seed=seed)
+    chosen = call.choose(kernel, BACKWARD_KERNELS)
     for name, x, shape in (("out", out, call.q.shape), ("dout", dout, call.q.shape),
                            ("lse", lse, call.q.shape[:-1])):
         if np.shape(x) != shape:
@@ -55,11 +56,10 @@ def attention_backward(q, k, v, out, lse, dout, *, causal=False, scale=None, mas
     if call.empty or call.Nk == 0:
         return (np.zeros(call.q.shape, call.q.dtype), np.zeros(kshape, call.q.dtype),
                 np.zeros(kshape, call.q.dtype))
-    bq, bk = (effective_blocks(call.Nq, call.Nk, call.block_q, call.block_kv,
-                               chosen.default_blocks) if chosen.tiled
-              else (call.block_q, call.block_kv))
-    dq, dk, dv = chosen.run(call.q4, call.k4, call.v4, out4, dout4, lse4, call.bias,
-                            call.scale, call.alignment, bq, bk, call.dropout_p, call.seed)
+    bq, bk, _ = call.blocks(chosen.name, chosen)  # a name: the tuning file is forward-only
+    dq, dk, dv = chosen.run((call.q4, call.k4, call.v4, out4, dout4, lse4), call.bias,
+                            call.scale, call.alignment, bq, bk, dropout_p=call.dropout_p,
+                            seed=call.seed)
     return dq.reshape(call.q.shape), dk.reshape(kshape), dv.reshape(kshape)
 
 

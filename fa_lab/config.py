@@ -1,10 +1,19 @@
-"""Settings used across fa_lab: the only place for fastmath flags, block sizes, threads.
+"""Settings used across fa_lab, in one place: fastmath flags, the numba cache, tile
+sizes, key splits, benchmark pauses, load thresholds, threads, the threading layer.
 
-Why a flag *set* and not ``fastmath=True``: ``True`` includes ``nnan``/``ninf``, which
-lets LLVM assume there are no infinities or NaNs. A causal mask is a ``-inf`` score,
-and a test such as ``s == -inf`` is then folded to a constant (see
-``../shared/PITFALLS.md``). The set below keeps IEEE semantics for inf and NaN while
-still allowing re-association (needed to vectorize reductions) and FMA contraction.
+The bottom layer (``docs/ARCHITECTURE.md``): it imports no other fa_lab module, and
+importing it has one side effect only, on purpose: it selects numba's threading layer
+(:data:`THREADING_LAYER`), which must happen before any parallel kernel runs. BLAS
+threads are *not* touched here; the ``flash`` kernel limits SciPy's BLAS at its first
+call (:func:`fa_lab.kernels.flash.ensure_blas_threads`, recorded in
+:data:`fa_lab.kernels.flash.BLAS_LIMITED`).
+
+Why a fastmath flag *set* and not ``fastmath=True``: ``True`` includes ``nnan``/``ninf``,
+which lets LLVM assume there are no infinities or NaNs. A causal mask is a ``-inf``
+score, and a test such as ``s == -inf`` is then folded to a constant (measured: a causal
+kernel compiled with ``fastmath=True`` returned NaN rows). The set below keeps IEEE
+semantics for inf and NaN while still allowing re-association (needed to vectorize
+reductions) and FMA contraction.
 """
 
 from __future__ import annotations
@@ -14,12 +23,10 @@ import os
 import sys
 import warnings
 
+import numba
+
 #: fastmath flags for kernels written to vectorize. No ``nnan``/``ninf``: masks are -inf.
 FASTMATH = {"reassoc", "contract", "nsz", "arcp", "afn"}  # numba wants a set (not frozenset)
-
-#: Kernels on the "scalar" rungs of the ladder use strict IEEE arithmetic (no flags):
-#: without ``reassoc`` LLVM cannot vectorize their floating-point reductions.
-STRICT = False
 
 #: numba's on-disk cache (``__pycache__`` inside the package). Set ``FA_LAB_NO_CACHE=1``
 #: to compile fresh every process (useful when editing kernels across modules).
@@ -30,6 +37,17 @@ CACHE = os.environ.get("FA_LAB_NO_CACHE", "0") != "1"
 BLOCK_Q = 64
 BLOCK_KV = 64
 
+#: Default tiles (Br, Bc) of the ``flash`` kernel: BLAS block products want bigger tiles
+#: than loops (a BLAS call needs work to amortize its overhead). The autotuner
+#: (:mod:`fa_lab.tune`) stores a better choice per machine.
+FLASH_BLOCKS = (256, 256)
+
+#: Flash-Decoding (:func:`fa_lab.kernels.flash.plan_splits`): aim for at least this many
+#: tasks per thread before splitting the keys (load balance) ...
+SPLIT_TASKS_PER_THREAD = 2
+#: ... and never split into ranges shorter than this many keys (each split pays a merge).
+SPLIT_MIN_KEYS = 512
+
 
 #: Untimed pause (seconds) before each timed call in :func:`fa_lab.bench.time_calls`.
 #: Measured here: after NumPy's multi-threaded OpenBLAS returns, its threads spin for
@@ -37,11 +55,17 @@ BLOCK_KV = 64
 #: ms, flash 56 -> 101 ms at N=2048, H=8); a 0.1 s pause removed the effect (56 ms).
 BENCH_COOLDOWN_S = 0.1
 
+#: After the cooldown pause, contenders faster than this get one untimed call first.
+#: Measured here: the first multi-threaded call after 0.1 s idle costs 4-12 ms more (the
+#: sleeping threads of numba's pool, or torch's, wake up; on this VM that is slow):
+#: decode calls of ~0.2 ms read as 7-12 ms. Back-to-back calls (a decode loop,
+#: consecutive layers) do not pay it, so the timed call follows a warm one.
+REWARM_BELOW_S = 0.25
+
 
 def num_threads() -> int:
-    """Threads numba's parallel kernels use (``NUMBA_NUM_THREADS``, default: all cores)."""
-    import numba
-
+    """Threads numba's parallel kernels use now (``NUMBA_NUM_THREADS`` at start, default
+    all cores; changed with ``numba.set_num_threads``): the one place fa_lab asks."""
     return numba.get_num_threads()
 
 
@@ -110,7 +134,6 @@ def set_threading_layer() -> str:
     already started with another layer (a parallel function ran before fa_lab was
     imported): fork after a parallel call is then unsafe with GNU OpenMP.
     """
-    import numba
     from numba.np.ufunc import parallel
 
     if os.environ.get("NUMBA_DISABLE_JIT", "0") == "1":

@@ -30,7 +30,7 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from fa_lab import reference, verdict
+from fa_lab import reference, traffic, verdict
 from fa_lab.bench import Contender, load_of, time_calls
 from fa_lab.decoding import KVCache, decode
 from fa_lab.kernels import stream
@@ -341,8 +341,6 @@ def roofline_points(run, N, d, H, levels: dict, bandwidths, peak_gflops: float, 
     ``bound by`` the level (or compute) that sets the lowest roof. Returns
     ``(points, ceilings)``: the table and ``{level: GB/s}`` for :func:`fa_lab.viz.roofline`.
     """
-    from fa_lab import traffic
-
     serving = {"L2": levels["L1"], "L3": levels["L2"], "DRAM": levels["L3"]}
     names = list(run["name"])
     model = traffic.table(names, N, N, d, serving, B=B, H=H)

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from fa_lab import config, cpu_features, quant
+from fa_lab import cpu_features, quant
+from fa_lab.api import check_bool, effective_blocks, prepare
 from fa_lab.kernels import quantize as fast_quant
-from fa_lab.api import _choose, _prepare, check_bool, effective_blocks
 from fa_lab.registry import INT8_KERNELS
 
 #: ``pv_dtype`` values of :func:`attention_int8`.
@@ -83,7 +83,7 @@ def _check_pv_dtype(pv_dtype):
 def _choose_int8(kernel, call, pv_dtype):
     """The INT8 kernel for this call; an explicit kernel without bf16 P V refuses
     ``pv_dtype='bfloat16'`` (``NotImplementedError``)."""
-    chosen = _choose(kernel, call.request, INT8_KERNELS)
+    chosen = call.choose(kernel, INT8_KERNELS)
     if pv_dtype != "float32" and "pv_dtype" not in chosen.tags and kernel != "auto":
         raise NotImplementedError(f"kernel {chosen.name!r} does not support "
                                   f"pv_dtype={pv_dtype!r} (only 'sage' does)")
@@ -97,10 +97,11 @@ def plan_int8(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto",
     on any fallback (no VNNI: vpmaddwd; no AVX512-BF16: fp32 ``P V``; no AVX-512: the
     plain-loop ``simd`` kernel)."""
     _check_pv_dtype(pv_dtype)
-    call = _prepare(q, k, v, causal, scale, mask, block_q, block_kv, 0.0, None)
+    call = prepare(q, k, v, causal=causal, scale=scale, mask=mask, block_q=block_q,
+                   block_kv=block_kv)
     chosen = _choose_int8(kernel, call, pv_dtype)
     bq, bk = effective_blocks(call.Nq, call.Nk, call.block_q, call.block_kv,
-                              chosen.default_blocks or (config.BLOCK_Q, config.BLOCK_KV))
+                              chosen.default_blocks)
     features = cpu_features.detect()
     uses = "pv_dtype" in chosen.tags
     score, pv = (features.score_path, features.pv_path(pv_dtype)) if uses else ("loops", "fp32")
@@ -136,7 +137,8 @@ def attention_int8(q, k, v, *, causal=False, scale=None, mask=None,
 
     Returns ``out`` (q's dtype) and, with ``return_lse``, ``lse``.
     """
-    call = _prepare(q, k, v, causal, scale, mask, block_q, block_kv, 0.0, None)
+    call = prepare(q, k, v, causal=causal, scale=scale, mask=mask, block_q=block_q,
+                   block_kv=block_kv)
     return_lse = check_bool("return_lse", return_lse)
     _check_pv_dtype(pv_dtype)
     chosen = _choose_int8(kernel, call, pv_dtype)
@@ -149,10 +151,10 @@ def attention_int8(q, k, v, *, causal=False, scale=None, mask=None,
         out, lse = np.zeros(call.q.shape, call.q.dtype), np.zeros(call.q.shape[:-1], call.q.dtype)
         return (out, lse) if return_lse else out
     bq, bk = effective_blocks(call.Nq, call.Nk, call.block_q, call.block_kv,
-                              chosen.default_blocks or (config.BLOCK_Q, config.BLOCK_KV))
+                              chosen.default_blocks)
     q8, sq, k8, sk, mean = quantize_inputs(call.q4, call.k4, granularity, bq, bk, smooth_k)
     extra = {"pv_dtype": pv_dtype} if "pv_dtype" in chosen.tags else {}
-    out, lse = chosen.run(q8, sq, k8, sk, call.v4, call.bias, call.scale, call.alignment,
+    out, lse = chosen.run((q8, sq, k8, sk, call.v4), call.bias, call.scale, call.alignment,
                           bq if chosen.tiled else None, bk if chosen.tiled else None, **extra)
     if return_lse and mean is not None and call.Nk:
         group = call.H // call.H_kv

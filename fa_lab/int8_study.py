@@ -1,4 +1,5 @@
-"""The INT8 accuracy and speed study behind lesson 04 (data sets, metrics, tables, plots).
+"""The INT8 accuracy and speed study behind lesson 04 (data sets, metrics, tables; the
+figures are in :mod:`fa_lab.viz`).
 
 Data sets (``(B, H, N, d)`` float32, one seed each):
 
@@ -17,9 +18,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from fa_lab import reference
-from fa_lab.int8 import attention_int8
-from fa_lab.quant import GRANULARITIES, smooth_k
+import statistics
+
+import pandas as pd
+
+from fa_lab import bench, reference
+from fa_lab.api import attention, prepare
+from fa_lab.int8 import attention_int8, quantize_inputs
+from fa_lab.kernels import int8 as k8
+from fa_lab.minilm import load_captured
+from fa_lab.quant import GRANULARITIES, aligned, quantize
+from fa_lab.registry import INT8_KERNELS
 
 DATASETS = ("gaussian", "k_offset", "q_outliers")
 #: Offset scale of ``k_offset`` and the outliers of ``q_outliers``.
@@ -59,10 +68,6 @@ def accuracy_table(datasets=DATASETS, *, N=512, H=4, d=64, causal=False, kernel=
                    seed=0):
     """One row per (data set, granularity, smoothing) with the four metrics, plus the
     float32 ``flash`` kernel as a baseline row per data set ("fp32")."""
-    import pandas as pd
-
-    from fa_lab.api import attention
-
     rows = []
     for name in datasets:
         q, k, v = synthetic(name, H=H, N=N, d=d, seed=seed)
@@ -80,10 +85,6 @@ def accuracy_table(datasets=DATASETS, *, N=512, H=4, d=64, causal=False, kernel=
 def real_accuracy(captured=None, *, kernel="simd"):
     """Per layer of all-MiniLM-L6-v2: metrics of every INT8 variant (all heads and both
     sentences of the capture together) against the float64 reference."""
-    import pandas as pd
-
-    from fa_lab.minilm import load_captured
-
     cap = captured or load_captured()
     rows = []
     layers = cap["q"][0].shape[0]
@@ -106,8 +107,6 @@ def real_accuracy(captured=None, *, kernel="simd"):
 
 def error_vs_length(Ns, *, data="k_offset", H=2, d=64, kernel="simd", seed=0):
     """Relative L1 and cosine of each variant against N (one data set)."""
-    import pandas as pd
-
     rows = []
     for N in Ns:
         q, k, v = synthetic(data, H=H, N=N, d=d, seed=seed)
@@ -132,17 +131,6 @@ def speed(N=1024, H=8, d=64, *, repeats=5, block=64, seed=0):
     ``int8 simd`` (quantization included, and without it) vs ``tiled_simd`` (fp32, same
     structure) vs ``flash`` (fastest fp32). Each attention contender is validated
     against its own reference first. Returns two DataFrames."""
-    import statistics
-
-    import pandas as pd
-
-    from fa_lab import bench
-    from fa_lab.api import _prepare, attention
-    from fa_lab.int8 import quantize_inputs
-    from fa_lab.kernels import int8 as k8
-    from fa_lab.quant import aligned, quantize
-    from fa_lab.registry import INT8_KERNELS
-
     q, k, v = synthetic("gaussian", H=H, N=N, d=d, seed=seed)
     q0, k0 = q[0, 0], k[0, 0]
     q8, kq8 = (aligned(quantize(x, "per_token")[0]) for x in (q0, k0))
@@ -163,20 +151,18 @@ def speed(N=1024, H=8, d=64, *, repeats=5, block=64, seed=0):
                           for c in qk])
     qk_df["speedup_vs_fp32_loop"] = qk_df["median_ms"].iloc[1] / qk_df["median_ms"]
 
-    call = _prepare(q, k, v, False, None, None, None, None, 0.0, None)
+    call = prepare(q, k, v)
     pre = quantize_inputs(call.q4, call.k4, "per_block", block, block, True)
     run = INT8_KERNELS["simd"].run
     cs = [bench.Contender("int8 simd (with quantization)", lambda q, k, v: attention_int8(
               q, k, v, kernel="simd", block_q=block, block_kv=block), "kernel"),
           bench.Contender("int8 simd (pre-quantized)", lambda q, k, v: run(
-              pre[0], pre[1], pre[2], pre[3], call.v4, None, call.scale, None, block,
-              block)[0], "kernel"),
+              (*pre[:4], call.v4), None, call.scale, None, block, block)[0], "kernel"),
           bench.Contender("tiled_simd (fp32)", lambda q, k, v: attention(
               q, k, v, kernel="tiled_simd", block_q=block, block_kv=block), "kernel"),
           bench.Contender("flash (fp32)", lambda q, k, v: attention(q, k, v, kernel="flash"),
                           "kernel")]
-    ref_int = INT8_KERNELS["reference"].run(pre[0], pre[1], pre[2], pre[3], call.v4, None,
-                                            call.scale, None, None, None)[0]
+    ref_int = INT8_KERNELS["reference"].run((*pre[:4], call.v4), None, call.scale, None)[0]
     for c in cs[:2]:
         np.testing.assert_allclose(c.fn(q, k, v), ref_int, atol=1e-5, rtol=1e-4)
     for c in cs[2:]:
@@ -188,45 +174,3 @@ def speed(N=1024, H=8, d=64, *, repeats=5, block=64, seed=0):
                          **times.summary(c.name, f)} for c in cs])
     att["speed_vs_tiled_simd"] = att["median_ms"].iloc[2] / att["median_ms"]
     return qk_df, att
-
-
-def plot_k_histograms(k, channels=4, title="K channels before and after smoothing"):
-    """Histograms of a few K channels (the ones with the largest mean offset), raw and
-    after :func:`fa_lab.quant.smooth_k`, with the per-tensor INT8 step marked."""
-    import matplotlib.pyplot as plt
-
-    k = np.asarray(k, np.float32).reshape(-1, k.shape[-1])
-    ks, _ = smooth_k(k)
-    pick = np.argsort(-np.abs(k.mean(axis=0)))[:channels]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
-    for ax, data, label in ((axes[0], k, "raw K"), (axes[1], ks, "K - mean(K) (smoothed)")):
-        lo, hi = data[:, pick].min(), data[:, pick].max()
-        bins = np.linspace(lo, hi, 40)
-        for c in pick:
-            ax.hist(data[:, c], bins=bins, alpha=0.55, label=f"channel {c}")
-        step = np.abs(data).max() / 127
-        ax.set_title(f"{label}: per-tensor INT8 step = {step:.3f}", fontsize=9)
-        ax.set_xlabel("value")
-    axes[0].set_ylabel("tokens")
-    axes[0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def plot_error_vs_length(df, metric="rel_l1"):
-    """``metric`` against N per variant (log-log)."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4))
-    for name, g in df.groupby("variant", sort=False):
-        ax.plot(g["N"], g[metric], marker="o", ls="--" if "smooth" in name else "-",
-                label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("N (= Nq = Nk)")
-    ax.set_ylabel(metric.replace("_", " "))
-    ax.set_title(f"INT8 error against N ({metric})", fontsize=10)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    return fig

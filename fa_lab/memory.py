@@ -21,15 +21,22 @@ from __future__ import annotations
 
 import gc
 import math
+import numbers
 import tempfile
 import tracemalloc
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
+from fa_lab import reference
 from fa_lab.api import attention, effective_blocks
+from fa_lab.checks import check_block
+from fa_lab.config import num_threads
+from fa_lab.machine import machine
 from fa_lab.registry import KERNELS
+from fa_lab.verdict import judge_claim
 
 _ACTIVE = False  # one measurement at a time (memray allows a single Tracker)
 
@@ -46,8 +53,6 @@ class ByteModel:
         return int(sum(self.items.values()))
 
     def table(self):
-        import pandas as pd
-
         rows = [{"item": k, "bytes": int(v)} for k, v in self.items.items()]
         rows.append({"item": "total", "bytes": self.total})
         return pd.DataFrame(rows)
@@ -77,8 +82,6 @@ def estimate(kernel, B, H, Nq, Nk, d, dtype=np.float32, block_q=None, block_kv=N
         the inputs' dtype, which is used without a copy. (A mask whose broadcast to
         ``(B, H, Nq, Nk)`` cannot be a view is copied at full size: not modelled.)
     """
-    from fa_lab.api import _check_block
-
     if not isinstance(kernel, str) or kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {sorted(KERNELS)}, got {kernel!r}")
     B, H, Nq, Nk, d = (_positive_int(n, x) for n, x in
@@ -87,7 +90,7 @@ def estimate(kernel, B, H, Nq, Nk, d, dtype=np.float32, block_q=None, block_kv=N
     if H and (H_kv == 0 or H % H_kv):
         raise ValueError(f"H={H} must be a multiple of H_kv={H_kv} (each kv head serves "
                          f"H // H_kv query heads)")
-    block_q, block_kv = _check_block("block_q", block_q), _check_block("block_kv", block_kv)
+    block_q, block_kv = check_block("block_q", block_q), check_block("block_kv", block_kv)
     mask_elements = _positive_int("mask_elements", mask_elements)
     try:
         dtype = np.dtype(dtype)
@@ -96,9 +99,7 @@ def estimate(kernel, B, H, Nq, Nk, d, dtype=np.float32, block_q=None, block_kv=N
     if dtype not in (np.float32, np.float64):
         raise TypeError(f"dtype must be float32 or float64, got {dtype}")
     if threads is None:
-        import numba
-
-        threads = numba.get_num_threads()
+        threads = num_threads()
     elif _positive_int("threads", threads) < 1:
         raise ValueError(f"threads must be a positive int, got {threads}")
     spec = KERNELS[kernel]
@@ -194,7 +195,6 @@ def top_allocations(capture, n=8):
     import linecache
 
     import memray
-    import pandas as pd
 
     rows = []
     for rec in memray.FileReader(capture).get_high_watermark_allocation_records(
@@ -226,10 +226,6 @@ def sweep(kernels=None, Ns=(256, 512, 1024, 2048), *, B=1, H=1, d=64, dtype=np.f
     call allocates and keeps: 2.4 MB measured otherwise); each (kernel, N) is then
     measured once (allocation is deterministic: no repeats needed).
     """
-    import pandas as pd
-
-    from fa_lab.bench import machine
-
     kernels = list(kernels or KERNELS)
     info = machine()
     q, k, v = _inputs(B, H, Ns[0], d, dtype)
@@ -264,8 +260,6 @@ def largest_n(kernel, budget_bytes, *, B=1, H=1, d=64, dtype=np.float32):
     not measured: check it with :func:`measure` below the limit. ``budget_bytes`` must
     be a finite number >= 0; returns 0 when not even N=1 fits.
     """
-    import numbers
-
     if isinstance(budget_bytes, (bool, np.bool_)) or not isinstance(budget_bytes,
                                                                      numbers.Real):
         raise TypeError(f"budget_bytes must be a number of bytes, got {budget_bytes!r}")
@@ -288,30 +282,6 @@ def largest_n(kernel, budget_bytes, *, B=1, H=1, d=64, dtype=np.float32):
         if need(cand) <= budget_bytes:
             best = cand
     return best
-
-
-def plot_sweep(df, title="Peak extra memory of one attention call"):
-    """log-log: measured peak (markers) and model (lines) vs N, one colour per kernel."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for i, (name, g) in enumerate(df.groupby("kernel", sort=False)):
-        color = f"C{i}"
-        ax.plot(g["N"], g["model_bytes"] / 2**20, "-", color=color, alpha=0.6)
-        ax.plot(g["N"], g["measured_bytes"] / 2**20, "o", color=color, label=name)
-    g = df.drop_duplicates("N")
-    ax.plot(g["N"], g["output_bytes"] / 2**20, "k:", label="output O alone")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("N (= Nq = Nk)")
-    ax.set_ylabel("peak extra MiB (log)")
-    r = df.iloc[0]
-    ax.set_title(f"{title}\nB={r['B']}, H={r['H']}, d={r['d']}, {r['dtype']}; "
-                 "markers: measured (memray), lines: model", fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(True, which="major", alpha=0.3)
-    fig.tight_layout()
-    return fig
 
 
 def fmt_bytes(n) -> str:
@@ -347,9 +317,6 @@ def check_claims(path=CLAIMS_CSV, *, baseline=STANDARD, flash="tiled_simd", max_
     and the verdict of :func:`fa_lab.verdict.judge_claim` (bytes are deterministic: no
     spread, no load). ``max_N`` caps N (quick runs); a capped row says so.
     """
-    from fa_lab import reference
-    from fa_lab.verdict import judge_claim
-
     import pandas as pd
 
     claims = pd.read_csv(path)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fa_lab.api import attention as fa_attention
+
 HIDDEN, HEADS, LAYERS = 384, 12, 6
 HEAD_DIM = HIDDEN // HEADS
 LN_EPS = 1e-12
@@ -48,7 +50,7 @@ def encode(ids, weights, *, attention=None, capture=None):
     float32, exactly what attention received.
     """
     if attention is None:
-        from fa_lab.api import attention
+        attention = fa_attention
     w = weights
     ids = np.asarray(ids)
     T = ids.shape[0]

@@ -29,6 +29,7 @@ from pathlib import Path
 from fa_lab import machine as _machine
 from fa_lab.machine import Load, describe_machine, load_summary
 from fa_lab.verdict import Verdict, judge
+from fa_lab.viz import footer
 
 
 @dataclass
@@ -49,8 +50,6 @@ class Lesson:
     def save_fig(self, fig, stem: str) -> Path:
         """Save ``fig`` as ``figures/<lesson>_<stem>.png`` with the machine (and, when a
         timing behind it ran on a busy machine, the load) as a footer."""
-        from fa_lab.viz import footer
-
         loads = self.loads(since_figure=True)
         text = f"measured on: {self.machine}"
         if loads and Load.merge(loads).busy:

@@ -18,7 +18,13 @@ kernel's documented default tiles.
 
 from __future__ import annotations
 
+import numbers
+
+import pandas as pd
+
 from fa_lab import tune
+from fa_lab.config import FLASH_BLOCKS, num_threads
+from fa_lab.memory import estimate
 
 PRESETS = ("latency", "throughput", "memory")
 
@@ -34,20 +40,11 @@ def table(path=None, *, B=1, H=8, N=2048, d=64):
     """The presets as a DataFrame: kernel, blocks, threads, source, the measured median
     of that choice in the tuning sweep, and the modelled peak extra bytes
     (:func:`fa_lab.memory.estimate`, output included) at ``B, H, N, d``."""
-    import numbers
-
-    import pandas as pd
-
-    from fa_lab.config import num_threads
-
     for name, value in (("B", B), ("H", H), ("N", N), ("d", d)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"{name} must be a positive int, got {value!r}")
         if value < 1:
             raise ValueError(f"{name} must be a positive int, got {value}")
-    from fa_lab.kernels.flash import DEFAULT_BLOCKS
-    from fa_lab.memory import estimate
-
     stored, choices = _sweep_rows(path)
     rows = []
     for name, regime in (("latency", "decode"), ("throughput", "long"), ("memory", "long")):
@@ -71,8 +68,8 @@ def table(path=None, *, B=1, H=8, N=2048, d=64):
                        vs_fastest=1.0, source=f"tuned ({regime}: fastest, {c.get('shape', '?')}"
                                                f"{', quick sweep' if c.get('quick') else ''})")
         else:
-            bq = 1 if name == "latency" else DEFAULT_BLOCKS[0]
-            row.update(block_q=bq, block_kv=DEFAULT_BLOCKS[1], median_s=float("nan"),
+            bq = 1 if name == "latency" else FLASH_BLOCKS[0]
+            row.update(block_q=bq, block_kv=FLASH_BLOCKS[1], median_s=float("nan"),
                        vs_fastest=float("nan"), source="default, not tuned" if not c else
                        "default (no sweep stored: run python -m fa_lab tune)")
         row["peak_bytes_model"] = estimate("flash", B, H, N if name != "latency" else 1, N,

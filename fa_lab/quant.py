@@ -32,6 +32,8 @@ import numbers
 
 import numpy as np
 
+from fa_lab.config import BLOCK_KV
+
 GRANULARITIES = ("per_tensor", "per_token", "per_block")
 
 #: Largest magnitude used: symmetric range [-127, 127].
@@ -54,8 +56,6 @@ def _check(x, granularity, block):
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if granularity == "per_block":
         if block is None:
-            from fa_lab.config import BLOCK_KV
-
             block = BLOCK_KV
         if isinstance(block, (bool, np.bool_)) or not isinstance(block, numbers.Integral):
             raise TypeError(f"block must be a positive int for granularity='per_block', "

@@ -30,6 +30,8 @@ import math
 
 import numpy as np
 
+from fa_lab.dropout import keep_mask
+
 CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
 
 
@@ -126,6 +128,14 @@ def repeat_kv(k, H: int) -> np.ndarray:
 BLAS_BUFFER_BYTES = 524_360
 
 
+def flops(B, H, Nq, Nk, d, causal=False) -> float:
+    """The FLOP count every benchmark uses: ``4 B H Nq Nk d`` (two matrix products of
+    ``2 Nq Nk d``), halved when causal (the convention of FlashAttention's and Triton's
+    benchmarks); the softmax's exponentials are not counted."""
+    f = 4.0 * B * H * Nq * Nk * d
+    return f / 2 if causal else f
+
+
 def scratch_bytes(*, B, H, H_kv, Nq, Nk, d, itemsize, **_):
     """Byte model of :func:`attention` in float64 (checked against memray in the tests).
 
@@ -211,8 +221,6 @@ def dropout_mask(shape, dropout_p, seed, dtype=np.float64) -> np.ndarray:
     Leading dims are flattened into the batch index ``b`` of the hash in
     :mod:`fa_lab.dropout`, as the kernels see them.
     """
-    from fa_lab.dropout import keep_mask
-
     Nq, Nk = shape[-2:]
     H = shape[-3] if len(shape) >= 3 else 1
     B = math.prod(shape[:-3])

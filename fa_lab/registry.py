@@ -1,14 +1,21 @@
 """The kernel registry: the one list that feeds the API, the tests, the benchmarks and
 the notebooks. Adding a kernel is one :class:`Kernel` entry in :data:`KERNELS`.
 
-Every entry's ``run`` takes the canonical arguments built by :func:`fa_lab.attention`::
+Every entry's ``run`` takes the canonical arguments built by :func:`fa_lab.api.prepare`::
 
-    run(q, k, v, bias, scale, alignment, block_q, block_kv) -> (out, lse)
+    run(arrays, bias, scale, alignment, block_q, block_kv, *, dropout_p=0.0, seed=0,
+        splits=None, stage=3, kv_len=None) -> outputs
 
-    q (B, H, Nq, d), k/v (B, H_kv, Nk, d): C-contiguous, one float dtype
-    bias: None or a read-only (B, H, Nq, Nk) additive float view of q's dtype
+    arrays: (q, k, v) for KERNELS; (q, k, v, out, dout, lse) for BACKWARD_KERNELS;
+            (q8, sq, k8, sk, v) for INT8_KERNELS. q (B, H, Nq, d), k/v (B, H_kv, Nk, d):
+            C-contiguous, one float dtype
+    bias: None or a read-only (B, H, Nq, Nk) additive float view of the float dtype
     alignment: None, "top_left" or "bottom_right"
     block_q, block_kv: positive ints (only for kernels with ``tiled=True``)
+    outputs: (out, lse) forward; (dq, dk, dv) backward
+
+Numba kernels get there through :class:`Runner`, the one adapter from this call to a
+jitted driver (:mod:`fa_lab.kernels` documents the drivers' signature).
 """
 
 from __future__ import annotations
@@ -19,12 +26,14 @@ from typing import Callable
 import numpy as np
 
 from fa_lab import reference
+from fa_lab.config import FLASH_BLOCKS, num_threads
 from fa_lab.dropout import mix_seed
 from fa_lab.machine import cuda_device
 from fa_lab.kernels import (backward_naive, backward_tiled, fa1, flash, int8, naive, online,
                            sage, tiled, tiled_simd)
+from fa_lab.kernels.common import no_bias
 from fa_lab.kernels.fa1 import fa1_forward
-from fa_lab.kernels.flash import flash_forward
+from fa_lab.kernels.flash import flash_forward, flash_splitkv_forward
 from fa_lab.kernels.backward_naive import naive_backward
 from fa_lab.kernels.backward_tiled import tiled_backward
 from fa_lab.kernels.naive import naive_forward
@@ -52,7 +61,7 @@ class Kernel:
     name: str
     rung: int
     summary: str
-    run: Callable
+    run: Callable  # the canonical call (module docstring): a Runner, or a NumPy function
     driver: Callable | None = None  # the jitted driver, for source display and assembly
     tiled: bool = False  # accepts block_q / block_kv
     parallel: bool = False  # uses all numba threads
@@ -60,7 +69,7 @@ class Kernel:
     causal: bool = True
     mask: bool = True
     gqa: bool = True
-    dropout: bool = False  # run() takes (dropout_p, seed) after the block sizes
+    dropout: bool = False  # run() uses dropout_p and seed
     default_blocks: tuple | None = None  # (Br, Bc) when not config.BLOCK_Q/BLOCK_KV
     scratch: Callable | None = None  # byte model of the kernel's own allocations
     tags: tuple = field(default_factory=tuple)
@@ -86,45 +95,82 @@ class Kernel:
         return None
 
 
-def _reference_run(q, k, v, bias, scale, alignment, block_q, block_kv, dropout_p=0.0,
-                   seed=0):
+def _forward_outputs(arrays):
+    q, v = arrays[0], arrays[-1]
+    return np.empty(q.shape, v.dtype), np.empty(q.shape[:3], v.dtype)
+
+
+def _backward_outputs(arrays):
+    return tuple(np.empty_like(x) for x in arrays[:3])
+
+
+@dataclass(frozen=True)
+class Runner:
+    """The one adapter from the canonical call (module docstring) to a jitted driver::
+
+        driver(*arrays, bias, has_bias, scale, causal, offset, [block_q, block_kv,]
+               [dropout_p, seed_mixed,]  *outputs, [dropout_p, seed_mixed,] [stage, kv_len])
+
+    ``keys``: the index of k in ``arrays`` (its length is Nk); the float dtype is that of
+    the last array. ``dropout``: ``"before"`` or ``"after"`` the outputs, or ``""``.
+    ``staged``: the driver ends with ``(stage, kv_len)`` (``flash``: stop each block
+    after a stage; use only the first ``kv_len`` keys). ``split_driver``: the Flash-Decoding
+    driver ``(..., block_q, block_kv, splits, *outputs, kv_len)``, used when ``splits``
+    (given, or :func:`fa_lab.kernels.flash.plan_splits`) is above 1. ``warm``: called
+    before every call (``flash``: BLAS on every thread).
+    """
+
+    driver: Callable
+    outputs: Callable = _forward_outputs
+    keys: int = 1
+    blocks: bool = True
+    dropout: str = ""
+    staged: bool = False
+    split_driver: Callable | None = None
+    warm: Callable | None = None
+
+    def __call__(self, arrays, bias, scale, alignment, block_q=None, block_kv=None, *,
+                 dropout_p=0.0, seed=0, splits=None, stage=3, kv_len=None):
+        if not self.staged and (stage != 3 or kv_len is not None):
+            raise ValueError(f"stage and kv_len: {self.driver.__name__} runs whole calls only")
+        if self.split_driver is None and splits not in (None, 1):
+            raise ValueError(f"splits: {self.driver.__name__} does not split the keys")
+        if self.warm is not None:
+            self.warm()
+        dtype = arrays[-1].dtype
+        B, H, Nq = arrays[0].shape[:3]
+        Nk = arrays[self.keys].shape[2] if kv_len is None else int(kv_len)
+        offset = reference.causal_offset(Nq, Nk, alignment) if alignment else 0
+        has_bias = bias is not None
+        args = [*arrays, bias if has_bias else no_bias(dtype), has_bias, dtype.type(scale),
+                alignment is not None, offset]
+        if self.blocks:
+            args += [block_q or 1, block_kv or 1]
+        drop = [float(dropout_p), np.uint64(mix_seed(np.uint64(seed)))]
+        outputs = self.outputs(arrays)
+        if self.split_driver is not None and splits is None:
+            splits = flash.plan_splits(B, H, Nq, Nk, block_q or 1, block_kv or 1, num_threads())
+        tail = [] if kv_len is None else [Nk]
+        if splits is not None and splits > 1:
+            self.split_driver(*args, int(splits), *outputs, *(tail or [-1]))
+            return outputs
+        if self.dropout == "before":
+            args += drop
+        args += outputs
+        if self.dropout == "after":
+            args += drop
+        if self.staged:
+            args += [int(stage), *(tail or [-1])]
+        self.driver(*args)
+        return outputs
+
+
+def _reference_run(arrays, bias, scale, alignment, block_q=None, block_kv=None, *,
+                   dropout_p=0.0, seed=0, **_):
+    q, k, v = arrays
     out, lse = reference.attention(q, k, v, causal=alignment or False, scale=scale, mask=bias,
                                    dropout_p=dropout_p, seed=seed)
     return out.astype(q.dtype), lse.astype(q.dtype)
-
-
-_NO_BIAS = {}
-
-
-def _no_bias(dtype) -> np.ndarray:
-    """A read-only (1, 1, 1, 1) placeholder passed when there is no mask (never read)."""
-    dtype = np.dtype(dtype)
-    if dtype not in _NO_BIAS:
-        _NO_BIAS[dtype] = np.broadcast_to(np.zeros((), dtype), (1, 1, 1, 1))
-    return _NO_BIAS[dtype]
-
-
-def numba_runner(driver, dropout=False) -> Callable:
-    """Adapt a jitted driver with the canonical signature (see :mod:`fa_lab.kernels`).
-
-    With ``dropout=True`` the driver takes ``(dropout_p, seed_mixed)`` after ``lse``.
-    """
-
-    def run(q, k, v, bias, scale, alignment, block_q, block_kv, dropout_p=0.0, seed=0):
-        B, H, Nq, d = q.shape
-        out = np.empty_like(q)
-        lse = np.empty((B, H, Nq), dtype=q.dtype)
-        offset = reference.causal_offset(Nq, k.shape[2], alignment) if alignment else 0
-        has_bias = bias is not None
-        extra = (float(dropout_p), np.uint64(mix_seed(np.uint64(seed)))) if dropout else ()
-        driver(q, k, v, bias if has_bias else _no_bias(q.dtype), has_bias,
-               q.dtype.type(scale), alignment is not None, offset, block_q or 1,
-               block_kv or 1, out, lse, *extra)
-        return out, lse
-
-    run.__name__ = f"run_{driver.__name__}"
-    run.__doc__ = driver.__doc__
-    return run
 
 
 KERNELS: dict[str, Kernel] = {
@@ -133,68 +179,55 @@ KERNELS: dict[str, Kernel] = {
         Kernel("reference", 0, "float64 NumPy, materializes the N x N scores (source of truth)",
                _reference_run, dropout=True, scratch=reference.scratch_bytes),
         Kernel("naive", 1, "scalar Numba, three passes over a row of scores, 1 thread",
-               numba_runner(naive_forward), naive_forward, scratch=naive.scratch_bytes),
+               Runner(naive_forward), naive_forward, scratch=naive.scratch_bytes),
         Kernel("online", 2, "scalar Numba, one pass with running max and sum, 1 thread",
-               numba_runner(online_forward), online_forward, scratch=online.scratch_bytes),
+               Runner(online_forward), online_forward, scratch=online.scratch_bytes),
         Kernel("tiled", 3, "Br x Bc blocks, online softmax across blocks, causal block "
-               "skipping; scalar, 1 thread", numba_runner(tiled_forward), tiled_forward,
+               "skipping; scalar, 1 thread", Runner(tiled_forward), tiled_forward,
                tiled=True, scratch=tiled.scratch_bytes),
         # Same rung as tiled and listed after it, so kernel="auto" (highest rung first,
         # ties in this order) never picks it: a teaching contrast, not a faster kernel.
         Kernel("fa1", 3, "FlashAttention-1's order: K/V blocks outside, Q blocks inside, "
                "O, m, l written back and O normalized every pass; scalar, 1 thread",
-               numba_runner(fa1_forward), fa1_forward, tiled=True, scratch=fa1.scratch_bytes,
+               Runner(fa1_forward), fa1_forward, tiled=True, scratch=fa1.scratch_bytes,
                tags=("teaching",)),
         Kernel("tiled_simd", 4, "tiled, inner loops vectorized by LLVM (packed FMA), "
-               "prange over (b, h, query block)", numba_runner(tiled_simd_forward, dropout=True),
+               "prange over (b, h, query block)", Runner(tiled_simd_forward, dropout="after"),
                tiled_simd_forward, tiled=True, parallel=True, dropout=True,
                scratch=tiled_simd.scratch_bytes),
         Kernel("flash", 5, "tiled_simd with BLAS block products (np.dot) and a vectorized "
                "polynomial exp, fused max/exp/sum pass; split-KV (Flash-Decoding) when there are "
-               "too few query blocks for the threads", flash.run,
+               "too few query blocks for the threads",
+               Runner(flash_forward, staged=True, split_driver=flash_splitkv_forward,
+                      warm=flash.ensure_blas_threads),
                flash_forward, tiled=True, parallel=True,
-               default_blocks=flash.DEFAULT_BLOCKS, scratch=flash.scratch_bytes),
+               default_blocks=FLASH_BLOCKS, scratch=flash.scratch_bytes),
     ]
 }
 
 
-def _reference_backward_run(q, k, v, out, dout, lse, bias, scale, alignment, block_q,
-                            block_kv, dropout_p, seed):
+def _reference_backward_run(arrays, bias, scale, alignment, block_q=None, block_kv=None, *,
+                            dropout_p=0.0, seed=0, **_):
+    q, k, v, out, dout, lse = arrays
     grads = reference.attention_backward(q, k, v, dout, causal=alignment or False, scale=scale,
                                          mask=bias, dropout_p=dropout_p, seed=seed)
     return tuple(g.astype(q.dtype) for g in grads)
 
 
-def backward_runner(driver) -> Callable:
-    """Adapt a jitted backward driver (canonical signature in :mod:`fa_lab.backward`)."""
-
-    def run(q, k, v, out, dout, lse, bias, scale, alignment, block_q, block_kv, dropout_p,
-            seed):
-        dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
-        offset = reference.causal_offset(q.shape[2], k.shape[2], alignment) if alignment else 0
-        has_bias = bias is not None
-        driver(q, k, v, out, dout, lse, bias if has_bias else _no_bias(q.dtype), has_bias,
-               q.dtype.type(scale), alignment is not None, offset, block_q or 1, block_kv or 1,
-               float(dropout_p), np.uint64(mix_seed(np.uint64(seed))), dq, dk, dv)
-        return dq, dk, dv
-
-    run.__name__ = f"run_{driver.__name__}"
-    run.__doc__ = driver.__doc__
-    return run
-
-
-#: Backward kernels: ``run(q, k, v, out, dout, lse, bias, scale, alignment, block_q,
-#: block_kv, dropout_p, seed) -> (dq, dk, dv)``; same :class:`Kernel` record.
+#: Backward kernels: ``run((q, k, v, out, dout, lse), bias, scale, alignment, block_q,
+#: block_kv, dropout_p=, seed=) -> (dq, dk, dv)``; same :class:`Kernel` record.
 BACKWARD_KERNELS: dict[str, Kernel] = {
     k.name: k
     for k in [
         Kernel("reference", 0, "float64 NumPy, materializes P and the softmax Jacobian",
                _reference_backward_run, dropout=True),
         Kernel("naive", 1, "scalar Numba, one query row at a time, recomputes P from the "
-               "LSE, float64 accumulators, 1 thread", backward_runner(naive_backward),
+               "LSE, float64 accumulators, 1 thread",
+               Runner(naive_backward, _backward_outputs, dropout="before"),
                naive_backward, dropout=True, scratch=backward_naive.scratch_bytes),
         Kernel("tiled", 2, "FlashAttention-2 tiles in two race-free prange passes (dK, dV "
-               "over key blocks; dQ over query blocks)", backward_runner(tiled_backward),
+               "over key blocks; dQ over query blocks)",
+               Runner(tiled_backward, _backward_outputs, dropout="before"),
                tiled_backward, tiled=True, parallel=True, dropout=True,
                scratch=backward_tiled.scratch_bytes),
     ]
@@ -206,39 +239,17 @@ def ladder() -> list[Kernel]:
     return sorted(KERNELS.values(), key=lambda k: k.rung)
 
 
-def _int8_reference_run(q8, sq, k8, sk, v, bias, scale, alignment, block_q, block_kv):
+def _int8_reference_run(arrays, bias, scale, alignment, block_q=None, block_kv=None, **_):
     """The integer reference: the same quantized inputs, products accumulated exactly
     (float64 holds every int8 dot product exactly), then float64 attention."""
+    q8, sq, k8, sk, v = arrays
     qd = q8.astype(np.float64) * sq[..., None]
     kd = k8.astype(np.float64) * sk[..., None]
     out, lse = reference.attention(qd, kd, v, causal=alignment or False, scale=scale, mask=bias)
     return out.astype(v.dtype), lse.astype(v.dtype)
 
 
-def int8_runner(driver, tiled) -> Callable:
-    """Adapt an int8 driver: ``driver(q8, sq, k8, sk, v, bias, has_bias, scale, causal,
-    offset, [block_q, block_kv,] out, lse)``."""
-
-    def run(q8, sq, k8, sk, v, bias, scale, alignment, block_q, block_kv):
-        B, H, Nq, d = q8.shape
-        out = np.empty((B, H, Nq, d), dtype=v.dtype)
-        lse = np.empty((B, H, Nq), dtype=v.dtype)
-        offset = reference.causal_offset(Nq, k8.shape[2], alignment) if alignment else 0
-        has_bias = bias is not None
-        args = (q8, sq, k8, sk, v, bias if has_bias else _no_bias(v.dtype), has_bias,
-                v.dtype.type(scale), alignment is not None, offset)
-        if tiled:
-            driver(*args, block_q or 1, block_kv or 1, out, lse)
-        else:
-            driver(*args, out, lse)
-        return out, lse
-
-    run.__name__ = f"run_{driver.__name__}"
-    run.__doc__ = driver.__doc__
-    return run
-
-
-#: INT8 kernels (:func:`fa_lab.attention_int8`): ``run(q8, sq, k8, sk, v, bias, scale,
+#: INT8 kernels (:func:`fa_lab.attention_int8`): ``run((q8, sq, k8, sk, v), bias, scale,
 #: alignment, block_q, block_kv) -> (out, lse)`` with int8 ``q8``/``k8`` and per-row
 #: float scales ``sq`` (B, H, Nq), ``sk`` (B, H_kv, Nk); same :class:`Kernel` record.
 INT8_KERNELS: dict[str, Kernel] = {
@@ -247,11 +258,11 @@ INT8_KERNELS: dict[str, Kernel] = {
         Kernel("reference", 0, "the integer reference: dequantized in float64 (exact int8 "
                "dot products), float64 attention", _int8_reference_run),
         Kernel("naive", 1, "scalar Numba, row by row, int32 dot products, float64 online "
-               "softmax, 1 thread", int8_runner(int8.int8_naive_forward, False),
+               "softmax, 1 thread", Runner(int8.int8_naive_forward, keys=2, blocks=False),
                int8.int8_naive_forward, scratch=int8.scratch_bytes_naive),
         Kernel("simd", 2, "tiled_simd's structure with int32 score blocks (vpmaddwd), "
                "flash's fused softmax, prange over (b, h, query block)",
-               int8_runner(int8.int8_simd_forward, True), int8.int8_simd_forward,
+               Runner(int8.int8_simd_forward, keys=2), int8.int8_simd_forward,
                tiled=True, parallel=True, scratch=int8.scratch_bytes_simd),
         Kernel("sage", 3, "SageAttention-style: register-blocked micro-kernels (Q K^T with "
                "vpdpbusd or vpmaddwd, P V in bf16 with vdpbf16ps or fp32 FMAs, by CPU), "
@@ -263,11 +274,13 @@ INT8_KERNELS: dict[str, Kernel] = {
 }
 
 
-def _cuda_fa2_run(q, k, v, bias, scale, alignment, block_q, block_kv):
-    """Imports numba's CUDA target on first use only (fa_lab needs no CUDA otherwise)."""
-    from fa_lab.kernels import cuda_fa2
+def _cuda_fa2_run(arrays, bias, scale, alignment, block_q=None, block_kv=None, **_):
+    """Imports the kernel on first use only: its module imports ``numba.cuda`` (the
+    optional ``gpu`` extra), and that import fixes whether numba's CUDA simulator is on,
+    so it must not happen when fa_lab is imported (docs/ARCHITECTURE.md, exceptions)."""
+    from fa_lab.kernels import cuda_fa2  # noqa: PLC0415  (documented exception)
 
-    return cuda_fa2.run(q, k, v, bias, scale, alignment)
+    return cuda_fa2.run(*arrays, bias, scale, alignment)
 
 
 #: GPU kernels (``device="cuda"``): the same :class:`Kernel` record and ``run`` signature

@@ -31,6 +31,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fa_lab.machine import machine
+
 #: (notebook stem, key figure stem shown on the index page): one line per lesson.
 NOTEBOOKS = [
     ("00_tour", "attention_matrix"),
@@ -254,8 +256,6 @@ def run(out="reports", notebooks=None, params=None, results_dir=None, nb_dir=Non
     ``results_dir`` (default: ``out``) receives each lesson's ``figures/`` and ``data/``.
     With ``show_progress``, prints one line per lesson as it finishes.
     """
-    from fa_lab.machine import machine
-
     nb_dir = Path(nb_dir or REPO / "notebooks").resolve()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)

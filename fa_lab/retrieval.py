@@ -20,6 +20,7 @@ import numbers
 import numpy as np
 from numba import njit
 
+from fa_lab.checks import check_scale, refuse_masked
 from fa_lab.config import CACHE
 
 
@@ -66,8 +67,6 @@ def topk_attention(query, keys, values=None, k=5, *, scale=1.0, block=8192):
     score descending (ties: smaller index first), plus ``out`` ``(Q, dv)`` with
     ``values``.
     """
-    from fa_lab.api import check_scale, refuse_masked
-
     for name, x in (("query", query), ("keys", keys), ("values", values)):
         refuse_masked(name, x)
     q = np.asarray(query)
@@ -152,62 +151,3 @@ def numpy_topk(query, keys, k, *, scale=1.0):
     ps = np.take_along_axis(S, part, axis=1)
     order = np.argsort(-ps, axis=1, kind="stable")
     return np.take_along_axis(part, order, axis=1), np.take_along_axis(ps, order, axis=1)
-
-
-def benchmark(corpus_sizes, *, d=384, queries=1, k=10, block=8192, repeats=3, seed=0,
-              measure_memory=True):
-    """Time and peak memory of :func:`topk_attention` vs :func:`numpy_topk` per corpus
-    size (unit-norm random float32 embeddings); results checked equal first, then timed
-    by the benchmark harness (interleaved, with the machine's load per row)."""
-    import pandas as pd
-
-    from fa_lab import memory
-    from fa_lab.bench import Contender, time_calls
-    from fa_lab.verdict import quartiles
-
-    rng = np.random.default_rng(seed)
-    rows = []
-    for N in corpus_sizes:
-        keys = rng.standard_normal((N, d), dtype=np.float32)
-        keys /= np.linalg.norm(keys, axis=1, keepdims=True)
-        q = rng.standard_normal((queries, d), dtype=np.float32)
-        q /= np.linalg.norm(q, axis=1, keepdims=True)
-        mine = topk_attention(q, keys, k=k, block=block)
-        base = numpy_topk(q, keys, k)
-        if not np.array_equal(np.sort(mine[0], axis=1), np.sort(base[0], axis=1)):
-            raise AssertionError(f"top-{k} sets differ at N={N}")
-        fns = {"fa_lab.topk_attention": lambda: topk_attention(q, keys, k=k, block=block),
-               "numpy argpartition": lambda: numpy_topk(q, keys, k)}
-        cs = [Contender(n, f, "kernel") for n, f in fns.items()]
-        times = time_calls(cs, (), repeats=repeats, warmup=0)
-        for c in cs:
-            peak = memory.measure(c.fn).peak_bytes if measure_memory else float("nan")
-            q25, med, q75 = quartiles(times[c.name])
-            rows.append({"N": N, "d": d, "queries": queries, "k": k, "name": c.name,
-                         "median_ms": med * 1e3, "q25_ms": q25 * 1e3, "q75_ms": q75 * 1e3,
-                         "peak_bytes": peak, "corpus_bytes": keys.nbytes,
-                         **times.load.columns()})
-    return pd.DataFrame(rows)
-
-
-def plot_benchmark(df):
-    """Time and peak extra memory against corpus size, fa_lab vs NumPy."""
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for name, g in df.groupby("name", sort=False):
-        a.errorbar(g["N"], g["median_ms"], yerr=[g["median_ms"] - g["q25_ms"],
-                   g["q75_ms"] - g["median_ms"]], fmt="o-", capsize=3, label=name)
-        b.plot(g["N"], g["peak_bytes"] / 2 ** 20, "o-", label=name)
-    r = df.iloc[0]
-    for ax, label in ((a, "median ms per call (bars: quartiles)"),
-                      (b, "peak extra memory (MiB, memray)")):
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("corpus size N (keys)")
-        ax.set_ylabel(label)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"Top-{r['k']} retrieval, {r['queries']} quer{'y' if r['queries'] == 1 else 'ies'}, "
-                 f"d={r['d']}, float32", fontsize=10)
-    fig.tight_layout()
-    return fig

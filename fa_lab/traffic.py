@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 
 from fa_lab.api import effective_blocks
-from fa_lab.bench import flops
+from fa_lab.reference import flops
 from fa_lab.registry import KERNELS
 
 #: Loop order of every kernel and baseline (see the module docstring).
@@ -47,7 +47,7 @@ ITEMS = ("Q", "K", "V", "S/P", "O", "row state")
 
 def torch_blocks(Nq: int) -> tuple[int, int]:
     """Tile sizes of PyTorch's CPU flash kernel: query blocks of 32/64/256 by ``Nq``,
-    key blocks of 512 (read from its source; see ``PITFALLS.md``)."""
+    key blocks of 512 (read from its source, ``aten/src/ATen/native/cpu/FlashAttentionKernel.cpp``)."""
     return (256 if Nq >= 768 else 64 if Nq >= 192 else 32), 512
 
 
@@ -159,7 +159,7 @@ def io_traffic(order: str, N: int, d: int, M: int, itemsize: int = 4) -> int:
     return int(sum(traffic(name, N, N, d, M, itemsize=itemsize, blocks=blocks).values()))
 
 
-def cache_tiles(levels: dict, d: int, itemsize: int = 4) -> "pd.DataFrame":
+def cache_tiles(levels: dict, d: int, itemsize: int = 4):
     """Budget arithmetic: the largest power-of-two ``Br x Bc`` (``Br >= Bc``) whose block
     step fits each cache level (:func:`tile_bytes`), for each level in ``levels``."""
     import pandas as pd

@@ -5,6 +5,7 @@ import pytest
 
 from fa_lab import bench
 from fa_lab.__main__ import main
+from fa_lab.machine import describe_machine
 from fa_lab.testing import Case, ToleranceError
 
 
@@ -41,7 +42,7 @@ def test_cli_bench_writes_csv_and_png(tmp_path, capsys):
     assert main(["bench", "--kernels", "online", "tiled", "--N", "20", "--H", "2", "--d", "8",
                  "--repeats", "2", "--csv", str(csv), "--png", str(png)]) == 0
     assert csv.stat().st_size > 0 and png.stat().st_size > 0
-    assert bench.describe_machine()
+    assert describe_machine()
 
 
 def test_cli_machine(capsys):
@@ -50,18 +51,28 @@ def test_cli_machine(capsys):
 
 
 def test_sweep_blocks_validates_and_times_every_combination():
-    df = bench.sweep_blocks("tiled_simd", Case(B=1, H=2, Nq=40, d=8), [8, 16], [4, 32],
-                            causal=True, repeats=2)
-    assert len(df) == 4 and set(df["block_q"]) == {8, 16} and (df["median_s"] > 0).all()
+    case = Case(B=1, H=2, Nq=40, d=8)
+    df = bench.sweep_blocks("tiled_simd", case, [8, 16], [4, 32], causal=True, repeats=2)
+    assert list(zip(df["block_q"], df["block_kv"])) == [(8, 4), (8, 32), (16, 4), (16, 32)]
+    assert (df["repeats"] == 2).all()
+    assert ((df["q25_s"] <= df["median_s"]) & (df["median_s"] <= df["q75_s"])).all()
+    work = bench.flops(1, 2, 40, 40, 8, causal=True)
+    np.testing.assert_allclose(df["gflops"], work / df["median_s"] / 1e9)
     with pytest.raises(ValueError, match="not tiled"):
         bench.sweep_blocks("naive", Case(), [8], [8])
 
 
-def test_thread_scaling_restores_the_thread_count():
+def test_thread_scaling_restores_the_thread_count_and_divides_by_one_thread():
     import numba
 
     before = numba.get_num_threads()
-    df = bench.thread_scaling("tiled_simd", Case(B=1, H=2, Nq=40, d=8), repeats=2)
+    most = numba.config.NUMBA_NUM_THREADS
+    # the 1-thread row last: the speedup must be relative to it, not to the first row
+    df = bench.thread_scaling("tiled_simd", Case(B=1, H=2, Nq=40, d=8),
+                              threads=[most, 1], repeats=2)
     assert numba.get_num_threads() == before
-    assert list(df["threads"]) == list(range(1, numba.config.NUMBA_NUM_THREADS + 1))
-    assert df["speedup_vs_1"].iloc[0] == 1.0
+    assert list(df["threads"]) == ([most, 1] if most > 1 else [1])
+    one = df.loc[df["threads"] == 1, "median_s"].iloc[0]
+    np.testing.assert_allclose(df["speedup_vs_1"], one / df["median_s"])
+    assert ((df["speedup_low"] <= df["speedup_vs_1"])
+            & (df["speedup_vs_1"] <= df["speedup_high"])).all()

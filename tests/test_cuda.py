@@ -7,7 +7,7 @@ import pytest
 
 import fa_lab
 from fa_lab import gpu, registry
-from fa_lab.testing import Case, assert_close, lse_magnitude
+from fa_lab.testing import Case
 from conftest import check_against_reference
 
 pytest.importorskip("numba.cuda", reason="numba-cuda not installed")

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 import fa_lab
-from fa_lab import presets, reference, retrieval, tune
-from fa_lab.decoding import TinyLM, decode_latency, time_generation
+from fa_lab import bench, presets, reference, retrieval, tune
+from fa_lab.bench import decode_latency, time_generation
+from fa_lab.decoding import TinyLM
 from fa_lab.testing import assert_close
 
 
@@ -163,7 +164,10 @@ def test_cached_greedy_decoding_equals_recomputation():
 def test_time_generation_and_decode_latency_run():
     df = time_generation(TinyLM(vocab=20, d_model=32, heads=2, kv_heads=1, layers=1), [4],
                          steps=3, repeats=1)
-    assert (df["speedup"] > 0).all() and df["max_logit_diff"].iloc[0] < 1e-3
+    assert df["max_logit_diff"].iloc[0] < 1e-3
+    np.testing.assert_allclose(df["speedup"], df["recompute_ms_per_token"]
+                               / df["cached_ms_per_token"])
+    assert ((df["speedup_low"] <= df["speedup"]) & (df["speedup"] <= df["speedup_high"])).all()
     lat = decode_latency([64], H=2, H_kv=1, d=8, repeats=2)
     assert "fa_lab.decode" in set(lat["name"])
 
@@ -210,7 +214,7 @@ def test_topk_errors():
 
 
 def test_topk_benchmark_runs_and_checks():
-    df = retrieval.benchmark([500], d=16, repeats=1, measure_memory=False)
+    df = bench.retrieval_benchmark([500], d=16, repeats=1, measure_memory=False)
     assert set(df["name"]) == {"fa_lab.topk_attention", "numpy argpartition"}
 
 

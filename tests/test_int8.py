@@ -6,7 +6,7 @@ import pytest
 
 import fa_lab
 from fa_lab import int8_study, quant, reference, simd
-from fa_lab.api import _prepare
+from fa_lab.api import prepare
 from fa_lab.int8 import quantize_inputs
 from fa_lab.kernels import int8 as k8
 from fa_lab.registry import INT8_KERNELS
@@ -79,7 +79,7 @@ CASES = [
 
 
 def _int_reference(q, k, v, granularity, smooth, causal, mask=None, block=64, block_kv=None):
-    c = _prepare(q, k, v, causal, None, mask, None, None, 0.0, None)
+    c = prepare(q, k, v, causal=causal, mask=mask)
     q8, sq, kq8, sk, _ = quantize_inputs(c.q4, c.k4, granularity, min(block, c.Nq),
                                          min(block_kv or block, c.Nk), smooth)
     qd = (q8.astype(np.float64) * sq[..., None]).reshape(q.shape)
@@ -98,7 +98,7 @@ def test_int8_kernels_match_the_integer_reference(case, granularity, name, dtype
     if np.dtype(dtype) not in [np.dtype(t) for t in kernel.dtypes]:
         pytest.skip(f"{name} is {[np.dtype(t).name for t in kernel.dtypes]} only")
     q, k, v = case.inputs(dtype=dtype, seed=2)
-    if kernel.unsupported(_prepare(q, k, v, False, None, None, None, None, 0.0, None).request):
+    if kernel.unsupported(prepare(q, k, v).request):
         pytest.skip(f"{name} cannot run on this CPU")
     k = k + dtype(2.0)  # an offset, so smoothing has something to remove
     bq, bk = kernel.default_blocks or (64, 64)
@@ -209,7 +209,11 @@ def test_key_bytes_and_speed_study_run():
     kb = int8_study.key_bytes(1, 8, 4096, 64)
     assert kb["int8"] * 4 == kb["fp32"] and kb["ratio"] < 0.26
     qk, att = int8_study.speed(N=128, H=2, d=16, repeats=1, block=32)
-    assert len(qk) == 2 and len(att) == 4 and (att["median_ms"] > 0).all()
+    assert len(qk) == 2 and len(att) == 4
+    np.testing.assert_allclose(att["speed_vs_tiled_simd"],
+                               att["median_ms"].iloc[2] / att["median_ms"])
+    ops = 2.0 * 128 ** 2 * 16  # one head's every 32 x 32 tile
+    np.testing.assert_allclose(qk["gops"], ops / (qk["median_ms"] / 1e3) / 1e9)
 
 
 # ---------------------------------------------------------------- MiniLM data

@@ -145,7 +145,9 @@ def test_top_allocations_reads_a_capture(tmp_path):
 
 def test_sweep_and_cli(tmp_path):
     df = memory.sweep(["naive", "tiled_simd"], [64, 128], H=2, d=8)
-    assert len(df) == 4 and (df["measured_bytes"] > 0).all()
+    assert len(df) == 4
+    # the output is allocated inside the measured call: the peak is at least its size
+    assert (df["measured_bytes"] >= df["output_bytes"]).all()
     csv, png = tmp_path / "m.csv", tmp_path / "m.png"
     assert main(["memory", "--kernels", "online", "--N", "64", "128", "--d", "8",
                  "--csv", str(csv), "--png", str(png)]) == 0

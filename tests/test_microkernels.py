@@ -10,6 +10,7 @@ from numba import njit
 
 from fa_lab import cpu_features
 from fa_lab.kernels import microkernels as mk
+from fa_lab.kernels import peaks
 
 HOST = cpu_features.detect()
 needs_vnni = pytest.mark.skipif(not HOST.vnni, reason="CPU without AVX512-VNNI")
@@ -170,8 +171,8 @@ def test_peak_loops_compute_what_they_count(name, instruction):
         pytest.skip("instruction not on this CPU")
     if HOST.score_path is None:
         pytest.skip("no AVX-512")
-    loop = {"vnni": mk.peak_vnni, "i16": mk.peak_i16, "bf16": mk.peak_bf16,
-            "fp32": mk.peak_fp32}[name]
+    loop = {"vnni": peaks.peak_vnni, "i16": peaks.peak_i16, "bf16": peaks.peak_bf16,
+            "fp32": peaks.peak_fp32}[name]
     if name == "vnni":
         x = np.full(64, 2, np.int8)  # u8 2 x s8 2, 4 per lane: +16 per lane per round
         assert loop(x, x, 10) == 12 * 16 * 16 * 10

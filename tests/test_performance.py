@@ -9,10 +9,10 @@ import json
 import numpy as np
 import pytest
 
-import fa_lab
-from fa_lab import bench, reference, simd, tune
+from fa_lab import bench, config, reference, simd, tune
 from fa_lab.__main__ import main
-from fa_lab.api import _prepare, plan
+from fa_lab.api import plan, prepare
+from fa_lab.config import SPLIT_MIN_KEYS
 from fa_lab.kernels import flash
 from fa_lab.testing import Case, assert_close
 
@@ -20,11 +20,8 @@ from conftest import check_against_reference
 
 
 def _run_flash(q, k, v, *, causal=False, mask=None, splits=None, stage=3, block_kv=None):
-    c = _prepare(q, k, v, causal, None, mask, None, block_kv, 0.0, None)
-    bq, bk = fa_lab.api.effective_blocks(c.Nq, c.Nk, None, block_kv, flash.DEFAULT_BLOCKS)
-    out, lse = flash.run(c.q4, c.k4, c.v4, c.bias, c.scale, c.alignment, bq, bk,
-                         splits=splits, stage=stage)
-    return out.reshape(q.shape), lse.reshape(q.shape[:-1])
+    return prepare(q, k, v, causal=causal, mask=mask, block_kv=block_kv).run(
+        "flash", splits=splits, stage=stage)
 
 
 def _expect(q, k, v, out, lse, **opts):
@@ -85,9 +82,9 @@ def test_plan_splits_rules():
     assert flash.plan_splits(1, 8, 2048, 2048, 256, 256, threads=2) == 1
     # One decode row, long cache: split so each thread gets work, >= SPLIT_MIN_KEYS each.
     s = flash.plan_splits(1, 1, 1, 8192, 1, 256, threads=2)
-    assert 1 < s <= 8192 // flash.SPLIT_MIN_KEYS
+    assert 1 < s <= 8192 // SPLIT_MIN_KEYS
     # Too short to be worth it.
-    assert flash.plan_splits(1, 1, 1, flash.SPLIT_MIN_KEYS, 1, 256, threads=2) == 1
+    assert flash.plan_splits(1, 1, 1, SPLIT_MIN_KEYS, 1, 256, threads=2) == 1
     assert flash.plan_splits(0, 1, 1, 8192, 1, 256, threads=2) == 1
 
 
@@ -131,23 +128,50 @@ def test_staged_driver_stage3_is_the_kernel():
     assert np.all(zero == 0)
 
 
-def test_breakdown_parts_add_up_to_the_total():
+def test_breakdown_times_each_stage_of_the_real_kernel(monkeypatch):
+    # The harness is replaced by one that runs each contender once (so each staged call
+    # really runs) and returns known times: stage s takes (s + 1)^2 ms. The parts must
+    # be the differences in the kernel's order, stage by stage.
+    from fa_lab.bench import studies
+    from fa_lab.machine import Load
+
+    seen = []
+
+    def fake_time_calls(cs, args, **kw):
+        times = bench.Timings()
+        for c in cs:
+            out, _ = c.fn(*args)
+            seen.append((c.name, bool(np.all(out == 0))))
+            times[c.name] = [((int(c.name[-1]) + 1) ** 2) / 1e3]
+        times.load = Load(0.0, 0.0, 0.0, 0.0, 0.0)
+        return times
+
+    monkeypatch.setattr(studies, "time_calls", fake_time_calls)
     df = bench.breakdown(Case(B=1, H=2, Nq=64, d=16), repeats=2)
     assert list(df["part"]) == list(bench.BREAKDOWN_PARTS)
-    assert df["ms"].sum() == pytest.approx(df["total_ms"].iloc[0])
-    assert df["share"].sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(df["ms"], [1.0, 3.0, 5.0, 7.0])
+    np.testing.assert_allclose(df["share"], np.array([1, 3, 5, 7]) / 16)
+    assert df["total_ms"].iloc[0] == pytest.approx(16.0)
+    # stages 0-2 stop before P V (a zero output); stage 3 is the whole kernel
+    assert seen == [("stage0", True), ("stage1", True), ("stage2", True), ("stage3", False)]
 
 
 def test_decode_splits_validates_every_contender():
     df = bench.decode_splits(B=1, H=2, H_kv=1, Nk=700, d=8, splits=(1, 2), repeats=2)
     assert {"flash, 1 split", "flash, 2 splits"} <= set(df["name"])
-    assert (df["median_ms"] > 0).all() and (df["H_kv"] == 1).all()
+    assert ((df["q25_ms"] <= df["median_ms"]) & (df["median_ms"] <= df["q75_ms"])).all()
+    assert (df["H_kv"] == 1).all()
+    bk = min(config.FLASH_BLOCKS[1], 700)
+    assert (df["auto_splits"] == flash.plan_splits(1, 2, 1, 700, 1, bk,
+                                                   config.num_threads())).all()
 
 
 def test_matmul_peak_reports_both_blas_paths():
     df = bench.matmul_peak(n=128, repeats=1, block=64)
     assert set(df["name"]) == {"numpy_matmul", "blas_tiles_per_thread"}
-    assert (df["gflops"] > 0).all() and df["machine_blas"].iloc[0]
+    row = df.set_index("name").loc["numpy_matmul"]
+    assert row["gflops"] == pytest.approx(2 * 128 ** 3 / row["median_s"] / 1e9)
+    assert row["shape"] == "128x128" and df["machine_blas"].iloc[0]
 
 
 def test_torch_baseline_gets_bottom_right_right():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import fa_lab
-from fa_lab import memory, presets, quant, reference
+from fa_lab import memory, presets, reference
 from fa_lab.retrieval import topk_reference
 from fa_lab.testing import Case
 

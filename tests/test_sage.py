@@ -10,7 +10,7 @@ import pytest
 
 import fa_lab
 from fa_lab import cpu_features, reference
-from fa_lab.api import KernelFallbackWarning, _prepare
+from fa_lab.api import KernelFallbackWarning, prepare
 from fa_lab.int8 import plan_int8, quantize_inputs
 from fa_lab.testing import Case, allowed_error, assert_close
 
@@ -37,7 +37,7 @@ CASES = [
 def _expected(case, q, k, v, block_q, block_kv, mask=None):
     """The integer reference: the inputs quantized exactly as attention_int8 does,
     float64 attention; and the same-precision baselines (fp32 and bf16 P V)."""
-    c = _prepare(q, k, v, case.causal, None, mask, None, None, 0.0, None)
+    c = prepare(q, k, v, causal=case.causal, mask=mask)
     q8, sq, k8, sk, mean = quantize_inputs(c.q4, c.k4, "per_block", min(block_q, c.Nq),
                                            min(block_kv, c.Nk), True)
     qd = (q8.astype(np.float64) * sq[..., None]).reshape(q.shape)

@@ -10,7 +10,7 @@ import pytest
 
 import fa_lab
 from fa_lab import presets, reference, tune
-from fa_lab.kernels.flash import DEFAULT_BLOCKS
+from fa_lab.config import FLASH_BLOCKS
 
 
 @pytest.fixture
@@ -101,7 +101,7 @@ def test_validate_names_the_problem():
     bad["choices"]["flash"]["long"]["block_q"] = -8
     assert "choices.flash.long.block_q" in tune.validate(bad)
     assert "JSON object" in tune.validate([1])
-    assert tune.MAX_BLOCK >= max(DEFAULT_BLOCKS)
+    assert tune.MAX_BLOCK >= max(FLASH_BLOCKS)
 
 
 def test_fingerprint_does_not_depend_on_blas_load_order(monkeypatch):

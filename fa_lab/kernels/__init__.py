@@ -1,6 +1,10 @@
-"""The kernel ladder, one module per rung: naive -> online -> tiled -> tiled_simd.
+"""The kernels, one module per rung of the ladder: naive -> online -> tiled (fa1, FA-1's
+loop order, beside it) -> tiled_simd -> flash; then int8, the backward kernels
+(backward_naive, backward_tiled), the streaming micro-kernels of lesson 09 (stream) and
+the GPU rung (cuda_fa2). Shared helpers are in ``common``. Kernels never import the
+registry (docs/ARCHITECTURE.md); :class:`fa_lab.registry.Runner` adapts them.
 
-Every driver has the same canonical signature, so the registry can call any of them::
+Every forward driver has the same canonical signature, so one adapter calls any of them::
 
     driver(q, k, v, bias, has_bias, scale, causal, offset, block_q, block_kv, out, lse)
 
@@ -12,6 +16,9 @@ Every driver has the same canonical signature, so the registry can call any of t
     block_q, block_kv        Br, Bc (ignored by the untiled rungs)
     out   (B, H, Nq, d)      written
     lse   (B, H, Nq)         written; -inf for rows that see no key
+
+``tiled_simd`` adds ``(dropout_p, seed_mixed)`` after ``lse``; ``flash`` adds
+``(stage, kv_len)``, and its Flash-Decoding driver takes ``splits`` before ``out``.
 
 Neighbouring rungs repeat their loop skeletons (the ``(b, h, i)`` drivers of ``naive``
 and ``online``; ``_q_block`` of ``tiled`` and ``tiled_simd``) on purpose, so a learner

@@ -79,3 +79,15 @@ def finalize_row(acc_r, m_r, l_r, out_r):
     for t in range(out_r.shape[0]):
         out_r[t] = acc_r[t] / l_r
     return m_r + math.log(l_r)
+
+
+_NO_BIAS = {}
+
+
+def no_bias(dtype) -> np.ndarray:
+    """A read-only (1, 1, 1, 1) placeholder passed as ``bias`` when there is no mask
+    (``has_bias=False``: never read), one per dtype so numba compiles one signature."""
+    dtype = np.dtype(dtype)
+    if dtype not in _NO_BIAS:
+        _NO_BIAS[dtype] = np.broadcast_to(np.zeros((), dtype), (1, 1, 1, 1))
+    return _NO_BIAS[dtype]

@@ -39,6 +39,8 @@ import math
 import numpy as np
 from numba import cuda, float32
 
+from fa_lab.reference import causal_offset
+
 BR = 32  # query rows per block = threads per block (one warp)
 BC = 16  # keys per shared-memory tile
 D_MAX = 128  # largest head dimension the kernel is compiled for
@@ -126,8 +128,6 @@ def fa2_forward(q, k, v, bias, has_bias, scale, causal, offset, out, lse):
 
 def run(q, k, v, bias, scale, alignment, block_q=None, block_kv=None):
     """Registry adapter: canonical NumPy arguments in, ``(out, lse)`` NumPy arrays out."""
-    from fa_lab.reference import causal_offset
-
     B, H, Nq, d = q.shape
     if d > D_MAX:
         raise NotImplementedError(f"kernel 'cuda_fa2' is compiled for d <= {D_MAX}, got d={d}")

@@ -6,8 +6,9 @@ What changes against ``tiled_simd`` (same online softmax, same causal block skip
   sgemm/dgemm) into buffers reused by every key block, with larger default tiles
   (``Br x Bc`` = 256 x 256: a BLAS call needs work to amortize its overhead; the
   autotuner, :mod:`fa_lab.tune`, picks per machine). BLAS inside ``prange`` must run
-  single-threaded, so importing this module loads SciPy's bundled OpenBLAS (the library
-  numba's ``np.dot`` calls) and sets it to 1 thread (:func:`limit_scipy_blas`). NumPy's
+  single-threaded, so the kernel's first call sets SciPy's bundled OpenBLAS (the library
+  numba's ``np.dot`` calls) to 1 thread (:func:`ensure_blas_threads`, recorded in
+  :data:`BLAS_LIMITED`; importing this module changes nothing). NumPy's
   own OpenBLAS is a separate library in the PyPI wheels and keeps its threads (the
   NumPy baseline of the benchmarks stays multi-threaded). Where both share one BLAS
   (some conda builds), NumPy is limited too. Limiting per call with
@@ -32,7 +33,7 @@ What changes against ``tiled_simd`` (same online softmax, same causal block skip
   ``O(Br Bc d)``) and, only when it holds NaN or inf, multiplies ``P Vj`` with a loop
   that skips the hidden keys (:func:`_pv_select`). Unmasked blocks are untouched.
 * ``stage`` (default: the whole kernel) stops each block early, so
-  :func:`fa_lab.bench.breakdown` can time the parts with the real code.
+  :func:`fa_lab.bench.studies.breakdown` can time the parts with the real code.
 
 Measured results (against PyTorch's CPU SDPA, the matrix-product peak, the time
 breakdown, decoding) are in lesson ``06_performance`` and the README; dropout is not
@@ -42,15 +43,16 @@ supported (``tiled_simd`` is).
 from __future__ import annotations
 
 import math
-
 import os
 
 import numpy as np
-import scipy.linalg.cython_blas  # noqa: F401  (load SciPy's BLAS now: see the docstring)
+import scipy.linalg.cython_blas  # noqa: F401  (numba's np.dot calls SciPy's BLAS)
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
+from threadpoolctl import ThreadpoolController
 
-from fa_lab.config import CACHE, FASTMATH
+from fa_lab import config
+from fa_lab.config import CACHE, FASTMATH, num_threads
 from fa_lab.kernels.common import (NEG_INF, NRT_ARRAY_OVERHEAD, finalize_row, mask_block,
                                    task_coords, visible_end)
 
@@ -59,8 +61,6 @@ def limit_scipy_blas(threads: int = 1) -> list[str]:
 
     Returns the paths of the libraries changed.
     """
-    from threadpoolctl import ThreadpoolController
-
     changed = []
     for lib in ThreadpoolController().lib_controllers:
         path = lib.filepath or ""
@@ -70,7 +70,10 @@ def limit_scipy_blas(threads: int = 1) -> list[str]:
     return changed
 
 
-SCIPY_BLAS_LIMITED = limit_scipy_blas(1)
+#: The BLAS libraries this process limited to one thread, filled at the kernel's first
+#: call (:func:`ensure_blas_threads`); empty before it. Importing this module changes no
+#: BLAS setting.
+BLAS_LIMITED: list[str] = []
 
 
 @njit(parallel=True, cache=CACHE, nogil=True)
@@ -105,17 +108,17 @@ def ensure_blas_threads() -> None:
     1024^3 products per thread (~20 ms each) overlap under such load too (60 measured
     calls with a CPU hog beside them: no new buffer; before: one in 30). Cost: once per
     process.
+
+    The first call also limits SciPy's BLAS to one thread (BLAS inside ``prange`` must
+    not start threads of its own) and records which libraries in :data:`BLAS_LIMITED`.
     """
     global _BLAS_READY_THREADS
-    import numba
-
-    threads = numba.get_num_threads()
+    if not BLAS_LIMITED:
+        BLAS_LIMITED[:] = limit_scipy_blas(1) or ["(no separate SciPy BLAS found)"]
+    threads = num_threads()
     if threads > _BLAS_READY_THREADS:
         tile_gemms(np.ones((1024, 1024), dtype=np.float32), 2 * threads)
         _BLAS_READY_THREADS = threads
-
-#: Default tiles (Br, Bc) for this kernel: BLAS calls want bigger tiles than loops.
-DEFAULT_BLOCKS = (256, 256)
 
 #: Degree-6 polynomial for 2^f on [0, 1), lowest degree first: a least-squares fit of
 #: 2^f with weights 2^-f (relative error) on 2000 Chebyshev nodes,
@@ -125,6 +128,9 @@ DEFAULT_BLOCKS = (256, 256)
 EXP2_COEFFS = (1.0000000018154935, 0.6931469870574726, 0.24022979581425047,
                0.0554835247239623, 0.009678472554453584, 0.0012443081508389578,
                0.00021690609170271546)
+# The same coefficients as float32 constants for the compiled kernel (numba freezes
+# global scalars at compile time).
+_E0, _E1, _E2, _E3, _E4, _E5, _E6 = (np.float32(c) for c in EXP2_COEFFS)
 
 
 def scratch_bytes(*, B, H, Nq, Nk, d, itemsize, block_q, block_kv, threads, **_):
@@ -224,13 +230,13 @@ def _softmax_block_f32(S, m, l, alpha, P):
             t = max(y * LOG2E, np.float32(-126.0))
             ti = np.floor(t)
             f = t - ti
-            p = np.float32(2.1690609170271546e-4)  # EXP2_COEFFS, highest degree first
-            p = p * f + np.float32(1.2443081508389578e-3)
-            p = p * f + np.float32(9.678472554453584e-3)
-            p = p * f + np.float32(5.54835247239623e-2)
-            p = p * f + np.float32(2.4022979581425047e-1)
-            p = p * f + np.float32(6.931469870574726e-1)
-            p = p * f + np.float32(1.0000000018154935)
+            p = _E6  # Horner on EXP2_COEFFS, highest degree first
+            p = p * f + _E5
+            p = p * f + _E4
+            p = p * f + _E3
+            p = p * f + _E2
+            p = p * f + _E1
+            p = p * f + _E0
             p = p * bits_f32((np.int32(ti) + np.int32(127)) << np.int32(23))
             p = p if y >= np.float32(-87.0) else (np.float32(0) if y < np.float32(-87.0) else y)
             Pr[c] = p
@@ -317,7 +323,7 @@ def _q_block(Qi, K, V, bias, has_bias, b, h, i0, causal, offset, j_begin, j_end,
     (already scaled) query block ``Qi``; writes ``O = acc / l`` and ``lse``.
 
     ``stage`` < :data:`FULL` stops each block early, for the time breakdown only
-    (:func:`fa_lab.bench.breakdown`; the output is then meaningless): 0 = the loop
+    (:func:`fa_lab.bench.studies.breakdown`; the output is then meaningless): 0 = the loop
     alone, 1 = + ``S = Qi Kj^T`` and masking, 2 = + softmax, 3 = + ``P Vj`` and the
     rescale (the kernel).
     """
@@ -353,38 +359,6 @@ def _q_block(Qi, K, V, bias, has_bias, b, h, i0, causal, offset, j_begin, j_end,
         _rescale_add(acc, alpha, PV)
     for r in range(br):
         lse_i[r] = finalize_row(acc[r], m[r], l[r], Oi[r])
-
-
-def run(q, k, v, bias, scale, alignment, block_q, block_kv, splits=None, stage=3,
-        kv_len=None):
-    """The registry's runner: warm BLAS on every thread, then the plain driver, or the
-    split-KV driver when :func:`plan_splits` (or ``splits``) asks for more than one.
-
-    ``kv_len``: attend to the first ``kv_len`` keys of ``k``/``v`` only (a KV cache's
-    filled part; ``bias`` must then be None)."""
-    import numba
-
-    from fa_lab.registry import _no_bias  # noqa: PLC0415  (registry imports this module)
-    from fa_lab.reference import causal_offset
-
-    ensure_blas_threads()
-    B, H, Nq, d = q.shape
-    Nk = k.shape[2] if kv_len is None else int(kv_len)
-    block_q, block_kv = block_q or 1, block_kv or 1
-    if splits is None:
-        splits = plan_splits(B, H, Nq, Nk, block_q, block_kv, numba.get_num_threads())
-    out = np.empty_like(q)
-    lse = np.empty((B, H, Nq), dtype=q.dtype)
-    offset = causal_offset(Nq, Nk, alignment) if alignment else 0
-    has_bias = bias is not None
-    args = (q, k, v, bias if has_bias else _no_bias(q.dtype), has_bias, q.dtype.type(scale),
-            alignment is not None, offset, block_q, block_kv)
-    n = -1 if kv_len is None else Nk
-    if splits > 1:
-        flash_splitkv_forward(*args, int(splits), out, lse, n)
-    else:
-        flash_forward(*args, out, lse, int(stage), n)
-    return out, lse
 
 
 @njit(cache=CACHE, parallel=True, nogil=True)
@@ -461,19 +435,14 @@ def flash_splitkv_forward(q, k, v, bias, has_bias, scale, causal, offset, block_
             lse[b, h, i] = top + math.log(total)
 
 
-#: Aim for at least this many tasks per thread before splitting the keys (load balance).
-SPLIT_TASKS_PER_THREAD = 2
-#: Never split into ranges shorter than this many keys (each split pays a merge).
-SPLIT_MIN_KEYS = 512
-
-
 def plan_splits(B, H, Nq, Nk, block_q, block_kv, threads) -> int:
     """How many key ranges Flash-Decoding uses: 1 (no split) when the (b, h, query
-    block) tasks already give every thread :data:`SPLIT_TASKS_PER_THREAD` of them,
-    else enough splits for that, each at least :data:`SPLIT_MIN_KEYS` keys long."""
+    block) tasks already give every thread ``config.SPLIT_TASKS_PER_THREAD`` of them, else
+    enough splits for that, each at least ``config.SPLIT_MIN_KEYS`` keys long (both read
+    at each call, so a lesson can change them)."""
     tasks = B * H * -(-Nq // block_q)
-    want = SPLIT_TASKS_PER_THREAD * threads
+    want = config.SPLIT_TASKS_PER_THREAD * threads
     if tasks == 0 or tasks >= want:
         return 1
-    most = max(1, Nk // max(SPLIT_MIN_KEYS, block_kv))
+    most = max(1, Nk // max(config.SPLIT_MIN_KEYS, block_kv))
     return int(max(1, min(-(-want // tasks), most)))

@@ -18,8 +18,8 @@ Two rungs, the same way the float ladder has them:
   The softmax is ``flash``'s fused block function; ``P V`` is ``tiled_simd``'s loop.
 
 Why int32 casts everywhere: ``int8 * int8`` in numba promotes to int64 and vectorizes in
-slow 64-bit lanes (see ``../shared/PITFALLS.md``); casting each product back to int32
-keeps 16 lanes per zmm. |q8 . k8| <= 127^2 * d fits int32 for any d < 133,000.
+slow 64-bit lanes (8 per zmm register instead of 16); casting each product
+back to int32 keeps 16 lanes per zmm. |q8 . k8| <= 127^2 * d fits int32 for any d < 133,000.
 """
 
 from __future__ import annotations

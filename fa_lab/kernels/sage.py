@@ -373,8 +373,10 @@ def pack(q8, sq, k8, sk, v, scale, bq, bk, score_path, pv_path):
     return Qx, rs, Kp, corr, skp, Vp, vfin
 
 
-def run(q8, sq, k8, sk, v, bias, scale, alignment, block_q, block_kv, pv_dtype="float32"):
-    """The registry's runner: pack for this CPU's paths, then :func:`sage_forward`."""
+def run(arrays, bias, scale, alignment, block_q=None, block_kv=None, *, pv_dtype="float32"):
+    """The registry's runner (the canonical INT8 call, ``arrays = (q8, sq, k8, sk, v)``):
+    pack for this CPU's paths, then :func:`sage_forward`."""
+    q8, sq, k8, sk, v = arrays
     score_path, pv_path = paths(pv_dtype)
     if score_path is None:
         raise NotImplementedError(unavailable())

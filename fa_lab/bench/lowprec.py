@@ -3,9 +3,9 @@ against BLAS on the same tiles, and the SageAttention-style kernel against ``fla
 PyTorch's SDPA, with the targets of issue 15 judged (lesson 10; ``python -m fa_lab bench
 --sweep int8``).
 
-Every timing goes through :func:`fa_lab.bench.time_calls` (interleaved rounds, load
+Every timing goes through :func:`fa_lab.time_calls` (interleaved rounds, load
 recorded) and every verdict through :func:`fa_lab.verdict.judge` (quartile ranges;
-``inconclusive`` under load). Operations are counted as in ``bench.flops``: a multiply
+``inconclusive`` under load). Operations are counted as in ``flops``: a multiply
 and an add are 2, whatever the precision (FLOP for floats, OP for integers).
 """
 
@@ -15,20 +15,25 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from fa_lab import bench, cpu_features, int8_study, reference, verdict
+from fa_lab import cpu_features, int8_study, reference, verdict
+from fa_lab.bench.claims import judge_speedup
+from fa_lab.bench.contenders import contenders
+from fa_lab.bench.harness import Contender, flops, load_of, time_calls, validate
+from fa_lab.bench.sweeps import matmul_peak
 from fa_lab.config import num_threads
 from fa_lab.int8 import attention_int8, plan_int8, quantize_inputs
 from fa_lab.kernels import int8 as int8_loops
 from fa_lab.kernels import microkernels as mk
+from fa_lab.kernels import peaks as peak_loops
 from fa_lab.kernels import sage
 from fa_lab.machine import Load
 
 #: precision -> (instruction, peak loop, operand maker, feature needed)
 PEAK_LOOPS = {
-    "fp32": ("vfmadd231ps", mk.peak_fp32, lambda: np.full(16, 1e-3, np.float32), "avx512f"),
-    "int8": ("vpdpbusd", mk.peak_vnni, lambda: np.ones(64, np.int8), "vnni"),
-    "int16": ("vpmaddwd", mk.peak_i16, lambda: np.ones(64, np.int8), "avx512bw"),
-    "bf16": ("vdpbf16ps", mk.peak_bf16, lambda: mk.to_bf16(np.full(32, 1e-3)), "bf16"),
+    "fp32": ("vfmadd231ps", peak_loops.peak_fp32, lambda: np.full(16, 1e-3, np.float32), "avx512f"),
+    "int8": ("vpdpbusd", peak_loops.peak_vnni, lambda: np.ones(64, np.int8), "vnni"),
+    "int16": ("vpmaddwd", peak_loops.peak_i16, lambda: np.ones(64, np.int8), "avx512bw"),
+    "bf16": ("vdpbf16ps", peak_loops.peak_bf16, lambda: mk.to_bf16(np.full(32, 1e-3)), "bf16"),
 }
 
 _LOOP_KEY = {"fp32": "fp32", "int8": "vnni", "int16": "i16", "bf16": "bf16"}
@@ -51,9 +56,9 @@ def _on_threads(fn, threads):
 
 
 def peaks(threads=None, *, repeats=5, steps=1_000_000):
-    """G op/s of the register-resident loops (:mod:`fa_lab.kernels.microkernels`) per
+    """G op/s of the register-resident loops (:mod:`fa_lab.kernels.peaks`) per
     precision this CPU has, on 1 thread and on all of numba's threads, plus the fp32
-    matrix-product peak (:func:`fa_lab.bench.matmul_peak`). Columns: ``precision``,
+    matrix-product peak (:func:`fa_lab.matmul_peak`). Columns: ``precision``,
     ``instruction``, ``threads``, ``gops`` and the timing/load columns."""
     import pandas as pd
 
@@ -68,14 +73,14 @@ def peaks(threads=None, *, repeats=5, steps=1_000_000):
         loop(x, x, 10)  # compile
         for t in threads:
             name = f"{prec} t{t}"
-            cs.append(bench.Contender(name, _on_threads(lambda _l=loop, _x=x: _l(_x, _x, steps),
+            cs.append(Contender(name, _on_threads(lambda _l=loop, _x=x: _l(_x, _x, steps),
                                                         t), "kernel"))
-            meta[name] = (prec, instr, t, mk.OPS_PER_ROUND[_LOOP_KEY[prec]])
-    times = bench.time_calls(cs, (), repeats=repeats, warmup=1)
+            meta[name] = (prec, instr, t, peak_loops.OPS_PER_ROUND[_LOOP_KEY[prec]])
+    times = time_calls(cs, (), repeats=repeats, warmup=1)
     rows = [{"precision": p, "instruction": i, "threads": t,
              **times.summary(n, float(ops) * steps * t)} for n, (p, i, t, ops) in meta.items()]
     df = pd.DataFrame(rows).rename(columns={"gflops": "gops"})
-    mm = bench.matmul_peak(repeats=repeats)
+    mm = matmul_peak(repeats=repeats)
     mm = mm.assign(precision="fp32 (BLAS matmul)", instruction="sgemm",
                    threads=num_threads()).rename(columns={"gflops": "gops"})
     return pd.concat([df, mm[[c for c in df.columns if c in mm]]], ignore_index=True)
@@ -116,13 +121,13 @@ def score_tiles(N=2048, d=64, *, block_q=None, block_kv=None, repeats=5, seed=0)
                                             f.score_path, "fp32")
     q2, k2 = q[0, 0].copy(), k[0, 0].copy()
     bench_name = f"int8 micro-kernel ({'vpdpbusd' if f.score_path == 'vnni' else 'vpmaddwd'})"
-    cs = [bench.Contender(bench_name, lambda: sage.qk_blocks_microkernel(
+    cs = [Contender(bench_name, lambda: sage.qk_blocks_microkernel(
               Qx, rs, Kp, corr, skp, N, d, bq, steps), "kernel"),
-          bench.Contender("fp32 BLAS (np.dot tiles)", lambda: sage.qk_blocks_blas(
+          Contender("fp32 BLAS (np.dot tiles)", lambda: sage.qk_blocks_blas(
               q2, k2, bq, bk), "baseline"),
-          bench.Contender("int8 plain loops (simd)", lambda: int8_loops.qk_all_blocks_i8(
+          Contender("int8 plain loops (simd)", lambda: int8_loops.qk_all_blocks_i8(
               q8[0, 0], k8[0, 0], bq, bk), "kernel")]
-    times = bench.time_calls(cs, (), repeats=repeats, warmup=1)
+    times = time_calls(cs, (), repeats=repeats, warmup=1)
     ops = 2.0 * (N // bq * bq) * (N // bk * bk) * d
     table = pd.DataFrame([{"name": c.name, "tiles": f"{bq}x{bk}", **times.summary(c.name, ops)}
                           for c in cs]).rename(columns={"gflops": "gops"})
@@ -155,7 +160,7 @@ def accuracy(N=2048, H=8, d=64, *, causal=False, seed=0):
 
 
 def _sdpa_contender(causal):
-    found = [c for c in bench.contenders([], causal=causal) if c.name == "torch_sdpa"]
+    found = [c for c in contenders([], causal=causal) if c.name == "torch_sdpa"]
     return found[0] if found else None
 
 
@@ -174,15 +179,15 @@ def speed(N=2048, H=8, B=1, d=64, *, causal=False, repeats=7, peak_df=None, old=
     q, k, v = (rng.standard_normal((B, H, N, d)).astype(np.float32) for _ in range(3))
     f = cpu_features.detect()
     plan = {pv: plan_int8(q, k, v, causal=causal, pv_dtype=pv) for pv in ("bfloat16", "float32")}
-    cs = [bench.Contender(f"int8 {plan[pv]['kernel']} pv {pv}", lambda q, k, v, _pv=pv:
+    cs = [Contender(f"int8 {plan[pv]['kernel']} pv {pv}", lambda q, k, v, _pv=pv:
                           attention_int8(q, k, v, causal=causal, pv_dtype=_pv), "kernel")
           for pv in ("bfloat16", "float32")]
     int8_names = [c.name for c in cs]
     if old:
-        cs.append(bench.Contender("int8 simd (plain loops)", lambda q, k, v: attention_int8(
+        cs.append(Contender("int8 simd (plain loops)", lambda q, k, v: attention_int8(
             q, k, v, causal=causal, kernel="simd"), "kernel"))
         int8_names.append(cs[-1].name)
-    cs += bench.contenders(["flash"], causal=causal, with_baselines=False)
+    cs += contenders(["flash"], causal=causal, with_baselines=False)
     sdpa = _sdpa_contender(causal)
     if sdpa:
         cs.append(sdpa)
@@ -193,9 +198,9 @@ def speed(N=2048, H=8, B=1, d=64, *, causal=False, repeats=7, peak_df=None, old=
             if not cos >= 0.999:
                 raise AssertionError(f"{c.name}: cosine {cos:.6f} < 0.999, not timed")
         else:
-            bench.validate(c, q, k, v, causal=causal)
-    times = bench.time_calls(cs, (q, k, v), repeats=repeats, warmup=1)
-    work = bench.flops(B, H, N, N, d, causal)
+            validate(c, q, k, v, causal=causal)
+    times = time_calls(cs, (q, k, v), repeats=repeats, warmup=1)
+    work = flops(B, H, N, N, d, causal)
     prec = {int8_names[0]: ("int8", "bf16" if plan["bfloat16"]["pv_path"] == "bf16" else "fp32"),
             int8_names[1]: ("int8", "fp32")}
     if old:
@@ -216,21 +221,21 @@ def speed(N=2048, H=8, B=1, d=64, *, causal=False, repeats=7, peak_df=None, old=
     tag = "causal" if causal else "not causal"
     verdicts = []
     if sdpa:
-        verdicts.append(bench.judge_speedup(df, int8_names[0], "torch_sdpa", TARGET_VS_SDPA,
+        verdicts.append(judge_speedup(df, int8_names[0], "torch_sdpa", TARGET_VS_SDPA,
                                             what=f"sage bf16 vs torch SDPA fp32 ({tag})"))
-    verdicts.append(bench.judge_speedup(df, int8_names[0], "flash", TARGET_VS_FLASH,
+    verdicts.append(judge_speedup(df, int8_names[0], "flash", TARGET_VS_FLASH,
                                         what=f"sage bf16 vs flash fp32 ({tag})"))
     return df, verdicts
 
 
 def load_note(df) -> str:
     """One line: the measured load of the rows (for the printout)."""
-    loads = [bench.load_of(r) for _, r in df.iterrows()]
+    loads = [load_of(r) for _, r in df.iterrows()]
     load = Load.merge([x for x in loads if x is not None])
     if not load.known:
         return "load unknown"
     return (f"others used {100 * load.others:.0f}% of the CPU, steal {100 * load.steal:.0f}%"
-            + (f": BUSY ({load.reason()})" if load.busy else ""))
+            + (f": BUSY ({load.reason})" if load.busy else ""))
 
 
 def sweep(N=2048, H=8, B=1, d=64, *, repeats=7, progress=print):
@@ -255,3 +260,36 @@ def sweep(N=2048, H=8, B=1, d=64, *, repeats=7, progress=print):
     return {"peaks": pk, "tiles": tiles, "speed": pd.concat(speeds, ignore_index=True),
             "accuracy": acc, "targets": targets}
 
+
+
+#: Columns printed per table by :func:`format_sweep`.
+_SHOW = {"peaks": ["precision", "instruction", "threads", "gops", "q25_s", "median_s", "q75_s",
+                   "others_pct"],
+         "tiles": ["name", "tiles", "gops", "q25_s", "median_s", "q75_s", "others_pct"],
+         "speed": ["name", "causal", "median_s", "q25_s", "q75_s", "gflops", "precision",
+                   "peak_gops", "fraction_of_peak", "others_pct", "busy"],
+         "accuracy": ["data", "causal", "pv_dtype", "cosine", "rel_l1", "max_error"]}
+
+
+def format_sweep(r) -> str:
+    """The tables of :func:`sweep` as text (the CLI prints it), each with its load."""
+    import pandas as pd
+
+    lines = [f"instruction paths: {cpu_features.detect().note('bfloat16')}"]
+    with pd.option_context("display.width", 250, "display.max_columns", 30):
+        for key, cols in _SHOW.items():
+            load = load_note(r[key]) if key != "accuracy" else "not timed"
+            lines += [f"\n== {key} (load: {load})",
+                      r[key][[c for c in cols if c in r[key]]].to_string(
+                          index=False, float_format="{:.4g}".format)]
+    return "\n".join(lines)
+
+
+def targets(r):
+    """Every judged target of :func:`sweep` (speed, tiles, accuracy) as one table
+    (``what``, ``detail``)."""
+    import pandas as pd
+
+    acc = r["accuracy"].rename(columns={"verdict": "detail"})
+    acc["what"] = [f"accuracy ({'causal' if c else 'not causal'})" for c in acc["causal"]]
+    return pd.concat([r["targets"], acc[["what", "detail"]]], ignore_index=True)

@@ -1,0 +1,61 @@
+"""Peak loops: how many operations per second each 512-bit instruction of
+:mod:`fa_lab.kernels.microkernels` reaches when nothing but it runs (register-resident
+accumulators, no memory traffic in the loop): the ceilings of lesson 10's roofline per
+precision (fp32 FMA, INT8 ``vpdpbusd``, INT16 ``vpmaddwd``, BF16 ``vdpbf16ps``).
+"""
+
+from __future__ import annotations
+
+from numba import njit
+
+from fa_lab.config import CACHE
+from fa_lab.kernels.microkernels import (dpbf16, dpbusd, madd16, vfma, vload_f32, vload_i32,
+                                         vsum_f32, vsum_i32, vzero_f32, vzero_i32)
+
+
+#: Independent accumulators in the peak loops: enough to cover each instruction's
+#: latency (4-5 cycles) at its throughput (1-2 per cycle), few enough for 32 registers.
+PEAK_ACCUMULATORS = 12
+
+
+def _peak_impl(zero, load, step, total):
+    def loop(x, y, n):
+        """``n`` rounds of 12 independent dot-product instructions on register values
+        (no memory traffic in the loop); returns a checksum."""
+        a = load(x, 0)
+        b = load(y, 0)
+        c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = c8 = c9 = c10 = c11 = zero()
+        for _ in range(n):
+            c0 = step(c0, a, b)
+            c1 = step(c1, a, b)
+            c2 = step(c2, a, b)
+            c3 = step(c3, a, b)
+            c4 = step(c4, a, b)
+            c5 = step(c5, a, b)
+            c6 = step(c6, a, b)
+            c7 = step(c7, a, b)
+            c8 = step(c8, a, b)
+            c9 = step(c9, a, b)
+            c10 = step(c10, a, b)
+            c11 = step(c11, a, b)
+        return (total(c0) + total(c1) + total(c2) + total(c3) + total(c4) + total(c5)
+                + total(c6) + total(c7) + total(c8) + total(c9) + total(c10) + total(c11))
+    return loop
+
+
+#: The register-resident loops, per instruction: (jitted loop, operations per round,
+#: operand dtypes). Ops count a multiply and an add as 2 (FLOP or integer op).
+peak_vnni = njit(cache=CACHE, nogil=True)(_peak_impl(vzero_i32, vload_i32, dpbusd, vsum_i32))
+@njit(cache=CACHE, inline="always")
+def _madd16_chain(c, a, b):
+    # c feeds itself: LLVM knows vpmaddwd and would hoist a loop-invariant a*b; on a CPU
+    # with VNNI it fuses vpmaddwd + vpaddd into one vpdpwssd
+    return madd16(c, a, c)
+
+
+peak_i16 = njit(cache=CACHE, nogil=True)(_peak_impl(vzero_i32, vload_i32, _madd16_chain,
+                                                     vsum_i32))
+peak_bf16 = njit(cache=CACHE, nogil=True)(_peak_impl(vzero_f32, vload_i32, dpbf16, vsum_f32))
+peak_fp32 = njit(cache=CACHE, nogil=True)(_peak_impl(vzero_f32, vload_f32, vfma, vsum_f32))
+OPS_PER_ROUND = {"vnni": PEAK_ACCUMULATORS * 16 * 4 * 2, "i16": PEAK_ACCUMULATORS * 16 * 2 * 2,
+                 "bf16": PEAK_ACCUMULATORS * 16 * 2 * 2, "fp32": PEAK_ACCUMULATORS * 16 * 2}

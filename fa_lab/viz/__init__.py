@@ -1,0 +1,29 @@
+"""Every figure of fa_lab, in one place (a tool: ``docs/ARCHITECTURE.md``):
+
+* :mod:`~fa_lab.viz.core`: pyplot and the machine footer under measured figures;
+* :mod:`~fa_lab.viz.lessons`: the lessons' concepts (attention, tiles, masks, memory,
+  the memory hierarchy);
+* :mod:`~fa_lab.viz.perf`: measurements (ladder, throughput, breakdown, decoding,
+  retrieval, INT8 error, peak memory);
+* :mod:`~fa_lab.viz.decoding`: pictures of RoPE, split-KV and the KV cache.
+
+All names are re-exported here: ``fa_lab.viz.roofline(...)``.
+"""
+
+from fa_lab.viz.core import (footer)
+from fa_lab.viz.lessons import (attention_matrix, running_state, tile_schedule, causal_masks,
+                                heatmap, bars, tile_schedules, speedup_bars, allocations,
+                                peak_memory_vs_n, keep_mask, bandwidth_curve, roofline,
+                                traffic_bars, decode_floor)
+from fa_lab.viz.perf import (plot_ladder, plot_throughput, plot_breakdown, plot_decode,
+                             plot_generation, plot_decode_latency, plot_retrieval,
+                             plot_k_histograms, plot_error_vs_length, plot_memory_sweep)
+from fa_lab.viz.decoding import (plot_rope, plot_split_kv, plot_kv_cache)
+
+__all__ = ['allocations', 'attention_matrix', 'bandwidth_curve', 'bars', 'causal_masks',
+           'decode_floor', 'footer', 'heatmap', 'keep_mask', 'peak_memory_vs_n',
+           'plot_breakdown', 'plot_decode', 'plot_decode_latency', 'plot_error_vs_length',
+           'plot_generation', 'plot_k_histograms', 'plot_kv_cache', 'plot_ladder',
+           'plot_memory_sweep', 'plot_retrieval', 'plot_rope', 'plot_split_kv',
+           'plot_throughput', 'roofline', 'running_state', 'speedup_bars', 'tile_schedule',
+           'tile_schedules', 'traffic_bars']
