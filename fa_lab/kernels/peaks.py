@@ -9,8 +9,20 @@ from __future__ import annotations
 from numba import njit
 
 from fa_lab.config import CACHE
-from fa_lab.kernels.microkernels import (dpbf16, dpbusd, madd16, vfma, vload_f32, vload_i32,
-                                         vsum_f32, vsum_i32, vzero_f32, vzero_i32)
+from fa_lab.kernels.microkernels import (dpbf16, dpbusd, madd16, pv_tile, s_tile, vfma,
+                                         vload_f32, vload_i32, vsum_f32, vsum_i32, vzero_f32,
+                                         vzero_i32)
+
+
+def probe_scores(Qx, ldq, Kp, steps, corr, sk, rs, S):
+    """One score micro-kernel call on a 4 x 32 tile (for reading its assembly: compile
+    it fresh with ``numba.njit(probe_scores)``, cached code has none)."""
+    s_tile(Qx, 0, ldq, Kp, 0, steps, corr, sk, 0, rs, 0, S, 0, 32)
+
+
+def probe_pv(Px, ldp, n, Vx, ldv, alpha, acc):
+    """One ``P V`` micro-kernel call on a 4 x 32 tile (see :func:`probe_scores`)."""
+    pv_tile(Px, 0, ldp, n, Vx, 0, ldv, alpha, 0, acc, 0, 32)
 
 
 #: Independent accumulators in the peak loops: enough to cover each instruction's
