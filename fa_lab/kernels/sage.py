@@ -131,6 +131,43 @@ def pack_kv(k8, sk, v, bk, Kp, corr, skp, Vp, vfin, vnni, bf16):
         vfin[bh, jb] = bad == 0
 
 
+#: Degree-4 polynomial for ``2^f`` on [0, 1) used when P is rounded to bf16 anyway:
+#: max relative error 2.7e-6 in float32 (the same weighted fit as
+#: :data:`fa_lab.kernels.flash.EXP2_COEFFS`), far below bf16's rounding (2^-9), two
+#: FMAs per score fewer than the degree-6 one. (Degree 3, 7.7e-5, would also do for P,
+#: but the row sum l uses the same values and the LSE then moved by up to 8e-5.)
+EXP2_COEFFS_BF16 = (1.0000025181301353, 0.6930066206638741, 0.24142749325119936,
+                    0.05203742877442215, 0.013520603197212263)
+
+
+def exp2_frac(f, Pr):
+    """``2^f`` for f in [0, 1): degree 6 (fp32 ``Pr``) or degree 4 (bf16 ``Pr``)."""
+    return 2.0 ** f
+
+
+def _exp2_deg6(f, Pr):
+    p = np.float32(2.1690609170271546e-4)  # EXP2_COEFFS, highest degree first
+    p = p * f + np.float32(1.2443081508389578e-3)
+    p = p * f + np.float32(9.678472554453584e-3)
+    p = p * f + np.float32(5.54835247239623e-2)
+    p = p * f + np.float32(2.4022979581425047e-1)
+    p = p * f + np.float32(6.931469870574726e-1)
+    return p * f + np.float32(1.0000000018154935)
+
+
+def _exp2_deg4(f, Pr):
+    p = np.float32(0.013520603197212263)  # EXP2_COEFFS_BF16, highest degree first
+    p = p * f + np.float32(0.05203742877442215)
+    p = p * f + np.float32(0.24142749325119936)
+    p = p * f + np.float32(0.6930066206638741)
+    return p * f + np.float32(1.0000025181301353)
+
+
+@overload(exp2_frac, inline="always")
+def _exp2_frac_overload(f, Pr):
+    return _exp2_deg4 if Pr.dtype == types.uint16 else _exp2_deg6
+
+
 def store_p(Pr, c, p):
     """``Pr[c] = p``: fp32 as is, or its bf16 bits (uint16 ``Pr``), rounded to nearest
     even as :func:`~fa_lab.kernels.microkernels.round_bf16` (p >= 0 or NaN here)."""
@@ -158,7 +195,8 @@ def _store_p_overload(Pr, c, p):
 def _softmax_row(Sr, m_old, Pr):
     """``flash``'s fused block softmax on one row (1-D views, indexed from 0 so LLVM
     vectorizes): the max on order-preserving int32 keys, then ``p = 2^((s - m) log2 e)``
-    (polynomial :data:`fa_lab.kernels.flash.EXP2_COEFFS`) and the sum in one pass.
+    (polynomial :data:`fa_lab.kernels.flash.EXP2_COEFFS`, or the degree-4
+    :data:`EXP2_COEFFS_BF16` when P is stored as bf16) and the sum in one pass.
     Returns ``(m_new, alpha, rowsum)``; a row that saw only ``-inf`` uses 0 as its max
     (P = 0, alpha = 1); NaN stays NaN."""
     bc = Sr.shape[0]
@@ -176,14 +214,7 @@ def _softmax_row(Sr, m_old, Pr):
         t = max(y * LOG2E, np.float32(-126.0))
         ti = np.floor(t)
         f = t - ti
-        p = np.float32(2.1690609170271546e-4)  # EXP2_COEFFS, highest degree first
-        p = p * f + np.float32(1.2443081508389578e-3)
-        p = p * f + np.float32(9.678472554453584e-3)
-        p = p * f + np.float32(5.54835247239623e-2)
-        p = p * f + np.float32(2.4022979581425047e-1)
-        p = p * f + np.float32(6.931469870574726e-1)
-        p = p * f + np.float32(1.0000000018154935)
-        p = p * bits_f32((np.int32(ti) + np.int32(127)) << np.int32(23))
+        p = exp2_frac(f, Pr) * bits_f32((np.int32(ti) + np.int32(127)) << np.int32(23))
         p = p if y >= np.float32(-87.0) else (np.float32(0) if y < np.float32(-87.0) else y)
         store_p(Pr, c, p)
         total += p
