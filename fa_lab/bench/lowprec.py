@@ -159,9 +159,9 @@ def score_tiles(N=2048, d=64, *, block_q=None, block_kv=None, repeats=5, seed=0)
                                             f.score_path, "fp32")
     q2, k2 = q[0, 0].copy(), k[0, 0].copy()
     bench_name = f"int8 micro-kernel ({'vpdpbusd' if f.score_path == 'vnni' else 'vpmaddwd'})"
-    cs = [Contender(bench_name, lambda: sage.qk_blocks_microkernel(
+    cs = [Contender(bench_name, lambda: peak_loops.qk_blocks_microkernel(
               Qx, rs, Kp, corr, skp, N, d, bq, steps), "kernel"),
-          Contender("fp32 BLAS (np.dot tiles)", lambda: sage.qk_blocks_blas(
+          Contender("fp32 BLAS (np.dot tiles)", lambda: peak_loops.qk_blocks_blas(
               q2, k2, bq, bk), "baseline"),
           Contender("int8 plain loops (simd)", lambda: int8_loops.qk_all_blocks_i8(
               q8[0, 0], k8[0, 0], bq, bk), "kernel")]

@@ -1,4 +1,4 @@
-"""Peak loops: how many operations per second each 512-bit instruction of
+"""Peak loops and timed tiles: how many operations per second each 512-bit instruction of
 :mod:`fa_lab.kernels.microkernels` reaches when nothing but it runs (register-resident
 accumulators, no memory traffic in the loop): the ceilings of lesson 10's roofline per
 precision (fp32 FMA, INT8 ``vpdpbusd``, INT16 ``vpmaddwd``, BF16 ``vdpbf16ps``).
@@ -6,10 +6,12 @@ precision (fp32 FMA, INT8 ``vpdpbusd``, INT16 ``vpmaddwd``, BF16 ``vdpbf16ps``).
 
 from __future__ import annotations
 
+import numpy as np
 from numba import njit
 
 from fa_lab.config import CACHE
-from fa_lab.kernels.microkernels import (dpbf16, dpbusd, madd16, pv_tile, s_tile, vfma,
+from fa_lab.kernels.sage import _scores
+from fa_lab.kernels.microkernels import (MR, dpbf16, dpbusd, madd16, pv_tile, s_tile, vfma,
                                          vload_f32, vload_i32, vsum_f32, vsum_i32, vzero_f32,
                                          vzero_i32)
 
@@ -71,3 +73,35 @@ peak_bf16 = njit(cache=CACHE, nogil=True)(_peak_impl(vzero_f32, vload_i32, dpbf1
 peak_fp32 = njit(cache=CACHE, nogil=True)(_peak_impl(vzero_f32, vload_f32, vfma, vsum_f32))
 OPS_PER_ROUND = {"vnni": PEAK_ACCUMULATORS * 16 * 4 * 2, "i16": PEAK_ACCUMULATORS * 16 * 2 * 2,
                  "bf16": PEAK_ACCUMULATORS * 16 * 2 * 2, "fp32": PEAK_ACCUMULATORS * 16 * 2}
+
+
+# ---------------------------------------------------------------- score tiles, timed
+
+@njit(cache=CACHE, nogil=True)
+def qk_blocks_microkernel(Qx, rs, Kp, corr, skp, Nq, d, block_q, steps):
+    """Every ``S = Qi Kj^T`` block of one packed head by the score micro-kernel (full
+    blocks only), one thread: the throughput the kernel's score step gets. Returns a
+    checksum."""
+    Tc, bkp = corr.shape[1], corr.shape[2]
+    dq = Qx.shape[0] // (Nq + MR - 1)
+    S = np.empty(block_q * bkp, np.float32)
+    total = 0.0
+    for i0 in range(0, Nq - block_q + 1, block_q):
+        for jb in range(Tc):
+            _scores(Qx, i0 * dq, dq, steps, Kp, jb * bkp * dq, corr[0, jb], skp[0, jb],
+                    rs[i0:], S, block_q, bkp, bkp)
+            total += S[0]
+    return total
+
+
+@njit(cache=CACHE, nogil=True)
+def qk_blocks_blas(q, k, block_q, block_kv):
+    """The same blocks in float32 through BLAS (``np.dot`` into a reused buffer, one
+    thread: what ``flash``'s score step runs)."""
+    S = np.empty((block_q, block_kv), dtype=q.dtype)
+    total = 0.0
+    for i0 in range(0, q.shape[0] - block_q + 1, block_q):
+        for j0 in range(0, k.shape[0] - block_kv + 1, block_kv):
+            np.dot(q[i0:i0 + block_q], k[j0:j0 + block_kv].T, S)
+            total += S[0, 0]
+    return total

@@ -425,33 +425,3 @@ def run(arrays, bias, scale, alignment, block_q=None, block_kv=None, *, pv_dtype
     sage_forward(*packed, v, bias, has_bias, alignment is not None, offset, bq, bk, out, lse,
                  score_path == "vnni")
     return out, lse
-
-
-@njit(cache=CACHE, nogil=True)
-def qk_blocks_microkernel(Qx, rs, Kp, corr, skp, Nq, d, block_q, steps):
-    """Every ``S = Qi Kj^T`` block of one packed head by the score micro-kernel (full
-    blocks only), one thread: the throughput the kernel's score step gets. Returns a
-    checksum."""
-    Tc, bkp = corr.shape[1], corr.shape[2]
-    dq = Qx.shape[0] // (Nq + MR - 1)
-    S = np.empty(block_q * bkp, np.float32)
-    total = 0.0
-    for i0 in range(0, Nq - block_q + 1, block_q):
-        for jb in range(Tc):
-            _scores(Qx, i0 * dq, dq, steps, Kp, jb * bkp * dq, corr[0, jb], skp[0, jb],
-                    rs[i0:], S, block_q, bkp, bkp)
-            total += S[0]
-    return total
-
-
-@njit(cache=CACHE, nogil=True)
-def qk_blocks_blas(q, k, block_q, block_kv):
-    """The same blocks in float32 through BLAS (``np.dot`` into a reused buffer, one
-    thread: what ``flash``'s score step runs)."""
-    S = np.empty((block_q, block_kv), dtype=q.dtype)
-    total = 0.0
-    for i0 in range(0, q.shape[0] - block_q + 1, block_q):
-        for j0 in range(0, k.shape[0] - block_kv + 1, block_kv):
-            np.dot(q[i0:i0 + block_q], k[j0:j0 + block_kv].T, S)
-            total += S[0, 0]
-    return total
