@@ -68,11 +68,11 @@ def instructions():
     rows = []
     for path, want, ok, fn, args in [
         ("Q K^T, vnni", "vpdpbusd", f.vnni, peak_loops.probe_scores,
-         (z(256, np.uint8), 64, z(2048, np.int8), 16, z(32, np.int32), np.ones(32, np.float32),
-          np.ones(4, np.float32), z(128, np.float32))),
+         (z(512, np.uint8), 64, z(2048, np.int8), 16, z(32, np.int32), np.ones(32, np.float32),
+          np.ones(8, np.float32), z(256, np.float32))),
         ("Q K^T, int16", "vpmaddwd|vpdpwssd", f.score_path is not None, peak_loops.probe_scores,
-         (z(256, np.int16), 64, z(2048, np.int16), 32, z(32, np.int32),
-          np.ones(32, np.float32), np.ones(4, np.float32), z(128, np.float32))),
+         (z(512, np.int16), 64, z(2048, np.int16), 32, z(32, np.int32),
+          np.ones(32, np.float32), np.ones(8, np.float32), z(256, np.float32))),
         ("P V, bf16", "vdpbf16ps", f.bf16, peak_loops.probe_pv,
          (z(32, np.uint16), 8, 4, z(512, np.uint16), 64, np.ones(4, np.float32),
           z(128, np.float32))),

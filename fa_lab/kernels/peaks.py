@@ -11,13 +11,47 @@ from numba import njit
 
 from fa_lab.config import CACHE
 from fa_lab.kernels.sage import _scores
-from fa_lab.kernels.microkernels import (MR, dpbf16, dpbusd, madd16, pv_tile, s_tile, vfma,
-                                         vload_f32, vload_i32, vsum_f32, vsum_i32, vzero_f32,
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+from fa_lab.kernels.microkernels import (MR_S, dpbf16, dpbusd, f32x16, i32x16, madd16, pv_tile,
+                                         s_tile, vfma, vload_f32, vload_i32, vzero_f32,
                                          vzero_i32)
 
 
+@intrinsic
+def vsum_i32(typingctx, x):
+    """The sum of the 16 int32 lanes (for peak loops' checksums; not in hot loops)."""
+    if x != i32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        total = ir.Constant(ir.IntType(32), 0)
+        for i in range(16):
+            total = builder.add(total, builder.extract_element(args[0], ir.Constant(ir.IntType(32), i)))
+        return total
+
+    return types.int32(x), codegen
+
+
+@intrinsic
+def vsum_f32(typingctx, x):
+    """The sum of the 16 float32 lanes (checksums only)."""
+    if x != f32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        total = ir.Constant(ir.FloatType(), 0.0)
+        for i in range(16):
+            total = builder.fadd(total, builder.extract_element(args[0], ir.Constant(ir.IntType(32), i)))
+        return total
+
+    return types.float32(x), codegen
+
+
 def probe_scores(Qx, ldq, Kp, steps, corr, sk, rs, S):
-    """One score micro-kernel call on a 4 x 32 tile (for reading its assembly: compile
+    """One score micro-kernel call on an 8 x 32 tile (for reading its assembly: compile
     it fresh with ``numba.njit(probe_scores)``, cached code has none)."""
     s_tile(Qx, 0, ldq, Kp, 0, steps, corr, sk, 0, rs, 0, S, 0, 32)
 
@@ -83,7 +117,7 @@ def qk_blocks_microkernel(Qx, rs, Kp, corr, skp, Nq, d, block_q, steps):
     blocks only), one thread: the throughput the kernel's score step gets. Returns a
     checksum."""
     Tc, bkp = corr.shape[1], corr.shape[2]
-    dq = Qx.shape[0] // (Nq + MR - 1)
+    dq = Qx.shape[0] // (Nq + MR_S - 1)
     S = np.empty(block_q * bkp, np.float32)
     total = 0.0
     for i0 in range(0, Nq - block_q + 1, block_q):

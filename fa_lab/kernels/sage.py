@@ -37,11 +37,11 @@ from fa_lab.config import CACHE, FASTMATH
 from fa_lab.kernels.common import (NEG_INF, NRT_ARRAY_OVERHEAD, finalize_row, mask_block,
                                    task_coords, visible_end)
 from fa_lab.kernels.flash import bits_f32, f32_bits, softmax_block
-from fa_lab.kernels.microkernels import MR, NR, pv_tile, round_bf16, s_tile
+from fa_lab.kernels.microkernels import MR, MR_S, NR, pv_tile, round_bf16, s_tile
 from fa_lab.reference import causal_offset
 
 #: Default tiles (Br, Bc).
-DEFAULT_BLOCKS = (64, 128)
+DEFAULT_BLOCKS = (128, 256)
 
 
 def _up(x, m):
@@ -59,11 +59,11 @@ def layout(d, bk, score_path, pv_path):
 
 @njit(cache=CACHE, parallel=True, error_model="numpy")
 def pack_q(q8, sq, scale, Qx, rs, shift):
-    """Q rows (B, H, Nq, d) -> ``Qx`` (B*H, Nq + 3, dq) flat: uint8 ``q + 128`` or int16;
-    ``rs`` (B*H, Nq + 3) = ``sq * scale`` in fp32 (3 pad rows for the 4-row tiles).
+    """Q rows (B, H, Nq, d) -> ``Qx`` (B*H, Nq + 7, dq) flat: uint8 ``q + 128`` or int16;
+    ``rs`` (B*H, Nq + 7) = ``sq * scale`` in fp32 (7 pad rows for the 8-row tiles).
     ``shift``: 128 for uint8 (vnni), 0 for int16."""
     B, H, Nq, d = q8.shape
-    rows = Nq + MR - 1
+    rows = Nq + MR_S - 1
     dq = Qx.shape[0] // (B * H * rows)
     for bh in prange(B * H):
         b, h = bh // H, bh % H
@@ -257,7 +257,7 @@ def _pv_select(S, P, V, j0, alpha, acc, dv):
 @njit(cache=CACHE, error_model="numpy")
 def _scores(Qx, qo, dq, steps, Kp, ko, corr_j, sk_j, rs, S, brp, bc, bkp):
     """``S`` (brp x bkp, flat) = the dequantized scores of a block, tile by tile."""
-    for r0 in range(0, brp, MR):
+    for r0 in range(0, brp, MR_S):
         for ch in range(0, bc, NR):
             s_tile(Qx, qo + r0 * dq, dq, Kp, ko + ch * dq, steps, corr_j, sk_j, ch, rs, r0, S,
                    r0 * bkp + ch, bkp)
@@ -296,7 +296,7 @@ def _q_block(Qx, qo, dq, steps, rs, Kp, corr, skp, Vp, vfin, v, bias, has_bias, 
              br, causal, offset, bk, bkp, dv, S, P, Px, m, l, alpha, acc, Oi, lse_i):
     """One query block against its visible key blocks (see the module docstring)."""
     Nk = v.shape[0]
-    brp = -(-br // MR) * MR
+    brp = -(-br // MR_S) * MR_S
     m[:] = NEG_INF
     l[:] = 0
     alpha[:] = 1
@@ -330,7 +330,7 @@ def sage_forward(Qx, rs, Kp, corr, skp, Vp, vfin, v, bias, has_bias, causal, off
     Hkv = v.shape[1]
     group = H // Hkv
     BH = B * H
-    rows = Nq + MR - 1
+    rows = Nq + MR_S - 1
     dq = Qx.shape[0] // (BH * rows)
     steps = dq // (4 if vnni else 2)
     bf16 = Vp.itemsize == 2
@@ -340,7 +340,7 @@ def sage_forward(Qx, rs, Kp, corr, skp, Vp, vfin, v, bias, has_bias, causal, off
     for task in prange(BH * Tr):
         b, h, i0 = task_coords(task, H, Tr, block_q)
         br = min(block_q, Nq - i0)
-        brp = -(-br // MR) * MR
+        brp = -(-br // MR_S) * MR_S
         bh, bhk = b * H + h, b * Hkv + h // group
         S = np.empty(brp * bkp, np.float32)
         P = np.empty(brp * bkp, np.float32)
@@ -362,7 +362,7 @@ def scratch_bytes(*, B, H, Nq, d, block_q, block_kv, threads, **_):
     a = NRT_ARRAY_OVERHEAD
     tasks = B * H * -(-Nq // block_q)
     live = max(1, min(threads, tasks))
-    brp, bkp, dv = _up(block_q, MR), _up(block_kv, NR), _up(d, 32)
+    brp, bkp, dv = _up(block_q, MR_S), _up(block_kv, NR), _up(d, 32)
     per = (4 * brp * bkp + 8 * block_q * block_kv + 4 * brp * bkp + 4 * brp * dv
            + 12 * brp) + 8 * a
     return {f"tiles (S32, S, P, P operand, acc, row state) x {live} threads": live * per}
@@ -392,8 +392,8 @@ def pack(q8, sq, k8, sk, v, scale, bq, bk, score_path, pv_path):
     width, dq, steps, bkp, dv = layout(d, bk, score_path, pv_path)
     Tc = -(-Nk // bk)
     vnni = score_path == "vnni"
-    Qx = np.empty(B * H * (Nq + MR - 1) * dq, np.uint8 if vnni else np.int16)
-    rs = np.empty(B * H * (Nq + MR - 1), np.float32)
+    Qx = np.empty(B * H * (Nq + MR_S - 1) * dq, np.uint8 if vnni else np.int16)
+    rs = np.empty(B * H * (Nq + MR_S - 1), np.float32)
     pack_q(q8, sq, float(scale), Qx, rs, 128 if vnni else 0)
     Kp = np.empty(B * Hkv * Tc * bkp * dq, np.int8 if vnni else np.int16)
     corr = np.empty((B * Hkv, Tc, bkp), np.int32)
