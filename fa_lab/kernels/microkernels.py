@@ -18,10 +18,11 @@ multiplies them, including the x86 target intrinsics:
 * ``llvm.fma.v16f32`` (``vfmadd231ps``): the fp32 fallback.
 
 A micro-kernel (BLIS's word) is the innermost loop: a small tile of the output held in
-registers (here 4 rows x 32 columns = 8 zmm accumulators) updated by rank-1 (or rank-4,
-rank-2) steps over the reduction axis: per step, broadcast one 4-byte group of each of
-the 4 rows of the left operand, load 2 zmm of the packed right operand, 8 dot-product
-instructions. The right operand is *packed* so each load is contiguous::
+registers (scores: 8 rows x 32 keys = 16 zmm accumulators; ``P V``: 4 rows x 32
+channels = 8) updated by rank-4 (or rank-2, rank-1) steps over the reduction axis: per
+step of the score tile, broadcast one 4-byte group of each of the 8 rows of Q, load 2 zmm
+of packed K, 16 dot-product instructions. The right operand is *packed* so each load is
+contiguous::
 
     Q K^T (vnni):  Kp[chunk of 32 keys][2 groups of 16][d/4][16 keys][4 bytes]
     P V   (bf16):  Vp[pair of keys][d/16 groups][16 channels][2 keys]
@@ -235,7 +236,8 @@ def vcvt_f32(typingctx, x):
 
 #: Rows x keys of one score micro-kernel call (16 zmm accumulators), and rows of one
 #: ``P V`` call (4 rows x 32 channels, 8 accumulators). Measured on one core (N=2048,
-#: d=64, one head): 4 x 32 score tiles ran at 290 G op/s, 8 x 32 at ...
+#: d=64, one head, sage's score step): 4 x 32 tiles 1.75 ms (~307 G op/s), 8 x 32 tiles
+#: 1.56 ms (~345 G op/s; the register-resident vpdpbusd loop: ~460).
 MR_S, NR = 8, 32
 MR = 4
 
