@@ -6,6 +6,8 @@ Public API (stable; later work builds on it):
 * :func:`attention_backward`, :func:`attention_grad` -- gradients by recomputation
 * :func:`attention_int8`, :func:`quantize`, :func:`dequantize` -- INT8 attention
 * :class:`KVCache`, :func:`decode`, :func:`rope` -- incremental decoding
+* :func:`attention_varlen` -- packed variable-length batches (flash-attn's varlen)
+* :func:`attention_with_kvcache` -- a contiguous or paged KV cache with ragged lengths
 * :func:`topk_attention` -- attention as top-K retrieval; :mod:`fa_lab.presets`
 * :func:`plan` -- which kernel, tile sizes and key splits a call would use
 * :data:`KERNELS` -- the kernel registry (the ladder ``reference`` .. ``flash``)
@@ -17,11 +19,13 @@ from fa_lab.backward import attention_backward, attention_grad
 from fa_lab import presets
 from fa_lab.decoding import KVCache, decode, rope
 from fa_lab.int8 import attention_int8
+from fa_lab.kvcache import attention_with_kvcache
+from fa_lab.varlen import attention_varlen
 from fa_lab.quant import dequantize, quantize
 from fa_lab.registry import BACKWARD_KERNELS, INT8_KERNELS, KERNELS, Kernel, ladder
 from fa_lab.retrieval import topk_attention
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "plan", "KVCache", "decode", "rope", "topk_attention", "presets", "attention_int8", "quantize", "dequantize", "INT8_KERNELS", "attention_backward", "attention_grad", "choose_kernel", "KERNELS",
+__all__ = ["attention", "attention_varlen", "attention_with_kvcache", "plan", "KVCache", "decode", "rope", "topk_attention", "presets", "attention_int8", "quantize", "dequantize", "INT8_KERNELS", "attention_backward", "attention_grad", "choose_kernel", "KERNELS",
            "BACKWARD_KERNELS", "Kernel", "KernelFallbackWarning", "ladder", "__version__"]

@@ -24,6 +24,7 @@ import pandas as pd
 from fa_lab import (BACKWARD_KERNELS, INT8_KERNELS, KERNELS, attention, attention_backward,
                     attention_int8, bench, hierarchy, memory, report, topk_attention, tune, viz)
 from fa_lab._blas import coretype_hint
+from fa_lab.bench import features as bench_features
 from fa_lab.bench import lowprec
 from fa_lab.bench.contenders import _torch
 from fa_lab.machine import describe_machine, machine
@@ -156,6 +157,10 @@ def _bench(args) -> int:
     elif args.sweep == "targets":
         df = _targets(args, log)
         cols = ["target", "need", "measured", "verdict"]
+    elif args.sweep == "features":
+        df = bench_features.feature_studies(quick=args.quick, repeats=args.repeats,
+                                            progress=log)
+        cols = bench_features.COLUMNS
     elif args.sweep == "int8":
         df = _int8(args, log)
         cols = ["what", "detail"]
@@ -299,13 +304,15 @@ def main(argv=None) -> int:
                        "split-KV choices vs torch at Nq=1; breakdown: where flash's time "
                        "goes; peak: the fp32 matmul peak; claims: data/speed_claims.csv; "
                        "targets: the performance issue's targets, judged; bandwidth: "
-                       "streaming GB/s per working set and per cache level; int8: peaks "
+                       "streaming GB/s per working set and per cache level; features: "
+                       "sliding window vs causal at N=8192, varlen vs padded, paged vs "
+                       "contiguous decode (flash-attn's features), judged; int8: peaks "
                        "per precision, the INT8 score micro-kernel vs BLAS tiles, the "
                        "Sage-style kernel vs flash and torch SDPA (causal and not) and its "
                        "accuracy, issue 15's targets judged (use --N 2048 --H 8).")
     b.add_argument("--sweep", default="kernels",
                    choices=["kernels", "blocks", "threads", "decode", "breakdown", "peak",
-                            "claims", "targets", "bandwidth", "int8"])
+                            "claims", "targets", "bandwidth", "features", "int8"])
     b.add_argument("--kernels", nargs="+", default=None,
                    help="registry names (default: every kernel but the reference; the "
                    "other sweeps use the first, default flash)")
@@ -330,6 +337,8 @@ def main(argv=None) -> int:
                    help="largest working set of --sweep bandwidth (MiB)")
     b.add_argument("--baseline", default="numpy_standard",
                    help="contender the speedup column is relative to (e.g. torch_sdpa)")
+    b.add_argument("--quick", action="store_true",
+                   help="small shapes (--sweep features), for a smoke run")
     b.add_argument("--no-baselines", action="store_true",
                    help="skip the NumPy and torch baselines")
     b.add_argument("--csv", type=_output_file, default=None,

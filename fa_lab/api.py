@@ -24,6 +24,8 @@ from fa_lab.dropout import check_dropout
 from fa_lab.kernels.flash import plan_splits
 from fa_lab.reference import causal_alignment
 from fa_lab.registry import CUDA_KERNELS, KERNELS, Kernel, Request
+from fa_lab.scoremod import NONE as NO_MODS
+from fa_lab.scoremod import ScoreMods, check_mods
 from fa_lab.tuning_file import tuned_blocks
 
 
@@ -95,6 +97,7 @@ class Call:
     dropout_p: float
     seed: int
     request: Request
+    mods: ScoreMods = NO_MODS  # window, softcap, ALiBi (fa_lab.scoremod)
 
     @property
     def B(self) -> int:
@@ -152,6 +155,8 @@ class Call:
             extra["stage"] = stage
         if chosen.dropout:
             extra.update(dropout_p=self.dropout_p, seed=self.seed)
+        if self.mods.active:
+            extra["mods"] = self.mods
         out, lse = chosen.run((self.q4, self.k4, self.v4), self.bias, self.scale,
                               self.alignment, bq, bk, **extra)
         return out.reshape(self.q.shape), lse.reshape(self.q.shape[:-1])
@@ -168,7 +173,7 @@ class Call:
 
 
 def prepare(q, k, v, *, causal=False, scale=None, mask=None, block_q=None, block_kv=None,
-            dropout_p=0.0, seed=None) -> Call:
+            dropout_p=0.0, seed=None, window=None, softcap=0.0, alibi_slopes=None) -> Call:
     """Validate every argument (as :func:`attention` documents them) and normalize the
     arrays to ``(B, H, N, d)``: the :class:`Call` that :meth:`Call.run` dispatches.
 
@@ -188,18 +193,21 @@ def prepare(q, k, v, *, causal=False, scale=None, mask=None, block_q=None, block
     B = math.prod(lead)
     full_shape = (*lead, H, Nq, Nk) if q.ndim > 2 else (Nq, Nk)
     bias = None if mask is None else bias_view(mask, q.dtype, full_shape, B, H, Nq, Nk)
+    mods = check_mods(window, softcap, alibi_slopes, lead, H, q.dtype)
     req = Request(dtype=q.dtype, causal=alignment is not None, mask=bias is not None,
                   gqa=H != H_kv, blocks=block_q is not None or block_kv is not None,
-                  dropout=dropout_p > 0)
+                  dropout=dropout_p > 0, window=mods.window, softcap=mods.softcap > 0,
+                  alibi=mods.slopes is not None)
     q4 = np.ascontiguousarray(q.reshape(B, H, Nq, d))
     k4 = np.ascontiguousarray(k.reshape(B, H_kv, Nk, d))
     v4 = np.ascontiguousarray(v.reshape(B, H_kv, Nk, d))
     return Call(q, lead, H, H_kv, Nq, Nk, d, q4, k4, v4, bias, scale, alignment,
-                block_q, block_kv, dropout_p, seed, req)
+                block_q, block_kv, dropout_p, seed, req, mods)
 
 
 def attention(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto",
-              block_q=None, block_kv=None, return_lse=False, dropout_p=0.0, seed=None):
+              block_q=None, block_kv=None, return_lse=False, dropout_p=0.0, seed=None,
+              window=None, softcap=0.0, alibi_slopes=None):
     """Scaled dot-product attention ``softmax(Q K^T * scale + mask) V``.
 
     Parameters
@@ -233,6 +241,16 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto",
         mask is a hash of ``(seed, b, h, i, j)`` (:mod:`fa_lab.dropout`), so
         :func:`fa_lab.attention_backward` regenerates it. ``lse`` is not affected.
     seed : int, required when ``dropout_p > 0``
+    window : (left, right), optional
+        flash-attn's sliding window: query ``i`` (at position ``i + offset``, ``offset =
+        0`` for ``causal=True``/``"top_left"``, else ``Nk - Nq``) sees keys ``i + offset
+        - left <= j <= i + offset + right``; ``-1`` = unbounded on that side. Combines
+        with ``causal`` and ``mask``; key tiles outside the band are skipped.
+    softcap : float >= 0
+        Scores ``c * tanh(scale * q.k / c)`` (Gemma-2), before any bias or mask; 0 = off.
+    alibi_slopes : array (H,) or (..., H), optional
+        ALiBi: adds ``-slope * |i + offset - j|`` to the (softcapped) scores, computed
+        in the kernel (no ``N x N`` bias).
 
     Returns
     -------
@@ -259,17 +277,20 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto",
         res = attention(np.asarray(q).astype(np.float32), widen("k", k, half),
                         widen("v", v, half), causal=causal, scale=scale, mask=mask,
                         kernel=kernel, block_q=block_q, block_kv=block_kv,
-                        return_lse=return_lse, dropout_p=dropout_p, seed=seed)
+                        return_lse=return_lse, dropout_p=dropout_p, seed=seed,
+                        window=window, softcap=softcap, alibi_slopes=alibi_slopes)
         return tuple(x.astype(half) for x in res) if return_lse else res.astype(half)
     call = prepare(q, k, v, causal=causal, scale=scale, mask=mask, block_q=block_q,
-                   block_kv=block_kv, dropout_p=dropout_p, seed=seed)
+                   block_kv=block_kv, dropout_p=dropout_p, seed=seed, window=window,
+                   softcap=softcap, alibi_slopes=alibi_slopes)
     return_lse = check_bool("return_lse", return_lse)
     out, lse = call.run(kernel)
     return (out, lse) if return_lse else out
 
 
 def plan(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto", block_q=None,
-         block_kv=None, dropout_p=0.0, seed=None) -> dict:
+         block_kv=None, dropout_p=0.0, seed=None, window=None, softcap=0.0,
+         alibi_slopes=None) -> dict:
     """What :func:`attention` would run for these arguments, without running it.
 
     Returns ``kernel``, ``block_q``, ``block_kv``, ``blocks_from`` (``"given"``,
@@ -281,4 +302,5 @@ def plan(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto", block_q
     if half is not None:  # computed in float32, as attention() does
         q, k, v = np.asarray(q).astype(np.float32), widen("k", k, half), widen("v", v, half)
     return prepare(q, k, v, causal=causal, scale=scale, mask=mask, block_q=block_q,
-                   block_kv=block_kv, dropout_p=dropout_p, seed=seed).plan(kernel)
+                   block_kv=block_kv, dropout_p=dropout_p, seed=seed, window=window,
+                   softcap=softcap, alibi_slopes=alibi_slopes).plan(kernel)

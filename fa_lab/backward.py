@@ -22,7 +22,8 @@ from fa_lab.registry import BACKWARD_KERNELS
 
 
 def attention_backward(q, k, v, out, lse, dout, *, causal=False, scale=None, mask=None,
-                       dropout_p=0.0, seed=None, kernel="auto", block_q=None, block_kv=None):
+                       dropout_p=0.0, seed=None, kernel="auto", block_q=None, block_kv=None,
+                       window=None, softcap=0.0, alibi_slopes=None):
     """Gradients ``(dq, dk, dv)`` of ``sum(attention(q, k, v, ...) * dout)``.
 
     Parameters
@@ -35,6 +36,8 @@ def attention_backward(q, k, v, out, lse, dout, *, causal=False, scale=None, mas
     dropout_p, seed : the forward's dropout; the mask is regenerated from the seed
     kernel : a name in :data:`fa_lab.BACKWARD_KERNELS` or ``"auto"``
     block_q, block_kv : tile sizes for tiled kernels
+    window, softcap, alibi_slopes : the forward's score modifiers (:mod:`fa_lab.scoremod`);
+        with a softcap the gradient goes through ``c tanh(x / c)`` (``1 - tanh^2``)
 
     Returns
     -------
@@ -42,7 +45,8 @@ def attention_backward(q, k, v, out, lse, dout, *, causal=False, scale=None, mas
     over the query heads that share a kv head. A fully masked row has zero gradient.
     """
     call = prepare(q, k, v, causal=causal, scale=scale, mask=mask, block_q=block_q,
-                   block_kv=block_kv, dropout_p=dropout_p, seed=seed)
+                   block_kv=block_kv, dropout_p=dropout_p, seed=seed, window=window,
+                   softcap=softcap, alibi_slopes=alibi_slopes)
     chosen = call.choose(kernel, BACKWARD_KERNELS)
     for name, x, shape in (("out", out, call.q.shape), ("dout", dout, call.q.shape),
                            ("lse", lse, call.q.shape[:-1])):
@@ -59,14 +63,15 @@ def attention_backward(q, k, v, out, lse, dout, *, causal=False, scale=None, mas
     bq, bk, _ = call.blocks(chosen.name, chosen)  # a name: the tuning file is forward-only
     dq, dk, dv = chosen.run((call.q4, call.k4, call.v4, out4, dout4, lse4), call.bias,
                             call.scale, call.alignment, bq, bk, dropout_p=call.dropout_p,
-                            seed=call.seed)
+                            seed=call.seed, **({"mods": call.mods} if call.mods.active else {}))
     return dq.reshape(call.q.shape), dk.reshape(kshape), dv.reshape(kshape)
 
 
 def attention_grad(q, k, v, *, kernel="auto", backward_kernel="auto", **options):
     """Forward now, backward later: returns ``(out, backward)`` with ``backward(dout)``.
 
-    ``options`` (causal, scale, mask, dropout_p, seed, block sizes) are shared by both.
+    ``options`` (causal, scale, mask, dropout_p, seed, block sizes, window, softcap,
+    alibi_slopes) are shared by both.
     A small autograd-style helper::
 
         out, backward = fa_lab.attention_grad(q, k, v, causal=True)

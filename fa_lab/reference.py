@@ -59,6 +59,67 @@ def causal_mask(Nq: int, Nk: int, causal=True) -> np.ndarray:
     return np.arange(Nk)[None, :] <= np.arange(Nq)[:, None] + offset
 
 
+def feature_offset(Nq: int, Nk: int, alignment) -> int:
+    """Where query ``i`` stands among the keys for a window and ALiBi: at ``i + offset``.
+
+    ``0`` for ``causal=True``/``"top_left"``; ``Nk - Nq`` otherwise (flash-attn's
+    bottom-right alignment, also without ``causal``). With ``Nq == Nk`` both are 0.
+    """
+    return 0 if alignment == "top_left" else Nk - Nq
+
+
+def window_mask(Nq: int, Nk: int, window, offset: int) -> np.ndarray:
+    """Boolean ``(Nq, Nk)``: query ``i`` sees key ``j`` iff ``i + offset - left <= j <=
+    i + offset + right`` (``window = (left, right)``; ``-1`` is unbounded on that side)."""
+    left, right = window
+    pos = np.arange(Nq)[:, None] + offset
+    j = np.arange(Nk)[None, :]
+    ok = np.ones((Nq, Nk), bool)
+    if left >= 0:
+        ok &= j >= pos - left
+    if right >= 0:
+        ok &= j <= pos + right
+    return ok
+
+
+def alibi_bias(slopes, Nq: int, Nk: int, offset: int, dtype=np.float64) -> np.ndarray:
+    """ALiBi: ``-slope * |i + offset - j|``, shape ``slopes.shape + (Nq, Nk)``."""
+    dist = np.abs(np.arange(Nq)[:, None] + offset - np.arange(Nk)[None, :]).astype(dtype)
+    return -np.asarray(slopes, dtype)[..., None, None] * dist
+
+
+def scores(q, k, *, scale, mask=None, causal=False, window=None, softcap=0.0,
+           alibi_slopes=None, dtype=np.float64):
+    """The scores a softmax row sees, in the order every kernel applies them.
+
+    ``x = q k^T * scale``; softcap ``s = c tanh(x / c)`` (when ``softcap > 0``); ALiBi
+    ``+ alibi_bias``; the mask (:func:`apply_mask`); then the causal and window masks
+    (``-inf`` by selection). ``k`` is already repeated for GQA. Returns ``(s, t)`` with
+    ``t = tanh(x / c)`` (for softcap's derivative ``1 - t^2``), or ``t = None``.
+    """
+    Nq, Nk = q.shape[-2], k.shape[-2]
+    s = (q @ np.swapaxes(k, -1, -2)) * dtype(scale)  # (..., H, Nq, Nk)
+    t = None
+    if softcap:
+        t = np.tanh(s / dtype(softcap))
+        s = dtype(softcap) * t
+    alignment = causal_alignment(causal)
+    offset = feature_offset(Nq, Nk, alignment)
+    if alibi_slopes is not None:
+        bias = alibi_bias(alibi_slopes, Nq, Nk, offset, dtype)
+        s = s + (bias.reshape(Nq, Nk) if q.ndim == 2 else bias)
+    if mask is not None:
+        s = apply_mask(s, mask, dtype)
+    visible = np.ones((Nq, Nk), bool)
+    if alignment is not None:
+        visible &= causal_mask(Nq, Nk, alignment)
+    if window is not None:
+        visible &= window_mask(Nq, Nk, window, offset)
+    if not visible.all():
+        s = np.where(visible, s, dtype(-np.inf))
+    return s, t
+
+
 def mask_to_bias(mask, dtype=np.float64) -> np.ndarray:
     """A boolean mask becomes ``0`` / ``-inf`` in ``dtype``; a float mask is cast to ``dtype``.
 
@@ -163,7 +224,8 @@ def scratch_bytes(*, B, H, H_kv, Nq, Nk, d, itemsize, **_):
 
 
 def attention(q, k, v, *, causal=False, scale=None, mask=None, dtype=np.float64,
-              return_p=False, dropout_p=0.0, seed=0):
+              return_p=False, dropout_p=0.0, seed=0, window=None, softcap=0.0,
+              alibi_slopes=None):
     """Standard attention, computed in ``dtype`` with the full score matrix.
 
     Parameters
@@ -176,6 +238,10 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, dtype=np.float64,
     dtype : compute dtype (float64 for the reference; float32 for the baseline)
     return_p : also return the probabilities P (..., H, Nq, Nk), after dropout
     dropout_p, seed : inverted dropout on P with the mask of :func:`dropout_mask`
+    window : (left, right) ints >= -1, optional: the sliding window of :func:`window_mask`
+        (query ``i`` at position ``i + offset``, :func:`feature_offset`)
+    softcap : float >= 0: scores ``c * tanh(x / c)`` before any bias or mask (0: off)
+    alibi_slopes : (H,) or (..., H): adds ``-slope * |i + offset - j|`` after the softcap
 
     Returns
     -------
@@ -190,12 +256,8 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, dtype=np.float64,
         scale = 1.0 / math.sqrt(d)
     if q.ndim >= 3:
         k, v = repeat_kv(k, q.shape[-3]), repeat_kv(v, q.shape[-3])
-    s = (q @ np.swapaxes(k, -1, -2)) * dtype(scale)  # (..., H, Nq, Nk)
-    if mask is not None:
-        s = apply_mask(s, mask, dtype)
-    alignment = causal_alignment(causal)
-    if alignment is not None:
-        s = np.where(causal_mask(Nq, Nk, alignment), s, dtype(-np.inf))
+    s, _ = scores(q, k, scale=scale, mask=mask, causal=causal, window=window,
+                  softcap=softcap, alibi_slopes=alibi_slopes, dtype=dtype)
     if Nk == 0:
         out = np.zeros(s.shape[:-1] + (d,), dtype)
         lse = np.full(s.shape[:-1], -np.inf, dtype)
@@ -229,7 +291,8 @@ def dropout_mask(shape, dropout_p, seed, dtype=np.float64) -> np.ndarray:
 
 
 def attention_backward(q, k, v, dout, *, causal=False, scale=None, mask=None,
-                       dropout_p=0.0, seed=0, dtype=np.float64):
+                       dropout_p=0.0, seed=0, dtype=np.float64, window=None, softcap=0.0,
+                       alibi_slopes=None):
     """Gradients ``(dq, dk, dv)`` of ``sum(attention(q, k, v) * dout)``, materializing P.
 
     The textbook derivation, in ``dtype``: with ``S = Q K^T * scale (+ mask)``,
@@ -240,7 +303,9 @@ def attention_backward(q, k, v, dout, *, causal=False, scale=None, mask=None,
         dQ = dS K * scale;   dK = dS^T Q * scale
 
     For GQA, ``dk`` and ``dv`` are summed over the query heads sharing a kv head.
-    A fully masked row has ``P = 0`` and contributes nothing.
+    A fully masked row has ``P = 0`` and contributes nothing. With a softcap
+    ``s = c tanh(x / c)`` the chain rule adds ``dX = dS * (1 - tanh^2(x / c))`` before
+    ``dQ``, ``dK``; a window and ALiBi change only ``P``.
     """
     q, k, v, dout = (np.asarray(x, dtype=dtype) for x in (q, k, v, dout))
     Nq, d = q.shape[-2:]
@@ -250,12 +315,8 @@ def attention_backward(q, k, v, dout, *, causal=False, scale=None, mask=None,
     H = q.shape[-3] if q.ndim >= 3 else 1
     H_kv = k.shape[-3] if k.ndim >= 3 else 1
     kr, vr = (repeat_kv(k, H), repeat_kv(v, H)) if q.ndim >= 3 else (k, v)
-    s = (q @ np.swapaxes(kr, -1, -2)) * dtype(scale)
-    if mask is not None:
-        s = apply_mask(s, mask, dtype)
-    alignment = causal_alignment(causal)
-    if alignment is not None:
-        s = np.where(causal_mask(Nq, Nk, alignment), s, dtype(-np.inf))
+    s, t = scores(q, kr, scale=scale, mask=mask, causal=causal, window=window,
+                  softcap=softcap, alibi_slopes=alibi_slopes, dtype=dtype)
     visible = ~np.isneginf(s)  # hidden keys: selected away (see the module docstring)
     p = np.where(visible, softmax(s), dtype(0)) if Nk else s  # exp(-inf - NaN) is NaN
     z = dropout_mask(p.shape, dropout_p, seed, dtype) if dropout_p > 0 else dtype(1)
@@ -263,6 +324,8 @@ def attention_backward(q, k, v, dout, *, causal=False, scale=None, mask=None,
         dv = np.swapaxes(np.where(z != 0, p * z, dtype(0)), -1, -2) @ dout  # dropped: skipped
         dp = np.where(visible & (z != 0), (dout @ np.swapaxes(vr, -1, -2)) * z, dtype(0))
         ds = np.where(visible, p * (dp - np.sum(p * dp, axis=-1, keepdims=True)), dtype(0))
+        if t is not None:  # softcap: d(c tanh(x / c)) / dx = 1 - tanh^2
+            ds = np.where(visible, ds * (dtype(1) - t * t), dtype(0))
     dq = select_matmul(ds, kr, visible) * dtype(scale)
     dk = (np.swapaxes(ds, -1, -2) @ q) * dtype(scale)
     if H != H_kv:  # sum over the query heads of each kv group

@@ -29,8 +29,9 @@ from fa_lab import reference
 from fa_lab.config import FLASH_BLOCKS, num_threads
 from fa_lab.dropout import mix_seed
 from fa_lab.machine import cuda_device
+from fa_lab.scoremod import NONE as NO_MODS
 from fa_lab.kernels import (backward_naive, backward_tiled, fa1, flash, int8, naive, online,
-                           sage, tiled, tiled_simd)
+                           paged, sage, tiled, tiled_simd, varlen)
 from fa_lab.kernels.common import no_bias
 from fa_lab.kernels.fa1 import fa1_forward
 from fa_lab.kernels.flash import flash_forward, flash_splitkv_forward
@@ -52,6 +53,9 @@ class Request:
     gqa: bool = False
     blocks: bool = False
     dropout: bool = False
+    window: bool = False  # a sliding window (fa_lab.scoremod)
+    softcap: bool = False
+    alibi: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,10 @@ class Kernel:
     mask: bool = True
     gqa: bool = True
     dropout: bool = False  # run() uses dropout_p and seed
+    # flash-attn's score modifiers (fa_lab.scoremod); run() then takes mods=ScoreMods
+    window: bool = False
+    softcap: bool = False
+    alibi: bool = False
     default_blocks: tuple | None = None  # (Br, Bc) when not config.BLOCK_Q/BLOCK_KV
     scratch: Callable | None = None  # byte model of the kernel's own allocations
     tags: tuple = field(default_factory=tuple)
@@ -86,7 +94,7 @@ class Kernel:
             return missing
         if np.dtype(req.dtype) not in [np.dtype(t) for t in self.dtypes]:
             return f"kernel {self.name!r} does not support dtype={np.dtype(req.dtype).name}"
-        for option in ("causal", "mask", "gqa", "dropout"):
+        for option in ("causal", "mask", "gqa", "dropout", "window", "softcap", "alibi"):
             if getattr(req, option) and not getattr(self, option):
                 return f"kernel {self.name!r} does not support {option}"
         if req.blocks and not self.tiled:
@@ -117,7 +125,9 @@ class Runner:
     after a stage; use only the first ``kv_len`` keys). ``split_driver``: the Flash-Decoding
     driver ``(..., block_q, block_kv, splits, *outputs, kv_len)``, used when ``splits``
     (given, or :func:`fa_lab.kernels.flash.plan_splits`) is above 1. ``warm``: called
-    before every call (``flash``: BLAS on every thread).
+    before every call (``flash``: BLAS on every thread). ``mods``: the driver (and the
+    split driver) end with ``(left, right, softcap, slopes, has_alibi)``
+    (:meth:`fa_lab.scoremod.ScoreMods.kernel_args`), from ``run(..., mods=ScoreMods)``.
     """
 
     driver: Callable
@@ -128,19 +138,23 @@ class Runner:
     staged: bool = False
     split_driver: Callable | None = None
     warm: Callable | None = None
+    mods: bool = False
 
     def __call__(self, arrays, bias, scale, alignment, block_q=None, block_kv=None, *,
-                 dropout_p=0.0, seed=0, splits=None, stage=3, kv_len=None):
+                 dropout_p=0.0, seed=0, splits=None, stage=3, kv_len=None, mods=None):
         if not self.staged and (stage != 3 or kv_len is not None):
             raise ValueError(f"stage and kv_len: {self.driver.__name__} runs whole calls only")
         if self.split_driver is None and splits not in (None, 1):
             raise ValueError(f"splits: {self.driver.__name__} does not split the keys")
+        if not self.mods and mods is not None and mods.active:
+            raise ValueError(f"window/softcap/alibi: {self.driver.__name__} has none")
         if self.warm is not None:
             self.warm()
         dtype = arrays[-1].dtype
         B, H, Nq = arrays[0].shape[:3]
         Nk = arrays[self.keys].shape[2] if kv_len is None else int(kv_len)
-        offset = reference.causal_offset(Nq, Nk, alignment) if alignment else 0
+        # query i at i + offset: for causal, and (without causal too) window and ALiBi
+        offset = reference.feature_offset(Nq, Nk, alignment)
         has_bias = bias is not None
         args = [*arrays, bias if has_bias else no_bias(dtype), has_bias, dtype.type(scale),
                 alignment is not None, offset]
@@ -151,8 +165,9 @@ class Runner:
         if self.split_driver is not None and splits is None:
             splits = flash.plan_splits(B, H, Nq, Nk, block_q or 1, block_kv or 1, num_threads())
         tail = [] if kv_len is None else [Nk]
+        extra = list((mods or NO_MODS).kernel_args(dtype)) if self.mods else []
         if splits is not None and splits > 1:
-            self.split_driver(*args, int(splits), *outputs, *(tail or [-1]))
+            self.split_driver(*args, int(splits), *outputs, *(tail or [-1]), *extra)
             return outputs
         if self.dropout == "before":
             args += drop
@@ -161,15 +176,16 @@ class Runner:
             args += drop
         if self.staged:
             args += [int(stage), *(tail or [-1])]
-        self.driver(*args)
+        self.driver(*args, *extra)
         return outputs
 
 
 def _reference_run(arrays, bias, scale, alignment, block_q=None, block_kv=None, *,
-                   dropout_p=0.0, seed=0, **_):
+                   dropout_p=0.0, seed=0, mods=None, **_):
     q, k, v = arrays
     out, lse = reference.attention(q, k, v, causal=alignment or False, scale=scale, mask=bias,
-                                   dropout_p=dropout_p, seed=seed)
+                                   dropout_p=dropout_p, seed=seed,
+                                   **(mods or NO_MODS).reference_kwargs())
     return out.astype(q.dtype), lse.astype(q.dtype)
 
 
@@ -177,7 +193,8 @@ KERNELS: dict[str, Kernel] = {
     k.name: k
     for k in [
         Kernel("reference", 0, "float64 NumPy, materializes the N x N scores (source of truth)",
-               _reference_run, dropout=True, scratch=reference.scratch_bytes),
+               _reference_run, dropout=True, window=True, softcap=True, alibi=True,
+               scratch=reference.scratch_bytes),
         Kernel("naive", 1, "scalar Numba, three passes over a row of scores, 1 thread",
                Runner(naive_forward), naive_forward, scratch=naive.scratch_bytes),
         Kernel("online", 2, "scalar Numba, one pass with running max and sum, 1 thread",
@@ -192,25 +209,28 @@ KERNELS: dict[str, Kernel] = {
                Runner(fa1_forward), fa1_forward, tiled=True, scratch=fa1.scratch_bytes,
                tags=("teaching",)),
         Kernel("tiled_simd", 4, "tiled, inner loops vectorized by LLVM (packed FMA), "
-               "prange over (b, h, query block)", Runner(tiled_simd_forward, dropout="after"),
+               "prange over (b, h, query block)",
+               Runner(tiled_simd_forward, dropout="after", mods=True),
                tiled_simd_forward, tiled=True, parallel=True, dropout=True,
+               window=True, softcap=True, alibi=True,
                scratch=tiled_simd.scratch_bytes),
         Kernel("flash", 5, "tiled_simd with BLAS block products (np.dot) and a vectorized "
                "polynomial exp, fused max/exp/sum pass; split-KV (Flash-Decoding) when there are "
                "too few query blocks for the threads",
                Runner(flash_forward, staged=True, split_driver=flash_splitkv_forward,
-                      warm=flash.ensure_blas_threads),
-               flash_forward, tiled=True, parallel=True,
+                      warm=flash.ensure_blas_threads, mods=True),
+               flash_forward, tiled=True, parallel=True, window=True, softcap=True, alibi=True,
                default_blocks=FLASH_BLOCKS, scratch=flash.scratch_bytes),
     ]
 }
 
 
 def _reference_backward_run(arrays, bias, scale, alignment, block_q=None, block_kv=None, *,
-                            dropout_p=0.0, seed=0, **_):
+                            dropout_p=0.0, seed=0, mods=None, **_):
     q, k, v, out, dout, lse = arrays
     grads = reference.attention_backward(q, k, v, dout, causal=alignment or False, scale=scale,
-                                         mask=bias, dropout_p=dropout_p, seed=seed)
+                                         mask=bias, dropout_p=dropout_p, seed=seed,
+                                         **(mods or NO_MODS).reference_kwargs())
     return tuple(g.astype(q.dtype) for g in grads)
 
 
@@ -220,15 +240,16 @@ BACKWARD_KERNELS: dict[str, Kernel] = {
     k.name: k
     for k in [
         Kernel("reference", 0, "float64 NumPy, materializes P and the softmax Jacobian",
-               _reference_backward_run, dropout=True),
+               _reference_backward_run, dropout=True, window=True, softcap=True, alibi=True),
         Kernel("naive", 1, "scalar Numba, one query row at a time, recomputes P from the "
                "LSE, float64 accumulators, 1 thread",
                Runner(naive_backward, _backward_outputs, dropout="before"),
                naive_backward, dropout=True, scratch=backward_naive.scratch_bytes),
         Kernel("tiled", 2, "FlashAttention-2 tiles in two race-free prange passes (dK, dV "
                "over key blocks; dQ over query blocks)",
-               Runner(tiled_backward, _backward_outputs, dropout="before"),
+               Runner(tiled_backward, _backward_outputs, dropout="before", mods=True),
                tiled_backward, tiled=True, parallel=True, dropout=True,
+               window=True, softcap=True, alibi=True,
                scratch=backward_tiled.scratch_bytes),
     ]
 }
@@ -293,5 +314,106 @@ CUDA_KERNELS: dict[str, Kernel] = {
                "block per (b, h, query block), Qi, Kj, Vj tiles in shared memory, one thread "
                "per query row with m, l, acc in registers", _cuda_fa2_run,
                parallel=True, dtypes=(np.float32,), device="cuda", tags=("gpu",)),
+    ]
+}
+
+
+def _varlen_reference_run(q, k, v, cu_q, cu_k, scale, alignment, block_q, block_kv,
+                          mods=None):
+    """Sequence by sequence through the float64 reference (q (H, total_q, d) layout)."""
+    mods = mods or NO_MODS
+    out = np.zeros(q.shape, q.dtype)
+    lse = np.full(q.shape[:2], -np.inf, q.dtype)
+    for b in range(len(cu_q) - 1):
+        rows, keys = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        kw = mods.reference_kwargs()
+        if mods.slopes is not None:
+            kw["alibi_slopes"] = mods.slopes[b]
+        o, s = reference.attention(q[:, rows], k[:, keys], v[:, keys], scale=scale,
+                                   causal=alignment or False, **kw)
+        out[:, rows], lse[:, rows] = o, s
+    return out, lse
+
+
+def _varlen_flash_run(q, k, v, cu_q, cu_k, scale, alignment, block_q, block_kv, mods=None):
+    flash.ensure_blas_threads()
+    out = np.empty_like(q)
+    lse = np.empty(q.shape[:2], q.dtype)
+    tasks = varlen.varlen_tasks(cu_q, q.shape[0], block_q)
+    varlen.flash_varlen_forward(q, k, v, cu_q.astype(np.int64), cu_k.astype(np.int64), tasks,
+                                no_bias(q.dtype), q.dtype.type(scale), alignment is not None,
+                                alignment == "top_left", block_q, block_kv, out, lse,
+                                *(mods or NO_MODS).kernel_args(q.dtype))
+    return out, lse
+
+
+#: Packed variable-length kernels (:func:`fa_lab.attention_varlen`): ``run(q, k, v, cu_q,
+#: cu_k, scale, alignment, block_q, block_kv, mods) -> (out, lse)`` with q ``(H, total_q,
+#: d)``, k/v ``(H_kv, total_k, d)``, lse ``(H, total_q)``.
+VARLEN_KERNELS: dict[str, Kernel] = {
+    k.name: k
+    for k in [
+        Kernel("reference", 0, "float64 NumPy, one call per sequence", _varlen_reference_run,
+               mask=False, window=True, softcap=True, alibi=True),
+        Kernel("flash", 5, "one prange over (sequence, head, query block) tasks of flash's "
+               "tiles; no padding computed", _varlen_flash_run, varlen.flash_varlen_forward,
+               tiled=True, parallel=True, mask=False, window=True, softcap=True, alibi=True,
+               default_blocks=FLASH_BLOCKS),
+    ]
+}
+
+
+def _gather(pages, table_b, L):
+    """Sequence ``b``'s first ``L`` keys, ``(H_kv, L, d)``, copied out of the pages."""
+    n = -(-L // pages.shape[2])
+    if n == 0:
+        return np.zeros((pages.shape[1], 0, pages.shape[3]), pages.dtype)
+    return np.concatenate([pages[p] for p in table_b[:n]], axis=1)[:, :L]
+
+
+def _paged_reference_run(q, k_pages, v_pages, block_table, lengths, scale, causal, block_q,
+                         block_kv, mods=None):
+    """Gather each sequence's keys, then the float64 reference (bottom-right)."""
+    mods = mods or NO_MODS
+    out = np.zeros(q.shape, q.dtype)
+    lse = np.full(q.shape[:3], -np.inf, q.dtype)
+    for b in range(q.shape[0]):
+        kw = mods.reference_kwargs()
+        if mods.slopes is not None:
+            kw["alibi_slopes"] = mods.slopes[b]
+        o, s = reference.attention(q[b], _gather(k_pages, block_table[b], lengths[b]),
+                                   _gather(v_pages, block_table[b], lengths[b]), scale=scale,
+                                   causal="bottom_right" if causal else False, **kw)
+        out[b], lse[b] = o, s
+    return out, lse
+
+
+def _paged_flash_run(q, k_pages, v_pages, block_table, lengths, scale, causal, block_q,
+                     block_kv, mods=None):
+    flash.ensure_blas_threads()
+    B, H, Nq, d = q.shape
+    out = np.empty_like(q)
+    lse = np.empty((B, H, Nq), q.dtype)
+    splits = flash.plan_splits(B, H, Nq, int(np.max(lengths, initial=0)), block_q, block_kv,
+                               num_threads())
+    paged.paged_forward(q, k_pages, v_pages, block_table.astype(np.int64),
+                        lengths.astype(np.int64), no_bias(q.dtype), q.dtype.type(scale),
+                        bool(causal), block_q, block_kv, int(splits), out, lse,
+                        *(mods or NO_MODS).kernel_args(q.dtype))
+    return out, lse
+
+
+#: KV-cache kernels (:func:`fa_lab.attention_with_kvcache`): ``run(q, k_pages, v_pages,
+#: block_table, lengths, scale, causal, block_q, block_kv, mods) -> (out, lse)``; a
+#: contiguous cache is passed as pages of ``S_max`` rows with ``block_table[b] = [b]``.
+KVCACHE_KERNELS: dict[str, Kernel] = {
+    k.name: k
+    for k in [
+        Kernel("reference", 0, "gathers each sequence's pages, float64 NumPy",
+               _paged_reference_run, mask=False, window=True, softcap=True, alibi=True),
+        Kernel("flash", 5, "flash's tiles read in place through the block table (a tile "
+               "never crosses a page), split-KV for long caches", _paged_flash_run,
+               paged.paged_forward, tiled=True, parallel=True, mask=False, window=True,
+               softcap=True, alibi=True, default_blocks=FLASH_BLOCKS),
     ]
 }

@@ -31,7 +31,8 @@ def block_kwargs(kernel, block_q=None, block_kv=None):
 
 def check_against_reference(kernel, q, k, v, **kw):
     """Run ``kernel`` and the reference; assert out and lse close by the tolerance table."""
-    opts = {key: kw[key] for key in ("causal", "scale", "mask", "dropout_p", "seed") if key in kw}
+    opts = {key: kw[key] for key in ("causal", "scale", "mask", "dropout_p", "seed", "window",
+                                     "softcap", "alibi_slopes") if key in kw}
     out, lse = fa_lab.attention(q, k, v, kernel=kernel, return_lse=True, **kw)
     exp_out, exp_lse = reference.attention(q, k, v, **opts)
     base_out, base_lse = reference.attention(q, k, v, dtype=q.dtype.type, **opts)
@@ -50,3 +51,10 @@ def pytest_configure(config):
     import matplotlib
 
     matplotlib.use("Agg")
+
+
+@pytest.fixture(params=[n for n, k in fa_lab.KERNELS.items() if k.window and k.softcap
+                        and k.alibi])
+def mod_kernel(request):
+    """Kernels that support flash-attn's window, softcap and ALiBi (fa_lab.scoremod)."""
+    return request.param

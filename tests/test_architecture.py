@@ -27,7 +27,7 @@ LAYERS = {
     # 1: reference, testing, numerics helpers, the tuning file's reader
     "fa_lab.reference": 1, "fa_lab.testing": 1, "fa_lab.verdict": 1, "fa_lab.dropout": 1,
     "fa_lab.quant": 1, "fa_lab.tiling": 1, "fa_lab.softmax": 1, "fa_lab.simd": 1,
-    "fa_lab.checks": 1, "fa_lab.tuning_file": 1,
+    "fa_lab.checks": 1, "fa_lab.tuning_file": 1, "fa_lab.scoremod": 1,
     # 2: kernels (never the registry)
     "fa_lab.kernels": 2,
     # 3: the registry
@@ -38,7 +38,7 @@ LAYERS = {
     "fa_lab.backward": 5, "fa_lab.int8": 5, "fa_lab.decoding": 5, "fa_lab.retrieval": 5,
     "fa_lab.memory": 5, "fa_lab.minilm": 5, "fa_lab.traffic": 5, "fa_lab.puzzles": 5,
     "fa_lab.integrations": 5, "fa_lab.integrations.torch": 5,
-    "fa_lab.integrations.transformers": 5,
+    "fa_lab.integrations.transformers": 5, "fa_lab.varlen": 5, "fa_lab.kvcache": 5,
     # 6: tools (benchmarks, autotuner, studies, figures, report)
     "fa_lab.bench": 6, "fa_lab.tune": 6, "fa_lab.presets": 6, "fa_lab.viz": 6,
     "fa_lab.notebook": 6, "fa_lab.report": 6, "fa_lab.hierarchy": 6, "fa_lab.int8_study": 6,

@@ -18,7 +18,11 @@ Every forward driver has the same canonical signature, so one adapter calls any 
     lse   (B, H, Nq)         written; -inf for rows that see no key
 
 ``tiled_simd`` adds ``(dropout_p, seed_mixed)`` after ``lse``; ``flash`` adds
-``(stage, kv_len)``, and its Flash-Decoding driver takes ``splits`` before ``out``.
+``(stage, kv_len)``, and its Flash-Decoding driver takes ``splits`` before ``out``. Both
+(and ``backward_tiled``) end with flash-attn's score modifiers ``(left, right, softcap,
+slopes, has_alibi)`` (:mod:`fa_lab.scoremod`). ``varlen`` (packed variable-length
+batches) and ``paged`` (a paged KV cache read through its block table) run ``flash``'s
+tiles over their own task lists.
 
 Neighbouring rungs repeat their loop skeletons (the ``(b, h, i)`` drivers of ``naive``
 and ``online``; ``_q_block`` of ``tiled`` and ``tiled_simd``) on purpose, so a learner

@@ -34,8 +34,9 @@ from numba import njit, prange
 
 from fa_lab.config import CACHE, FASTMATH
 from fa_lab.dropout import keep, row_key
-from fa_lab.kernels.common import (NEG_INF, NRT_ARRAY_OVERHEAD, mask_block, task_coords,
-                                   visible_end)
+from fa_lab.kernels.common import (NEG_INF, NRT_ARRAY_OVERHEAD, mask_block,
+                                   softcap_alibi_block, task_coords, window_block,
+                                   window_cuts, window_keys)
 
 
 def scratch_bytes(*, B, H, Nq, d, itemsize, block_q, block_kv, threads, **_):
@@ -160,27 +161,64 @@ def _accumulate(W, X, acc, tmp):
             acc[r, t] += tmp[r, t]
 
 
+@njit(cache=CACHE, fastmath=FASTMATH, error_model="numpy")
+def _chain_softcap(dS, G):
+    """``dS <- dS * G`` with ``G = 1 - tanh^2(x / c)``: the softcap's derivative."""
+    for r in range(dS.shape[0]):
+        dSr, Gr = dS[r], G[r]
+        for c in range(dS.shape[1]):
+            dSr[c] *= Gr[c]
+
+
 @njit(cache=CACHE)
 def _tile(q, k, v, dout, lse, D, bias, has_bias, scale, causal, offset, dropout_p,
-          seed_mixed, b, h, hk, i0, br, j0, bc, S, dP, KT, VT):
-    """Recompute one tile: returns views (P*Z, dS) of shape (br, bc)."""
+          seed_mixed, b, h, hk, i0, br, j0, bc, S, dP, KT, VT, mods, G_buf):
+    """Recompute one tile: returns views (P*Z, dS) of shape (br, bc).
+
+    ``mods = (left, right, softcap, slopes, has_alibi)`` (:mod:`fa_lab.scoremod`); with a
+    softcap, ``dS`` is taken through ``c tanh(x / c)`` (``G_buf`` holds ``1 - tanh^2``)."""
+    left, right, softcap, slopes, has_alibi = mods
     Sij = S[:br * bc].reshape((br, bc))
     dPij = dP[:br * bc].reshape((br, bc))
     _matmul_nt(q[b, h, i0:i0 + br], _transpose(k[b, hk, j0:j0 + bc], KT), scale, Sij)
+    G = G_buf[:br * bc].reshape((br, bc)) if softcap > 0 else G_buf[:0].reshape((0, 0))
+    if softcap > 0 or has_alibi:
+        softcap_alibi_block(Sij, softcap, slopes, has_alibi, b, h, i0, j0, offset, G)
     diagonal = causal and j0 + bc > i0 + offset + 1
     if has_bias or diagonal:
         mask_block(Sij, bias, has_bias, b, h, i0, j0, diagonal, offset)
+    if window_cuts(i0, br, j0, bc, offset, left, right):
+        window_block(Sij, i0, j0, offset, left, right)
     _matmul_nt(dout[b, h, i0:i0 + br], _transpose(v[b, hk, j0:j0 + bc], VT),
                Sij.dtype.type(1), dPij)
     _ds_block(Sij, dPij, lse[b, h, i0:i0 + br], D[b, h, i0:i0 + br], dropout_p, seed_mixed,
               b, h, i0, j0)
+    if softcap > 0:
+        _chain_softcap(dPij, G)
     return Sij, dPij
+
+
+@njit(cache=CACHE)
+def _rows_seeing(j0, bc, Nq, causal, offset, left, right):
+    """Query rows ``[first, end)`` that can see some key of block ``j0 .. j0 + bc - 1``
+    under causal and the window; earlier and later query blocks are skipped."""
+    first = max(j0 - offset, 0) if causal else 0
+    if right >= 0:
+        first = max(first, j0 - offset - right)
+    end = Nq
+    if left >= 0:
+        end = min(end, max(j0 + bc - offset + left, 0))
+    return min(first, Nq), end
 
 
 @njit(cache=CACHE, parallel=True, nogil=True)
 def tiled_backward(q, k, v, out, dout, lse, bias, has_bias, scale, causal, offset, block_q,
-                   block_kv, dropout_p, seed_mixed, dq, dk, dv):
-    """Driver: D, then pass 1 (dK, dV over key blocks), then pass 2 (dQ over query blocks)."""
+                   block_kv, dropout_p, seed_mixed, dq, dk, dv, left, right, softcap, slopes,
+                   has_alibi):
+    """Driver: D, then pass 1 (dK, dV over key blocks), then pass 2 (dQ over query blocks).
+
+    ``left, right, softcap, slopes, has_alibi``: :mod:`fa_lab.scoremod`."""
+    mods = (left, right, softcap, slopes, has_alibi)
     B, H, Nq, d = q.shape
     H_kv, Nk = k.shape[1], k.shape[2]
     group = H // H_kv
@@ -202,13 +240,16 @@ def tiled_backward(q, k, v, out, dout, lse, bias, has_bias, scale, causal, offse
         dKj = np.zeros((bc, d), dtype=q.dtype)
         dVj = np.zeros((bc, d), dtype=q.dtype)
         tmp = np.empty((bc, d), dtype=q.dtype)
-        first = max(j0 - offset, 0) if causal else 0  # earlier rows see none of these keys
+        G = np.empty(block_q * block_kv if softcap > 0 else 0, dtype=q.dtype)
+        # rows outside [first, end) see none of these keys (causal, window)
+        first, end = _rows_seeing(j0, bc, Nq, causal, offset, left, right)
         for g in range(group):
             h = hk * group + g
-            for i0 in range((first // block_q) * block_q, Nq, block_q):
+            for i0 in range((first // block_q) * block_q, end, block_q):
                 br = min(block_q, Nq - i0)
                 Pz, dS = _tile(q, k, v, dout, lse, D, bias, has_bias, scale, causal, offset,
-                               dropout_p, seed_mixed, b, h, hk, i0, br, j0, bc, S, dP, KT, VT)
+                               dropout_p, seed_mixed, b, h, hk, i0, br, j0, bc, S, dP, KT, VT,
+                               mods, G)
                 _accumulate_t(Pz, dout[b, h, i0:i0 + br], dVj, tmp)
                 _accumulate_t(dS, q[b, h, i0:i0 + br], dKj, tmp)
         for c in range(bc):
@@ -226,11 +267,13 @@ def tiled_backward(q, k, v, out, dout, lse, bias, has_bias, scale, causal, offse
         VT = np.empty(d * block_kv, dtype=q.dtype)
         dQi = np.zeros((br, d), dtype=q.dtype)
         tmp = np.empty((br, d), dtype=q.dtype)
-        kv_end = visible_end(i0 + br - 1, Nk, causal, offset)
-        for j0 in range(0, kv_end, block_kv):
+        G = np.empty(block_q * block_kv if softcap > 0 else 0, dtype=q.dtype)
+        j_lo, kv_end = window_keys(i0, br, Nk, causal, offset, left, right, block_kv)
+        for j0 in range(j_lo, kv_end, block_kv):
             bc = min(block_kv, Nk - j0)
             Pz, dS = _tile(q, k, v, dout, lse, D, bias, has_bias, scale, causal, offset,
-                           dropout_p, seed_mixed, b, h, hk, i0, br, j0, bc, S, dP, KT, VT)
+                           dropout_p, seed_mixed, b, h, hk, i0, br, j0, bc, S, dP, KT, VT,
+                           mods, G)
             _accumulate(dS, k[b, hk, j0:j0 + bc], dQi, tmp)
         for r in range(br):
             for t in range(d):

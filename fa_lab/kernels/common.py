@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from fa_lab.config import CACHE
 
@@ -91,3 +91,106 @@ def no_bias(dtype) -> np.ndarray:
     if dtype not in _NO_BIAS:
         _NO_BIAS[dtype] = np.broadcast_to(np.zeros((), dtype), (1, 1, 1, 1))
     return _NO_BIAS[dtype]
+
+
+@njit(cache=CACHE, parallel=True, nogil=True)
+def merge_splits(part_o, part_lse, out, lse):
+    """Flash-Decoding's pass 2 (prange over rows): the exact merge of ``splits`` partial
+    results ``part_o`` (splits, B, H, Nq, d) with their ``part_lse`` (splits, B, H, Nq):
+    ``lse = log sum_s exp(lse_s)``, ``O = sum_s exp(lse_s - lse) O_s``. A split that saw
+    no key has ``lse_s = -inf`` and weight 0; a row that saw none gets ``O = 0``,
+    ``lse = -inf``; a NaN partial makes the row NaN."""
+    splits, B, H, Nq, d = part_o.shape
+    for row in prange(B * H * Nq):
+        b, h, i = row // (H * Nq), (row // Nq) % H, row % Nq
+        top = NEG_INF
+        nan = False
+        for s in range(splits):
+            x = part_lse[s, b, h, i]
+            if x > top:
+                top = x
+            nan = nan or x != x
+        o = out[b, h, i]
+        o[:] = 0
+        if nan:
+            o[:] = np.nan
+            lse[b, h, i] = np.nan
+        elif top == NEG_INF:
+            lse[b, h, i] = NEG_INF
+        else:
+            total = 0.0
+            for s in range(splits):
+                w = math.exp(part_lse[s, b, h, i] - top)
+                total += w
+                ps = part_o[s, b, h, i]
+                for t in range(d):
+                    o[t] += w * ps[t]
+            for t in range(d):
+                o[t] /= total
+            lse[b, h, i] = top + math.log(total)
+
+
+# --- flash-attn's score modifiers (fa_lab.scoremod): window, softcap, ALiBi -------------
+
+
+@njit(cache=CACHE)
+def window_keys(i0, br, Nk, causal, offset, left, right, block_kv):
+    """Key range ``[j_lo, j_hi)`` that query rows ``i0 .. i0 + br - 1`` may see under
+    causal and a window ``(left, right)`` (``-1``: unbounded); ``j_lo`` is rounded down
+    to a multiple of ``block_kv`` so the tiles stay those of the unwindowed grid. Key
+    blocks outside this range are skipped, never computed."""
+    last = i0 + br - 1
+    j_hi = visible_end(last, Nk, causal, offset)
+    if right >= 0:
+        j_hi = min(j_hi, max(last + offset + right + 1, 0))
+    j_lo = 0
+    if left >= 0:
+        j_lo = min(max(i0 + offset - left, 0), Nk)
+        j_lo = (j_lo // block_kv) * block_kv
+    return j_lo, j_hi
+
+
+@njit(cache=CACHE)
+def window_cuts(i0, br, j0, bc, offset, left, right):
+    """True when some key of block ``(i0.., j0..)`` is outside some row's window."""
+    if left >= 0 and j0 < i0 + br - 1 + offset - left:
+        return True
+    return right >= 0 and j0 + bc - 1 > i0 + offset + right
+
+
+@njit(cache=CACHE)
+def window_block(Sij, i0, j0, offset, left, right):
+    """Set ``-inf`` (selection) where key ``j0 + c`` is outside row ``i0 + r``'s window."""
+    br, bc = Sij.shape
+    for r in range(br):
+        Sr = Sij[r]
+        pos = i0 + r + offset - j0  # the row's position, in block columns
+        if left >= 0:
+            for c in range(0, min(max(pos - left, 0), bc)):
+                Sr[c] = NEG_INF
+        if right >= 0:
+            for c in range(max(pos + right + 1, 0), bc):
+                Sr[c] = NEG_INF
+
+
+@njit(cache=CACHE)
+def softcap_alibi_block(Sij, softcap, slopes, has_alibi, b, h, i0, j0, offset, G):
+    """In place on a block of scaled scores ``x``: ``s = c tanh(x / c)`` when ``softcap >
+    0`` (storing ``1 - tanh^2`` in ``G``, same shape, when ``G.size`` > 0: the backward's
+    chain rule), then ALiBi ``s -= slope * |i0 + r + offset - (j0 + c)|``."""
+    br, bc = Sij.shape
+    keep = G.size > 0
+    slope = slopes[b, h] if has_alibi else Sij.dtype.type(0)
+    for r in range(br):
+        Sr = Sij[r]
+        if softcap > 0:
+            inv = 1 / softcap
+            for c in range(bc):
+                t = math.tanh(Sr[c] * inv)
+                Sr[c] = softcap * t
+                if keep:
+                    G[r, c] = 1 - t * t
+        if has_alibi:
+            pos = i0 + r + offset - j0
+            for c in range(bc):
+                Sr[c] -= slope * abs(pos - c)

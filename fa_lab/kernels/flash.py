@@ -54,7 +54,8 @@ from threadpoolctl import ThreadpoolController
 from fa_lab import config
 from fa_lab.config import CACHE, FASTMATH, num_threads
 from fa_lab.kernels.common import (NEG_INF, NRT_ARRAY_OVERHEAD, finalize_row, mask_block,
-                                   task_coords, visible_end)
+                                   merge_splits, softcap_alibi_block, task_coords,
+                                   window_block, window_cuts, window_keys)
 
 def limit_scipy_blas(threads: int = 1) -> list[str]:
     """Set SciPy's bundled BLAS (not NumPy's, where they differ) to ``threads`` threads.
@@ -318,7 +319,7 @@ def _pv_select(S, P, Vj, PV):
 
 @njit(cache=CACHE)
 def _q_block(Qi, K, V, bias, has_bias, b, h, i0, causal, offset, j_begin, j_end, block_kv,
-             Oi, lse_i, stage):
+             Oi, lse_i, stage, left=-1, right=-1, softcap=0.0, slopes=None, has_alibi=False):
     """Key blocks ``j_begin .. j_end`` (clipped to what causal lets the block see) for one
     (already scaled) query block ``Qi``; writes ``O = acc / l`` and ``lse``.
 
@@ -326,6 +327,9 @@ def _q_block(Qi, K, V, bias, has_bias, b, h, i0, causal, offset, j_begin, j_end,
     (:func:`fa_lab.bench.studies.breakdown`; the output is then meaningless): 0 = the loop
     alone, 1 = + ``S = Qi Kj^T`` and masking, 2 = + softmax, 3 = + ``P Vj`` and the
     rescale (the kernel).
+
+    ``left, right, softcap, slopes, has_alibi``: :mod:`fa_lab.scoremod`; key blocks
+    outside the window band are skipped, as those past the causal diagonal.
     """
     br, d = Qi.shape
     S_buf = np.empty(br * block_kv, dtype=Qi.dtype)  # this task's scratch (scratch_bytes)
@@ -335,16 +339,23 @@ def _q_block(Qi, K, V, bias, has_bias, b, h, i0, causal, offset, j_begin, j_end,
     l = np.zeros(br, dtype=Qi.dtype)
     alpha = np.empty(br, dtype=Qi.dtype)
     acc = np.zeros((br, d), dtype=Qi.dtype)
-    for j0 in range(j_begin, min(j_end, visible_end(i0 + br - 1, K.shape[0], causal, offset)),
-                    block_kv):
+    no_g = S_buf[:0].reshape((0, 0))
+    j_lo, j_hi = window_keys(i0, br, K.shape[0], causal, offset, left, right, block_kv)
+    for j0 in range(max(j_begin, j_lo), min(j_end, j_hi), block_kv):
         bc = min(block_kv, j_end - j0)
         if stage < 1:
             continue
         S = S_buf[:br * bc].reshape((br, bc))
         np.dot(Qi, K[j0:j0 + bc].T, S)  # BLAS, into a reused buffer
+        if softcap > 0 or has_alibi:
+            softcap_alibi_block(S, softcap, slopes, has_alibi, b, h, i0, j0, offset, no_g)
         diagonal = causal and j0 + bc > i0 + offset + 1
         if has_bias or diagonal:
             mask_block(S, bias, has_bias, b, h, i0, j0, diagonal, offset)
+        cut = window_cuts(i0, br, j0, bc, offset, left, right)
+        if cut:
+            window_block(S, i0, j0, offset, left, right)
+        diagonal = diagonal or cut
         if stage < 2:
             continue
         P = P_buf[:br * bc].reshape((br, bc))
@@ -363,7 +374,8 @@ def _q_block(Qi, K, V, bias, has_bias, b, h, i0, causal, offset, j_begin, j_end,
 
 @njit(cache=CACHE, parallel=True, nogil=True)
 def flash_forward(q, k, v, bias, has_bias, scale, causal, offset, block_q, block_kv, out, lse,
-                  stage=3, kv_len=-1):
+                  stage=3, kv_len=-1, left=-1, right=-1, softcap=0.0, slopes=None,
+                  has_alibi=False):
     """Parallel driver over (b, h, query block), as ``tiled_simd`` (``stage``: see
     :func:`_q_block`; ``kv_len`` >= 0 uses only the first ``kv_len`` keys of ``k`` and
     ``v``, e.g. the filled part of a preallocated KV cache, without copying)."""
@@ -376,12 +388,14 @@ def flash_forward(q, k, v, bias, has_bias, scale, causal, offset, block_q, block
         i1 = min(i0 + block_q, Nq)
         Qi = q[b, h, i0:i1] * scale  # scores = (q * scale) k^T: one multiply per q element
         _q_block(Qi, k[b, h // group, :Nk], v[b, h // group, :Nk], bias, has_bias, b, h, i0,
-                 causal, offset, 0, Nk, block_kv, out[b, h, i0:i1], lse[b, h, i0:i1], stage)
+                 causal, offset, 0, Nk, block_kv, out[b, h, i0:i1], lse[b, h, i0:i1], stage,
+                 left, right, softcap, slopes, has_alibi)
 
 
 @njit(cache=CACHE, parallel=True, nogil=True)
 def flash_splitkv_forward(q, k, v, bias, has_bias, scale, causal, offset, block_q, block_kv,
-                          splits, out, lse, kv_len=-1):
+                          splits, out, lse, kv_len=-1, left=-1, right=-1, softcap=0.0,
+                          slopes=None, has_alibi=False):
     """Flash-Decoding: each (b, h, query block) is also split along the keys.
 
     Pass 1 (prange over ``B * H * Tr * splits``): split ``s`` attends to its own range
@@ -405,34 +419,8 @@ def flash_splitkv_forward(q, k, v, bias, has_bias, scale, causal, offset, block_
         _q_block(q[b, h, i0:i1] * scale, k[b, h // group, :Nk], v[b, h // group, :Nk], bias,
                  has_bias, b, h, i0, causal, offset, min(s * per * block_kv, Nk),
                  min((s + 1) * per * block_kv, Nk), block_kv, part_o[s, b, h, i0:i1],
-                 part_lse[s, b, h, i0:i1], 3)
-    for row in prange(B * H * Nq):
-        b, h, i = row // (H * Nq), (row // Nq) % H, row % Nq
-        top = NEG_INF
-        nan = False
-        for s in range(splits):
-            x = part_lse[s, b, h, i]
-            if x > top:
-                top = x
-            nan = nan or x != x
-        o = out[b, h, i]
-        o[:] = 0
-        if nan:
-            o[:] = np.nan
-            lse[b, h, i] = np.nan
-        elif top == NEG_INF:
-            lse[b, h, i] = NEG_INF
-        else:
-            total = 0.0
-            for s in range(splits):
-                w = math.exp(part_lse[s, b, h, i] - top)
-                total += w
-                ps = part_o[s, b, h, i]
-                for t in range(d):
-                    o[t] += w * ps[t]
-            for t in range(d):
-                o[t] /= total
-            lse[b, h, i] = top + math.log(total)
+                 part_lse[s, b, h, i0:i1], 3, left, right, softcap, slopes, has_alibi)
+    merge_splits(part_o, part_lse, out, lse)
 
 
 def plan_splits(B, H, Nq, Nk, block_q, block_kv, threads) -> int:

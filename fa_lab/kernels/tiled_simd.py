@@ -38,7 +38,8 @@ from numba import njit, prange
 from fa_lab.config import CACHE, FASTMATH
 from fa_lab.dropout import keep, row_key
 from fa_lab.kernels.common import (HIDDEN, NEG_INF, NRT_ARRAY_OVERHEAD, finalize_row,
-                                   mask_block, task_coords, visible_end)
+                                   mask_block, softcap_alibi_block, task_coords,
+                                   window_block, window_cuts, window_keys)
 
 
 def scratch_bytes(*, B, H, Nq, d, itemsize, block_q, block_kv, threads, **_):
@@ -129,21 +130,31 @@ def _online_block(Sij, Vj, m, l, acc, pv, dropout_p, seed_mixed, b, h, i0, j0):
 
 @njit(cache=CACHE)
 def _q_block(Qi, K, V, bias, has_bias, b, h, i0, scale, causal, offset, block_kv,
-             S, KT, pv, m, l, acc, Oi, lse_i, dropout_p, seed_mixed):
-    """All key blocks for one query block ``Qi`` (rows ``i0 ..``); see ``tiled._q_block``."""
+             S, KT, pv, m, l, acc, Oi, lse_i, dropout_p, seed_mixed, left, right, softcap,
+             slopes, has_alibi):
+    """All key blocks for one query block ``Qi`` (rows ``i0 ..``); see ``tiled._q_block``.
+
+    ``left, right, softcap, slopes, has_alibi``: flash-attn's score modifiers
+    (:mod:`fa_lab.scoremod`); key blocks outside the window band are skipped."""
     br = Qi.shape[0]
     Nk = K.shape[0]
     m[:br] = NEG_INF
     l[:br] = 0
     acc[:br] = 0
-    kv_end = visible_end(i0 + br - 1, Nk, causal, offset)  # later key blocks are skipped
-    for j0 in range(0, kv_end, block_kv):
+    # key blocks past the causal diagonal or outside the window are skipped
+    j_lo, kv_end = window_keys(i0, br, Nk, causal, offset, left, right, block_kv)
+    no_g = S[:0].reshape((0, 0))
+    for j0 in range(j_lo, kv_end, block_kv):
         bc = min(block_kv, Nk - j0)
         Sij = S[:br * bc].reshape((br, bc))
         _scores_block(Qi, K[j0:j0 + bc], scale, Sij, KT)
+        if softcap > 0 or has_alibi:
+            softcap_alibi_block(Sij, softcap, slopes, has_alibi, b, h, i0, j0, offset, no_g)
         diagonal = causal and j0 + bc > i0 + offset + 1  # some key is in a row's future
         if has_bias or diagonal:
             mask_block(Sij, bias, has_bias, b, h, i0, j0, diagonal, offset)
+        if window_cuts(i0, br, j0, bc, offset, left, right):
+            window_block(Sij, i0, j0, offset, left, right)
         _online_block(Sij, V[j0:j0 + bc], m[:br], l[:br], acc[:br], pv, dropout_p, seed_mixed,
                       b, h, i0, j0)
     for r in range(br):
@@ -152,10 +163,12 @@ def _q_block(Qi, K, V, bias, has_bias, b, h, i0, scale, causal, offset, block_kv
 
 @njit(cache=CACHE, parallel=True, nogil=True)
 def tiled_simd_forward(q, k, v, bias, has_bias, scale, causal, offset, block_q, block_kv,
-                       out, lse, dropout_p, seed_mixed):
+                       out, lse, dropout_p, seed_mixed, left, right, softcap, slopes,
+                       has_alibi):
     """Parallel driver: one task per (b, h, query block), spread over threads by prange.
 
     ``dropout_p``, ``seed_mixed``: attention dropout (0.0 for none; see the registry).
+    ``left, right, softcap, slopes (B, H), has_alibi``: :mod:`fa_lab.scoremod`.
     """
     B, H, Nq, d = q.shape
     group = H // k.shape[1]
@@ -172,4 +185,5 @@ def tiled_simd_forward(q, k, v, bias, has_bias, scale, causal, offset, block_q, 
         acc = np.empty((block_q, d), dtype=q.dtype)
         _q_block(q[b, h, i0:i1], k[b, hk], v[b, hk], bias, has_bias, b, h, i0, scale,
                  causal, offset, block_kv, S, KT, pv, m, l, acc, out[b, h, i0:i1],
-                 lse[b, h, i0:i1], dropout_p, seed_mixed)
+                 lse[b, h, i0:i1], dropout_p, seed_mixed, left, right, softcap, slopes,
+                 has_alibi)

@@ -5,7 +5,9 @@
   the memory hierarchy);
 * :mod:`~fa_lab.viz.perf`: measurements (ladder, throughput, breakdown, decoding,
   retrieval, INT8 error, peak memory);
-* :mod:`~fa_lab.viz.decoding`: pictures of RoPE, split-KV and the KV cache.
+* :mod:`~fa_lab.viz.decoding`: pictures of RoPE, split-KV and the KV cache;
+* :mod:`~fa_lab.viz.features`: flash-attn's window, softcap and ALiBi as masks and biases,
+  a paged KV cache's block table.
 
 All names are re-exported here: ``fa_lab.viz.roofline(...)``.
 """
@@ -19,11 +21,13 @@ from fa_lab.viz.perf import (plot_ladder, plot_throughput, plot_breakdown, plot_
                              plot_generation, plot_decode_latency, plot_retrieval,
                              plot_k_histograms, plot_error_vs_length, plot_memory_sweep)
 from fa_lab.viz.decoding import (plot_rope, plot_split_kv, plot_kv_cache)
+from fa_lab.viz.features import (block_table, score_mods)
 
-__all__ = ['allocations', 'attention_matrix', 'bandwidth_curve', 'bars', 'causal_masks',
+__all__ = ['allocations', 'attention_matrix', 'bandwidth_curve', 'bars', 'block_table',
+           'causal_masks',
            'decode_floor', 'footer', 'heatmap', 'keep_mask', 'peak_memory_vs_n',
            'plot_breakdown', 'plot_decode', 'plot_decode_latency', 'plot_error_vs_length',
            'plot_generation', 'plot_k_histograms', 'plot_kv_cache', 'plot_ladder',
            'plot_memory_sweep', 'plot_retrieval', 'plot_rope', 'plot_split_kv',
-           'plot_throughput', 'roofline', 'running_state', 'speedup_bars', 'tile_schedule',
+           'plot_throughput', 'roofline', 'running_state', 'score_mods', 'speedup_bars', 'tile_schedule',
            'tile_schedules', 'traffic_bars']

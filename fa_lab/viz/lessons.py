@@ -46,9 +46,10 @@ def running_state(scores, m_hist, l_hist, block=1):
 _TILE_CMAP = ListedColormap(["#eeeeee", "#f4a261", "#2a9d8f"])
 
 
-def tile_schedule(Nq, Nk, block_q, block_kv, causal=False, ax=None, order=True):
-    """The grid of (query block, key block) tiles: full, diagonal (masked) or skipped."""
-    classes = tile_classes(Nq, Nk, block_q, block_kv, causal)
+def tile_schedule(Nq, Nk, block_q, block_kv, causal=False, ax=None, order=True, window=None):
+    """The grid of (query block, key block) tiles: full, diagonal (masked) or skipped
+    (``window``: flash-attn's sliding window, see :func:`fa_lab.tiling.tile_classes`)."""
+    classes = tile_classes(Nq, Nk, block_q, block_kv, causal, window)
     if ax is None:
         _, ax = plt.subplots(figsize=(5, 5 * classes.shape[0] / max(classes.shape[1], 1) + 0.6))
     ax.imshow(classes, cmap=_TILE_CMAP, vmin=0, vmax=2, aspect="equal")
@@ -72,7 +73,8 @@ def tile_schedule(Nq, Nk, block_q, block_kv, causal=False, ax=None, order=True):
     ax.tick_params(which="minor", length=0)
     n = {name: int((classes == v).sum()) for name, v in
          (("full", FULL), ("diagonal", DIAGONAL), ("skipped", SKIPPED))}
-    ax.set_title(f"Nq={Nq}, Nk={Nk}, Br={block_q}, Bc={block_kv}, causal={causal}\n"
+    ax.set_title(f"Nq={Nq}, Nk={Nk}, Br={block_q}, Bc={block_kv}, causal={causal}"
+                 + (f", window={tuple(window)}" if window is not None else "") + "\n"
                  f"full {n['full']}, diagonal {n['diagonal']}, skipped {n['skipped']}",
                  fontsize=9)
     from matplotlib.patches import Patch

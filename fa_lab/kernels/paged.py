@@ -1,0 +1,95 @@
+"""Attention against a (paged) KV cache with ragged lengths: flash-attn's
+``flash_attn_with_kvcache`` on ``flash``'s tiles, reading keys through a block table.
+
+The cache is a pool of pages ``(num_blocks, H_kv, page, d)``; sequence ``b``'s logical
+key ``j`` lives in page ``block_table[b, j // page]`` at row ``j % page``. A contiguous
+cache ``(B, H_kv, S_max, d)`` is the special case ``page = S_max`` with
+``block_table[b] = [b]``, so one kernel serves both. Key tiles are cut at page
+boundaries, so each tile is a contiguous ``(bc, d)`` slice of one page: BLAS reads it in
+place, nothing is gathered. Sequence ``b`` has ``lengths[b]`` keys and the queries stand
+at its end (bottom-right: query ``i`` of ``Nq`` at position ``lengths[b] - Nq + i``).
+
+Long caches with few query rows (decoding) split the keys as ``flash`` does
+(Flash-Decoding) and merge the partial results exactly (:func:`fa_lab.kernels.common.merge_splits`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from fa_lab.config import CACHE
+from fa_lab.kernels.common import (NEG_INF, finalize_row, mask_block, merge_splits,
+                                   softcap_alibi_block, task_coords, window_block,
+                                   window_cuts, window_keys)
+from fa_lab.kernels.flash import _pv_select, _rescale_add, all_finite, softmax_block
+
+
+@njit(cache=CACHE)
+def _paged_q_block(Qi, k_pages, v_pages, table_b, hk, b, h, i0, causal, offset, j_begin,
+                   j_end, Lk, block_kv, bias, Oi, lse_i, left, right, softcap, slopes,
+                   has_alibi):
+    """``flash._q_block`` for one (already scaled) query block, the keys ``j_begin ..
+    j_end`` of a sequence of ``Lk`` keys read page by page through ``table_b``."""
+    br, d = Qi.shape
+    page = k_pages.shape[2]
+    S_buf = np.empty(br * block_kv, dtype=Qi.dtype)
+    P_buf = np.empty(br * block_kv, dtype=Qi.dtype)
+    PV = np.empty((br, d), dtype=Qi.dtype)
+    m = np.full(br, NEG_INF, dtype=Qi.dtype)
+    l = np.zeros(br, dtype=Qi.dtype)
+    alpha = np.empty(br, dtype=Qi.dtype)
+    acc = np.zeros((br, d), dtype=Qi.dtype)
+    no_g = S_buf[:0].reshape((0, 0))
+    j_lo, j_hi = window_keys(i0, br, Lk, causal, offset, left, right, block_kv)
+    j0, stop = max(j_begin, j_lo), min(j_end, j_hi)
+    while j0 < stop:
+        p, o = table_b[j0 // page], j0 % page
+        bc = min(block_kv, stop - j0, page - o)  # a tile never crosses a page
+        Kj, Vj = k_pages[p, hk, o:o + bc], v_pages[p, hk, o:o + bc]
+        S = S_buf[:br * bc].reshape((br, bc))
+        np.dot(Qi, Kj.T, S)
+        if softcap > 0 or has_alibi:
+            softcap_alibi_block(S, softcap, slopes, has_alibi, b, h, i0, j0, offset, no_g)
+        diagonal = causal and j0 + bc > i0 + offset + 1
+        if diagonal:
+            mask_block(S, bias, False, b, h, i0, j0, True, offset)
+        cut = window_cuts(i0, br, j0, bc, offset, left, right)
+        if cut:
+            window_block(S, i0, j0, offset, left, right)
+        P = P_buf[:br * bc].reshape((br, bc))
+        softmax_block(S, m, l, alpha, P)
+        if (diagonal or cut) and not all_finite(Vj):
+            _pv_select(S, P, Vj, PV)
+        else:
+            np.dot(P, Vj, PV)
+        _rescale_add(acc, alpha, PV)
+        j0 += bc
+    for r in range(br):
+        lse_i[r] = finalize_row(acc[r], m[r], l[r], Oi[r])
+
+
+@njit(cache=CACHE, parallel=True, nogil=True)
+def paged_forward(q, k_pages, v_pages, block_table, lengths, bias, scale, causal, block_q,
+                  block_kv, splits, out, lse, left, right, softcap, slopes, has_alibi):
+    """prange over (b, h, query block, key split); then the exact merge of the splits.
+
+    q (B, H, Nq, d); pages (num_blocks, H_kv, page, d); block_table (B, max_blocks);
+    lengths (B,): keys per sequence; ``bias``: a placeholder (no mask here).
+    """
+    B, H, Nq, d = q.shape
+    group = H // k_pages.shape[1]
+    Tr = (Nq + block_q - 1) // block_q
+    part_o = np.empty((splits, B, H, Nq, d), dtype=q.dtype)
+    part_lse = np.empty((splits, B, H, Nq), dtype=q.dtype)
+    for task in prange(B * H * Tr * splits):
+        s = task % splits
+        b, h, i0 = task_coords(task // splits, H, Tr, block_q)
+        i1 = min(i0 + block_q, Nq)
+        Lk = lengths[b]
+        per = ((Lk + block_kv - 1) // block_kv + splits - 1) // splits * block_kv
+        _paged_q_block(q[b, h, i0:i1] * scale, k_pages, v_pages, block_table[b], h // group,
+                       b, h, i0, causal, Lk - Nq, min(s * per, Lk), min((s + 1) * per, Lk),
+                       Lk, block_kv, bias, part_o[s, b, h, i0:i1], part_lse[s, b, h, i0:i1],
+                       left, right, softcap, slopes, has_alibi)
+    merge_splits(part_o, part_lse, out, lse)

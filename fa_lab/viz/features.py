@@ -1,0 +1,80 @@
+"""Figures of flash-attn's features (lessons 03 and 08): the window, ALiBi and softcap
+drawn as masks and biases, and a paged KV cache's block table."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from fa_lab.reference import alibi_bias, causal_mask, feature_offset, window_mask
+
+
+def score_mods(Nq, Nk, window, slope, softcap, causal=True):
+    """Three panels: the causal + window mask, one head's ALiBi bias, the softcap curve."""
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    align = "top_left" if causal is True else ("bottom_right" if causal else None)
+    off = feature_offset(Nq, Nk, align)
+    seen = window_mask(Nq, Nk, window, off)
+    if align:
+        seen &= causal_mask(Nq, Nk, align)
+    axes[0].imshow(seen, cmap="Greens", vmin=-0.3, vmax=1.2, interpolation="nearest")
+    axes[0].set_title(f"causal={causal}, window={tuple(window)}\ndark: query i sees key j",
+                      fontsize=9)
+    bias = alibi_bias(np.array([slope]), Nq, Nk, off)[0]
+    im = axes[1].imshow(bias, cmap="Blues_r", interpolation="nearest")
+    fig.colorbar(im, ax=axes[1], fraction=0.046)
+    axes[1].set_title(f"ALiBi bias -slope |i + offset - j|, slope={slope:g}", fontsize=9)
+    for ax in axes[:2]:
+        ax.set_xlabel("key j")
+        ax.set_ylabel("query i")
+    x = np.linspace(-4 * softcap, 4 * softcap, 400)
+    axes[2].plot(x, x, "--", color="grey", label="no cap: s = x")
+    axes[2].plot(x, softcap * np.tanh(x / softcap), label=f"softcap c={softcap:g}: c tanh(x/c)")
+    axes[2].axhline(softcap, color="grey", lw=0.5)
+    axes[2].axhline(-softcap, color="grey", lw=0.5)
+    axes[2].set_xlabel("scaled score x = q.k / sqrt(d)")
+    axes[2].set_ylabel("score s the softmax sees")
+    axes[2].set_title("softcap: scores bounded by +-c", fontsize=9)
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def block_table(table, lengths, page, num_blocks=None):
+    """A paged KV cache: each sequence's logical blocks (left, numbers = page index) and
+    the page pool (right, numbers = ``sequence:logical block``); pages a sequence has
+    allocated but not filled are pale, free pages white."""
+    table = np.asarray(table)
+    B, per = table.shape
+    num_blocks = int(table.max()) + 1 if num_blocks is None else num_blocks
+    colors = plt.get_cmap("tab10")
+    fig, (ax_l, ax_p) = plt.subplots(1, 2, figsize=(12, 0.9 + 0.45 * max(B, 3)),
+                                     gridspec_kw={"width_ratios": [per, min(num_blocks, 16)]})
+    cols = min(num_blocks, 16)
+    rows = -(-num_blocks // cols)
+    pool = np.ones((rows, cols, 3))
+    for b in range(B):
+        filled = -(-int(lengths[b]) // page)
+        for j in range(per):
+            rgb = np.array(colors(b % 10)[:3])
+            shade = rgb if j < filled else 0.35 * rgb + 0.65
+            ax_l.add_patch(plt.Rectangle((j, b), 1, 1, color=shade, ec="white"))
+            ax_l.text(j + 0.5, b + 0.5, str(table[b, j]), ha="center", va="center", fontsize=7)
+            p = int(table[b, j])
+            pool[p // cols, p % cols] = shade
+            ax_p.text(p % cols, p // cols, f"{b}:{j}", ha="center", va="center", fontsize=6)
+    ax_l.set_xlim(0, per)
+    ax_l.set_ylim(B, 0)
+    ax_l.set_xlabel(f"logical block (keys j .. j + {page})")
+    ax_l.set_yticks(np.arange(B) + 0.5, [f"seq {b}: {lengths[b]} tokens" for b in range(B)],
+                    fontsize=7)
+    ax_l.set_xticks(np.arange(per) + 0.5, [str(j) for j in range(per)], fontsize=7)
+    ax_l.set_title("block_table[b, j] = page holding keys j*page .. (j+1)*page - 1",
+                   fontsize=9)
+    ax_p.imshow(pool, interpolation="nearest")
+    ax_p.set_xticks(range(cols))
+    ax_p.set_yticks(range(rows), [str(r * cols) for r in range(rows)])
+    ax_p.tick_params(labelsize=6)
+    ax_p.set_title(f"the page pool ({num_blocks} pages of {page} rows)", fontsize=9)
+    fig.tight_layout()
+    return fig
