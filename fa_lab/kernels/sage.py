@@ -3,13 +3,12 @@
 Per (b, h, query block of ``Br`` rows), over key blocks of ``Bc`` keys (causal blocks past
 the diagonal skipped), FlashAttention-2's loop with:
 
-1. ``S32 = Qi Kj^T`` in int32 by the score micro-kernel (4 rows x 32 keys in registers):
+1. ``S32 = Qi Kj^T`` in int32 by the score micro-kernel (8 rows x 32 keys in registers):
    ``vpdpbusd`` on uint8 ``Q + 128`` and int8 ``K``, the accumulators starting at
    ``-128 sum_t K[c, t]`` (precomputed per key when packing), or ``vpmaddwd`` on int16;
-2. ``S = S32 * (s_q scale) * s_k`` in fp32 (one scale per row of Q and per key: per
-   block scales matched to the tiles, as SageAttention), then the mask and causal
-   diagonal (:func:`~fa_lab.kernels.common.mask_block`);
-3. the online softmax in fp32: ``flash``'s fused block function (polynomial ``exp2``);
+2. ``S = S32 * (s_q scale) * s_k`` in fp32 in registers (per-block scales matched to
+   the tiles, as SageAttention), then the mask and causal diagonal (``mask_block``);
+3. the online softmax in fp32 (``flash``'s two fused passes; P written as bf16 bits);
 4. ``acc = alpha acc + P Vj`` by the ``P V`` micro-kernel (4 rows x 32 channels): P
    rounded to bf16 and ``V`` stored bf16 (``vdpbf16ps``, fp32 accumulate), or fp32 FMAs.
 
@@ -27,7 +26,9 @@ bf16 ``P V``, min of 11 calls (``flash``: 26.2 ms): first version (4 x 32 score 
 separate int32 -> float pass and a bf16 rounding pass, 64 x 128 tiles) 14.9 ms;
 dequantizing in the micro-kernel's registers and writing bf16 from the softmax: no
 measurable change; a degree-4 ``exp2`` when P is bf16: softmax 2.08 -> 1.82 ms per head;
-8 x 32 score tile: scores 1.75 -> 1.56 ms per head; 128 x 256 tiles: 14.1 -> 13.2 ms.
+8 x 32 score tile: scores 1.75 -> 1.56 ms per head; 128 x 256 tiles: 14.1 -> 13.2 ms;
+each block processed strip by strip (scores, softmax and ``P V`` of 8 rows, so S and P
+stay in L1): 14.5 -> 14.2 ms back to back (the VM drifts by ~1 ms between minutes).
 Tried and reverted: taking each row's max from the micro-kernel's registers (skipping
 the softmax's max pass): 14.1 ms, slower. Where a head's time goes now (one core):
 scores 1.56 ms (~345 G op/s, 75% of the ``vpdpbusd`` loop's peak), softmax 1.8 ms (one
@@ -317,17 +318,24 @@ def _q_block(Qx, qo, dq, steps, rs, Kp, corr, skp, Vp, vfin, v, bias, has_bias, 
     for j0 in range(0, visible_end(i0 + br - 1, Nk, causal, offset), bk):
         jb = j0 // bk
         bc = min(bk, Nk - j0)
-        _scores(Qx, qo, dq, steps, Kp, jb * bkp * dq, corr[jb], skp[jb], rs, S, brp, bc, bkp)
-        masked = has_bias or (causal and j0 + bc > i0 + offset + 1)
-        if masked:
-            mask_block(S.reshape((brp, bkp))[:br, :bc], bias, has_bias, b, h, i0, j0,
-                       causal and j0 + bc > i0 + offset + 1, offset)
-        if masked and not vfin[jb]:  # a hidden NaN/inf value must not reach any row
-            _softmax(S, bkp, br, bc, m, l, alpha, P)
-            _pv_select(S.reshape((brp, bkp))[:br, :bc], P.reshape((brp, bkp))[:br, :bc], v,
-                       j0, alpha, acc, dv)
-            continue
-        pv_block(S, P, Px, bkp, br, bc, Vp, jb * bkp * dv, dv, m, l, alpha, acc, brp)
+        diagonal = causal and j0 + bc > i0 + offset + 1
+        masked = has_bias or diagonal
+        for r0 in range(0, brp, MR_S):  # strip by strip: S and P of 8 rows stay in L1
+            n = min(MR_S, br - r0)
+            so, ao = r0 * bkp, r0 * dv
+            _scores(Qx, qo + r0 * dq, dq, steps, Kp, jb * bkp * dq, corr[jb], skp[jb],
+                    rs[r0:], S[so:], MR_S, bc, bkp)
+            if masked:
+                mask_block(S[so:so + n * bkp].reshape((n, bkp))[:, :bc], bias, has_bias, b, h,
+                           i0 + r0, j0, diagonal, offset)
+            if masked and not vfin[jb]:  # a hidden NaN/inf value must not reach any row
+                _softmax(S[so:], bkp, n, bc, m[r0:], l[r0:], alpha[r0:], P[so:])
+                _pv_select(S[so:so + n * bkp].reshape((n, bkp))[:, :bc],
+                           P[so:so + n * bkp].reshape((n, bkp))[:, :bc], v, j0, alpha[r0:],
+                           acc[ao:], dv)
+                continue
+            pv_block(S[so:], P[so:], Px[so:], bkp, n, bc, Vp, jb * bkp * dv, dv, m[r0:],
+                     l[r0:], alpha[r0:], acc[ao:], MR_S)
     for r in range(br):
         lse_i[r] = finalize_row(acc[r * dv:r * dv + Oi.shape[1]], m[r], l[r], Oi[r])
 
