@@ -25,6 +25,7 @@ from fa_lab import (BACKWARD_KERNELS, INT8_KERNELS, KERNELS, attention, attentio
                     attention_int8, bench, hierarchy, memory, report, topk_attention, tune, viz)
 from fa_lab._blas import coretype_hint
 from fa_lab.bench import features as bench_features
+from fa_lab.bench import lowprec
 from fa_lab.bench.contenders import _torch
 from fa_lab.machine import describe_machine, machine
 from fa_lab.reference import causal_alignment
@@ -160,6 +161,9 @@ def _bench(args) -> int:
         df = bench_features.feature_studies(quick=args.quick, repeats=args.repeats,
                                             progress=log)
         cols = bench_features.COLUMNS
+    elif args.sweep == "int8":
+        df = _int8(args, log)
+        cols = ["what", "detail"]
     else:  # claims
         df = bench.check_speed_claims(kernel=kernel, repeats=args.repeats, progress=log)
         cols = ["claim", "config measured", "standard ms", f"{kernel} ms", "torch_sdpa ms",
@@ -170,6 +174,14 @@ def _bench(args) -> int:
     print(df[[c for c in cols if c in df]].to_string(index=False, float_format="%.4g"))
     _write(df, args.csv, args.png if plot else None, plot)
     return 0
+
+
+def _int8(args, log):
+    """Issue 15's sweep (:func:`fa_lab.bench.lowprec.sweep`): prints each table, returns
+    the targets with their verdicts."""
+    r = lowprec.sweep(args.N[0], args.H, args.B, args.d, repeats=args.repeats, progress=log)
+    print(lowprec.format_sweep(r) + "\n\n== targets (issue 15)")
+    return lowprec.targets(r)
 
 
 def _bandwidth(args, log):
@@ -253,8 +265,13 @@ def _warmup(args) -> int:
             attention(q1, kv1, kv1, kernel="flash", mask=mask, causal="bottom_right")
         # INT8 kernels (the int8 inputs and per-row scales have one type per dtype)
         for mask in masks:
-            for name in INT8_KERNELS:
-                attention_int8(q, kv, kv, kernel=name, mask=mask, causal=True)
+            for name, kern in INT8_KERNELS.items():
+                if "pv_dtype" not in kern.tags:
+                    attention_int8(q, kv, kv, kernel=name, mask=mask, causal=True)
+                elif dtype == np.float32 and kern.available() is None:  # sage: fp32, AVX-512
+                    for pv in ("float32", "bfloat16"):
+                        attention_int8(q, kv, kv, kernel=name, mask=mask, causal=True,
+                                       pv_dtype=pv)
         # top-K retrieval's merge (one type per dtype)
         topk_attention(q[0, 0], kv[0, 0], k=2)
     # the memory-hierarchy micro-kernels (lesson 09)
@@ -289,10 +306,13 @@ def main(argv=None) -> int:
                        "targets: the performance issue's targets, judged; bandwidth: "
                        "streaming GB/s per working set and per cache level; features: "
                        "sliding window vs causal at N=8192, varlen vs padded, paged vs "
-                       "contiguous decode (flash-attn's features), judged.")
+                       "contiguous decode (flash-attn's features), judged; int8: peaks "
+                       "per precision, the INT8 score micro-kernel vs BLAS tiles, the "
+                       "Sage-style kernel vs flash and torch SDPA (causal and not) and its "
+                       "accuracy, issue 15's targets judged (use --N 2048 --H 8).")
     b.add_argument("--sweep", default="kernels",
                    choices=["kernels", "blocks", "threads", "decode", "breakdown", "peak",
-                            "claims", "targets", "bandwidth", "features"])
+                            "claims", "targets", "bandwidth", "features", "int8"])
     b.add_argument("--kernels", nargs="+", default=None,
                    help="registry names (default: every kernel but the reference; the "
                    "other sweeps use the first, default flash)")

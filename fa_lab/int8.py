@@ -21,9 +21,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from fa_lab import quant
+from fa_lab import cpu_features, quant
 from fa_lab.api import check_bool, effective_blocks, prepare
+from fa_lab.kernels import quantize as fast_quant
 from fa_lab.registry import INT8_KERNELS
+
+#: ``pv_dtype`` values of :func:`attention_int8`.
+PV_DTYPES = ("float32", "bfloat16")
 
 
 def quantize_inputs(q4, k4, granularity, block_q, block_kv, smooth):
@@ -31,6 +35,8 @@ def quantize_inputs(q4, k4, granularity, block_q, block_kv, smooth):
 
     Returns ``q8, sq, k8, sk, mean`` with per-row scales ``sq`` (B, H, Nq) and ``sk``
     (B, H_kv, Nk) as float64 and ``mean`` the subtracted K mean (or ``None``).
+    Per block and per token run compiled and parallel (:mod:`fa_lab.kernels.quantize`,
+    the same values as :func:`fa_lab.quant.quantize`); per tensor uses NumPy.
     """
     for name, x in (("q", q4), ("k", k4)):
         if not np.isfinite(x).all():
@@ -38,9 +44,25 @@ def quantize_inputs(q4, k4, granularity, block_q, block_kv, smooth):
                              f"infinity)")
     mean = None
     if smooth:
-        k4, mean = quant.smooth_k(k4)
+        if k4.shape[2] == 0:  # no key: nothing to smooth (and no mean of nothing)
+            mean = np.zeros(k4.shape[:2] + (1, k4.shape[3]), k4.dtype)
+        elif granularity == "per_tensor":
+            k4, mean = quant.smooth_k(k4)
+        else:
+            B, Hk, Nk, d = k4.shape
+            ks, m = np.empty_like(k4), np.empty((B * Hk, d), k4.dtype)
+            fast_quant.smooth(k4.reshape(B * Hk, Nk, d), ks.reshape(B * Hk, Nk, d), m)
+            k4, mean = ks, m.reshape(B, Hk, 1, d)
     out = []
     for name, x, block in (("q", q4, block_q), ("k", k4, block_kv)):
+        if granularity != "per_tensor" and x.size:
+            B, Hx, N, d = x.shape
+            xq, s = quant.aligned(np.empty(x.shape, np.int8)), np.empty((B, Hx, N))
+            rows = 1 if granularity == "per_token" else int(min(block, N))
+            if not fast_quant.quantize_blocks(x.reshape(B * Hx, N, d), rows,
+                                              xq.reshape(B * Hx, N, d), s.reshape(B * Hx, N)):
+                out += [xq, s]
+                continue  # else: the NumPy path below raises the scale error
         try:
             xq, s = quant.quantize(x, granularity,
                                    block if granularity == "per_block" else None,
@@ -53,9 +75,46 @@ def quantize_inputs(q4, k4, granularity, block_q, block_kv, smooth):
     return (*out, mean)
 
 
+def _check_pv_dtype(pv_dtype):
+    if not isinstance(pv_dtype, str) or pv_dtype not in PV_DTYPES:
+        raise ValueError(f"pv_dtype must be one of {PV_DTYPES}, got {pv_dtype!r}")
+
+
+def _choose_int8(kernel, call, pv_dtype):
+    """The INT8 kernel for this call; an explicit kernel without bf16 P V refuses
+    ``pv_dtype='bfloat16'`` (``NotImplementedError``)."""
+    chosen = call.choose(kernel, INT8_KERNELS)
+    if pv_dtype != "float32" and "pv_dtype" not in chosen.tags and kernel != "auto":
+        raise NotImplementedError(f"kernel {chosen.name!r} does not support "
+                                  f"pv_dtype={pv_dtype!r} (only 'sage' does)")
+    return chosen
+
+
+def plan_int8(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto",
+              block_q=None, block_kv=None, pv_dtype="float32") -> dict:
+    """What :func:`attention_int8` would run, without running it: the kernel, its
+    tiles, the instruction paths this CPU gets (:mod:`fa_lab.cpu_features`) and a note
+    on any fallback (no VNNI: vpmaddwd; no AVX512-BF16: fp32 ``P V``; no AVX-512: the
+    plain-loop ``simd`` kernel)."""
+    _check_pv_dtype(pv_dtype)
+    call = prepare(q, k, v, causal=causal, scale=scale, mask=mask, block_q=block_q,
+                   block_kv=block_kv)
+    chosen = _choose_int8(kernel, call, pv_dtype)
+    bq, bk = effective_blocks(call.Nq, call.Nk, call.block_q, call.block_kv,
+                              chosen.default_blocks)
+    features = cpu_features.detect()
+    uses = "pv_dtype" in chosen.tags
+    score, pv = (features.score_path, features.pv_path(pv_dtype)) if uses else ("loops", "fp32")
+    note = features.note(pv_dtype) if uses else (
+        f"kernel {chosen.name!r}: plain loops, P V in the input dtype"
+        + ("" if kernel != "auto" else f"; {features.note(pv_dtype)}"))
+    return {"kernel": chosen.name, "block_q": bq, "block_kv": bk, "score_path": score,
+            "pv_path": pv, "pv_dtype": pv_dtype, "note": note}
+
+
 def attention_int8(q, k, v, *, causal=False, scale=None, mask=None,
                    granularity="per_block", smooth_k=True, kernel="auto", block_q=None,
-                   block_kv=None, return_lse=False):
+                   block_kv=None, return_lse=False, pv_dtype="float32"):
     """Attention with INT8 ``Q`` and ``K`` (symmetric, see :mod:`fa_lab.quant`).
 
     Parameters as :func:`fa_lab.attention`, plus:
@@ -67,14 +126,22 @@ def attention_int8(q, k, v, *, causal=False, scale=None, mask=None,
     smooth_k : bool
         Subtract K's per-channel mean before quantizing (exact for the output; LSE
         corrected).
-    kernel : "auto" (``simd``) or a name in :data:`fa_lab.INT8_KERNELS`.
+    kernel : "auto" or a name in :data:`fa_lab.INT8_KERNELS`
+        ``"auto"``: ``sage`` (micro-kernels) for float32 on a CPU with AVX-512, else
+        ``simd`` (a ``KernelFallbackWarning`` says why); :func:`plan_int8` tells.
+    pv_dtype : "float32" (default) or "bfloat16"
+        Precision of ``P V`` in ``sage``: ``P`` rounded to bf16 after the softmax and
+        ``V`` stored bf16, products accumulated in fp32 (``vdpbf16ps``). On a CPU
+        without AVX512-BF16 it runs in fp32 (see :func:`plan_int8`). Other kernels
+        compute ``P V`` in the input dtype: an explicit one refuses ``"bfloat16"``.
 
     Returns ``out`` (q's dtype) and, with ``return_lse``, ``lse``.
     """
     call = prepare(q, k, v, causal=causal, scale=scale, mask=mask, block_q=block_q,
                    block_kv=block_kv)
     return_lse = check_bool("return_lse", return_lse)
-    chosen = call.choose(kernel, INT8_KERNELS)
+    _check_pv_dtype(pv_dtype)
+    chosen = _choose_int8(kernel, call, pv_dtype)
     if not isinstance(granularity, str) or granularity not in quant.GRANULARITIES:
         raise ValueError(f"granularity must be one of {quant.GRANULARITIES}, "
                          f"got {granularity!r}")
@@ -86,8 +153,9 @@ def attention_int8(q, k, v, *, causal=False, scale=None, mask=None,
     bq, bk = effective_blocks(call.Nq, call.Nk, call.block_q, call.block_kv,
                               chosen.default_blocks)
     q8, sq, k8, sk, mean = quantize_inputs(call.q4, call.k4, granularity, bq, bk, smooth_k)
+    extra = {"pv_dtype": pv_dtype} if "pv_dtype" in chosen.tags else {}
     out, lse = chosen.run((q8, sq, k8, sk, call.v4), call.bias, call.scale, call.alignment,
-                          bq if chosen.tiled else None, bk if chosen.tiled else None)
+                          bq if chosen.tiled else None, bk if chosen.tiled else None, **extra)
     if return_lse and mean is not None and call.Nk:
         group = call.H // call.H_kv
         shift = np.einsum("bhnd,bhd->bhn", call.q4.astype(np.float64),

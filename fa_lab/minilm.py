@@ -89,13 +89,15 @@ def load_weights(model_dir):
             for k, v in load_file(str(Path(model_dir) / "model.safetensors")).items()}
 
 
-def tokenize(texts, model_dir):
-    """Token ids per text (``tokenizers``, the model's own ``tokenizer.json``)."""
+def tokenize(texts, model_dir, max_tokens=256):
+    """Token ids per text (``tokenizers``, the model's own ``tokenizer.json``), truncated
+    to ``max_tokens`` (sentence-transformers' ``max_seq_length``, 256; the model's
+    position embeddings allow 512)."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
     tok.no_padding()  # the file pads to 128: one sentence at a time needs no padding
-    tok.enable_truncation(256)  # sentence-transformers' max_seq_length
+    tok.enable_truncation(max_tokens)
     return [np.array(tok.encode(t).ids, dtype=np.int64) for t in texts]
 
 

@@ -369,3 +369,38 @@ def attention_half(q, k, v, *, dtype, causal=False, scale=None, mask=None):
         p = rnd(np.where(l == 0, f32(0), p / l))
         lse = np.where(l == 0, f32(-np.inf), m + np.log(l))[..., 0]
     return (p @ v).astype(half), lse.astype(half)
+
+
+def attention_bf16_pv(q, k, v, *, causal=False, scale=None, mask=None):
+    """The straightforward implementation of a bf16 ``P V`` (the baseline of the
+    bfloat16 rule for ``attention_int8(pv_dtype="bfloat16")``): float32 scores and
+    softmax, the unnormalized ``P`` and ``V`` rounded to bfloat16 (nearest even),
+    ``P V`` accumulated in float32 and divided by the float32 row sum of the unrounded
+    ``P``. Returns ``out`` in float32."""
+    f32 = np.float32
+
+    def rnd(x):  # bf16 rounding, nearest even, through the float32 bits
+        b = np.asarray(x, f32).view(np.uint32).astype(np.uint64)
+        return (((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(f32)
+
+    q, k, v = (np.asarray(x, f32) for x in (q, k, v))
+    Nq, d = q.shape[-2:]
+    Nk = k.shape[-2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if q.ndim >= 3:
+        k, v = repeat_kv(k, q.shape[-3]), repeat_kv(v, q.shape[-3])
+    s = (q @ np.swapaxes(k, -1, -2)) * f32(scale)
+    if mask is not None:
+        s = s + mask_to_bias(mask, f32)
+    alignment = causal_alignment(causal)
+    if alignment is not None:
+        s = np.where(causal_mask(Nq, Nk, alignment), s, f32(-np.inf))
+    if Nk == 0:
+        return np.zeros(s.shape[:-1] + (d,), f32)
+    m = s.max(axis=-1, keepdims=True)
+    m = np.where(np.isneginf(m), f32(0), m)
+    p = np.exp(s - m)
+    l = p.sum(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(l == 0, f32(0), (rnd(p) @ rnd(v)) / l)
+    return out.astype(f32)

@@ -31,7 +31,7 @@ from fa_lab.dropout import mix_seed
 from fa_lab.machine import cuda_device
 from fa_lab.scoremod import NONE as NO_MODS
 from fa_lab.kernels import (backward_naive, backward_tiled, fa1, flash, int8, naive, online,
-                           paged, tiled, tiled_simd, varlen)
+                           paged, sage, tiled, tiled_simd, varlen)
 from fa_lab.kernels.common import no_bias
 from fa_lab.kernels.fa1 import fa1_forward
 from fa_lab.kernels.flash import flash_forward, flash_splitkv_forward
@@ -82,12 +82,16 @@ class Kernel:
     scratch: Callable | None = None  # byte model of the kernel's own allocations
     tags: tuple = field(default_factory=tuple)
     device: str = "cpu"  # "cpu", or "cuda" (an NVIDIA GPU, or numba's CUDA simulator)
+    available: Callable | None = None  # () -> why this CPU cannot run it, or None
 
     def unsupported(self, req: Request) -> str | None:
         """Why this kernel cannot serve ``req`` (an option name and a sentence), or None."""
         if self.device == "cuda" and cuda_device() is None:
             return (f"kernel {self.name!r} needs an NVIDIA GPU, or numba's CUDA simulator "
                     "(NUMBA_ENABLE_CUDASIM=1, or fa_lab.gpu.use_simulator() before first use)")
+        missing = self.available() if self.available else None
+        if missing:
+            return missing
         if np.dtype(req.dtype) not in [np.dtype(t) for t in self.dtypes]:
             return f"kernel {self.name!r} does not support dtype={np.dtype(req.dtype).name}"
         for option in ("causal", "mask", "gqa", "dropout", "window", "softcap", "alibi"):
@@ -281,6 +285,12 @@ INT8_KERNELS: dict[str, Kernel] = {
                "flash's fused softmax, prange over (b, h, query block)",
                Runner(int8.int8_simd_forward, keys=2), int8.int8_simd_forward,
                tiled=True, parallel=True, scratch=int8.scratch_bytes_simd),
+        Kernel("sage", 3, "SageAttention-style: register-blocked micro-kernels (Q K^T with "
+               "vpdpbusd or vpmaddwd, P V in bf16 with vdpbf16ps or fp32 FMAs, by CPU), "
+               "flash's fused softmax, prange over (b, h, query block); float32",
+               sage.run, sage.sage_forward, tiled=True, parallel=True,
+               dtypes=(np.float32,), default_blocks=sage.DEFAULT_BLOCKS,
+               scratch=sage.scratch_bytes, tags=("pv_dtype",), available=sage.unavailable),
     ]
 }
 

@@ -45,6 +45,7 @@ NOTEBOOKS = [
     ("07_backward", "time_ratio"),
     ("08_decoding_and_retrieval", "decode_latency"),
     ("09_memory_hierarchy", "roofline"),
+    ("10_low_precision_microkernels", "speed"),
     ("11_real_model", "retrieval"),
     ("12_gpu_kernel", "occupancy"),
 ]

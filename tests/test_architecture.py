@@ -23,7 +23,7 @@ MAX_LINES = 450
 #: unless listed themselves.
 LAYERS = {
     # 0: settings and the machine
-    "fa_lab.config": 0, "fa_lab._blas": 0, "fa_lab.machine": 0,
+    "fa_lab.config": 0, "fa_lab._blas": 0, "fa_lab.machine": 0, "fa_lab.cpu_features": 0,
     # 1: reference, testing, numerics helpers, the tuning file's reader
     "fa_lab.reference": 1, "fa_lab.testing": 1, "fa_lab.verdict": 1, "fa_lab.dropout": 1,
     "fa_lab.quant": 1, "fa_lab.tiling": 1, "fa_lab.softmax": 1, "fa_lab.simd": 1,

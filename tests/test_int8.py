@@ -78,10 +78,10 @@ CASES = [
 ]
 
 
-def _int_reference(q, k, v, granularity, smooth, causal, mask=None, block=64):
+def _int_reference(q, k, v, granularity, smooth, causal, mask=None, block=64, block_kv=None):
     c = prepare(q, k, v, causal=causal, mask=mask)
     q8, sq, kq8, sk, _ = quantize_inputs(c.q4, c.k4, granularity, min(block, c.Nq),
-                                         min(block, c.Nk), smooth)
+                                         min(block_kv or block, c.Nk), smooth)
     qd = (q8.astype(np.float64) * sq[..., None]).reshape(q.shape)
     kd = (kq8.astype(np.float64) * sk[..., None]).reshape(k.shape)
     exp = reference.attention(qd, kd, v, causal=causal, mask=mask)
@@ -94,9 +94,16 @@ def _int_reference(q, k, v, granularity, smooth, causal, mask=None, block=64):
 @pytest.mark.parametrize("name", INT8_NAMES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 def test_int8_kernels_match_the_integer_reference(case, granularity, name, dtype):
+    kernel = INT8_KERNELS[name]
+    if np.dtype(dtype) not in [np.dtype(t) for t in kernel.dtypes]:
+        pytest.skip(f"{name} is {[np.dtype(t).name for t in kernel.dtypes]} only")
     q, k, v = case.inputs(dtype=dtype, seed=2)
+    if kernel.unsupported(prepare(q, k, v).request):
+        pytest.skip(f"{name} cannot run on this CPU")
     k = k + dtype(2.0)  # an offset, so smoothing has something to remove
-    (eo, el), (bo, bl) = _int_reference(q, k, v, granularity, True, case.causal)
+    bq, bk = kernel.default_blocks or (64, 64)
+    (eo, el), (bo, bl) = _int_reference(q, k, v, granularity, True, case.causal, block=bq,
+                                        block_kv=bk)
     out, lse = fa_lab.attention_int8(q, k, v, causal=case.causal, granularity=granularity,
                                      kernel=name, return_lse=True)
     assert out.dtype == q.dtype and out.shape == q.shape and lse.shape == q.shape[:-1]

@@ -1,0 +1,422 @@
+"""Register-blocked micro-kernels from Python: 512-bit vectors and target intrinsics.
+
+Plain Numba loops never produce ``vpdpbusd`` and do not keep a tile of accumulators in
+registers (``../shared/PITFALLS.md``: a 4 x 32 tile as small arrays or 128 scalars ran at
+~20 GFLOP/s). Here a zmm register is a Numba *type* (:data:`i32x16`, :data:`f32x16`,
+whose LLVM type is ``<16 x i32>`` / ``<16 x float>``), and a handful of
+``numba.extending.intrinsic`` functions emit the LLVM IR that loads, broadcasts and
+multiplies them, including the x86 target intrinsics:
+
+* ``llvm.x86.avx512.vpdpbusd.512``: 16 lanes, each ``acc += sum of 4 u8 x s8 products``
+  (64 multiply-adds per instruction, AVX512-VNNI); it multiplies UNSIGNED by signed
+  bytes, so Q is shifted by +128 to uint8 and ``128 * sum_t k[c, t]`` is subtracted per
+  key (the accumulators start at that correction, so it costs nothing in the loop);
+* ``llvm.x86.avx512.pmaddw.d.512`` (``vpmaddwd``): 32 s16 x s16 products summed in
+  pairs into 16 int32 lanes, the fallback without VNNI (Q and K widened to int16);
+* ``llvm.x86.avx512bf16.dpbf16ps.512`` (``vdpbf16ps``): 16 float lanes, each ``acc +=
+  a0 b0 + a1 b1`` with bf16 pairs (AVX512-BF16);
+* ``llvm.fma.v16f32`` (``vfmadd231ps``): the fp32 fallback.
+
+A micro-kernel (BLIS's word) is the innermost loop: a small tile of the output held in
+registers (scores: 8 rows x 32 keys = 16 zmm accumulators; ``P V``: 4 rows x 32
+channels = 8) updated by rank-4 (or rank-2, rank-1) steps over the reduction axis: per
+step of the score tile, broadcast one 4-byte group of each of the 8 rows of Q, load 2 zmm
+of packed K, 16 dot-product instructions. The right operand is *packed* so each load is
+contiguous::
+
+    Q K^T (vnni):  Kp[chunk of 32 keys][2 groups of 16][d/4][16 keys][4 bytes]
+    P V   (bf16):  Vp[pair of keys][d/16 groups][16 channels][2 keys]
+
+LLVM refuses an intrinsic that the target CPU lacks, so each path is a separate function
+chosen at compile time by the operand dtypes (uint8 Q: vnni; int16 Q: vpmaddwd; uint16 P:
+bf16; float32 P: fp32), and :mod:`fa_lab.cpu_features` decides which may be compiled.
+Tests find each instruction in the assembly. None of this runs with
+``NUMBA_DISABLE_JIT=1`` (intrinsics only exist compiled).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.core.datamodel import models, register_default
+from numba.extending import intrinsic, overload
+
+from fa_lab.config import CACHE
+
+_I32 = ir.IntType(32)
+_F32 = ir.FloatType()
+_VI32 = ir.VectorType(_I32, 16)
+_VF32 = ir.VectorType(_F32, 16)
+
+
+class Vec512(types.Type):
+    """A 512-bit vector value (one zmm register): 16 int32 or 16 float32 lanes."""
+
+    def __init__(self, lane):
+        self.lane = lane
+        super().__init__(name=f"{lane}x16")
+
+
+i32x16 = Vec512("i32")
+f32x16 = Vec512("f32")
+
+
+@register_default(Vec512)
+class _Vec512Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _VI32 if fe_type.lane == "i32" else _VF32)
+
+
+class _BFloat(ir.Type):
+    """LLVM's ``bfloat`` (llvmlite has no class for it; only its name is needed)."""
+
+    def _to_string(self):
+        return "bfloat"
+
+    def __eq__(self, other):
+        return isinstance(other, _BFloat)
+
+    def __hash__(self):
+        return hash("bfloat")
+
+
+_VBF16 = ir.VectorType(_BFloat(), 32)
+
+
+def _addr(context, builder, aty, arr, idx, elem):
+    """Pointer to ``arr[idx]`` (1-D array, element units) cast to ``elem*``."""
+    a = context.make_array(aty)(context, builder, arr)
+    return builder.bitcast(builder.gep(a.data, [idx]), ir.PointerType(elem))
+
+
+def _is_1d(arr):
+    return isinstance(arr, types.Array) and arr.ndim == 1
+
+
+@intrinsic
+def vzero_i32(typingctx):
+    """A zmm of int32 zeros."""
+    return i32x16(), lambda c, b, s, a: cgutils.get_null_value(_VI32)
+
+
+@intrinsic
+def vzero_f32(typingctx):
+    """A zmm of float32 zeros."""
+    return f32x16(), lambda c, b, s, a: cgutils.get_null_value(_VF32)
+
+
+@intrinsic
+def vload_i32(typingctx, arr, idx):
+    """64 bytes from ``arr[idx]`` (any 1-D array, ``idx`` in its elements) as 16 int32."""
+    if not _is_1d(arr):
+        return None
+    return i32x16(arr, idx), lambda c, b, s, a: b.load(
+        _addr(c, b, s.args[0], a[0], a[1], _VI32), align=1)
+
+
+@intrinsic
+def vload_f32(typingctx, arr, idx):
+    """16 float32 from ``arr[idx]`` (a 1-D float32 array)."""
+    if not _is_1d(arr) or arr.dtype != types.float32:
+        return None
+    return f32x16(arr, idx), lambda c, b, s, a: b.load(
+        _addr(c, b, s.args[0], a[0], a[1], _VF32), align=1)
+
+
+@intrinsic
+def vstore(typingctx, arr, idx, v):
+    """Store a zmm at ``arr[idx]`` (int32 array for i32x16, float32 for f32x16)."""
+    if not _is_1d(arr) or v not in (i32x16, f32x16):
+        return None
+    if arr.dtype != (types.int32 if v == i32x16 else types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        elem = _VI32 if sig.args[2] == i32x16 else _VF32
+        builder.store(args[2], _addr(context, builder, sig.args[0], args[0], args[1], elem),
+                      align=1)
+        return context.get_dummy_value()
+
+    return types.none(arr, idx, v), codegen
+
+
+def _splat(builder, x, vty):
+    v = builder.insert_element(cgutils.get_null_value(vty), x, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 16), [0] * 16))
+
+
+@intrinsic
+def vbcast32(typingctx, arr, idx):
+    """The 4 bytes at ``arr[idx]`` (e.g. 4 uint8, 2 int16 or 2 bf16) in all 16 lanes."""
+    if not _is_1d(arr):
+        return None
+    return i32x16(arr, idx), lambda c, b, s, a: _splat(
+        b, b.load(_addr(c, b, s.args[0], a[0], a[1], _I32), align=1), _VI32)
+
+
+@intrinsic
+def vsplat_f32(typingctx, x):
+    """A float32 scalar in all 16 lanes."""
+    if x != types.float32:
+        return None
+    return f32x16(x), lambda c, b, s, a: _splat(b, a[0], _VF32)
+
+
+def _call(builder, name, ret, args, argtys=None):
+    fnty = ir.FunctionType(ret, argtys or [a.type for a in args])
+    return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), args)
+
+
+@intrinsic
+def dpbusd(typingctx, acc, u8, s8):
+    """``vpdpbusd``: lane i of ``acc`` += sum_{u<4} u8[4i+u] * s8[4i+u] (u8 unsigned)."""
+    if (acc, u8, s8) != (i32x16,) * 3:
+        return None
+    return i32x16(acc, u8, s8), lambda c, b, s, a: _call(
+        b, "llvm.x86.avx512.vpdpbusd.512", _VI32, list(a))
+
+
+@intrinsic
+def madd16(typingctx, acc, x, y):
+    """``vpmaddwd`` + ``vpaddd``: lane i of ``acc`` += x[2i] y[2i] + x[2i+1] y[2i+1] (s16)."""
+    if (acc, x, y) != (i32x16,) * 3:
+        return None
+
+    def codegen(context, builder, sig, args):
+        v16 = ir.VectorType(ir.IntType(16), 32)
+        x16, y16 = (builder.bitcast(a, v16) for a in args[1:])
+        return builder.add(args[0], _call(builder, "llvm.x86.avx512.pmaddw.d.512", _VI32,
+                                          [x16, y16]))
+
+    return i32x16(acc, x, y), codegen
+
+
+@intrinsic
+def dpbf16(typingctx, acc, x, y):
+    """``vdpbf16ps``: lane i of ``acc`` += x[2i] y[2i] + x[2i+1] y[2i+1] (bf16 pairs held
+    in int32 lanes, fp32 accumulate)."""
+    if (acc, x, y) != (f32x16, i32x16, i32x16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        xb, yb = (builder.bitcast(a, _VBF16) for a in args[1:])
+        return _call(builder, "llvm.x86.avx512bf16.dpbf16ps.512", _VF32, [args[0], xb, yb])
+
+    return f32x16(acc, x, y), codegen
+
+
+@intrinsic
+def vfma(typingctx, acc, x, y):
+    """``acc + x * y`` in 16 float32 lanes, one rounding (``vfmadd231ps``)."""
+    if (acc, x, y) != (f32x16,) * 3:
+        return None
+    return f32x16(acc, x, y), lambda c, b, s, a: _call(
+        b, "llvm.fma.v16f32", _VF32, [a[1], a[2], a[0]])
+
+
+@intrinsic
+def vmul(typingctx, x, y):
+    """``x * y`` in 16 float32 lanes."""
+    if (x, y) != (f32x16, f32x16):
+        return None
+    return f32x16(x, y), lambda c, b, s, a: b.fmul(a[0], a[1])
+
+
+@intrinsic
+def vcvt_f32(typingctx, x):
+    """int32 lanes to float32 (``vcvtdq2ps``)."""
+    if x != i32x16:
+        return None
+    return f32x16(x), lambda c, b, s, a: b.sitofp(a[0], _VF32)
+
+
+# ---------------------------------------------------------------- the score micro-kernels
+
+#: Rows x keys of one score micro-kernel call (16 zmm accumulators), and rows of one
+#: ``P V`` call (4 rows x 32 channels, 8 accumulators). Measured on one core (N=2048,
+#: d=64, one head, sage's score step): 4 x 32 tiles 1.75 ms (~307 G op/s), 8 x 32 tiles
+#: 1.56 ms (~345 G op/s; the register-resident vpdpbusd loop: ~460).
+MR_S, NR = 8, 32
+MR = 4
+
+
+def s_tile(Qx, q0, ldq, Kp, k0, steps, corr, sk, c0, rs, r0, S, s0, lds):
+    """The score micro-kernel, 8 rows x 32 keys: the integer dot products
+    ``corr[c0 + c] + sum_t Qx[q0 + r*ldq + t] K[c, t]`` accumulated exactly in int32
+    registers, then written as ``S[s0 + r*lds + c] = float(that) * rs[r0 + r] *
+    sk[c0 + c]`` (the dequantization, 8 vector conversions and multiplies per tile).
+    ``steps`` = d/4 (vnni, uint8 Q) or d/2 (vpmaddwd, int16 Q); ``Kp`` holds the 32 keys
+    at ``k0`` in 2 groups of 16 (``steps`` x 64 bytes each). Compiled per Q dtype."""
+    raise NotImplementedError("micro-kernels need the JIT (NUMBA_DISABLE_JIT is set)")
+
+
+def _s_tile_impl(step_fn, width):
+    def impl(Qx, q0, ldq, Kp, k0, steps, corr, sk, c0, rs, r0, S, s0, lds):
+        x0 = vload_i32(corr, c0)
+        y0 = vload_i32(corr, c0 + 16)
+        x1 = x2 = x3 = x4 = x5 = x6 = x7 = x0
+        y1 = y2 = y3 = y4 = y5 = y6 = y7 = y0
+        w = 64 // Kp.itemsize  # elements per 64-byte group of 16 keys
+        for p in range(steps):
+            ka = vload_i32(Kp, k0 + p * w)
+            kc = vload_i32(Kp, k0 + (steps + p) * w)  # the second group of 16 keys
+            q = q0 + width * p
+            a = vbcast32(Qx, q)
+            x0, y0 = step_fn(x0, a, ka), step_fn(y0, a, kc)
+            a = vbcast32(Qx, q + ldq)
+            x1, y1 = step_fn(x1, a, ka), step_fn(y1, a, kc)
+            a = vbcast32(Qx, q + 2 * ldq)
+            x2, y2 = step_fn(x2, a, ka), step_fn(y2, a, kc)
+            a = vbcast32(Qx, q + 3 * ldq)
+            x3, y3 = step_fn(x3, a, ka), step_fn(y3, a, kc)
+            a = vbcast32(Qx, q + 4 * ldq)
+            x4, y4 = step_fn(x4, a, ka), step_fn(y4, a, kc)
+            a = vbcast32(Qx, q + 5 * ldq)
+            x5, y5 = step_fn(x5, a, ka), step_fn(y5, a, kc)
+            a = vbcast32(Qx, q + 6 * ldq)
+            x6, y6 = step_fn(x6, a, ka), step_fn(y6, a, kc)
+            a = vbcast32(Qx, q + 7 * ldq)
+            x7, y7 = step_fn(x7, a, ka), step_fn(y7, a, kc)
+        ska, skb = vload_f32(sk, c0), vload_f32(sk, c0 + 16)
+        _dequant_store(S, s0, rs[r0], ska, skb, x0, y0)
+        _dequant_store(S, s0 + lds, rs[r0 + 1], ska, skb, x1, y1)
+        _dequant_store(S, s0 + 2 * lds, rs[r0 + 2], ska, skb, x2, y2)
+        _dequant_store(S, s0 + 3 * lds, rs[r0 + 3], ska, skb, x3, y3)
+        _dequant_store(S, s0 + 4 * lds, rs[r0 + 4], ska, skb, x4, y4)
+        _dequant_store(S, s0 + 5 * lds, rs[r0 + 5], ska, skb, x5, y5)
+        _dequant_store(S, s0 + 6 * lds, rs[r0 + 6], ska, skb, x6, y6)
+        _dequant_store(S, s0 + 7 * lds, rs[r0 + 7], ska, skb, x7, y7)
+    return impl
+
+
+@njit(cache=CACHE, inline="always")
+def _dequant_store(S, o, r, ska, skb, x, y):
+    rv = vsplat_f32(r)
+    vstore(S, o, vmul(vmul(vcvt_f32(x), rv), ska))
+    vstore(S, o + 16, vmul(vmul(vcvt_f32(y), rv), skb))
+
+
+_S_TILE_VNNI = _s_tile_impl(dpbusd, 4)
+_S_TILE_I16 = _s_tile_impl(madd16, 2)
+
+
+@overload(s_tile, jit_options={"error_model": "numpy"})
+def _s_tile_overload(Qx, q0, ldq, Kp, k0, steps, corr, sk, c0, rs, r0, S, s0, lds):
+    if Qx.dtype == types.uint8:
+        return _S_TILE_VNNI
+    if Qx.dtype == types.int16:
+        return _S_TILE_I16
+    return None
+
+
+# ---------------------------------------------------------------- the P V micro-kernels
+
+def pv_tile(Px, p0, ldp, n, Vx, v0, ldv, alpha, r0, acc, a0, lda):
+    """``acc[a0 + r*lda + t] = alpha[r0 + r] acc[...] + sum_c P[r, c] V[c, t]`` for r < 4,
+    t < 32 (two groups of 16 channels): the ``P V`` micro-kernel. bf16 (uint16 ``Px``):
+    ``n`` key pairs, ``Vx`` packed pairs (``ldv`` = elements per pair of keys, the pair
+    at ``v0 + c*ldv``); fp32 (float32 ``Px``): ``n`` keys, ``Vx`` rows of ``ldv`` floats."""
+    raise NotImplementedError("micro-kernels need the JIT (NUMBA_DISABLE_JIT is set)")
+
+
+def _pv_tile_bf16(Px, p0, ldp, n, Vx, v0, ldv, alpha, r0, acc, a0, lda):
+    s = vsplat_f32(alpha[r0])
+    x0, y0 = vmul(vload_f32(acc, a0), s), vmul(vload_f32(acc, a0 + 16), s)
+    s = vsplat_f32(alpha[r0 + 1])
+    x1, y1 = vmul(vload_f32(acc, a0 + lda), s), vmul(vload_f32(acc, a0 + lda + 16), s)
+    s = vsplat_f32(alpha[r0 + 2])
+    x2, y2 = vmul(vload_f32(acc, a0 + 2 * lda), s), vmul(vload_f32(acc, a0 + 2 * lda + 16), s)
+    s = vsplat_f32(alpha[r0 + 3])
+    x3, y3 = vmul(vload_f32(acc, a0 + 3 * lda), s), vmul(vload_f32(acc, a0 + 3 * lda + 16), s)
+    for c in range(n):
+        va = vload_i32(Vx, v0 + c * ldv)
+        vb = vload_i32(Vx, v0 + c * ldv + 32)
+        p = vbcast32(Px, p0 + 2 * c)
+        x0 = dpbf16(x0, p, va)
+        y0 = dpbf16(y0, p, vb)
+        p = vbcast32(Px, p0 + ldp + 2 * c)
+        x1 = dpbf16(x1, p, va)
+        y1 = dpbf16(y1, p, vb)
+        p = vbcast32(Px, p0 + 2 * ldp + 2 * c)
+        x2 = dpbf16(x2, p, va)
+        y2 = dpbf16(y2, p, vb)
+        p = vbcast32(Px, p0 + 3 * ldp + 2 * c)
+        x3 = dpbf16(x3, p, va)
+        y3 = dpbf16(y3, p, vb)
+    _store_acc(acc, a0, lda, x0, y0, x1, y1, x2, y2, x3, y3)
+
+
+def _pv_tile_f32(Px, p0, ldp, n, Vx, v0, ldv, alpha, r0, acc, a0, lda):
+    s = vsplat_f32(alpha[r0])
+    x0, y0 = vmul(vload_f32(acc, a0), s), vmul(vload_f32(acc, a0 + 16), s)
+    s = vsplat_f32(alpha[r0 + 1])
+    x1, y1 = vmul(vload_f32(acc, a0 + lda), s), vmul(vload_f32(acc, a0 + lda + 16), s)
+    s = vsplat_f32(alpha[r0 + 2])
+    x2, y2 = vmul(vload_f32(acc, a0 + 2 * lda), s), vmul(vload_f32(acc, a0 + 2 * lda + 16), s)
+    s = vsplat_f32(alpha[r0 + 3])
+    x3, y3 = vmul(vload_f32(acc, a0 + 3 * lda), s), vmul(vload_f32(acc, a0 + 3 * lda + 16), s)
+    for c in range(n):
+        va = vload_f32(Vx, v0 + c * ldv)
+        vb = vload_f32(Vx, v0 + c * ldv + 16)
+        p = vsplat_f32(Px[p0 + c])
+        x0 = vfma(x0, p, va)
+        y0 = vfma(y0, p, vb)
+        p = vsplat_f32(Px[p0 + ldp + c])
+        x1 = vfma(x1, p, va)
+        y1 = vfma(y1, p, vb)
+        p = vsplat_f32(Px[p0 + 2 * ldp + c])
+        x2 = vfma(x2, p, va)
+        y2 = vfma(y2, p, vb)
+        p = vsplat_f32(Px[p0 + 3 * ldp + c])
+        x3 = vfma(x3, p, va)
+        y3 = vfma(y3, p, vb)
+    _store_acc(acc, a0, lda, x0, y0, x1, y1, x2, y2, x3, y3)
+
+
+@njit(cache=CACHE, inline="always")
+def _store_acc(acc, a0, lda, x0, y0, x1, y1, x2, y2, x3, y3):
+    vstore(acc, a0, x0)
+    vstore(acc, a0 + 16, y0)
+    vstore(acc, a0 + lda, x1)
+    vstore(acc, a0 + lda + 16, y1)
+    vstore(acc, a0 + 2 * lda, x2)
+    vstore(acc, a0 + 2 * lda + 16, y2)
+    vstore(acc, a0 + 3 * lda, x3)
+    vstore(acc, a0 + 3 * lda + 16, y3)
+
+
+@overload(pv_tile, jit_options={"error_model": "numpy"})
+def _pv_tile_overload(Px, p0, ldp, n, Vx, v0, ldv, alpha, r0, acc, a0, lda):
+    if Px.dtype == types.uint16:
+        return _pv_tile_bf16
+    if Px.dtype == types.float32:
+        return _pv_tile_f32
+    return None
+
+
+# ---------------------------------------------------------------- bf16 rounding
+
+@njit(cache=CACHE, error_model="numpy")
+def round_bf16(x, out):
+    """``out[i]`` = the bf16 bits of float32 ``x[i]``, rounded to nearest even (NaN becomes
+    the quiet NaN 0x7FC0). A plain integer loop; it vectorizes."""
+    xi = x.view(np.uint32)
+    for i in range(x.shape[0]):
+        b = xi[i]
+        r = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1)))
+                      >> np.uint32(16))
+        out[i] = np.uint16(0x7FC0) if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else r
+
+
+def to_bf16(x) -> np.ndarray:
+    """NumPy: bf16 bits (uint16) of ``x`` rounded to nearest even (the reference of
+    :func:`round_bf16`)."""
+    b = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def from_bf16(u) -> np.ndarray:
+    """float32 values of bf16 bits ``u`` (exact)."""
+    return (np.asarray(u, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
