@@ -74,5 +74,6 @@ def test_thread_scaling_restores_the_thread_count_and_divides_by_one_thread():
     assert list(df["threads"]) == ([most, 1] if most > 1 else [1])
     one = df.loc[df["threads"] == 1, "median_s"].iloc[0]
     np.testing.assert_allclose(df["speedup_vs_1"], one / df["median_s"])
-    assert ((df["speedup_low"] <= df["speedup_vs_1"])
-            & (df["speedup_vs_1"] <= df["speedup_high"])).all()
+    slack = 1 + 1e-9  # rounding only
+    assert ((df["speedup_low"] <= df["speedup_vs_1"] * slack)
+            & (df["speedup_vs_1"] <= df["speedup_high"] * slack)).all()
