@@ -2,10 +2,10 @@
 
 Plain Numba loops never produce ``vpdpbusd`` and do not keep a tile of accumulators in
 registers (``../shared/PITFALLS.md``: a 4 x 32 tile as small arrays or 128 scalars ran at
-~20 GFLOP/s). Here a zmm register is a Numba *type* (:data:`i32x16`, :data:`f32x16`,
-whose LLVM type is ``<16 x i32>`` / ``<16 x float>``), and a handful of
-``numba.extending.intrinsic`` functions emit the LLVM IR that loads, broadcasts and
-multiplies them, including the x86 target intrinsics:
+~20 GFLOP/s). Here a zmm register is a Numba *type* (:data:`~.zmm.i32x16`,
+:data:`~.zmm.f32x16`, whose LLVM type is ``<16 x i32>`` / ``<16 x float>``), and a
+handful of ``numba.extending.intrinsic`` functions (:mod:`.zmm`) emit the LLVM IR that
+loads, broadcasts and multiplies them, including the x86 target intrinsics:
 
 * ``llvm.x86.avx512.vpdpbusd.512``: 16 lanes, each ``acc += sum of 4 u8 x s8 products``
   (64 multiply-adds per instruction, AVX512-VNNI); it multiplies UNSIGNED by signed
@@ -37,200 +37,13 @@ Tests find each instruction in the assembly. None of this runs with
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
 from numba import njit, types
-from numba.core import cgutils
-from numba.core.datamodel import models, register_default
-from numba.extending import intrinsic, overload
+from numba.extending import overload
 
 from fa_lab.config import CACHE
-
-_I32 = ir.IntType(32)
-_F32 = ir.FloatType()
-_VI32 = ir.VectorType(_I32, 16)
-_VF32 = ir.VectorType(_F32, 16)
-
-
-class Vec512(types.Type):
-    """A 512-bit vector value (one zmm register): 16 int32 or 16 float32 lanes."""
-
-    def __init__(self, lane):
-        self.lane = lane
-        super().__init__(name=f"{lane}x16")
-
-
-i32x16 = Vec512("i32")
-f32x16 = Vec512("f32")
-
-
-@register_default(Vec512)
-class _Vec512Model(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _VI32 if fe_type.lane == "i32" else _VF32)
-
-
-class _BFloat(ir.Type):
-    """LLVM's ``bfloat`` (llvmlite has no class for it; only its name is needed)."""
-
-    def _to_string(self):
-        return "bfloat"
-
-    def __eq__(self, other):
-        return isinstance(other, _BFloat)
-
-    def __hash__(self):
-        return hash("bfloat")
-
-
-_VBF16 = ir.VectorType(_BFloat(), 32)
-
-
-def _addr(context, builder, aty, arr, idx, elem):
-    """Pointer to ``arr[idx]`` (1-D array, element units) cast to ``elem*``."""
-    a = context.make_array(aty)(context, builder, arr)
-    return builder.bitcast(builder.gep(a.data, [idx]), ir.PointerType(elem))
-
-
-def _is_1d(arr):
-    return isinstance(arr, types.Array) and arr.ndim == 1
-
-
-@intrinsic
-def vzero_i32(typingctx):
-    """A zmm of int32 zeros."""
-    return i32x16(), lambda c, b, s, a: cgutils.get_null_value(_VI32)
-
-
-@intrinsic
-def vzero_f32(typingctx):
-    """A zmm of float32 zeros."""
-    return f32x16(), lambda c, b, s, a: cgutils.get_null_value(_VF32)
-
-
-@intrinsic
-def vload_i32(typingctx, arr, idx):
-    """64 bytes from ``arr[idx]`` (any 1-D array, ``idx`` in its elements) as 16 int32."""
-    if not _is_1d(arr):
-        return None
-    return i32x16(arr, idx), lambda c, b, s, a: b.load(
-        _addr(c, b, s.args[0], a[0], a[1], _VI32), align=1)
-
-
-@intrinsic
-def vload_f32(typingctx, arr, idx):
-    """16 float32 from ``arr[idx]`` (a 1-D float32 array)."""
-    if not _is_1d(arr) or arr.dtype != types.float32:
-        return None
-    return f32x16(arr, idx), lambda c, b, s, a: b.load(
-        _addr(c, b, s.args[0], a[0], a[1], _VF32), align=1)
-
-
-@intrinsic
-def vstore(typingctx, arr, idx, v):
-    """Store a zmm at ``arr[idx]`` (int32 array for i32x16, float32 for f32x16)."""
-    if not _is_1d(arr) or v not in (i32x16, f32x16):
-        return None
-    if arr.dtype != (types.int32 if v == i32x16 else types.float32):
-        return None
-
-    def codegen(context, builder, sig, args):
-        elem = _VI32 if sig.args[2] == i32x16 else _VF32
-        builder.store(args[2], _addr(context, builder, sig.args[0], args[0], args[1], elem),
-                      align=1)
-        return context.get_dummy_value()
-
-    return types.none(arr, idx, v), codegen
-
-
-def _splat(builder, x, vty):
-    v = builder.insert_element(cgutils.get_null_value(vty), x, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 16), [0] * 16))
-
-
-@intrinsic
-def vbcast32(typingctx, arr, idx):
-    """The 4 bytes at ``arr[idx]`` (e.g. 4 uint8, 2 int16 or 2 bf16) in all 16 lanes."""
-    if not _is_1d(arr):
-        return None
-    return i32x16(arr, idx), lambda c, b, s, a: _splat(
-        b, b.load(_addr(c, b, s.args[0], a[0], a[1], _I32), align=1), _VI32)
-
-
-@intrinsic
-def vsplat_f32(typingctx, x):
-    """A float32 scalar in all 16 lanes."""
-    if x != types.float32:
-        return None
-    return f32x16(x), lambda c, b, s, a: _splat(b, a[0], _VF32)
-
-
-def _call(builder, name, ret, args, argtys=None):
-    fnty = ir.FunctionType(ret, argtys or [a.type for a in args])
-    return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), args)
-
-
-@intrinsic
-def dpbusd(typingctx, acc, u8, s8):
-    """``vpdpbusd``: lane i of ``acc`` += sum_{u<4} u8[4i+u] * s8[4i+u] (u8 unsigned)."""
-    if (acc, u8, s8) != (i32x16,) * 3:
-        return None
-    return i32x16(acc, u8, s8), lambda c, b, s, a: _call(
-        b, "llvm.x86.avx512.vpdpbusd.512", _VI32, list(a))
-
-
-@intrinsic
-def madd16(typingctx, acc, x, y):
-    """``vpmaddwd`` + ``vpaddd``: lane i of ``acc`` += x[2i] y[2i] + x[2i+1] y[2i+1] (s16)."""
-    if (acc, x, y) != (i32x16,) * 3:
-        return None
-
-    def codegen(context, builder, sig, args):
-        v16 = ir.VectorType(ir.IntType(16), 32)
-        x16, y16 = (builder.bitcast(a, v16) for a in args[1:])
-        return builder.add(args[0], _call(builder, "llvm.x86.avx512.pmaddw.d.512", _VI32,
-                                          [x16, y16]))
-
-    return i32x16(acc, x, y), codegen
-
-
-@intrinsic
-def dpbf16(typingctx, acc, x, y):
-    """``vdpbf16ps``: lane i of ``acc`` += x[2i] y[2i] + x[2i+1] y[2i+1] (bf16 pairs held
-    in int32 lanes, fp32 accumulate)."""
-    if (acc, x, y) != (f32x16, i32x16, i32x16):
-        return None
-
-    def codegen(context, builder, sig, args):
-        xb, yb = (builder.bitcast(a, _VBF16) for a in args[1:])
-        return _call(builder, "llvm.x86.avx512bf16.dpbf16ps.512", _VF32, [args[0], xb, yb])
-
-    return f32x16(acc, x, y), codegen
-
-
-@intrinsic
-def vfma(typingctx, acc, x, y):
-    """``acc + x * y`` in 16 float32 lanes, one rounding (``vfmadd231ps``)."""
-    if (acc, x, y) != (f32x16,) * 3:
-        return None
-    return f32x16(acc, x, y), lambda c, b, s, a: _call(
-        b, "llvm.fma.v16f32", _VF32, [a[1], a[2], a[0]])
-
-
-@intrinsic
-def vmul(typingctx, x, y):
-    """``x * y`` in 16 float32 lanes."""
-    if (x, y) != (f32x16, f32x16):
-        return None
-    return f32x16(x, y), lambda c, b, s, a: b.fmul(a[0], a[1])
-
-
-@intrinsic
-def vcvt_f32(typingctx, x):
-    """int32 lanes to float32 (``vcvtdq2ps``)."""
-    if x != i32x16:
-        return None
-    return f32x16(x), lambda c, b, s, a: b.sitofp(a[0], _VF32)
-
+from fa_lab.kernels.zmm import (Vec512, dpbf16, dpbusd, f32x16, i32x16, madd16,  # noqa: F401
+                                vbcast32, vcvt_f32, vfma, vload_f32, vload_i32, vmul,
+                                vsplat_f32, vstore, vzero_f32, vzero_i32)
 
 # ---------------------------------------------------------------- the score micro-kernels
 

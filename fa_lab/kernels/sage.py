@@ -38,8 +38,6 @@ the ``vdpbf16ps`` peak), quantization and packing 0.8 ms.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
@@ -48,8 +46,8 @@ from fa_lab import cpu_features
 from fa_lab.config import CACHE, FASTMATH
 from fa_lab.kernels.common import (NEG_INF, NRT_ARRAY_OVERHEAD, finalize_row, mask_block,
                                    task_coords, visible_end)
-from fa_lab.kernels.flash import bits_f32, f32_bits, softmax_block
 from fa_lab.kernels.microkernels import MR, MR_S, NR, pv_tile, round_bf16, s_tile
+from fa_lab.kernels.vsoftmax import softmax
 from fa_lab.reference import causal_offset
 
 #: Default tiles (Br, Bc).
@@ -79,18 +77,76 @@ def pack_q(q8, sq, scale, Qx, rs, shift):
     dq = Qx.shape[0] // (B * H * rows)
     for bh in prange(B * H):
         b, h = bh // H, bh % H
+        _pack_q_rows(q8[b, h], Qx[bh * rows * dq:(bh + 1) * rows * dq], shift)
         for i in range(Nq):
-            o = (bh * rows + i) * dq
-            for t in range(d):
-                Qx[o + t] = q8[b, h, i, t] + shift
-            for t in range(d, dq):
-                Qx[o + t] = shift
             rs[bh * rows + i] = np.float32(sq[b, h, i] * scale)
-        for i in range(Nq, rows):
-            o = (bh * rows + i) * dq
-            for t in range(dq):
-                Qx[o + t] = shift
-            rs[bh * rows + i] = 0
+        rs[bh * rows + Nq:(bh + 1) * rows] = 0
+
+
+@njit(cache=CACHE, error_model="numpy")
+def _pack_q_rows(q, qx, shift):
+    """Rows ``q`` (Nq, d) int8 -> ``qx`` (rows, dq) flat, ``+ shift``; pad with ``shift``."""
+    Nq, d = q.shape
+    dq = qx.shape[0] // (Nq + MR_S - 1)
+    qx[:] = shift
+    for i in range(Nq):
+        src, dst = q[i], qx[i * dq:i * dq + d]
+        for t in range(d):
+            dst[t] = src[t] + shift
+
+
+@njit(cache=CACHE, error_model="numpy")
+def _row_sum(row):
+    total = 0
+    for t in range(row.shape[0]):
+        total += np.int32(row[t])
+    return total
+
+
+@njit(cache=CACHE, error_model="numpy")
+def _pack_k_bytes(k, kb, dq, w):
+    """Keys ``k`` (n, d) int8 into one zeroed block ``kb`` of ``Kp`` (:func:`pack_kv`):
+    ``w`` bytes (vnni, uint8 ``kb``) or int16s (vpmaddwd) per group, any d and n."""
+    kb[:] = 0
+    for c in range(k.shape[0]):
+        krow = k[c]
+        o = (c // 16) * 16 * dq + (c % 16) * w  # group of 16 keys, key within it
+        for t in range(k.shape[1]):
+            kb[o + (t // w) * 16 * w + t % w] = krow[t]
+
+
+@njit(cache=CACHE, error_model="numpy")
+def _pack_k_words(k32, kw):
+    """The same for a whole block with d a multiple of 4: 4-byte words ``k32`` (n, d/4)
+    moved as int32 (``kw``: the block of ``Kp`` viewed as int32)."""
+    steps = k32.shape[1]
+    for c in range(k32.shape[0]):
+        o = (c // 16) * 16 * steps + c % 16
+        for p in range(steps):
+            kw[o + 16 * p] = k32[c, p]
+
+
+@njit(cache=CACHE, error_model="numpy")
+def _pack_v_pairs(v, vw):
+    """V (n, d) float32, n even, d = dv, as bf16 pairs of keys per channel: ``vw`` (the
+    block of ``Vp`` viewed as uint32) gets ``bf16(v[2i, t]) | bf16(v[2i + 1, t]) << 16``,
+    rounded as :func:`~fa_lab.kernels.microkernels.round_bf16`. Returns the count of
+    non-finite values."""
+    n, d = v.shape
+    bits = v.view(np.uint32)
+    bad = 0
+    for i in range(n // 2):
+        x0, x1, o = bits[2 * i], bits[2 * i + 1], i * d
+        for t in range(d):
+            a, b = x0[t], x1[t]
+            ra = (a + np.uint32(0x7FFF) + ((a >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+            rb = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+            na, nb = (a & np.uint32(0x7FFFFFFF)), (b & np.uint32(0x7FFFFFFF))
+            ra = np.uint32(0x7FC0) if na > np.uint32(0x7F800000) else ra
+            rb = np.uint32(0x7FC0) if nb > np.uint32(0x7F800000) else rb
+            vw[o + t] = ra | (rb << np.uint32(16))
+            bad += 1 if (na >= np.uint32(0x7F800000)) | (nb >= np.uint32(0x7F800000)) else 0
+    return bad
 
 
 @njit(cache=CACHE, parallel=True, error_model="numpy")
@@ -107,29 +163,34 @@ def pack_kv(k8, sk, v, bk, Kp, corr, skp, Vp, vfin, vnni, bf16):
     dq = Kp.shape[0] // (BH * Tc * bkp)
     dv = Vp.shape[0] // (BH * Tc * bkp)
     w = 4 if vnni else 2
+    Kw, Vw = Kp.view(np.int32), Vp.view(np.uint32)  # 4 bytes of K; a pair of bf16
     for task in prange(BH * Tc):
         bh, jb = task // Tc, task % Tc
         b, hk = bh // Hkv, bh % Hkv
-        kb = Kp[task * bkp * dq:(task + 1) * bkp * dq]
+        n = min(bk, Nk - jb * bk)
+        for c in range(n):
+            corr[bh, jb, c] = -128 * _row_sum(k8[b, hk, jb * bk + c]) if vnni else 0
+            skp[bh, jb, c] = sk[b, hk, jb * bk + c]
+        corr[bh, jb, n:] = 0
+        skp[bh, jb, n:] = 0
+        if vnni and d == dq and n == bkp:  # whole block, d a multiple of 4: 4 bytes at once
+            _pack_k_words(k8[b, hk, jb * bk:jb * bk + n].view(np.int32),
+                          Kw[task * bkp * dq // 4:(task + 1) * bkp * dq // 4])
+        else:
+            _pack_k_bytes(k8[b, hk, jb * bk:jb * bk + n],
+                          Kp[task * bkp * dq:(task + 1) * bkp * dq], dq, w)
+        if bf16 and d == dv and n == bkp:  # whole block, d a multiple of 32
+            bad = _pack_v_pairs(v[b, hk, jb * bk:jb * bk + n],
+                                Vw[task * bkp * dv // 2:(task + 1) * bkp * dv // 2])
+            vfin[bh, jb] = bad == 0
+            continue
         vb = Vp[task * bkp * dv:(task + 1) * bkp * dv]
-        kb[:] = 0
         vb[:] = 0
-        corr[bh, jb, :] = 0
-        skp[bh, jb, :] = 0
         rowb = np.zeros(dv, np.uint16)
         rowf = np.zeros(dv, np.float32)
         bad = 0
-        for c in range(min(bk, Nk - jb * bk)):
-            j = jb * bk + c
-            krow = k8[b, hk, j]
-            o = (c // 16) * 16 * dq + (c % 16) * w  # group of 16 keys, key within it
-            total = 0
-            for t in range(d):
-                total += krow[t]
-                kb[o + (t // w) * 16 * w + t % w] = krow[t]
-            corr[bh, jb, c] = -128 * total if vnni else 0
-            skp[bh, jb, c] = sk[b, hk, j]
-            vrow = v[b, hk, j]
+        for c in range(n):
+            vrow = v[b, hk, jb * bk + c]
             for t in range(d):
                 rowf[t] = vrow[t]
                 bad += 0 if abs(vrow[t]) < np.inf else 1
@@ -141,110 +202,6 @@ def pack_kv(k8, sk, v, bk, Kp, corr, skp, Vp, vfin, vnni, bf16):
             else:
                 vb[c * dv:(c + 1) * dv] = rowf
         vfin[bh, jb] = bad == 0
-
-
-#: Degree-4 polynomial for ``2^f`` on [0, 1) used when P is rounded to bf16 anyway:
-#: max relative error 2.7e-6 in float32 (the same weighted fit as
-#: :data:`fa_lab.kernels.flash.EXP2_COEFFS`), far below bf16's rounding (2^-9), two
-#: FMAs per score fewer than the degree-6 one. (Degree 3, 7.7e-5, would also do for P,
-#: but the row sum l uses the same values and the LSE then moved by up to 8e-5.)
-EXP2_COEFFS_BF16 = (1.0000025181301353, 0.6930066206638741, 0.24142749325119936,
-                    0.05203742877442215, 0.013520603197212263)
-
-
-def exp2_frac(f, Pr):
-    """``2^f`` for f in [0, 1): degree 6 (fp32 ``Pr``) or degree 4 (bf16 ``Pr``)."""
-    return 2.0 ** f
-
-
-def _exp2_deg6(f, Pr):
-    p = np.float32(2.1690609170271546e-4)  # EXP2_COEFFS, highest degree first
-    p = p * f + np.float32(1.2443081508389578e-3)
-    p = p * f + np.float32(9.678472554453584e-3)
-    p = p * f + np.float32(5.54835247239623e-2)
-    p = p * f + np.float32(2.4022979581425047e-1)
-    p = p * f + np.float32(6.931469870574726e-1)
-    return p * f + np.float32(1.0000000018154935)
-
-
-def _exp2_deg4(f, Pr):
-    p = np.float32(0.013520603197212263)  # EXP2_COEFFS_BF16, highest degree first
-    p = p * f + np.float32(0.05203742877442215)
-    p = p * f + np.float32(0.24142749325119936)
-    p = p * f + np.float32(0.6930066206638741)
-    return p * f + np.float32(1.0000025181301353)
-
-
-@overload(exp2_frac, inline="always")
-def _exp2_frac_overload(f, Pr):
-    return _exp2_deg4 if Pr.dtype == types.uint16 else _exp2_deg6
-
-
-def store_p(Pr, c, p):
-    """``Pr[c] = p``: fp32 as is, or its bf16 bits (uint16 ``Pr``), rounded to nearest
-    even as :func:`~fa_lab.kernels.microkernels.round_bf16` (p >= 0 or NaN here)."""
-    Pr[c] = p
-
-
-def _store_f32(Pr, c, p):
-    Pr[c] = p
-
-
-def _store_bf16(Pr, c, p):
-    b = f32_bits(p)
-    r = (b + np.int32(0x7FFF) + ((b >> np.int32(16)) & np.int32(1))) >> np.int32(16)
-    Pr[c] = np.uint16(0x7FC0) if p != p else np.uint16(r)
-
-
-@overload(store_p, inline="always")
-def _store_p_overload(Pr, c, p):
-    if Pr.dtype == types.uint16:
-        return _store_bf16
-    return _store_f32
-
-
-@njit(cache=CACHE, fastmath=FASTMATH, error_model="numpy")
-def _softmax_row(Sr, m_old, Pr):
-    """``flash``'s fused block softmax on one row (1-D views, indexed from 0 so LLVM
-    vectorizes): the max on order-preserving int32 keys, then ``p = 2^((s - m) log2 e)``
-    (polynomial :data:`fa_lab.kernels.flash.EXP2_COEFFS`, or the degree-4
-    :data:`EXP2_COEFFS_BF16` when P is stored as bf16) and the sum in one pass.
-    Returns ``(m_new, alpha, rowsum)``; a row that saw only ``-inf`` uses 0 as its max
-    (P = 0, alpha = 1); NaN stays NaN."""
-    bc = Sr.shape[0]
-    LOG2E = np.float32(1.4426950408889634)
-    top = np.int32(-2147483648)
-    for c in range(bc):
-        i = f32_bits(Sr[c])
-        top = max(top, np.int32(i ^ ((i >> np.int32(31)) & np.int32(0x7FFFFFFF))))
-    x = bits_f32(top ^ ((top >> np.int32(31)) & np.int32(0x7FFFFFFF)))
-    mx = x if (x > m_old or x != x) else m_old
-    m_use = mx if mx != NEG_INF else np.float32(0)
-    total = np.float32(0)
-    for c in range(bc):
-        y = Sr[c] - m_use
-        t = max(y * LOG2E, np.float32(-126.0))
-        ti = np.floor(t)
-        f = t - ti
-        p = exp2_frac(f, Pr) * bits_f32((np.int32(ti) + np.int32(127)) << np.int32(23))
-        p = p if y >= np.float32(-87.0) else (np.float32(0) if y < np.float32(-87.0) else y)
-        store_p(Pr, c, p)
-        total += p
-    return mx, math.exp(m_old - m_use), total
-
-
-@njit(cache=CACHE, error_model="numpy")
-def _softmax(S, ld, br, bc, m, l, alpha, P):
-    """The online softmax of a block held in rows of stride ``ld`` (S and P flat),
-    ``P`` zero past ``bc`` (the micro-kernel reads whole 32-key chunks). ``P`` float32,
-    or uint16: the ``P V`` operand's bf16 bits, written in the same pass."""
-    for r in range(br):
-        Pr = P[r * ld:(r + 1) * ld]
-        mx, al, total = _softmax_row(S[r * ld:r * ld + bc], m[r], Pr[:bc])
-        Pr[bc:] = 0
-        l[r] = al * l[r] + total
-        alpha[r] = al
-        m[r] = mx
 
 
 @njit(cache=CACHE, fastmath=FASTMATH, error_model="numpy")
@@ -276,7 +233,7 @@ def _scores(Qx, qo, dq, steps, Kp, ko, corr_j, sk_j, rs, S, brp, bc, bkp):
 
 
 def pv_block(S, P, Px, ld, br, bc, Vp, vo, dv, m, l, alpha, acc, brp):
-    """The softmax of the block (:func:`_softmax`), then ``acc = alpha acc + P Vj`` by
+    """The softmax of the block (:func:`~.vsoftmax.softmax`), then ``acc = alpha acc + P Vj`` by
     the micro-kernel over all row strips and channel tiles. bf16 (uint16 ``Vp``): the
     softmax writes P's bf16 bits into ``Px``, ``(bc + 1) // 2`` key pairs; fp32: P,
     ``bc`` keys. Chosen by ``Vp``'s dtype when compiled."""
@@ -284,7 +241,7 @@ def pv_block(S, P, Px, ld, br, bc, Vp, vo, dv, m, l, alpha, acc, brp):
 
 
 def _pv_block_bf16(S, P, Px, ld, br, bc, Vp, vo, dv, m, l, alpha, acc, brp):
-    _softmax(S, ld, br, bc, m, l, alpha, Px)
+    softmax(S, ld, br, bc, m, l, alpha, Px)
     for r0 in range(0, brp, MR):
         for g in range(0, dv, 32):
             pv_tile(Px, r0 * ld, ld, (bc + 1) // 2, Vp, vo + 2 * g, 2 * dv, alpha, r0, acc,
@@ -292,7 +249,7 @@ def _pv_block_bf16(S, P, Px, ld, br, bc, Vp, vo, dv, m, l, alpha, acc, brp):
 
 
 def _pv_block_f32(S, P, Px, ld, br, bc, Vp, vo, dv, m, l, alpha, acc, brp):
-    _softmax(S, ld, br, bc, m, l, alpha, P)
+    softmax(S, ld, br, bc, m, l, alpha, P)
     for r0 in range(0, brp, MR):
         for g in range(0, dv, 32):
             pv_tile(P, r0 * ld, ld, bc, Vp, vo + g, dv, alpha, r0, acc, r0 * dv + g, dv)
@@ -329,7 +286,7 @@ def _q_block(Qx, qo, dq, steps, rs, Kp, corr, skp, Vp, vfin, v, bias, has_bias, 
                 mask_block(S[so:so + n * bkp].reshape((n, bkp))[:, :bc], bias, has_bias, b, h,
                            i0 + r0, j0, diagonal, offset)
             if masked and not vfin[jb]:  # a hidden NaN/inf value must not reach any row
-                _softmax(S[so:], bkp, n, bc, m[r0:], l[r0:], alpha[r0:], P[so:])
+                softmax(S[so:], bkp, n, bc, m[r0:], l[r0:], alpha[r0:], P[so:])
                 _pv_select(S[so:so + n * bkp].reshape((n, bkp))[:, :bc],
                            P[so:so + n * bkp].reshape((n, bkp))[:, :bc], v, j0, alpha[r0:],
                            acc[ao:], dv)
