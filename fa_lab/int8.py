@@ -38,11 +38,16 @@ def quantize_inputs(q4, k4, granularity, block_q, block_kv, smooth):
     Per block and per token run compiled and parallel (:mod:`fa_lab.kernels.quantize`,
     the same values as :func:`fa_lab.quant.quantize`); per tensor uses NumPy.
     """
-    for name, x in (("q", q4), ("k", k4)):
+    def finite(name, x):
         if not np.isfinite(x).all():
             raise ValueError(f"{name}: must be finite to quantize (INT8 has no NaN or "
                              f"infinity)")
-    mean = None
+
+    compiled = granularity != "per_tensor"  # checks finiteness while quantizing
+    for name, x in (("q", q4), ("k", k4)):
+        if not compiled or not x.size:
+            finite(name, x)
+    mean, k_in = None, k4
     if smooth:
         if k4.shape[2] == 0:  # no key: nothing to smooth (and no mean of nothing)
             mean = np.zeros(k4.shape[:2] + (1, k4.shape[3]), k4.dtype)
@@ -59,8 +64,14 @@ def quantize_inputs(q4, k4, granularity, block_q, block_kv, smooth):
             B, Hx, N, d = x.shape
             xq, s = quant.aligned(np.empty(x.shape, np.int8)), np.empty((B, Hx, N))
             rows = 1 if granularity == "per_token" else int(min(block, N))
-            if not fast_quant.quantize_blocks(x.reshape(B * Hx, N, d), rows,
-                                              xq.reshape(B * Hx, N, d), s.reshape(B * Hx, N)):
+            under, bad = fast_quant.quantize_blocks(np.ascontiguousarray(x).reshape(B * Hx, N, d),
+                                                    rows, xq.reshape(B * Hx, N, d),
+                                                    s.reshape(B * Hx, N))
+            if bad:
+                finite(name, q4 if name == "q" else k_in)
+                raise ValueError("k: overflows to infinity once its mean is subtracted; "
+                                 "use smooth_k=False")
+            if not under:
                 out += [xq, s]
                 continue  # else: the NumPy path below raises the scale error
         try:

@@ -63,6 +63,35 @@ def test_quantize_errors(kwargs, exc, match):
         quant.quantize(**kwargs)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("granularity,block", [("per_token", 1), ("per_block", 5),
+                                               ("per_block", 128), ("per_block", 300)])
+def test_compiled_quantization_equals_numpy_exactly(dtype, granularity, block):
+    """The compiled path multiplies by the reciprocal of the scale and falls back to
+    division near a tie: the integers and scales must be NumPy's, ties included."""
+    rng = np.random.default_rng(block)
+    x = (rng.standard_normal((2, 3, 257, 24)) * 3).astype(dtype)
+    x[0, 0] = rng.integers(-127, 128, (257, 24)) / 2  # halves of integers: exact ties
+    x[0, 0, 0, 0] = 63.5  # a scale of exactly 0.5
+    x[1, 2, :9] = 0  # all-zero groups (scale 1)
+    xq, s = quant.quantize(x, granularity, None if granularity == "per_token" else block,
+                           scale_dtype=np.float64)
+    q8, sq, _, _, _ = quantize_inputs(x, x, granularity, block, block, False)
+    np.testing.assert_array_equal(q8, xq)
+    np.testing.assert_array_equal(sq, np.broadcast_to(s, x.shape[:-1] + (1,))[..., 0])
+
+
+@pytest.mark.parametrize("granularity", quant.GRANULARITIES)
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+@pytest.mark.parametrize("name", ["q", "k"])
+def test_non_finite_input_is_named_on_every_path(granularity, bad, name):
+    q, k, v = Case(Nq=40, Nk=40, d=8).inputs()
+    {"q": q, "k": k}[name][0, 1, 33, 5] = bad
+    for smooth in (True, False):
+        with pytest.raises(ValueError, match=f"^{name}: .*finite"):
+            fa_lab.attention_int8(q, k, v, granularity=granularity, smooth_k=smooth)
+
+
 def test_dequantize_wants_int8():
     with pytest.raises(TypeError, match="int8"):
         quant.dequantize(np.ones((2, 2), np.int16), 1.0)

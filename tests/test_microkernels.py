@@ -95,10 +95,10 @@ def test_round_bf16_matches_numpy_nearest_even():
 
 def _pv_operands(seed, n):
     rng = np.random.default_rng(seed)
-    P = rng.random((4, n)).astype(np.float32)
+    P = rng.random((mk.MR, n)).astype(np.float32)
     V = (rng.standard_normal((n, 32)) * 3).astype(np.float32)
-    acc = rng.standard_normal(4 * 32).astype(np.float32)
-    alpha = np.array([1, 0.5, 0, 2], np.float32)
+    acc = rng.standard_normal(mk.MR * 32).astype(np.float32)
+    alpha = np.array([1, 0.5, 0, 2, 1, 3, 0.25, 1], np.float32)[:mk.MR]
     return P, V, acc, alpha
 
 
@@ -108,16 +108,16 @@ def test_bf16_pv_tile_matches_a_bf16_rounded_reference(pairs):
     P, V, acc, alpha = _pv_operands(pairs, 2 * pairs)
     pb, vb = mk.to_bf16(P), mk.to_bf16(V)
     packed = np.ascontiguousarray(vb.reshape(pairs, 2, 32).transpose(0, 2, 1)).ravel()
-    expected = (alpha[:, None] * acc.reshape(4, 32).astype(np.float64)
+    expected = (alpha[:, None] * acc.reshape(mk.MR, 32).astype(np.float64)
                 + mk.from_bf16(pb).astype(np.float64) @ mk.from_bf16(vb))
     got = acc.copy()
     _pv_tile(pb.ravel(), 2 * pairs, pairs, packed, 64, alpha, got)
     # exact bf16 products, fp32 sums: a few fp32 ulps of sum |p v| (plus the acc term)
     bound = (np.abs(mk.from_bf16(pb)).astype(np.float64) @ np.abs(mk.from_bf16(vb))
-             + np.abs(alpha[:, None] * acc.reshape(4, 32)))
-    assert np.all(np.abs(got.reshape(4, 32) - expected) <= 2 * pairs * 2.0 ** -23 * bound + 1e-30)
+             + np.abs(alpha[:, None] * acc.reshape(mk.MR, 32)))
+    assert np.all(np.abs(got.reshape(mk.MR, 32) - expected) <= 2 * pairs * 2.0 ** -23 * bound + 1e-30)
     # and the rounding is really bf16 (not fp32): fp32 P V differs by far more
-    assert np.abs(got.reshape(4, 32) - (alpha[:, None] * acc.reshape(4, 32) + P @ V)).max() > 1e-4
+    assert np.abs(got.reshape(mk.MR, 32) - (alpha[:, None] * acc.reshape(mk.MR, 32) + P @ V)).max() > 1e-4
 
 
 @needs_avx512
@@ -126,8 +126,8 @@ def test_fp32_pv_tile_matches_float64(n):
     P, V, acc, alpha = _pv_operands(n, n)
     got = acc.copy()
     _pv_tile(P.ravel(), n, n, V.ravel(), 32, alpha, got)
-    expected = alpha[:, None] * acc.reshape(4, 32).astype(np.float64) + P.astype(np.float64) @ V
-    np.testing.assert_allclose(got.reshape(4, 32), expected, rtol=1e-5, atol=1e-5)
+    expected = alpha[:, None] * acc.reshape(mk.MR, 32).astype(np.float64) + P.astype(np.float64) @ V
+    np.testing.assert_allclose(got.reshape(mk.MR, 32), expected, rtol=1e-5, atol=1e-5)
 
 
 def _asm(fn, *args):
@@ -156,8 +156,8 @@ def test_each_path_compiles_to_its_instruction(path, instruction):
     else:
         pt = np.uint16 if path == "bf16" else np.float32
         fresh = njit(_pv_tile.py_func)
-        asm = _asm(fresh, np.zeros(4 * 8, pt), 8, 4, np.zeros(8 * 64, pt), 64,
-                   np.ones(4, np.float32), np.zeros(128, np.float32))
+        asm = _asm(fresh, np.zeros(mk.MR * 8, pt), 8, 4, np.zeros(8 * 64, pt), 64,
+                   np.ones(mk.MR, np.float32), np.zeros(mk.MR * 32, np.float32))
     found = set(re.findall(r"\b(v[a-z0-9]+)\b", asm))
     assert found & set(instruction.split("|")), f"{instruction} not in the {path} path's assembly"
     assert "zmm" in asm  # 512-bit registers

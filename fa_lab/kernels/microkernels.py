@@ -18,8 +18,8 @@ loads, broadcasts and multiplies them, including the x86 target intrinsics:
 * ``llvm.fma.v16f32`` (``vfmadd231ps``): the fp32 fallback.
 
 A micro-kernel (BLIS's word) is the innermost loop: a small tile of the output held in
-registers (scores: 8 rows x 32 keys = 16 zmm accumulators; ``P V``: 4 rows x 32
-channels = 8) updated by rank-4 (or rank-2, rank-1) steps over the reduction axis: per
+registers (scores: 8 rows x 32 keys = 16 zmm accumulators; ``P V``: 8 rows x 32
+channels = 16) updated by rank-4 (or rank-2, rank-1) steps over the reduction axis: per
 step of the score tile, broadcast one 4-byte group of each of the 8 rows of Q, load 2 zmm
 of packed K, 16 dot-product instructions. The right operand is *packed* so each load is
 contiguous::
@@ -48,11 +48,12 @@ from fa_lab.kernels.zmm import (Vec512, dpbf16, dpbusd, f32x16, i32x16, madd16, 
 # ---------------------------------------------------------------- the score micro-kernels
 
 #: Rows x keys of one score micro-kernel call (16 zmm accumulators), and rows of one
-#: ``P V`` call (4 rows x 32 channels, 8 accumulators). Measured on one core (N=2048,
+#: ``P V`` call (8 rows x 32 channels, 16 accumulators). Measured on one core (N=2048,
 #: d=64, one head, sage's score step): 4 x 32 tiles 1.75 ms (~307 G op/s), 8 x 32 tiles
-#: 1.56 ms (~345 G op/s; the register-resident vpdpbusd loop: ~460).
+#: 1.56 ms (~345 G op/s; the register-resident vpdpbusd loop: ~460). ``P V`` in bf16,
+#: 4 x 32 tiles: 2.8 ms, 8 x 32: 2.66 ms (the vdpbf16ps loop's peak: 2.4 ms).
 MR_S, NR = 8, 32
-MR = 4
+MR = 8
 
 
 def s_tile(Qx, q0, ldq, Kp, k0, steps, corr, sk, c0, rs, r0, S, s0, lds):
@@ -127,77 +128,99 @@ def _s_tile_overload(Qx, q0, ldq, Kp, k0, steps, corr, sk, c0, rs, r0, S, s0, ld
 # ---------------------------------------------------------------- the P V micro-kernels
 
 def pv_tile(Px, p0, ldp, n, Vx, v0, ldv, alpha, r0, acc, a0, lda):
-    """``acc[a0 + r*lda + t] = alpha[r0 + r] acc[...] + sum_c P[r, c] V[c, t]`` for r < 4,
+    """``acc[a0 + r*lda + t] = alpha[r0 + r] acc[...] + sum_c P[r, c] V[c, t]`` for r < 8,
     t < 32 (two groups of 16 channels): the ``P V`` micro-kernel. bf16 (uint16 ``Px``):
     ``n`` key pairs, ``Vx`` packed pairs (``ldv`` = elements per pair of keys, the pair
     at ``v0 + c*ldv``); fp32 (float32 ``Px``): ``n`` keys, ``Vx`` rows of ``ldv`` floats."""
     raise NotImplementedError("micro-kernels need the JIT (NUMBA_DISABLE_JIT is set)")
 
 
-def _pv_tile_bf16(Px, p0, ldp, n, Vx, v0, ldv, alpha, r0, acc, a0, lda):
-    s = vsplat_f32(alpha[r0])
-    x0, y0 = vmul(vload_f32(acc, a0), s), vmul(vload_f32(acc, a0 + 16), s)
-    s = vsplat_f32(alpha[r0 + 1])
-    x1, y1 = vmul(vload_f32(acc, a0 + lda), s), vmul(vload_f32(acc, a0 + lda + 16), s)
-    s = vsplat_f32(alpha[r0 + 2])
-    x2, y2 = vmul(vload_f32(acc, a0 + 2 * lda), s), vmul(vload_f32(acc, a0 + 2 * lda + 16), s)
-    s = vsplat_f32(alpha[r0 + 3])
-    x3, y3 = vmul(vload_f32(acc, a0 + 3 * lda), s), vmul(vload_f32(acc, a0 + 3 * lda + 16), s)
-    for c in range(n):
-        va = vload_i32(Vx, v0 + c * ldv)
-        vb = vload_i32(Vx, v0 + c * ldv + 32)
-        p = vbcast32(Px, p0 + 2 * c)
-        x0 = dpbf16(x0, p, va)
-        y0 = dpbf16(y0, p, vb)
-        p = vbcast32(Px, p0 + ldp + 2 * c)
-        x1 = dpbf16(x1, p, va)
-        y1 = dpbf16(y1, p, vb)
-        p = vbcast32(Px, p0 + 2 * ldp + 2 * c)
-        x2 = dpbf16(x2, p, va)
-        y2 = dpbf16(y2, p, vb)
-        p = vbcast32(Px, p0 + 3 * ldp + 2 * c)
-        x3 = dpbf16(x3, p, va)
-        y3 = dpbf16(y3, p, vb)
-    _store_acc(acc, a0, lda, x0, y0, x1, y1, x2, y2, x3, y3)
-
-
-def _pv_tile_f32(Px, p0, ldp, n, Vx, v0, ldv, alpha, r0, acc, a0, lda):
-    s = vsplat_f32(alpha[r0])
-    x0, y0 = vmul(vload_f32(acc, a0), s), vmul(vload_f32(acc, a0 + 16), s)
-    s = vsplat_f32(alpha[r0 + 1])
-    x1, y1 = vmul(vload_f32(acc, a0 + lda), s), vmul(vload_f32(acc, a0 + lda + 16), s)
-    s = vsplat_f32(alpha[r0 + 2])
-    x2, y2 = vmul(vload_f32(acc, a0 + 2 * lda), s), vmul(vload_f32(acc, a0 + 2 * lda + 16), s)
-    s = vsplat_f32(alpha[r0 + 3])
-    x3, y3 = vmul(vload_f32(acc, a0 + 3 * lda), s), vmul(vload_f32(acc, a0 + 3 * lda + 16), s)
-    for c in range(n):
-        va = vload_f32(Vx, v0 + c * ldv)
-        vb = vload_f32(Vx, v0 + c * ldv + 16)
-        p = vsplat_f32(Px[p0 + c])
-        x0 = vfma(x0, p, va)
-        y0 = vfma(y0, p, vb)
-        p = vsplat_f32(Px[p0 + ldp + c])
-        x1 = vfma(x1, p, va)
-        y1 = vfma(y1, p, vb)
-        p = vsplat_f32(Px[p0 + 2 * ldp + c])
-        x2 = vfma(x2, p, va)
-        y2 = vfma(y2, p, vb)
-        p = vsplat_f32(Px[p0 + 3 * ldp + c])
-        x3 = vfma(x3, p, va)
-        y3 = vfma(y3, p, vb)
-    _store_acc(acc, a0, lda, x0, y0, x1, y1, x2, y2, x3, y3)
+@njit(cache=CACHE, inline="always")
+def _scaled(acc, a0, alpha, r):
+    s = vsplat_f32(alpha[r])
+    return vmul(vload_f32(acc, a0), s), vmul(vload_f32(acc, a0 + 16), s)
 
 
 @njit(cache=CACHE, inline="always")
-def _store_acc(acc, a0, lda, x0, y0, x1, y1, x2, y2, x3, y3):
-    vstore(acc, a0, x0)
-    vstore(acc, a0 + 16, y0)
-    vstore(acc, a0 + lda, x1)
-    vstore(acc, a0 + lda + 16, y1)
-    vstore(acc, a0 + 2 * lda, x2)
-    vstore(acc, a0 + 2 * lda + 16, y2)
-    vstore(acc, a0 + 3 * lda, x3)
-    vstore(acc, a0 + 3 * lda + 16, y3)
+def _store2(acc, a0, x, y):
+    vstore(acc, a0, x)
+    vstore(acc, a0 + 16, y)
+
+
+def _pv_tile_bf16(Px, p0, ldp, n, Vx, v0, ldv, alpha, r0, acc, a0, lda):
+    x0, y0 = _scaled(acc, a0, alpha, r0)
+    x1, y1 = _scaled(acc, a0 + lda, alpha, r0 + 1)
+    x2, y2 = _scaled(acc, a0 + 2 * lda, alpha, r0 + 2)
+    x3, y3 = _scaled(acc, a0 + 3 * lda, alpha, r0 + 3)
+    x4, y4 = _scaled(acc, a0 + 4 * lda, alpha, r0 + 4)
+    x5, y5 = _scaled(acc, a0 + 5 * lda, alpha, r0 + 5)
+    x6, y6 = _scaled(acc, a0 + 6 * lda, alpha, r0 + 6)
+    x7, y7 = _scaled(acc, a0 + 7 * lda, alpha, r0 + 7)
+    for c in range(n):
+        va = vload_i32(Vx, v0 + c * ldv)
+        vb = vload_i32(Vx, v0 + c * ldv + 32)
+        q = p0 + 2 * c
+        p = vbcast32(Px, q)
+        x0, y0 = dpbf16(x0, p, va), dpbf16(y0, p, vb)
+        p = vbcast32(Px, q + ldp)
+        x1, y1 = dpbf16(x1, p, va), dpbf16(y1, p, vb)
+        p = vbcast32(Px, q + 2 * ldp)
+        x2, y2 = dpbf16(x2, p, va), dpbf16(y2, p, vb)
+        p = vbcast32(Px, q + 3 * ldp)
+        x3, y3 = dpbf16(x3, p, va), dpbf16(y3, p, vb)
+        p = vbcast32(Px, q + 4 * ldp)
+        x4, y4 = dpbf16(x4, p, va), dpbf16(y4, p, vb)
+        p = vbcast32(Px, q + 5 * ldp)
+        x5, y5 = dpbf16(x5, p, va), dpbf16(y5, p, vb)
+        p = vbcast32(Px, q + 6 * ldp)
+        x6, y6 = dpbf16(x6, p, va), dpbf16(y6, p, vb)
+        p = vbcast32(Px, q + 7 * ldp)
+        x7, y7 = dpbf16(x7, p, va), dpbf16(y7, p, vb)
+    _store_acc(acc, a0, lda, x0, y0, x1, y1, x2, y2, x3, y3, x4, y4, x5, y5, x6, y6, x7, y7)
+
+
+def _pv_tile_f32(Px, p0, ldp, n, Vx, v0, ldv, alpha, r0, acc, a0, lda):
+    x0, y0 = _scaled(acc, a0, alpha, r0)
+    x1, y1 = _scaled(acc, a0 + lda, alpha, r0 + 1)
+    x2, y2 = _scaled(acc, a0 + 2 * lda, alpha, r0 + 2)
+    x3, y3 = _scaled(acc, a0 + 3 * lda, alpha, r0 + 3)
+    x4, y4 = _scaled(acc, a0 + 4 * lda, alpha, r0 + 4)
+    x5, y5 = _scaled(acc, a0 + 5 * lda, alpha, r0 + 5)
+    x6, y6 = _scaled(acc, a0 + 6 * lda, alpha, r0 + 6)
+    x7, y7 = _scaled(acc, a0 + 7 * lda, alpha, r0 + 7)
+    for c in range(n):
+        va = vload_f32(Vx, v0 + c * ldv)
+        vb = vload_f32(Vx, v0 + c * ldv + 16)
+        q = p0 + c
+        p = vsplat_f32(Px[q])
+        x0, y0 = vfma(x0, p, va), vfma(y0, p, vb)
+        p = vsplat_f32(Px[q + ldp])
+        x1, y1 = vfma(x1, p, va), vfma(y1, p, vb)
+        p = vsplat_f32(Px[q + 2 * ldp])
+        x2, y2 = vfma(x2, p, va), vfma(y2, p, vb)
+        p = vsplat_f32(Px[q + 3 * ldp])
+        x3, y3 = vfma(x3, p, va), vfma(y3, p, vb)
+        p = vsplat_f32(Px[q + 4 * ldp])
+        x4, y4 = vfma(x4, p, va), vfma(y4, p, vb)
+        p = vsplat_f32(Px[q + 5 * ldp])
+        x5, y5 = vfma(x5, p, va), vfma(y5, p, vb)
+        p = vsplat_f32(Px[q + 6 * ldp])
+        x6, y6 = vfma(x6, p, va), vfma(y6, p, vb)
+        p = vsplat_f32(Px[q + 7 * ldp])
+        x7, y7 = vfma(x7, p, va), vfma(y7, p, vb)
+    _store_acc(acc, a0, lda, x0, y0, x1, y1, x2, y2, x3, y3, x4, y4, x5, y5, x6, y6, x7, y7)
+
+
+@njit(cache=CACHE, inline="always")
+def _store_acc(acc, a0, lda, x0, y0, x1, y1, x2, y2, x3, y3, x4, y4, x5, y5, x6, y6, x7, y7):
+    _store2(acc, a0, x0, y0)
+    _store2(acc, a0 + lda, x1, y1)
+    _store2(acc, a0 + 2 * lda, x2, y2)
+    _store2(acc, a0 + 3 * lda, x3, y3)
+    _store2(acc, a0 + 4 * lda, x4, y4)
+    _store2(acc, a0 + 5 * lda, x5, y5)
+    _store2(acc, a0 + 6 * lda, x6, y6)
+    _store2(acc, a0 + 7 * lda, x7, y7)
 
 
 @overload(pv_tile, jit_options={"error_model": "numpy"})

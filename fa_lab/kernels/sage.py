@@ -9,7 +9,7 @@ the diagonal skipped), FlashAttention-2's loop with:
 2. ``S = S32 * (s_q scale) * s_k`` in fp32 in registers (per-block scales matched to
    the tiles, as SageAttention), then the mask and causal diagonal (``mask_block``);
 3. the online softmax in fp32 (``flash``'s two fused passes; P written as bf16 bits);
-4. ``acc = alpha acc + P Vj`` by the ``P V`` micro-kernel (4 rows x 32 channels): P
+4. ``acc = alpha acc + P Vj`` by the ``P V`` micro-kernel (8 rows x 32 channels): P
    rounded to bf16 and ``V`` stored bf16 (``vdpbf16ps``, fp32 accumulate), or fp32 FMAs.
 
 Packing (once per call, parallel): Q to its row layout, K and V per key block padded to
