@@ -116,7 +116,7 @@ _S_TILE_VNNI = _s_tile_impl(dpbusd, 4)
 _S_TILE_I16 = _s_tile_impl(madd16, 2)
 
 
-@overload(s_tile, jit_options={"error_model": "numpy"})
+@overload(s_tile, jit_options={"error_model": "numpy"}, inline="always")
 def _s_tile_overload(Qx, q0, ldq, Kp, k0, steps, corr, sk, c0, rs, r0, S, s0, lds):
     if Qx.dtype == types.uint8:
         return _S_TILE_VNNI

@@ -11,6 +11,7 @@ from numba import njit
 
 from fa_lab.config import CACHE
 from fa_lab.kernels.sage import _scores
+from fa_lab.kernels.zmm import align64
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
@@ -118,7 +119,7 @@ def qk_blocks_microkernel(Qx, rs, Kp, corr, skp, Nq, d, block_q, steps):
     checksum."""
     Tc, bkp = corr.shape[1], corr.shape[2]
     dq = Qx.shape[0] // (Nq + MR_S - 1)
-    S = np.empty(block_q * bkp, np.float32)
+    S = align64(np.empty(block_q * bkp + 16, np.float32), block_q * bkp)
     total = 0.0
     for i0 in range(0, Nq - block_q + 1, block_q):
         for jb in range(Tc):

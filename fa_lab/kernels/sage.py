@@ -48,6 +48,7 @@ from fa_lab.kernels.common import (NEG_INF, NRT_ARRAY_OVERHEAD, finalize_row, ma
                                    task_coords, visible_end)
 from fa_lab.kernels.microkernels import MR, MR_S, NR, pv_tile, round_bf16, s_tile
 from fa_lab.kernels.vsoftmax import softmax
+from fa_lab.kernels.zmm import align64, empty64
 from fa_lab.reference import causal_offset
 
 #: Default tiles (Br, Bc).
@@ -318,13 +319,13 @@ def sage_forward(Qx, rs, Kp, corr, skp, Vp, vfin, v, bias, has_bias, causal, off
         br = min(block_q, Nq - i0)
         brp = -(-br // MR_S) * MR_S
         bh, bhk = b * H + h, b * Hkv + h // group
-        S = np.empty(brp * bkp, np.float32)
-        P = np.empty(brp * bkp, np.float32)
-        Px = np.empty(brp * bkp if bf16 else 0, np.uint16)
+        S = align64(np.empty(brp * bkp + 16, np.float32), brp * bkp)
+        P = align64(np.empty(brp * bkp + 16, np.float32), brp * bkp)
+        Px = align64(np.empty(brp * bkp + 32 if bf16 else 32, np.uint16), brp * bkp if bf16 else 0)
         m = np.empty(brp, np.float32)
         l = np.empty(brp, np.float32)
         alpha = np.empty(brp, np.float32)
-        acc = np.empty(brp * dv, np.float32)
+        acc = align64(np.empty(brp * dv + 16, np.float32), brp * dv)
         _q_block(Qx, (bh * rows + i0) * dq, dq, steps, rs[bh * rows + i0:], Kp[bhk * Tc * bkp * dq:],
                  corr[bhk], skp[bhk], Vp[bhk * Tc * bkp * dv:], vfin[bhk], v[b, h // group],
                  bias, has_bias, b, h, i0, br, causal, offset, block_kv, bkp, dv, S, P,
@@ -368,13 +369,13 @@ def pack(q8, sq, k8, sk, v, scale, bq, bk, score_path, pv_path):
     width, dq, steps, bkp, dv = layout(d, bk, score_path, pv_path)
     Tc = -(-Nk // bk)
     vnni = score_path == "vnni"
-    Qx = np.empty(B * H * (Nq + MR_S - 1) * dq, np.uint8 if vnni else np.int16)
-    rs = np.empty(B * H * (Nq + MR_S - 1), np.float32)
+    Qx = empty64(B * H * (Nq + MR_S - 1) * dq, np.uint8 if vnni else np.int16)
+    rs = empty64(B * H * (Nq + MR_S - 1), np.float32)
     pack_q(q8, sq, float(scale), Qx, rs, 128 if vnni else 0)
-    Kp = np.empty(B * Hkv * Tc * bkp * dq, np.int8 if vnni else np.int16)
-    corr = np.empty((B * Hkv, Tc, bkp), np.int32)
-    skp = np.empty((B * Hkv, Tc, bkp), np.float32)
-    Vp = np.empty(B * Hkv * Tc * bkp * dv, np.uint16 if pv_path == "bf16" else np.float32)
+    Kp = empty64(B * Hkv * Tc * bkp * dq, np.int8 if vnni else np.int16)
+    corr = empty64(B * Hkv * Tc * bkp, np.int32).reshape(B * Hkv, Tc, bkp)
+    skp = empty64(B * Hkv * Tc * bkp, np.float32).reshape(B * Hkv, Tc, bkp)
+    Vp = empty64(B * Hkv * Tc * bkp * dv, np.uint16 if pv_path == "bf16" else np.float32)
     vfin = np.empty((B * Hkv, Tc), np.bool_)
     pack_kv(k8, sk, v, bk, Kp, corr, skp, Vp, vfin, vnni, pv_path == "bf16")
     return Qx, rs, Kp, corr, skp, Vp, vfin
