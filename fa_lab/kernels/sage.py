@@ -281,18 +281,23 @@ def _q_block(Qx, qo, dq, steps, rs, Kp, corr, skp, Vp, vfin, v, bias, has_bias, 
         for r0 in range(0, brp, MR_S):  # strip by strip: S and P of 8 rows stay in L1
             n = min(MR_S, br - r0)
             so, ao = r0 * bkp, r0 * dv
+            bs = bc  # keys this strip computes: on the diagonal, up to its last row's
+            if diagonal:
+                bs = min(bc, i0 + r0 + n + offset - j0)
+                if bs <= 0:  # no row of the strip sees a key of this block
+                    continue
             _scores(Qx, qo + r0 * dq, dq, steps, Kp, jb * bkp * dq, corr[jb], skp[jb],
-                    rs[r0:], S[so:], MR_S, bc, bkp)
+                    rs[r0:], S[so:], MR_S, bs, bkp)
             if masked:
-                mask_block(S[so:so + n * bkp].reshape((n, bkp))[:, :bc], bias, has_bias, b, h,
+                mask_block(S[so:so + n * bkp].reshape((n, bkp))[:, :bs], bias, has_bias, b, h,
                            i0 + r0, j0, diagonal, offset)
             if masked and not vfin[jb]:  # a hidden NaN/inf value must not reach any row
-                softmax(S[so:], bkp, n, bc, m[r0:], l[r0:], alpha[r0:], P[so:])
-                _pv_select(S[so:so + n * bkp].reshape((n, bkp))[:, :bc],
-                           P[so:so + n * bkp].reshape((n, bkp))[:, :bc], v, j0, alpha[r0:],
+                softmax(S[so:], bkp, n, bs, m[r0:], l[r0:], alpha[r0:], P[so:])
+                _pv_select(S[so:so + n * bkp].reshape((n, bkp))[:, :bs],
+                           P[so:so + n * bkp].reshape((n, bkp))[:, :bs], v, j0, alpha[r0:],
                            acc[ao:], dv)
                 continue
-            pv_block(S[so:], P[so:], Px[so:], bkp, n, bc, Vp, jb * bkp * dv, dv, m[r0:],
+            pv_block(S[so:], P[so:], Px[so:], bkp, n, bs, Vp, jb * bkp * dv, dv, m[r0:],
                      l[r0:], alpha[r0:], acc[ao:], MR_S)
     for r in range(br):
         lse_i[r] = finalize_row(acc[r * dv:r * dv + Oi.shape[1]], m[r], l[r], Oi[r])
