@@ -168,3 +168,60 @@ def test_pv_dtype_errors():
         fa_lab.attention_int8(q, k, v, kernel="simd", pv_dtype="bfloat16")
     with pytest.raises(NotImplementedError, match="float64"):
         fa_lab.attention_int8(*(x.astype(np.float64) for x in (q, k, v)), kernel="sage")
+
+
+# ---------------------------------------------------------------- stages and the breakdown
+
+def _packed(q, k, v, causal, pv_dtype="bfloat16"):
+    from fa_lab.kernels import sage
+    c = prepare(q, k, v, causal=causal)
+    q8, sq, k8, sk, _ = quantize_inputs(c.q4, c.k4, "per_block", 128, 256, True)
+    return sage.packed_call((q8, sq, k8, sk, c.v4), c.bias, c.scale, c.alignment,
+                            pv_dtype=pv_dtype)
+
+
+@pytest.mark.parametrize("pv_dtype", ["float32", "bfloat16"])
+def test_stage3_is_the_kernel_and_earlier_stages_stop_before_p_v(pv_dtype):
+    q, k, v = Case(B=1, H=2, Nq=300, Nk=300, d=32).inputs(seed=8)
+    forward = _packed(q, k, v, True, pv_dtype)
+    out = fa_lab.attention_int8(q, k, v, causal=True, pv_dtype=pv_dtype)
+    np.testing.assert_array_equal(forward()[0], out)
+    np.testing.assert_array_equal(forward(3)[0], out)
+    for stage in (0, 1, 2):  # no P V: acc stays 0 (stages 0-1: no softmax, l = 0 too)
+        o, lse = forward(stage)
+        assert np.all(o == 0)
+        assert np.all(np.isfinite(lse)) == (stage == 2)
+
+
+def test_breakdown_times_each_part_of_the_real_call(monkeypatch):
+    # The harness runs each contender once (so each staged call really runs) and returns
+    # known times: quantize 1 ms, pack 2 ms, stage s (s + 1)^2 ms. The parts must be the
+    # differences in the kernel's order, the products' rates their half of the FLOPs.
+    from fa_lab.bench import lowprec
+    from fa_lab.bench.harness import Timings, flops
+    from fa_lab.machine import Load
+
+    known = {"quantize": 1.0, "pack": 2.0, **{f"stage{s}": (s + 1) ** 2 for s in range(4)}}
+    seen = []
+
+    def fake_time_calls(cs, args, **kw):
+        times = Timings()
+        for c in cs:
+            r = c.fn(*args)
+            if c.name.startswith("stage"):
+                seen.append((c.name, bool(np.all(r[0] == 0))))
+            times[c.name] = [known[c.name] / 1e3]
+        times.load = Load(0.0, 0.0, 0.0, 0.0, 0.0)
+        return times
+
+    monkeypatch.setattr(lowprec, "time_calls", fake_time_calls)
+    df = lowprec.breakdown(N=300, H=2, d=32, causal=False, repeats=2)
+    assert list(df["part"]) == [p for p, _ in lowprec.BREAKDOWN_PARTS]
+    np.testing.assert_allclose(df["ms"], [1, 2, 1, 3, 5, 7])
+    assert df["total_ms"].iloc[0] == pytest.approx(19.0)
+    np.testing.assert_allclose(df["share"], np.array([1, 2, 1, 3, 5, 7]) / 19)
+    half = flops(1, 2, 300, 300, 32, False) / 2
+    rates = df.set_index("part")["gops"]
+    assert rates["Q K^T + masks"] == pytest.approx(half / 3e-3 / 1e9)
+    assert rates["P V"] == pytest.approx(half / 7e-3 / 1e9)
+    assert seen == [("stage0", True), ("stage1", True), ("stage2", True), ("stage3", False)]

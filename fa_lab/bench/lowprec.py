@@ -20,6 +20,7 @@ from fa_lab.bench.claims import judge_speedup
 from fa_lab.bench.contenders import contenders
 from fa_lab.bench.harness import Contender, flops, load_of, time_calls, validate
 from fa_lab.bench.sweeps import matmul_peak
+from fa_lab.api import prepare
 from fa_lab.config import num_threads
 from fa_lab.int8 import attention_int8, plan_int8, quantize_inputs
 from fa_lab.kernels import int8 as int8_loops
@@ -300,6 +301,63 @@ def speed(N=2048, H=8, B=1, d=64, *, causal=False, repeats=7, peak_df=None, old=
     return df, verdicts
 
 
+#: The parts of :func:`breakdown`, in the kernel's order, with the precision whose peak
+#: bounds each product (None: no product).
+BREAKDOWN_PARTS = [("quantize Q, K", None), ("pack Q, K, V", None), ("loops, epilogue", None),
+                   ("Q K^T + masks", "int8"), ("softmax (fp32 exp)", None), ("P V", "pv")]
+
+
+def breakdown(N=2048, H=8, B=1, d=64, *, causal=False, pv_dtype="bfloat16", repeats=7,
+              peak_df=None, seed=1):
+    """Where a ``sage`` call's time goes (all threads, the call of :func:`speed`):
+    quantizing Q and K, packing, then the same driver stopped after each stage
+    (:data:`fa_lab.kernels.sage.FULL`): loops, scores and masks, softmax, ``P V``.
+    Stage times are differences of interleaved medians (a small negative part means
+    "lost in the noise"). Rows: ``part, ms, share`` and, for the two products, their
+    G op/s (half of the call's operations each) against the peak of their precision."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal((B, H, N, d)).astype(np.float32) for _ in range(3))
+    call = prepare(q, k, v, causal=causal)
+    bq, bk = sage.DEFAULT_BLOCKS
+    quantized = quantize_inputs(call.q4, call.k4, "per_block", bq, bk, True)
+    arrays = (*quantized[:4], call.v4)
+
+    def pack():
+        return sage.packed_call(arrays, call.bias, call.scale, call.alignment, bq, bk,
+                                pv_dtype=pv_dtype)
+    forward = pack()
+    out = forward()[0].reshape(q.shape)
+    cos = int8_study.metrics(out, reference.attention(q, k, v, causal=causal)[0])["cosine"]
+    if not cos >= 0.999:
+        raise AssertionError(f"sage: cosine {cos:.6f} < 0.999, not timed")
+    cs = [Contender("quantize", lambda: quantize_inputs(call.q4, call.k4, "per_block", bq, bk,
+                                                        True), "kernel"),
+          Contender("pack", pack, "kernel")]
+    cs += [Contender(f"stage{s}", lambda _s=s: forward(_s), "kernel") for s in range(4)]
+    times = time_calls(cs, (), repeats=repeats, warmup=1, cooldown=0)
+    med = {c.name: float(np.median(times[c.name])) for c in cs}
+    stages = [med[f"stage{s}"] for s in range(4)]
+    parts = [med["quantize"], med["pack"], stages[0], stages[1] - stages[0],
+             stages[2] - stages[1], stages[3] - stages[2]]
+    total = med["quantize"] + med["pack"] + stages[3]
+    half = flops(B, H, N, N, d, causal) / 2
+    pv = "bf16" if sage.paths(pv_dtype)[1] == "bf16" else "fp32"
+    rows = []
+    for (name, prec), t in zip(BREAKDOWN_PARTS, parts):
+        prec = pv if prec == "pv" else prec
+        row = {"part": name, "ms": t * 1e3, "share": t / total, "precision": prec or "",
+               "causal": bool(causal), "total_ms": total * 1e3}
+        if prec:
+            row["gops"] = half / t / 1e9 if t > 0 else float("nan")
+            if peak_df is not None:
+                row["peak_gops"] = peak_of(peak_df, prec)
+                row["fraction_of_peak"] = row["gops"] / row["peak_gops"]
+        rows.append({**row, **times.load.columns()})
+    return pd.DataFrame(rows)
+
+
 def load_note(df) -> str:
     """One line: the measured load of the rows (for the printout)."""
     loads = [load_of(r) for _, r in df.iterrows()]
@@ -312,8 +370,9 @@ def load_note(df) -> str:
 
 def sweep(N=2048, H=8, B=1, d=64, *, repeats=7, progress=print):
     """Everything the issue asks, in one process: peaks, the tile comparison, speed
-    (causal and not) and accuracy. Returns ``{"peaks", "tiles", "speed", "accuracy",
-    "targets"}`` (DataFrames; ``targets`` one row per verdict)."""
+    (causal and not), where sage's time goes, and accuracy. Returns ``{"peaks", "tiles",
+    "speed", "breakdown", "accuracy", "minilm", "targets"}`` (DataFrames; ``targets`` one
+    row per verdict)."""
     import pandas as pd
 
     progress("peaks per precision")
@@ -326,6 +385,9 @@ def sweep(N=2048, H=8, B=1, d=64, *, repeats=7, progress=print):
         df, vs = speed(N, H, B, d, causal=causal, repeats=repeats, peak_df=pk)
         speeds.append(df)
         verdicts += vs
+    progress("where sage's time goes")
+    parts = pd.concat([breakdown(N, H, B, d, causal=c, repeats=repeats, peak_df=pk)
+                       for c in (False, True)], ignore_index=True)
     progress("accuracy")
     accs = [accuracy(N, H, d, causal=c) for c in (False, True)]
     acc = pd.concat([a for a, _ in accs], ignore_index=True)
@@ -338,7 +400,7 @@ def sweep(N=2048, H=8, B=1, d=64, *, repeats=7, progress=print):
         real = pd.DataFrame([{"text": f"skipped: {e}"}])
     targets = pd.DataFrame([v.row() for v in verdicts])
     return {"peaks": pk, "tiles": tiles, "speed": pd.concat(speeds, ignore_index=True),
-            "accuracy": acc, "minilm": real, "targets": targets}
+            "breakdown": parts, "accuracy": acc, "minilm": real, "targets": targets}
 
 
 
@@ -348,6 +410,8 @@ _SHOW = {"peaks": ["precision", "instruction", "threads", "gops", "q25_s", "medi
          "tiles": ["name", "tiles", "gops", "q25_s", "median_s", "q75_s", "others_pct"],
          "speed": ["name", "causal", "median_s", "q25_s", "q75_s", "gflops", "precision",
                    "peak_gops", "fraction_of_peak", "others_pct", "busy"],
+         "breakdown": ["causal", "part", "ms", "share", "precision", "gops", "peak_gops",
+                       "fraction_of_peak", "others_pct"],
          "accuracy": ["data", "causal", "pv_dtype", "cosine", "rel_l1", "max_error"],
          "minilm": ["text", "tokens", "layer", "pv_dtype", "cosine", "rel_l1", "max_error"]}
 

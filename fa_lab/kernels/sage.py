@@ -53,6 +53,10 @@ from fa_lab.reference import causal_offset
 
 #: Default tiles (Br, Bc).
 DEFAULT_BLOCKS = (128, 256)
+#: The whole kernel; a smaller ``stage`` stops every strip after the loops (0), the
+#: scores and masks (1) or the softmax (2): the time breakdown of lesson 10 (the output
+#: is then not attention).
+FULL = 3
 
 
 def _up(x, m):
@@ -233,38 +237,45 @@ def _scores(Qx, qo, dq, steps, Kp, ko, corr_j, sk_j, rs, S, brp, bc, bkp):
                    r0 * bkp + ch, bkp)
 
 
-def pv_block(S, P, Px, ld, br, bc, Vp, vo, dv, m, l, alpha, acc, brp):
-    """The softmax of the block (:func:`~.vsoftmax.softmax`), then ``acc = alpha acc + P Vj`` by
-    the micro-kernel over all row strips and channel tiles. bf16 (uint16 ``Vp``): the
-    softmax writes P's bf16 bits into ``Px``, ``(bc + 1) // 2`` key pairs; fp32: P,
-    ``bc`` keys. Chosen by ``Vp``'s dtype when compiled."""
+def pv_block(S, P, Px, ld, br, bc, Vp, vo, dv, m, l, alpha, acc, brp, stage):
+    """The softmax of the block (:func:`~.vsoftmax.softmax`; ``stage`` >= 2), then ``acc =
+    alpha acc + P Vj`` by the micro-kernel over all row strips and channel tiles (``stage``
+    >= 3). bf16 (uint16 ``Vp``): the softmax writes P's bf16 bits into ``Px``, ``(bc + 1)
+    // 2`` key pairs; fp32: P, ``bc`` keys. Chosen by ``Vp``'s dtype when compiled."""
     raise NotImplementedError("micro-kernels need the JIT (NUMBA_DISABLE_JIT is set)")
 
 
-def _pv_block_bf16(S, P, Px, ld, br, bc, Vp, vo, dv, m, l, alpha, acc, brp):
-    softmax(S, ld, br, bc, m, l, alpha, Px)
+def _pv_block_bf16(S, P, Px, ld, br, bc, Vp, vo, dv, m, l, alpha, acc, brp, stage):
+    if stage >= 2:
+        softmax(S, ld, br, bc, m, l, alpha, Px)
+    if stage < 3:
+        return
     for r0 in range(0, brp, MR):
         for g in range(0, dv, 32):
             pv_tile(Px, r0 * ld, ld, (bc + 1) // 2, Vp, vo + 2 * g, 2 * dv, alpha, r0, acc,
                     r0 * dv + g, dv)
 
 
-def _pv_block_f32(S, P, Px, ld, br, bc, Vp, vo, dv, m, l, alpha, acc, brp):
-    softmax(S, ld, br, bc, m, l, alpha, P)
+def _pv_block_f32(S, P, Px, ld, br, bc, Vp, vo, dv, m, l, alpha, acc, brp, stage):
+    if stage >= 2:
+        softmax(S, ld, br, bc, m, l, alpha, P)
+    if stage < 3:
+        return
     for r0 in range(0, brp, MR):
         for g in range(0, dv, 32):
             pv_tile(P, r0 * ld, ld, bc, Vp, vo + g, dv, alpha, r0, acc, r0 * dv + g, dv)
 
 
 @overload(pv_block, jit_options={"error_model": "numpy"})
-def _pv_block_overload(S, P, Px, ld, br, bc, Vp, vo, dv, m, l, alpha, acc, brp):
+def _pv_block_overload(S, P, Px, ld, br, bc, Vp, vo, dv, m, l, alpha, acc, brp, stage):
     return _pv_block_bf16 if Vp.dtype == types.uint16 else _pv_block_f32
 
 
 @njit(cache=CACHE, error_model="numpy")
 def _q_block(Qx, qo, dq, steps, rs, Kp, corr, skp, Vp, vfin, v, bias, has_bias, b, h, i0,
-             br, causal, offset, bk, bkp, dv, S, P, Px, m, l, alpha, acc, Oi, lse_i):
-    """One query block against its visible key blocks (see the module docstring)."""
+             br, causal, offset, bk, bkp, dv, S, P, Px, m, l, alpha, acc, Oi, lse_i, stage):
+    """One query block against its visible key blocks (see the module docstring);
+    ``stage`` < :data:`FULL` stops each strip early (the time breakdown only)."""
     Nk = v.shape[0]
     brp = -(-br // MR_S) * MR_S
     m[:] = NEG_INF
@@ -286,6 +297,8 @@ def _q_block(Qx, qo, dq, steps, rs, Kp, corr, skp, Vp, vfin, v, bias, has_bias, 
                 bs = min(bc, i0 + r0 + n + offset - j0)
                 if bs <= 0:  # no row of the strip sees a key of this block
                     continue
+            if stage < 1:
+                continue
             _scores(Qx, qo + r0 * dq, dq, steps, Kp, jb * bkp * dq, corr[jb], skp[jb],
                     rs[r0:], S[so:], MR_S, bs, bkp)
             if masked:
@@ -298,16 +311,17 @@ def _q_block(Qx, qo, dq, steps, rs, Kp, corr, skp, Vp, vfin, v, bias, has_bias, 
                            acc[ao:], dv)
                 continue
             pv_block(S[so:], P[so:], Px[so:], bkp, n, bs, Vp, jb * bkp * dv, dv, m[r0:],
-                     l[r0:], alpha[r0:], acc[ao:], MR_S)
+                     l[r0:], alpha[r0:], acc[ao:], MR_S, stage)
     for r in range(br):
         lse_i[r] = finalize_row(acc[r * dv:r * dv + Oi.shape[1]], m[r], l[r], Oi[r])
 
 
 @njit(cache=CACHE, parallel=True, nogil=True)
 def sage_forward(Qx, rs, Kp, corr, skp, Vp, vfin, v, bias, has_bias, causal, offset,
-                 block_q, block_kv, out, lse, vnni):
+                 block_q, block_kv, out, lse, vnni, stage=3):
     """Parallel driver over (b, h, query block). ``vnni``: Q is uint8 (else int16); the
-    ``P V`` path follows ``Vp``'s dtype (uint16: bf16 pairs, float32: fp32)."""
+    ``P V`` path follows ``Vp``'s dtype (uint16: bf16 pairs, float32: fp32); ``stage``:
+    see :data:`FULL`."""
     B, H, Nq, d = out.shape
     Hkv = v.shape[1]
     group = H // Hkv
@@ -334,7 +348,7 @@ def sage_forward(Qx, rs, Kp, corr, skp, Vp, vfin, v, bias, has_bias, causal, off
         _q_block(Qx, (bh * rows + i0) * dq, dq, steps, rs[bh * rows + i0:], Kp[bhk * Tc * bkp * dq:],
                  corr[bhk], skp[bhk], Vp[bhk * Tc * bkp * dv:], vfin[bhk], v[b, h // group],
                  bias, has_bias, b, h, i0, br, causal, offset, block_kv, bkp, dv, S, P,
-                 Px, m, l, alpha, acc, out[b, h, i0:i0 + br], lse[b, h, i0:i0 + br])
+                 Px, m, l, alpha, acc, out[b, h, i0:i0 + br], lse[b, h, i0:i0 + br], stage)
 
 
 def scratch_bytes(*, B, H, Nq, d, block_q, block_kv, threads, **_):
@@ -386,9 +400,12 @@ def pack(q8, sq, k8, sk, v, scale, bq, bk, score_path, pv_path):
     return Qx, rs, Kp, corr, skp, Vp, vfin
 
 
-def run(arrays, bias, scale, alignment, block_q=None, block_kv=None, *, pv_dtype="float32"):
-    """The registry's runner (the canonical INT8 call, ``arrays = (q8, sq, k8, sk, v)``):
-    pack for this CPU's paths, then :func:`sage_forward`."""
+def packed_call(arrays, bias, scale, alignment, block_q=None, block_kv=None, *,
+                pv_dtype="float32"):
+    """Pack the canonical INT8 call (``arrays = (q8, sq, k8, sk, v)``) for this CPU's
+    paths and return ``forward(stage=FULL) -> (out, lse)``, which runs
+    :func:`sage_forward` on the packed operands (the breakdown times packing and the
+    stages apart)."""
     q8, sq, k8, sk, v = arrays
     score_path, pv_path = paths(pv_dtype)
     if score_path is None:
@@ -396,14 +413,25 @@ def run(arrays, bias, scale, alignment, block_q=None, block_kv=None, *, pv_dtype
     B, H, Nq, d = q8.shape
     Nk = k8.shape[2]
     if Nk == 0:  # no key: zeros and lse = -inf (the convention of every kernel)
-        return np.zeros((B, H, Nq, d), np.float32), np.full((B, H, Nq), -np.inf, np.float32)
+        return lambda stage=FULL: (np.zeros((B, H, Nq, d), np.float32),
+                                   np.full((B, H, Nq), -np.inf, np.float32))
     bq, bk = int(block_q or DEFAULT_BLOCKS[0]), int(block_kv or DEFAULT_BLOCKS[1])
     packed = pack(q8, sq, k8, sk, v, scale, bq, bk, score_path, pv_path)
-    out = np.empty((B, H, Nq, d), np.float32)
-    lse = np.empty((B, H, Nq), np.float32)
     offset = causal_offset(Nq, Nk, alignment) if alignment else 0
     has_bias = bias is not None
     bias = bias if has_bias else np.broadcast_to(np.zeros((), np.float32), (1, 1, 1, 1))
-    sage_forward(*packed, v, bias, has_bias, alignment is not None, offset, bq, bk, out, lse,
-                 score_path == "vnni")
-    return out, lse
+
+    def forward(stage=FULL):
+        out = np.empty((B, H, Nq, d), np.float32)
+        lse = np.empty((B, H, Nq), np.float32)
+        sage_forward(*packed, v, bias, has_bias, alignment is not None, offset, bq, bk, out,
+                     lse, score_path == "vnni", stage)
+        return out, lse
+    return forward
+
+
+def run(arrays, bias, scale, alignment, block_q=None, block_kv=None, *, pv_dtype="float32"):
+    """The registry's runner (the canonical INT8 call, ``arrays = (q8, sq, k8, sk, v)``):
+    pack for this CPU's paths, then :func:`sage_forward`."""
+    return packed_call(arrays, bias, scale, alignment, block_q, block_kv,
+                       pv_dtype=pv_dtype)()
