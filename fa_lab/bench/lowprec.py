@@ -75,11 +75,11 @@ def instructions():
          (z(512, np.int16), 64, z(2048, np.int16), 32, z(32, np.int32),
           np.ones(32, np.float32), np.ones(8, np.float32), z(256, np.float32))),
         ("P V, bf16", "vdpbf16ps", f.bf16, peak_loops.probe_pv,
-         (z(32, np.uint16), 8, 4, z(512, np.uint16), 64, np.ones(4, np.float32),
-          z(128, np.float32))),
+         (z(8 * mk.MR, np.uint16), 8, 4, z(512, np.uint16), 64, np.ones(mk.MR, np.float32),
+          z(32 * mk.MR, np.float32))),
         ("P V, fp32", "vfmadd\\w*ps", f.avx512f, peak_loops.probe_pv,
-         (z(32, np.float32), 8, 8, z(512, np.float32), 32, np.ones(4, np.float32),
-          z(128, np.float32)))]:
+         (z(8 * mk.MR, np.float32), 8, 8, z(512, np.float32), 32, np.ones(mk.MR, np.float32),
+          z(32 * mk.MR, np.float32)))]:
         found = ""
         if ok:
             fresh = njit(fn)

@@ -58,7 +58,8 @@ def probe_scores(Qx, ldq, Kp, steps, corr, sk, rs, S):
 
 
 def probe_pv(Px, ldp, n, Vx, ldv, alpha, acc):
-    """One ``P V`` micro-kernel call on a 4 x 32 tile (see :func:`probe_scores`)."""
+    """One ``P V`` micro-kernel call on an ``MR`` x 32 tile (8 rows: ``acc`` holds
+    ``MR * 32`` floats, ``Px`` ``MR`` rows of ``ldp``; see :func:`probe_scores`)."""
     pv_tile(Px, 0, ldp, n, Vx, 0, ldv, alpha, 0, acc, 0, 32)
 
 

@@ -19,7 +19,8 @@ from fa_lab.viz.lessons import (attention_matrix, running_state, tile_schedule, 
                                 traffic_bars, decode_floor)
 from fa_lab.viz.perf import (plot_ladder, plot_throughput, plot_breakdown, plot_decode,
                              plot_generation, plot_decode_latency, plot_retrieval,
-                             plot_k_histograms, plot_error_vs_length, plot_memory_sweep)
+                             plot_k_histograms, plot_error_vs_length, plot_memory_sweep,
+                             plot_sage_breakdown)
 from fa_lab.viz.decoding import (plot_rope, plot_split_kv, plot_kv_cache)
 from fa_lab.viz.features import (block_table, score_mods)
 
@@ -28,6 +29,6 @@ __all__ = ['allocations', 'attention_matrix', 'bandwidth_curve', 'bars', 'block_
            'decode_floor', 'footer', 'heatmap', 'keep_mask', 'peak_memory_vs_n',
            'plot_breakdown', 'plot_decode', 'plot_decode_latency', 'plot_error_vs_length',
            'plot_generation', 'plot_k_histograms', 'plot_kv_cache', 'plot_ladder',
-           'plot_memory_sweep', 'plot_retrieval', 'plot_rope', 'plot_split_kv',
+           'plot_memory_sweep', 'plot_retrieval', 'plot_rope', 'plot_sage_breakdown', 'plot_split_kv',
            'plot_throughput', 'roofline', 'running_state', 'score_mods', 'speedup_bars', 'tile_schedule',
            'tile_schedules', 'traffic_bars']

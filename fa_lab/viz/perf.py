@@ -91,6 +91,33 @@ def plot_breakdown(df, title="Where flash's time goes"):
     return fig
 
 
+def plot_sage_breakdown(df, title="Where sage's time goes"):
+    """Stacked horizontal bars from :func:`fa_lab.bench.lowprec.breakdown` (one bar per
+    ``causal`` value): ms per part, each product labelled with its fraction of its peak."""
+    groups = list(df.groupby("causal", sort=True))
+    fig, ax = plt.subplots(figsize=(9, 1.6 + 0.9 * len(groups)))
+    colors = ["tab:gray", "tab:brown", "lightgray", "tab:blue", "tab:orange", "tab:green"]
+    for y, (causal, g) in enumerate(groups):
+        left = 0.0
+        for (_, r), color in zip(g.iterrows(), colors):
+            width = max(r["ms"], 0.0)
+            ax.barh([y], [width], left=left, color=color, label=r["part"] if y == 0 else None)
+            frac = r.get("fraction_of_peak", np.nan)
+            if width > 0.08 * g["total_ms"].iloc[0]:
+                text = f"{r['ms']:.1f}" + ("" if not np.isfinite(frac) else f"\n{frac:.0%} pk")
+                ax.text(left + width / 2, y, text, ha="center", va="center", fontsize=8)
+            left += width
+    ax.set_yticks(range(len(groups)))
+    ax.set_yticklabels([("causal" if c else "not causal") + f"\n{g['total_ms'].iloc[0]:.1f} ms"
+                        for c, g in groups])
+    ax.set_xlabel("ms per call (stages: differences of medians; pk = of that precision's peak)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=3)
+    fig.tight_layout()
+    footer(fig, describe_machine())
+    return fig
+
+
 def plot_decode(frames, title="Decode: one new token against the KV cache"):
     """Grouped bars of median ms per contender for several decode shapes
     (a list of :func:`fa_lab.bench.decode_splits` tables)."""
