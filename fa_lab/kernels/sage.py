@@ -8,11 +8,16 @@ the diagonal skipped), FlashAttention-2's loop with:
    ``-128 sum_t K[c, t]`` (precomputed per key when packing), or ``vpmaddwd`` on int16;
 2. ``S = S32 * (s_q scale) * s_k`` in fp32 in registers (per-block scales matched to
    the tiles, as SageAttention), then the mask and causal diagonal (``mask_block``);
-3. the online softmax in fp32 (``flash``'s two fused passes; P written as bf16 bits);
+3. the online softmax in fp32 in explicit zmm ops (:mod:`.vsoftmax`: all rows' maxima,
+   then their exponentials; P written as bf16 bits);
 4. ``acc = alpha acc + P Vj`` by the ``P V`` micro-kernel (8 rows x 32 channels): P
    rounded to bf16 and ``V`` stored bf16 (``vdpbf16ps``, fp32 accumulate), or fp32 FMAs.
 
-Packing (once per call, parallel): Q to its row layout, K and V per key block padded to
+On a causal diagonal block each strip of 8 rows computes only the keys its last row sees
+(a strip that sees none is skipped).
+
+Packing (once per call, parallel; every packed operand and scratch tile 64-byte aligned,
+:func:`~.zmm.align64`): Q to its row layout, K and V per key block padded to
 32 keys (so any ``Bc`` works), the key scales and corrections beside them, and one flag per
 V block saying whether it holds NaN/inf. A masked block (causal diagonal, or a mask)
 whose V holds NaN/inf uses a loop that skips hidden keys (the NaN rule of
@@ -21,19 +26,26 @@ whose V holds NaN/inf uses a loop that skips hidden keys (the NaN rule of
 float32 only; which instructions run is chosen by :mod:`fa_lab.cpu_features` (the
 packed dtypes then select the compiled micro-kernel).
 
-Versions, measured on one core of a shared AMD EPYC (Zen 4) VM, H=2, N=2048, d=64,
-bf16 ``P V``, min of 11 calls (``flash``: 26.2 ms): first version (4 x 32 score tile, a
-separate int32 -> float pass and a bf16 rounding pass, 64 x 128 tiles) 14.9 ms;
-dequantizing in the micro-kernel's registers and writing bf16 from the softmax: no
-measurable change; a degree-4 ``exp2`` when P is bf16: softmax 2.08 -> 1.82 ms per head;
-8 x 32 score tile: scores 1.75 -> 1.56 ms per head; 128 x 256 tiles: 14.1 -> 13.2 ms;
-each block processed strip by strip (scores, softmax and ``P V`` of 8 rows, so S and P
-stay in L1): 14.5 -> 14.2 ms back to back (the VM drifts by ~1 ms between minutes).
-Tried and reverted: taking each row's max from the micro-kernel's registers (skipping
-the softmax's max pass): 14.1 ms, slower. Where a head's time goes now (one core):
-scores 1.56 ms (~345 G op/s, 75% of the ``vpdpbusd`` loop's peak), softmax 1.8 ms (one
-fp32 ``exp`` per score: INT8 does not shrink it), ``P V`` 2.5 ms (~215 GFLOP/s, 93% of
-the ``vdpbf16ps`` peak), quantization and packing 0.8 ms.
+Versions, one core of a shared AMD EPYC (Zen 4) VM, H=2, N=2048, d=64, bf16 ``P V``, min
+of 11 (``flash``: 26.2 ms): first version (4 x 32 score tile, separate int32 -> float and
+bf16 passes, 64 x 128 tiles) 14.9 ms; degree-4 ``exp2`` for bf16 P: softmax 2.08 -> 1.82
+ms per head; 8 x 32 score tile: scores 1.75 -> 1.56 ms per head; 128 x 256 tiles: 14.1
+-> 13.2 ms; strip by strip (S and P of 8 rows stay in L1): 14.5 -> 14.2 ms. Tried and
+reverted: each row's max from the micro-kernel's registers: 14.1 ms, slower. Per head
+then: scores 1.56 ms, softmax 1.8, ``P V`` 2.5, quantization and packing 0.8.
+
+Then, one head on one core (min of 21, the stages run in the kernel's order): the softmax
+in explicit vector ops (``vscalefps``, ``vcvtne2ps2bf16``; LLVM's loop had two compares,
+two blends and six integer ops per 16 scores): 1.8 -> 1.5 ms; inlining its row
+functions and taking all rows' maxima first: 1.5 -> 1.2 ms; ``P V`` tile 8 x 32 instead
+of 4 x 32: 2.8 -> 2.66 ms; 64-byte aligned operands and scratch (numba's ``np.empty``
+sits 32 bytes past a boundary, so every zmm store straddled two lines): scores
+1.73 -> 1.31-1.5 ms (bimodal between processes). Packing K and V by 4-byte words and
+rows: 1.45 -> 0.36 ms for the whole (1, 8, 2048, 64) call; quantizing by the scale's
+reciprocal (:mod:`.quantize`): 0.5 -> 0.22 ms per tensor. Now per head (one core):
+scores ~1.3-1.4 ms (~90% of the ``vpdpbusd`` loop's peak), softmax ~1.2 ms, ``P V``
+~2.55 ms (~93% of the ``vdpbf16ps`` peak). The whole call on both cores, by stage:
+``python -m fa_lab bench --sweep int8`` (:func:`fa_lab.bench.lowprec.breakdown`).
 """
 
 from __future__ import annotations
