@@ -231,3 +231,17 @@ def test_forced_refuses_adding_or_unknown_features():
     with pytest.raises(ValueError, match="unknown"):
         with cpu_features.forced(amx=False):
             pass
+
+
+@needs_avx512
+def test_the_lessons_instruction_table_probes_every_path_this_cpu_has():
+    # lesson 10's table compiles each probe fresh on operands sized for the tiles (MR
+    # rows of P V: a probe sized for 4 rows once overran the heap)
+    from fa_lab.bench import lowprec
+    table = lowprec.instructions().set_index("path")
+    assert table.loc["Q K^T, int16", "found in the assembly"] in ("vpmaddwd", "vpdpwssd")
+    assert table.loc["P V, fp32", "found in the assembly"] == "vfmadd231ps"
+    if HOST.vnni:
+        assert table.loc["Q K^T, vnni", "found in the assembly"] == "vpdpbusd"
+    if HOST.bf16:
+        assert table.loc["P V, bf16", "found in the assembly"] == "vdpbf16ps"
