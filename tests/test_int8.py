@@ -81,6 +81,18 @@ def test_compiled_quantization_equals_numpy_exactly(dtype, granularity, block):
     np.testing.assert_array_equal(sq, np.broadcast_to(s, x.shape[:-1] + (1,))[..., 0])
 
 
+def test_compiled_quantization_of_subnormal_scales_divides():
+    """A group whose scale is subnormal has no finite reciprocal: the compiled path must
+    divide (NumPy's integers), not multiply by infinity."""
+    x = np.zeros((1, 2, 4, 3))
+    x[0, 0] = [[1e-306, -3e-307, 0], [2e-307, 0, 5e-308], [0, 0, 0], [1e-307, 0, 0]]
+    x[0, 1] = 1.0
+    xq, s = quant.quantize(x, "per_token", scale_dtype=np.float64)
+    q8, sq, _, _, _ = quantize_inputs(x, x, "per_token", 1, 1, False)
+    assert np.all(sq[0, 0, [0, 1, 3]] < np.finfo(np.float64).tiny)  # subnormal scales
+    np.testing.assert_array_equal(q8, xq)
+
+
 @pytest.mark.parametrize("granularity", quant.GRANULARITIES)
 @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
 @pytest.mark.parametrize("name", ["q", "k"])

@@ -6,7 +6,7 @@ float32 array here, and ``quant.smooth_k`` 2.3 ms: with Q and K, ~15 ms, more th
 INT8 kernel's whole budget at that size. These compute the same values: per group of
 ``block`` rows, ``scale = max|x| / 127`` in float64 (1 for an all-zero group), ``xq =
 clip(rint(x / scale), -127, 127)`` (by the reciprocal, division only near a tie:
-:func:`_quantize_group`; 0.5 -> 0.15 ms per tensor above), and a flag for inf/NaN (so the
+:func:`_quantize_group`; 0.5 -> 0.22 ms per tensor above), and a flag for inf/NaN (so the
 caller needs no separate ``isfinite`` pass); the smoothed K is ``k - mean`` with the per-channel
 mean over the tokens accumulated in float64 and rounded to k's dtype, as
 :func:`fa_lab.quant.smooth_k` (the sum is taken in another order, so the mean may differ
@@ -73,8 +73,8 @@ def _quantize_group(x, xq):
     if sc == 0:
         sc = 1.0
     inv = 1.0 / sc
-    near = 0
-    for t in range(n):
+    near = 0 if inv < np.inf else 1  # a subnormal scale: no finite reciprocal, divide
+    for t in range(n if near == 0 else 0):
         y = np.float64(x[t]) * inv
         r = np.rint(y)
         near += 1 if abs(abs(y - r) - 0.5) < NEAR_TIE else 0
