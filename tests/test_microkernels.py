@@ -245,3 +245,17 @@ def test_the_lessons_instruction_table_probes_every_path_this_cpu_has():
         assert table.loc["Q K^T, vnni", "found in the assembly"] == "vpdpbusd"
     if HOST.bf16:
         assert table.loc["P V, bf16", "found in the assembly"] == "vdpbf16ps"
+
+
+@needs_avx512
+@pytest.mark.parametrize("bq,bk,d", [(16, 40, 32), (8, 1, 64), (24, 33, 96)])
+def test_pv_block_loops_compute_the_same_product(bq, bk, d):
+    # the fp32 P V micro-kernel and the BLAS loop that lesson 10 times against each other
+    rng = np.random.default_rng(bq + bk)
+    Tr, Tc = 3, 2
+    Pt = rng.random((Tr, Tc, bq, bk), np.float32)
+    V = rng.standard_normal((Tc * bk, d), np.float32)
+    exact = sum((Pt[it].transpose(1, 0, 2).reshape(bq, Tc * bk).astype(np.float64)
+                 @ V.astype(np.float64))[0, 0] for it in range(Tr))
+    assert peaks.pv_blocks_microkernel(Pt, V) == pytest.approx(exact, rel=1e-5, abs=1e-4)
+    assert peaks.pv_blocks_blas(Pt, V) == pytest.approx(exact, rel=1e-5, abs=1e-4)

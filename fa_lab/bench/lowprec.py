@@ -19,11 +19,11 @@ from fa_lab import cpu_features, int8_study, minilm, reference, verdict
 from fa_lab.bench.claims import judge_speedup
 from fa_lab.bench.contenders import contenders
 from fa_lab.bench.harness import Contender, flops, load_of, time_calls, validate
+from fa_lab.bench.lowprec_tiles import TARGET_TILES, pv_tiles, score_tiles  # noqa: F401
 from fa_lab.bench.sweeps import matmul_peak
 from fa_lab.api import prepare
 from fa_lab.config import num_threads
 from fa_lab.int8 import attention_int8, plan_int8, quantize_inputs
-from fa_lab.kernels import int8 as int8_loops
 from fa_lab.kernels import microkernels as mk
 from fa_lab.kernels import peaks as peak_loops
 from fa_lab.kernels import sage
@@ -40,7 +40,7 @@ PEAK_LOOPS = {
 _LOOP_KEY = {"fp32": "fp32", "int8": "vnni", "int16": "i16", "bf16": "bf16"}
 
 #: The issue's targets.
-TARGET_VS_SDPA, TARGET_VS_FLASH, TARGET_TILES, TARGET_COSINE = 2.0, 1.6, 2.5, 0.9995
+TARGET_VS_SDPA, TARGET_VS_FLASH, TARGET_COSINE = 2.0, 1.6, 0.9995
 #: ``k + K_OFFSET z_c``: the per-channel key offset of the accuracy target.
 K_OFFSET = 3.0
 
@@ -139,41 +139,6 @@ def kernel_peak(peak_df, scores: str, pv: str) -> float:
     ``P V`` at the ``pv`` peak (half the operations each): ``1 / (0.5/a + 0.5/b)``."""
     a, b = peak_of(peak_df, scores), peak_of(peak_df, pv)
     return 1.0 / (0.5 / a + 0.5 / b)
-
-
-def score_tiles(N=2048, d=64, *, block_q=None, block_kv=None, repeats=5, seed=0):
-    """One head, one thread: every ``Qi Kj^T`` block by the INT8 score micro-kernel, by
-    fp32 BLAS (``np.dot`` on the same tiles, as ``flash``) and by the plain-loop int8
-    kernel (``vpmaddwd`` from loops). Returns ``(table, verdict)`` with G op/s
-    (``2 N^2 d``) and the target "micro-kernel >= 2.5x fp32 matmul" judged."""
-    import pandas as pd
-
-    f = cpu_features.detect()
-    if f.score_path is None:
-        raise NotImplementedError("score_tiles needs AVX-512 (no micro-kernel on this CPU)")
-    bq, bk = block_q or sage.DEFAULT_BLOCKS[0], block_kv or sage.DEFAULT_BLOCKS[1]
-    rng = np.random.default_rng(seed)
-    q, k = (rng.standard_normal((1, 1, N, d)).astype(np.float32) for _ in range(2))
-    q8, sq, k8, sk, _ = quantize_inputs(q, k, "per_block", bq, bk, True)
-    _, dq, steps, _, _ = sage.layout(d, bk, f.score_path, "fp32")
-    Qx, rs, Kp, corr, skp, _, _ = sage.pack(q8, sq, k8, sk, np.zeros_like(k), 1.0, bq, bk,
-                                            f.score_path, "fp32")
-    q2, k2 = q[0, 0].copy(), k[0, 0].copy()
-    bench_name = f"int8 micro-kernel ({'vpdpbusd' if f.score_path == 'vnni' else 'vpmaddwd'})"
-    cs = [Contender(bench_name, lambda: peak_loops.qk_blocks_microkernel(
-              Qx, rs, Kp, corr, skp, N, d, bq, steps), "kernel"),
-          Contender("fp32 BLAS (np.dot tiles)", lambda: peak_loops.qk_blocks_blas(
-              q2, k2, bq, bk), "baseline"),
-          Contender("int8 plain loops (simd)", lambda: int8_loops.qk_all_blocks_i8(
-              q8[0, 0], k8[0, 0], bq, bk), "kernel")]
-    times = time_calls(cs, (), repeats=repeats, warmup=1)
-    ops = 2.0 * (N // bq * bq) * (N // bk * bk) * d
-    table = pd.DataFrame([{"name": c.name, "tiles": f"{bq}x{bk}", **times.summary(c.name, ops)}
-                          for c in cs]).rename(columns={"gflops": "gops"})
-    low, mid, high = times.ratio(cs[1].name, cs[0].name)
-    v = verdict.judge("INT8 score micro-kernel vs fp32 BLAS on the same tiles (op/s ratio)",
-                      mid, TARGET_TILES, low=low, high=high, load=times.load)
-    return table, v
 
 
 def accuracy(N=2048, H=8, d=64, *, causal=False, seed=0):
@@ -371,15 +336,17 @@ def load_note(df) -> str:
 def sweep(N=2048, H=8, B=1, d=64, *, repeats=7, progress=print):
     """Everything the issue asks, in one process: peaks, the tile comparison, speed
     (causal and not), where sage's time goes, and accuracy. Returns ``{"peaks", "tiles",
-    "speed", "breakdown", "accuracy", "minilm", "targets"}`` (DataFrames; ``targets`` one
-    row per verdict)."""
+    "pv_tiles", "speed", "breakdown", "accuracy", "minilm", "targets"}`` (DataFrames;
+    ``targets`` one row per verdict)."""
     import pandas as pd
 
     progress("peaks per precision")
     pk = peaks(repeats=repeats)
     progress("score micro-kernel vs BLAS tiles")
     tiles, tv = score_tiles(N, d, repeats=repeats)
-    speeds, verdicts = [], [tv]
+    progress("fp32 P V micro-kernel vs BLAS tiles")
+    pv, pvv = pv_tiles(N, d, repeats=repeats)
+    speeds, verdicts = [], [tv, pvv]
     for causal in (False, True):
         progress(f"speed, causal={causal}")
         df, vs = speed(N, H, B, d, causal=causal, repeats=repeats, peak_df=pk)
@@ -399,7 +366,8 @@ def sweep(N=2048, H=8, B=1, d=64, *, repeats=7, progress=print):
     except ImportError as e:  # the weights are an optional package
         real = pd.DataFrame([{"text": f"skipped: {e}"}])
     targets = pd.DataFrame([v.row() for v in verdicts])
-    return {"peaks": pk, "tiles": tiles, "speed": pd.concat(speeds, ignore_index=True),
+    return {"peaks": pk, "tiles": tiles, "pv_tiles": pv,
+            "speed": pd.concat(speeds, ignore_index=True),
             "breakdown": parts, "accuracy": acc, "minilm": real, "targets": targets}
 
 
@@ -408,6 +376,7 @@ def sweep(N=2048, H=8, B=1, d=64, *, repeats=7, progress=print):
 _SHOW = {"peaks": ["precision", "instruction", "threads", "gops", "q25_s", "median_s", "q75_s",
                    "others_pct"],
          "tiles": ["name", "tiles", "gops", "q25_s", "median_s", "q75_s", "others_pct"],
+         "pv_tiles": ["name", "tiles", "gflops", "q25_s", "median_s", "q75_s", "others_pct"],
          "speed": ["name", "causal", "median_s", "q25_s", "q75_s", "gflops", "precision",
                    "peak_gops", "fraction_of_peak", "others_pct", "busy"],
          "breakdown": ["causal", "part", "ms", "share", "precision", "gops", "peak_gops",

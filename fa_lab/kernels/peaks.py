@@ -16,7 +16,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from fa_lab.kernels.microkernels import (MR_S, dpbf16, dpbusd, f32x16, i32x16, madd16, pv_tile,
+from fa_lab.kernels.microkernels import (MR, MR_S, dpbf16, dpbusd, f32x16, i32x16, madd16, pv_tile,
                                          s_tile, vfma, vload_f32, vload_i32, vzero_f32,
                                          vzero_i32)
 
@@ -140,4 +140,48 @@ def qk_blocks_blas(q, k, block_q, block_kv):
         for j0 in range(0, k.shape[0] - block_kv + 1, block_kv):
             np.dot(q[i0:i0 + block_q], k[j0:j0 + block_kv].T, S)
             total += S[0, 0]
+    return total
+
+
+@njit(cache=CACHE, nogil=True)
+def pv_blocks_microkernel(Pt, V):
+    """Every ``acc_i += P_ij V_j`` block of one head by the fp32 ``P V`` micro-kernel
+    (``vfmadd231ps``, ``MR`` rows x 32 channels per call; sage's fp32 path), one thread:
+    ``Pt`` (Tr, Tc, Br, Bc) float32, the probability tiles each contiguous as a kernel
+    holds them, ``V`` (Tc Bc, dv) float32; ``Br`` a multiple of ``MR``, dv of 32 (the
+    tiles have no edges here). Returns a checksum."""
+    Tr, Tc, bq, bk = Pt.shape
+    dv = V.shape[1]
+    if bq % MR or dv % 32 or V.shape[0] != Tc * bk:
+        raise ValueError("pv_blocks_microkernel: Br % MR, dv % 32 must be 0, V Tc*Bc rows")
+    Pf, Vf = Pt.reshape(Tr * Tc * bq * bk), V.reshape(V.shape[0] * dv)
+    acc = align64(np.empty(bq * dv + 16, np.float32), bq * dv)
+    ones = np.ones(bq, np.float32)
+    total = 0.0
+    for it in range(Tr):
+        acc[:] = 0
+        for jt in range(Tc):
+            for r0 in range(0, bq, MR):
+                for g in range(0, dv, 32):
+                    pv_tile(Pf, ((it * Tc + jt) * bq + r0) * bk, bk, bk, Vf, jt * bk * dv + g,
+                            dv, ones, r0, acc, r0 * dv + g, dv)
+        total += acc[0]
+    return total
+
+
+@njit(cache=CACHE, nogil=True)
+def pv_blocks_blas(Pt, V):
+    """The same blocks through BLAS, as ``flash``'s ``P V`` step: ``np.dot`` of the
+    contiguous tile into a reused buffer, then added to the accumulator."""
+    Tr, Tc, bq, bk = Pt.shape
+    dv = V.shape[1]
+    T = np.empty((bq, dv), dtype=Pt.dtype)
+    acc = np.empty((bq, dv), dtype=Pt.dtype)
+    total = 0.0
+    for it in range(Tr):
+        acc[:] = 0
+        for jt in range(Tc):
+            np.dot(Pt[it, jt], V[jt * bk:(jt + 1) * bk], T)
+            acc += T
+        total += acc[0, 0]
     return total
