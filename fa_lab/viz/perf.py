@@ -93,7 +93,8 @@ def plot_breakdown(df, title="Where flash's time goes"):
 
 def plot_sage_breakdown(df, title="Where sage's time goes"):
     """Stacked horizontal bars from :func:`fa_lab.bench.lowprec.breakdown` (one bar per
-    ``causal`` value): ms per part, each product labelled with its fraction of its peak."""
+    ``causal`` value): ms per part, each product labelled with its fraction of its peak.
+    No machine footer (``Lesson.save_fig`` adds one)."""
     groups = list(df.groupby("causal", sort=True))
     fig, ax = plt.subplots(figsize=(9, 1.6 + 0.9 * len(groups)))
     colors = ["tab:gray", "tab:brown", "lightgray", "tab:blue", "tab:orange", "tab:green"]
@@ -114,8 +115,7 @@ def plot_sage_breakdown(df, title="Where sage's time goes"):
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=3)
     fig.tight_layout()
-    footer(fig, describe_machine())
-    return fig
+    return fig  # the machine footer: lesson.save_fig adds it
 
 
 def plot_decode(frames, title="Decode: one new token against the KV cache"):
