@@ -1,7 +1,6 @@
 """bench --sweep features runs, validates and judges (no timing is asserted here: speed
 targets are benchmark verdicts, not tests)."""
 
-import numpy as np
 import pytest
 
 from fa_lab.bench import features as bench_features
