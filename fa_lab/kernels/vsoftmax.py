@@ -40,8 +40,8 @@ from fa_lab.kernels.zmm import (hmax_i32, hsum_f32, vadd, vcvt2bf16, vfloor, vfm
 
 #: Degree-4 polynomial for ``2^f`` on [0, 1) used when P is rounded to bf16 anyway:
 #: max relative error 2.7e-6 in float32 (the same weighted fit as
-#: :data:`fa_lab.kernels.flash.EXP2_COEFFS`), far below bf16's rounding (up to 2^-8 relative), two
-#: FMAs per score fewer than the degree-6 one. (Degree 3, 7.7e-5, would also do for P,
+#: :data:`fa_lab.kernels.flash.EXP2_COEFFS`), far below bf16's rounding (up to 2^-8
+#: relative), two FMAs per score fewer than the degree-6 one. (Degree 3, 7.7e-5, would also do for P,
 #: but the row sum l uses the same values and the LSE then moved by up to 8e-5.)
 EXP2_COEFFS_BF16 = (1.0000025181301353, 0.6930066206638741, 0.24142749325119936,
                     0.05203742877442215, 0.013520603197212263)
