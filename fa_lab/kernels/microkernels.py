@@ -147,68 +147,51 @@ def _store2(acc, a0, x, y):
     vstore(acc, a0 + 16, y)
 
 
-def _pv_tile_bf16(Px, p0, ldp, n, Vx, v0, ldv, alpha, r0, acc, a0, lda):
-    x0, y0 = _scaled(acc, a0, alpha, r0)
-    x1, y1 = _scaled(acc, a0 + lda, alpha, r0 + 1)
-    x2, y2 = _scaled(acc, a0 + 2 * lda, alpha, r0 + 2)
-    x3, y3 = _scaled(acc, a0 + 3 * lda, alpha, r0 + 3)
-    x4, y4 = _scaled(acc, a0 + 4 * lda, alpha, r0 + 4)
-    x5, y5 = _scaled(acc, a0 + 5 * lda, alpha, r0 + 5)
-    x6, y6 = _scaled(acc, a0 + 6 * lda, alpha, r0 + 6)
-    x7, y7 = _scaled(acc, a0 + 7 * lda, alpha, r0 + 7)
-    for c in range(n):
-        va = vload_i32(Vx, v0 + c * ldv)
-        vb = vload_i32(Vx, v0 + c * ldv + 32)
-        q = p0 + 2 * c
-        p = vbcast32(Px, q)
-        x0, y0 = dpbf16(x0, p, va), dpbf16(y0, p, vb)
-        p = vbcast32(Px, q + ldp)
-        x1, y1 = dpbf16(x1, p, va), dpbf16(y1, p, vb)
-        p = vbcast32(Px, q + 2 * ldp)
-        x2, y2 = dpbf16(x2, p, va), dpbf16(y2, p, vb)
-        p = vbcast32(Px, q + 3 * ldp)
-        x3, y3 = dpbf16(x3, p, va), dpbf16(y3, p, vb)
-        p = vbcast32(Px, q + 4 * ldp)
-        x4, y4 = dpbf16(x4, p, va), dpbf16(y4, p, vb)
-        p = vbcast32(Px, q + 5 * ldp)
-        x5, y5 = dpbf16(x5, p, va), dpbf16(y5, p, vb)
-        p = vbcast32(Px, q + 6 * ldp)
-        x6, y6 = dpbf16(x6, p, va), dpbf16(y6, p, vb)
-        p = vbcast32(Px, q + 7 * ldp)
-        x7, y7 = dpbf16(x7, p, va), dpbf16(y7, p, vb)
-    _store_acc(acc, a0, lda, x0, y0, x1, y1, x2, y2, x3, y3, x4, y4, x5, y5, x6, y6, x7, y7)
+@njit(cache=CACHE, inline="always")
+def _bcast_f32(Px, i):
+    return vsplat_f32(Px[i])
 
 
-def _pv_tile_f32(Px, p0, ldp, n, Vx, v0, ldv, alpha, r0, acc, a0, lda):
-    x0, y0 = _scaled(acc, a0, alpha, r0)
-    x1, y1 = _scaled(acc, a0 + lda, alpha, r0 + 1)
-    x2, y2 = _scaled(acc, a0 + 2 * lda, alpha, r0 + 2)
-    x3, y3 = _scaled(acc, a0 + 3 * lda, alpha, r0 + 3)
-    x4, y4 = _scaled(acc, a0 + 4 * lda, alpha, r0 + 4)
-    x5, y5 = _scaled(acc, a0 + 5 * lda, alpha, r0 + 5)
-    x6, y6 = _scaled(acc, a0 + 6 * lda, alpha, r0 + 6)
-    x7, y7 = _scaled(acc, a0 + 7 * lda, alpha, r0 + 7)
-    for c in range(n):
-        va = vload_f32(Vx, v0 + c * ldv)
-        vb = vload_f32(Vx, v0 + c * ldv + 16)
-        q = p0 + c
-        p = vsplat_f32(Px[q])
-        x0, y0 = vfma(x0, p, va), vfma(y0, p, vb)
-        p = vsplat_f32(Px[q + ldp])
-        x1, y1 = vfma(x1, p, va), vfma(y1, p, vb)
-        p = vsplat_f32(Px[q + 2 * ldp])
-        x2, y2 = vfma(x2, p, va), vfma(y2, p, vb)
-        p = vsplat_f32(Px[q + 3 * ldp])
-        x3, y3 = vfma(x3, p, va), vfma(y3, p, vb)
-        p = vsplat_f32(Px[q + 4 * ldp])
-        x4, y4 = vfma(x4, p, va), vfma(y4, p, vb)
-        p = vsplat_f32(Px[q + 5 * ldp])
-        x5, y5 = vfma(x5, p, va), vfma(y5, p, vb)
-        p = vsplat_f32(Px[q + 6 * ldp])
-        x6, y6 = vfma(x6, p, va), vfma(y6, p, vb)
-        p = vsplat_f32(Px[q + 7 * ldp])
-        x7, y7 = vfma(x7, p, va), vfma(y7, p, vb)
-    _store_acc(acc, a0, lda, x0, y0, x1, y1, x2, y2, x3, y3, x4, y4, x5, y5, x6, y6, x7, y7)
+def _pv_tile_impl(load, bcast, step_fn, width):
+    """The ``P V`` micro-kernel for one path: ``load`` reads 16 lanes of V, ``bcast``
+    broadcasts one row's P (a bf16 pair or one float), ``width`` keys per step."""
+    def impl(Px, p0, ldp, n, Vx, v0, ldv, alpha, r0, acc, a0, lda):
+        x0, y0 = _scaled(acc, a0, alpha, r0)
+        x1, y1 = _scaled(acc, a0 + lda, alpha, r0 + 1)
+        x2, y2 = _scaled(acc, a0 + 2 * lda, alpha, r0 + 2)
+        x3, y3 = _scaled(acc, a0 + 3 * lda, alpha, r0 + 3)
+        x4, y4 = _scaled(acc, a0 + 4 * lda, alpha, r0 + 4)
+        x5, y5 = _scaled(acc, a0 + 5 * lda, alpha, r0 + 5)
+        x6, y6 = _scaled(acc, a0 + 6 * lda, alpha, r0 + 6)
+        x7, y7 = _scaled(acc, a0 + 7 * lda, alpha, r0 + 7)
+        w = 64 // Vx.itemsize  # elements per 16 lanes: the second group of channels
+        for c in range(n):
+            va = load(Vx, v0 + c * ldv)
+            vb = load(Vx, v0 + c * ldv + w)
+            q = p0 + width * c
+            p = bcast(Px, q)
+            x0, y0 = step_fn(x0, p, va), step_fn(y0, p, vb)
+            p = bcast(Px, q + ldp)
+            x1, y1 = step_fn(x1, p, va), step_fn(y1, p, vb)
+            p = bcast(Px, q + 2 * ldp)
+            x2, y2 = step_fn(x2, p, va), step_fn(y2, p, vb)
+            p = bcast(Px, q + 3 * ldp)
+            x3, y3 = step_fn(x3, p, va), step_fn(y3, p, vb)
+            p = bcast(Px, q + 4 * ldp)
+            x4, y4 = step_fn(x4, p, va), step_fn(y4, p, vb)
+            p = bcast(Px, q + 5 * ldp)
+            x5, y5 = step_fn(x5, p, va), step_fn(y5, p, vb)
+            p = bcast(Px, q + 6 * ldp)
+            x6, y6 = step_fn(x6, p, va), step_fn(y6, p, vb)
+            p = bcast(Px, q + 7 * ldp)
+            x7, y7 = step_fn(x7, p, va), step_fn(y7, p, vb)
+        _store_acc(acc, a0, lda, x0, y0, x1, y1, x2, y2, x3, y3, x4, y4, x5, y5, x6, y6, x7,
+                   y7)
+    return impl
+
+
+_PV_TILE_BF16 = _pv_tile_impl(vload_i32, vbcast32, dpbf16, 2)
+_PV_TILE_F32 = _pv_tile_impl(vload_f32, _bcast_f32, vfma, 1)
 
 
 @njit(cache=CACHE, inline="always")
@@ -226,9 +209,9 @@ def _store_acc(acc, a0, lda, x0, y0, x1, y1, x2, y2, x3, y3, x4, y4, x5, y5, x6,
 @overload(pv_tile, jit_options={"error_model": "numpy"})
 def _pv_tile_overload(Px, p0, ldp, n, Vx, v0, ldv, alpha, r0, acc, a0, lda):
     if Px.dtype == types.uint16:
-        return _pv_tile_bf16
+        return _PV_TILE_BF16
     if Px.dtype == types.float32:
-        return _pv_tile_f32
+        return _PV_TILE_F32
     return None
 
 
