@@ -1,7 +1,7 @@
 """Root pytest configuration: notebooks collected by nbval run in quick mode.
 
 nbval cannot pass papermill parameters, so the lessons read two environment
-overrides (see :mod:`fa_lab.notebook`). The kernels nbval starts inherit them.
+overrides (see :mod:`fa_lab.lessons.notebook`). The kernels nbval starts inherit them.
 Figures and tables of the quick runs go to a temporary folder, never over the
 curated files in ``figures/`` and ``data/``; autotuner choices to a temporary file.
 """
@@ -30,7 +30,7 @@ def pytest_collection_modifyitems(config, items):
     the reason, instead of failing under nbval."""
     import pytest
 
-    from fa_lab.report import missing_requirements
+    from fa_lab.tools.report import missing_requirements
 
     for item in items:
         path = getattr(item, "path", None)

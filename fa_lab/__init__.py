@@ -8,24 +8,33 @@ Public API (stable; later work builds on it):
 * :class:`KVCache`, :func:`decode`, :func:`rope` -- incremental decoding
 * :func:`attention_varlen` -- packed variable-length batches (flash-attn's varlen)
 * :func:`attention_with_kvcache` -- a contiguous or paged KV cache with ragged lengths
-* :func:`topk_attention` -- attention as top-K retrieval; :mod:`fa_lab.presets`
+* :func:`topk_attention` -- attention as top-K retrieval; :mod:`fa_lab.tools.presets`
 * :func:`plan` -- which kernel, tile sizes and key splits a call would use
 * :data:`KERNELS` -- the kernel registry (the ladder ``reference`` .. ``flash``)
-* :mod:`fa_lab.reference` -- the float64 NumPy source of truth
+* :mod:`fa_lab.numerics.reference` -- the float64 NumPy source of truth
 """
 
 from fa_lab.api import KernelFallbackWarning, attention, choose_kernel, plan
-from fa_lab.backward import attention_backward, attention_grad
-from fa_lab import presets
-from fa_lab.decoding import KVCache, decode, rope
-from fa_lab.int8 import attention_int8
-from fa_lab.kvcache import attention_with_kvcache
-from fa_lab.varlen import attention_varlen
-from fa_lab.quant import dequantize, quantize
+from fa_lab.features.backward import attention_backward, attention_grad
+from fa_lab.features.decoding import KVCache, decode, rope
+from fa_lab.features.int8 import attention_int8
+from fa_lab.features.kvcache import attention_with_kvcache
+from fa_lab.features.varlen import attention_varlen
+from fa_lab.numerics.quant import dequantize, quantize
 from fa_lab.registry import BACKWARD_KERNELS, INT8_KERNELS, KERNELS, Kernel, ladder
-from fa_lab.retrieval import topk_attention
+from fa_lab.features.retrieval import topk_attention
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    """``fa_lab.presets`` loads on first use: it measures with the benchmark tools, which
+    import pandas, and ``import fa_lab`` stays light (the kernels and the API only)."""
+    if name == "presets":
+        import importlib
+
+        return importlib.import_module("fa_lab.tools.presets")
+    raise AttributeError(f"module 'fa_lab' has no attribute {name!r}")
 
 __all__ = ["attention", "attention_varlen", "attention_with_kvcache", "plan", "KVCache", "decode", "rope", "topk_attention", "presets", "attention_int8", "quantize", "dequantize", "INT8_KERNELS", "attention_backward", "attention_grad", "choose_kernel", "KERNELS",
            "BACKWARD_KERNELS", "Kernel", "KernelFallbackWarning", "ladder", "__version__"]

@@ -21,15 +21,15 @@ import numba
 import numpy as np
 import pandas as pd
 
-from fa_lab import (BACKWARD_KERNELS, INT8_KERNELS, KERNELS, attention, attention_backward,
-                    attention_int8, bench, hierarchy, memory, report, topk_attention, tune, viz)
-from fa_lab._blas import coretype_hint
-from fa_lab.bench import features as bench_features
-from fa_lab.bench import lowprec
-from fa_lab.bench.contenders import _torch
-from fa_lab.machine import describe_machine, machine
-from fa_lab.reference import causal_alignment
-from fa_lab.testing import Case
+from fa_lab import (BACKWARD_KERNELS, INT8_KERNELS, KERNELS, attention, attention_backward, attention_int8, topk_attention, viz)
+from fa_lab.tools import bench, hierarchy, memory, report, tune
+from fa_lab.settings.blas import coretype_hint
+from fa_lab.tools.bench import features as bench_features
+from fa_lab.tools.lowprec import speed as lowprec
+from fa_lab.tools.bench.contenders import torch_module
+from fa_lab.settings.machine import describe_machine, machine
+from fa_lab.numerics.masks import causal_alignment
+from fa_lab.numerics.testing import Case
 
 
 def _positive_int(text) -> int:
@@ -177,10 +177,10 @@ def _bench(args) -> int:
 
 
 def _int8(args, log):
-    """Issue 15's sweep (:func:`fa_lab.bench.lowprec.sweep`): prints each table, returns
+    """The low-precision sweep (:func:`fa_lab.tools.lowprec.speed.sweep`): prints each table, returns
     the targets with their verdicts."""
     r = lowprec.sweep(args.N[0], args.H, args.B, args.d, repeats=args.repeats, progress=log)
-    print(lowprec.format_sweep(r) + "\n\n== targets (issue 15)")
+    print(lowprec.format_sweep(r) + "\n\n== targets (low precision)")
     return lowprec.targets(r)
 
 
@@ -198,7 +198,7 @@ def _bandwidth(args, log):
 
 
 def _targets(args, log):
-    """The performance issue's targets, measured side by side in this run and judged."""
+    """The speed targets, measured side by side in this run and judged."""
 
 
     log("fp32 matmul peak")
@@ -303,13 +303,13 @@ def main(argv=None) -> int:
                        "kernel over --blocks; threads: over --threads; decode: flash's "
                        "split-KV choices vs torch at Nq=1; breakdown: where flash's time "
                        "goes; peak: the fp32 matmul peak; claims: data/speed_claims.csv; "
-                       "targets: the performance issue's targets, judged; bandwidth: "
+                       "targets: the speed targets, judged; bandwidth: "
                        "streaming GB/s per working set and per cache level; features: "
                        "sliding window vs causal at N=8192, varlen vs padded, paged vs "
                        "contiguous decode (flash-attn's features), judged; int8: peaks "
                        "per precision, the INT8 score micro-kernel vs BLAS tiles, the "
                        "Sage-style kernel vs flash and torch SDPA (causal and not) and its "
-                       "accuracy, issue 15's targets judged (use --N 2048 --H 8).")
+                       "accuracy, the low-precision targets judged (use --N 2048 --H 8).")
     b.add_argument("--sweep", default="kernels",
                    choices=["kernels", "blocks", "threads", "decode", "breakdown", "peak",
                             "claims", "targets", "bandwidth", "features", "int8"])
@@ -414,7 +414,7 @@ def _check(args) -> str | None:
             names = set(args.kernels or [k for k in KERNELS if k != "reference"])
             if not args.no_baselines:
                 names.add("numpy_standard")
-                if _torch() is not None:
+                if torch_module() is not None:
                     names.add("torch_sdpa")
             if args.baseline not in names:
                 return (f"--baseline must be one of the contenders {sorted(names)}, got "

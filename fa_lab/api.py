@@ -15,18 +15,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fa_lab import config
-from fa_lab.checks import (HALF_DTYPES, as_float_array, bias_view, check_block,  # noqa: F401
+from fa_lab.settings import config
+from fa_lab.numerics.checks import (HALF_DTYPES, as_float_array, bias_view, check_block,  # noqa: F401
                            check_bool, check_scale, check_shapes, half_dtype, refuse_masked,
                            widen)
-from fa_lab.config import num_threads
-from fa_lab.dropout import check_dropout
-from fa_lab.kernels.flash import plan_splits
-from fa_lab.reference import causal_alignment
-from fa_lab.registry import CUDA_KERNELS, KERNELS, Kernel, Request
-from fa_lab.scoremod import NONE as NO_MODS
-from fa_lab.scoremod import ScoreMods, check_mods
-from fa_lab.tuning_file import tuned_blocks
+from fa_lab.settings.config import num_threads
+from fa_lab.numerics.dropout import check_dropout
+from fa_lab.kernels.ladder.flash import plan_splits
+from fa_lab.numerics.masks import causal_alignment
+from fa_lab.registry import CUDA_KERNELS, KERNELS, Kernel, Request, Stage
+from fa_lab.numerics.scoremod import NONE as NO_MODS
+from fa_lab.numerics.scoremod import ScoreMods, check_mods
+from fa_lab.settings.tuning_file import tuned_blocks
 
 
 class KernelFallbackWarning(UserWarning):
@@ -35,7 +35,7 @@ class KernelFallbackWarning(UserWarning):
 
 def effective_blocks(Nq: int, Nk: int, block_q=None, block_kv=None,
                      defaults=None) -> tuple[int, int]:
-    """The tile sizes a tiled kernel really uses: its defaults (or :mod:`fa_lab.config`'s)
+    """The tile sizes a tiled kernel really uses: its defaults (or :mod:`fa_lab.settings.config`'s)
     where none are given, clamped to the problem (tiny inputs do not allocate big tiles)."""
     dq, dk = defaults or (config.BLOCK_Q, config.BLOCK_KV)
     return min(block_q or dq, max(Nq, 1)), min(block_kv or dk, max(Nk, 1))
@@ -97,7 +97,7 @@ class Call:
     dropout_p: float
     seed: int
     request: Request
-    mods: ScoreMods = NO_MODS  # window, softcap, ALiBi (fa_lab.scoremod)
+    mods: ScoreMods = NO_MODS  # window, softcap, ALiBi (fa_lab.numerics.scoremod)
 
     @property
     def B(self) -> int:
@@ -126,7 +126,7 @@ class Call:
     def blocks(self, kernel: str, chosen: Kernel, block_q=None, block_kv=None):
         """``(block_q, block_kv, source)`` for ``chosen``: the tiles given here or to
         :func:`prepare` (``"given"``), the autotuner's (``"tuned"``, only for
-        ``kernel="auto"``, :mod:`fa_lab.tuning_file`), the kernel's defaults
+        ``kernel="auto"``, :mod:`fa_lab.settings.tuning_file`), the kernel's defaults
         (``"default"``), or ``"n/a"`` for untiled kernels."""
         bq = check_block("block_q", block_q) or self.block_q
         bk = check_block("block_kv", block_kv) or self.block_kv
@@ -140,25 +140,37 @@ class Call:
         bq, bk = effective_blocks(self.Nq, self.Nk, bq, bk, chosen.default_blocks)
         return bq, bk, source
 
-    def run(self, kernel="auto", *, block_q=None, block_kv=None, splits=None, stage=3,
-            kv_len=None, warn=True):
-        """Run a forward kernel: ``(out, lse)`` in q's layout (``(..., H, Nq, d)`` and
-        ``(..., H, Nq)``). ``splits`` (Flash-Decoding key splits), ``stage`` (stop each
-        block after a stage, for timing its parts) and ``kv_len`` (use only the first
-        ``kv_len`` keys: a preallocated KV cache) are options of the ``flash`` kernel."""
-        chosen = self.choose(kernel, KERNELS, warn=warn)
+    def run(self, kernel="auto", *, table=None, arrays=None, block_q=None, block_kv=None,
+            splits=None, stage=Stage.FULL, kv_len=None, warn=True, **options):
+        """Run a forward kernel of ``table`` (default :data:`fa_lab.KERNELS`): ``(out,
+        lse)`` in q's layout (``(..., H, Nq, d)`` and ``(..., H, Nq)``).
+
+        ``arrays`` replaces ``(q4, k4, v4)`` for tables whose kernels take other operands
+        (:data:`fa_lab.INT8_KERNELS`: the quantized ``(q8, sq, k8, sk, v)``). ``splits``
+        (Flash-Decoding key splits), ``stage`` (a :class:`Stage`: stop each block after
+        a stage, for timing its parts) and ``kv_len`` (use only the first ``kv_len``
+        keys: a preallocated KV cache) are options of the staged kernels; ``options``
+        are a kernel's own (its ``tags``, e.g. ``pv_dtype`` of ``sage``): any other is
+        refused, never dropped."""
+        chosen = self.choose(kernel, KERNELS if table is None else table, warn=warn)
+        unknown = sorted(set(options) - set(chosen.tags))
+        if unknown:
+            raise TypeError(f"{unknown[0]}: not an option of kernel {chosen.name!r}")
         if self.empty:
             return np.zeros(self.q.shape, self.q.dtype), np.zeros(self.q.shape[:-1], self.q.dtype)
         bq, bk, _ = self.blocks(kernel, chosen, block_q, block_kv)
+        if not chosen.tiled:
+            bq = bk = None
         extra = {k: v for k, v in (("splits", splits), ("kv_len", kv_len)) if v is not None}
-        if stage != 3:
-            extra["stage"] = stage
+        if stage != Stage.FULL:
+            extra["stage"] = Stage(stage)
         if chosen.dropout:
             extra.update(dropout_p=self.dropout_p, seed=self.seed)
         if self.mods.active:
             extra["mods"] = self.mods
-        out, lse = chosen.run((self.q4, self.k4, self.v4), self.bias, self.scale,
-                              self.alignment, bq, bk, **extra)
+        arrays = (self.q4, self.k4, self.v4) if arrays is None else arrays
+        out, lse = chosen.run(arrays, self.bias, self.scale, self.alignment, bq, bk, **extra,
+                              **options)
         return out.reshape(self.q.shape), lse.reshape(self.q.shape[:-1])
 
     def plan(self, kernel="auto") -> dict:
@@ -231,14 +243,14 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto",
         the call; if it has to skip one it says why with a :class:`KernelFallbackWarning`).
     block_q, block_kv : int, optional
         Tile sizes ``Br``, ``Bc`` for tiled kernels (defaults: the kernel's own or
-        :mod:`fa_lab.config`'s; with ``kernel="auto"``, the autotuner's stored choice
-        for this machine when there is one, see :mod:`fa_lab.tune` and :func:`plan`).
+        :mod:`fa_lab.settings.config`'s; with ``kernel="auto"``, the autotuner's stored choice
+        for this machine when there is one, see :mod:`fa_lab.tools.tune` and :func:`plan`).
     return_lse : bool
         Also return ``lse``, the natural-log logsumexp of each row of the scaled,
         masked scores.
     dropout_p : float in [0, 1)
         Attention dropout on the probabilities (kept ones scaled by ``1/(1-p)``); the
-        mask is a hash of ``(seed, b, h, i, j)`` (:mod:`fa_lab.dropout`), so
+        mask is a hash of ``(seed, b, h, i, j)`` (:mod:`fa_lab.numerics.dropout`), so
         :func:`fa_lab.attention_backward` regenerates it. ``lse`` is not affected.
     seed : int, required when ``dropout_p > 0``
     window : (left, right), optional
@@ -262,13 +274,13 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto",
     A row with no visible key (fully masked) returns zeros and ``lse = -inf``, never
     NaN. NaN in a query row makes that output row NaN and leaves the others exact; NaN
     in a key or value reaches exactly the rows that can see that key (hidden keys are
-    selected away, see :mod:`fa_lab.reference`). ``scale`` must be finite; NumPy masked
+    selected away, see :mod:`fa_lab.numerics.reference`). ``scale`` must be finite; NumPy masked
     arrays are refused.
     ``Nq = 0`` returns an empty result; ``Nk = 0`` gives zeros and ``lse = -inf``.
 
     Half precision: float16 (and ``ml_dtypes.bfloat16``) inputs are computed in
     float32 by the same kernels and the results rounded to the input dtype; their
-    tolerance is the 2x rule against :func:`fa_lab.reference.attention_half`.
+    tolerance is the 2x rule against :func:`fa_lab.numerics.reference.attention_half`.
     """
     half = half_dtype(q)
     if half is not None:

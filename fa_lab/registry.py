@@ -4,7 +4,7 @@ the notebooks. Adding a kernel is one :class:`Kernel` entry in :data:`KERNELS`.
 Every entry's ``run`` takes the canonical arguments built by :func:`fa_lab.api.prepare`::
 
     run(arrays, bias, scale, alignment, block_q, block_kv, *, dropout_p=0.0, seed=0,
-        splits=None, stage=3, kv_len=None) -> outputs
+        splits=None, stage=Stage.FULL, kv_len=None) -> outputs
 
     arrays: (q, k, v) for KERNELS; (q, k, v, out, dout, lse) for BACKWARD_KERNELS;
             (q8, sq, k8, sk, v) for INT8_KERNELS. q (B, H, Nq, d), k/v (B, H_kv, Nk, d):
@@ -25,22 +25,25 @@ from typing import Callable
 
 import numpy as np
 
-from fa_lab import reference
-from fa_lab.config import FLASH_BLOCKS, num_threads
-from fa_lab.dropout import mix_seed
-from fa_lab.machine import cuda_device
-from fa_lab.scoremod import NONE as NO_MODS
-from fa_lab.kernels import (backward_naive, backward_tiled, fa1, flash, int8, naive, online,
-                           paged, sage, tiled, tiled_simd, varlen)
-from fa_lab.kernels.common import no_bias
-from fa_lab.kernels.fa1 import fa1_forward
-from fa_lab.kernels.flash import flash_forward, flash_splitkv_forward
-from fa_lab.kernels.backward_naive import naive_backward
-from fa_lab.kernels.backward_tiled import tiled_backward
-from fa_lab.kernels.naive import naive_forward
-from fa_lab.kernels.online import online_forward
-from fa_lab.kernels.tiled import tiled_forward
-from fa_lab.kernels.tiled_simd import tiled_simd_forward
+from fa_lab.numerics import masks, reference
+from fa_lab.settings import config
+from fa_lab.settings.config import num_threads
+from fa_lab.numerics.dropout import mix_seed
+from fa_lab.settings.machine import cuda_device
+from fa_lab.numerics.scoremod import NONE as NO_MODS
+from fa_lab.kernels.backward import naive as backward_naive, tiled as backward_tiled
+from fa_lab.kernels.ladder import fa1, flash, naive, online, tiled, tiled_simd
+from fa_lab.kernels.lowprec import int8, quantize, sage
+from fa_lab.kernels.layouts import paged, varlen
+from fa_lab.kernels.common import Stage, no_bias
+from fa_lab.kernels.ladder.fa1 import fa1_forward
+from fa_lab.kernels.ladder.flash import flash_forward, flash_splitkv_forward
+from fa_lab.kernels.backward.naive import naive_backward
+from fa_lab.kernels.backward.tiled import tiled_backward
+from fa_lab.kernels.ladder.naive import naive_forward
+from fa_lab.kernels.ladder.online import online_forward
+from fa_lab.kernels.ladder.tiled import tiled_forward
+from fa_lab.kernels.ladder.tiled_simd import tiled_simd_forward
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ class Request:
     gqa: bool = False
     blocks: bool = False
     dropout: bool = False
-    window: bool = False  # a sliding window (fa_lab.scoremod)
+    window: bool = False  # a sliding window (fa_lab.numerics.scoremod)
     softcap: bool = False
     alibi: bool = False
 
@@ -74,21 +77,30 @@ class Kernel:
     mask: bool = True
     gqa: bool = True
     dropout: bool = False  # run() uses dropout_p and seed
-    # flash-attn's score modifiers (fa_lab.scoremod); run() then takes mods=ScoreMods
+    # flash-attn's score modifiers (fa_lab.numerics.scoremod); run() then takes mods=ScoreMods
     window: bool = False
     softcap: bool = False
     alibi: bool = False
-    default_blocks: tuple | None = None  # (Br, Bc) when not config.BLOCK_Q/BLOCK_KV
+    # the config setting naming its (Br, Bc), read at call time; None: config.BLOCK_Q/KV
+    blocks_setting: str | None = None
     scratch: Callable | None = None  # byte model of the kernel's own allocations
     tags: tuple = field(default_factory=tuple)
     device: str = "cpu"  # "cpu", or "cuda" (an NVIDIA GPU, or numba's CUDA simulator)
     available: Callable | None = None  # () -> why this CPU cannot run it, or None
+    # device kernels: (q, k, v) -> a callable running on device-resident copies (timing)
+    device_call: Callable | None = None
+
+    @property
+    def default_blocks(self) -> tuple | None:
+        """The kernel's default tiles ``(Br, Bc)``, read from :mod:`fa_lab.settings.config`
+        at every call (a lesson that changes the setting changes the kernel's tiles)."""
+        return getattr(config, self.blocks_setting) if self.blocks_setting else None
 
     def unsupported(self, req: Request) -> str | None:
         """Why this kernel cannot serve ``req`` (an option name and a sentence), or None."""
         if self.device == "cuda" and cuda_device() is None:
             return (f"kernel {self.name!r} needs an NVIDIA GPU, or numba's CUDA simulator "
-                    "(NUMBA_ENABLE_CUDASIM=1, or fa_lab.gpu.use_simulator() before first use)")
+                    "(NUMBA_ENABLE_CUDASIM=1, or fa_lab.tools.gpu.use_simulator() before first use)")
         missing = self.available() if self.available else None
         if missing:
             return missing
@@ -124,10 +136,10 @@ class Runner:
     ``staged``: the driver ends with ``(stage, kv_len)`` (``flash``: stop each block
     after a stage; use only the first ``kv_len`` keys). ``split_driver``: the Flash-Decoding
     driver ``(..., block_q, block_kv, splits, *outputs, kv_len)``, used when ``splits``
-    (given, or :func:`fa_lab.kernels.flash.plan_splits`) is above 1. ``warm``: called
+    (given, or :func:`fa_lab.kernels.ladder.flash.plan_splits`) is above 1. ``warm``: called
     before every call (``flash``: BLAS on every thread). ``mods``: the driver (and the
     split driver) end with ``(left, right, softcap, slopes, has_alibi)``
-    (:meth:`fa_lab.scoremod.ScoreMods.kernel_args`), from ``run(..., mods=ScoreMods)``.
+    (:meth:`fa_lab.numerics.scoremod.ScoreMods.kernel_args`), from ``run(..., mods=ScoreMods)``.
     """
 
     driver: Callable
@@ -141,9 +153,11 @@ class Runner:
     mods: bool = False
 
     def __call__(self, arrays, bias, scale, alignment, block_q=None, block_kv=None, *,
-                 dropout_p=0.0, seed=0, splits=None, stage=3, kv_len=None, mods=None):
-        if not self.staged and (stage != 3 or kv_len is not None):
+                 dropout_p=0.0, seed=0, splits=None, stage=Stage.FULL, kv_len=None, mods=None):
+        if not self.staged and (stage != Stage.FULL or kv_len is not None):
             raise ValueError(f"stage and kv_len: {self.driver.__name__} runs whole calls only")
+        if stage < Stage.LOOPS:
+            raise ValueError(f"stage: {self.driver.__name__} packs nothing (Stage.PACK)")
         if self.split_driver is None and splits not in (None, 1):
             raise ValueError(f"splits: {self.driver.__name__} does not split the keys")
         if not self.mods and mods is not None and mods.active:
@@ -154,7 +168,7 @@ class Runner:
         B, H, Nq = arrays[0].shape[:3]
         Nk = arrays[self.keys].shape[2] if kv_len is None else int(kv_len)
         # query i at i + offset: for causal, and (without causal too) window and ALiBi
-        offset = reference.feature_offset(Nq, Nk, alignment)
+        offset = masks.feature_offset(Nq, Nk, alignment)
         has_bias = bias is not None
         args = [*arrays, bias if has_bias else no_bias(dtype), has_bias, dtype.type(scale),
                 alignment is not None, offset]
@@ -220,7 +234,7 @@ KERNELS: dict[str, Kernel] = {
                Runner(flash_forward, staged=True, split_driver=flash_splitkv_forward,
                       warm=flash.ensure_blas_threads, mods=True),
                flash_forward, tiled=True, parallel=True, window=True, softcap=True, alibi=True,
-               default_blocks=FLASH_BLOCKS, scratch=flash.scratch_bytes),
+               blocks_setting="FLASH_BLOCKS", scratch=flash.scratch_bytes),
     ]
 }
 
@@ -261,13 +275,9 @@ def ladder() -> list[Kernel]:
 
 
 def _int8_reference_run(arrays, bias, scale, alignment, block_q=None, block_kv=None, **_):
-    """The integer reference: the same quantized inputs, products accumulated exactly
-    (float64 holds every int8 dot product exactly), then float64 attention."""
-    q8, sq, k8, sk, v = arrays
-    qd = q8.astype(np.float64) * sq[..., None]
-    kd = k8.astype(np.float64) * sk[..., None]
-    out, lse = reference.attention(qd, kd, v, causal=alignment or False, scale=scale, mask=bias)
-    return out.astype(v.dtype), lse.astype(v.dtype)
+    out, lse = reference.attention_int8(*arrays, causal=alignment or False, scale=scale,
+                                        mask=bias)
+    return out.astype(arrays[-1].dtype), lse.astype(arrays[-1].dtype)
 
 
 #: INT8 kernels (:func:`fa_lab.attention_int8`): ``run((q8, sq, k8, sk, v), bias, scale,
@@ -289,19 +299,40 @@ INT8_KERNELS: dict[str, Kernel] = {
                "vpdpbusd or vpmaddwd, P V in bf16 with vdpbf16ps or fp32 FMAs, by CPU), "
                "flash's fused softmax, prange over (b, h, query block); float32",
                sage.run, sage.sage_forward, tiled=True, parallel=True,
-               dtypes=(np.float32,), default_blocks=sage.DEFAULT_BLOCKS,
+               dtypes=(np.float32,), blocks_setting="SAGE_BLOCKS",
                scratch=sage.scratch_bytes, tags=("pv_dtype",), available=sage.unavailable),
     ]
 }
+
+
+@dataclass(frozen=True)
+class Quantizers:
+    """The compiled INT8 quantizers behind :func:`fa_lab.attention_int8` (the rules of
+    :mod:`fa_lab.numerics.quant`, parallel): ``smooth(k, out, mean)`` subtracts K's
+    per-channel mean; ``blocks(x, rows, x8, scales) -> (ok, nonfinite)`` quantizes
+    groups of ``rows`` rows."""
+
+    smooth: Callable
+    blocks: Callable
+
+
+INT8_QUANTIZERS = Quantizers(quantize.smooth, quantize.quantize_blocks)
 
 
 def _cuda_fa2_run(arrays, bias, scale, alignment, block_q=None, block_kv=None, **_):
     """Imports the kernel on first use only: its module imports ``numba.cuda`` (the
     optional ``gpu`` extra), and that import fixes whether numba's CUDA simulator is on,
     so it must not happen when fa_lab is imported (docs/ARCHITECTURE.md, exceptions)."""
-    from fa_lab.kernels import cuda_fa2  # noqa: PLC0415  (documented exception)
+    from fa_lab.kernels.gpu import cuda_fa2  # noqa: PLC0415  (documented exception)
 
     return cuda_fa2.run(*arrays, bias, scale, alignment)
+
+
+def _cuda_fa2_device_call(q, k, v):
+    """:func:`fa_lab.kernels.gpu.cuda_fa2.device_call`, imported on first use (as above)."""
+    from fa_lab.kernels.gpu import cuda_fa2  # noqa: PLC0415  (documented exception)
+
+    return cuda_fa2.device_call(q, k, v)
 
 
 #: GPU kernels (``device="cuda"``): the same :class:`Kernel` record and ``run`` signature
@@ -313,26 +344,16 @@ CUDA_KERNELS: dict[str, Kernel] = {
         Kernel("cuda_fa2", 6, "FlashAttention-2's forward as a numba.cuda kernel: a thread "
                "block per (b, h, query block), Qi, Kj, Vj tiles in shared memory, one thread "
                "per query row with m, l, acc in registers", _cuda_fa2_run,
-               parallel=True, dtypes=(np.float32,), device="cuda", tags=("gpu",)),
+               parallel=True, dtypes=(np.float32,), device="cuda", tags=("gpu",),
+               device_call=_cuda_fa2_device_call),
     ]
 }
 
 
 def _varlen_reference_run(q, k, v, cu_q, cu_k, scale, alignment, block_q, block_kv,
                           mods=None):
-    """Sequence by sequence through the float64 reference (q (H, total_q, d) layout)."""
-    mods = mods or NO_MODS
-    out = np.zeros(q.shape, q.dtype)
-    lse = np.full(q.shape[:2], -np.inf, q.dtype)
-    for b in range(len(cu_q) - 1):
-        rows, keys = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
-        kw = mods.reference_kwargs()
-        if mods.slopes is not None:
-            kw["alibi_slopes"] = mods.slopes[b]
-        o, s = reference.attention(q[:, rows], k[:, keys], v[:, keys], scale=scale,
-                                   causal=alignment or False, **kw)
-        out[:, rows], lse[:, rows] = o, s
-    return out, lse
+    return reference.attention_varlen(q, k, v, cu_q, cu_k, scale=scale,
+                                      causal=alignment or False, **(mods or NO_MODS).reference_kwargs())
 
 
 def _varlen_flash_run(q, k, v, cu_q, cu_k, scale, alignment, block_q, block_kv, mods=None):
@@ -358,44 +379,26 @@ VARLEN_KERNELS: dict[str, Kernel] = {
         Kernel("flash", 5, "one prange over (sequence, head, query block) tasks of flash's "
                "tiles; no padding computed", _varlen_flash_run, varlen.flash_varlen_forward,
                tiled=True, parallel=True, mask=False, window=True, softcap=True, alibi=True,
-               default_blocks=FLASH_BLOCKS),
+               blocks_setting="FLASH_BLOCKS"),
     ]
 }
 
 
-def _gather(pages, table_b, L):
-    """Sequence ``b``'s first ``L`` keys, ``(H_kv, L, d)``, copied out of the pages."""
-    n = -(-L // pages.shape[2])
-    if n == 0:
-        return np.zeros((pages.shape[1], 0, pages.shape[3]), pages.dtype)
-    return np.concatenate([pages[p] for p in table_b[:n]], axis=1)[:, :L]
-
-
 def _paged_reference_run(q, k_pages, v_pages, block_table, lengths, scale, causal, block_q,
-                         block_kv, mods=None):
-    """Gather each sequence's keys, then the float64 reference (bottom-right)."""
-    mods = mods or NO_MODS
-    out = np.zeros(q.shape, q.dtype)
-    lse = np.full(q.shape[:3], -np.inf, q.dtype)
-    for b in range(q.shape[0]):
-        kw = mods.reference_kwargs()
-        if mods.slopes is not None:
-            kw["alibi_slopes"] = mods.slopes[b]
-        o, s = reference.attention(q[b], _gather(k_pages, block_table[b], lengths[b]),
-                                   _gather(v_pages, block_table[b], lengths[b]), scale=scale,
-                                   causal="bottom_right" if causal else False, **kw)
-        out[b], lse[b] = o, s
-    return out, lse
+                         block_kv, mods=None, splits=None):
+    return reference.attention_paged(q, k_pages, v_pages, block_table, lengths, scale=scale,
+                                     causal=causal, **(mods or NO_MODS).reference_kwargs())
 
 
 def _paged_flash_run(q, k_pages, v_pages, block_table, lengths, scale, causal, block_q,
-                     block_kv, mods=None):
+                     block_kv, mods=None, splits=None):
     flash.ensure_blas_threads()
     B, H, Nq, d = q.shape
     out = np.empty_like(q)
     lse = np.empty((B, H, Nq), q.dtype)
-    splits = flash.plan_splits(B, H, Nq, int(np.max(lengths, initial=0)), block_q, block_kv,
-                               num_threads())
+    if splits is None:
+        splits = flash.plan_splits(B, H, Nq, int(np.max(lengths, initial=0)), block_q,
+                                   block_kv, num_threads())
     paged.paged_forward(q, k_pages, v_pages, block_table.astype(np.int64),
                         lengths.astype(np.int64), no_bias(q.dtype), q.dtype.type(scale),
                         bool(causal), block_q, block_kv, int(splits), out, lse,
@@ -404,7 +407,8 @@ def _paged_flash_run(q, k_pages, v_pages, block_table, lengths, scale, causal, b
 
 
 #: KV-cache kernels (:func:`fa_lab.attention_with_kvcache`): ``run(q, k_pages, v_pages,
-#: block_table, lengths, scale, causal, block_q, block_kv, mods) -> (out, lse)``; a
+#: block_table, lengths, scale, causal, block_q, block_kv, mods, splits=None) -> (out,
+#: lse)`` (``splits``: Flash-Decoding key splits, planned when None); a
 #: contiguous cache is passed as pages of ``S_max`` rows with ``block_table[b] = [b]``.
 KVCACHE_KERNELS: dict[str, Kernel] = {
     k.name: k
@@ -414,6 +418,6 @@ KVCACHE_KERNELS: dict[str, Kernel] = {
         Kernel("flash", 5, "flash's tiles read in place through the block table (a tile "
                "never crosses a page), split-KV for long caches", _paged_flash_run,
                paged.paged_forward, tiled=True, parallel=True, mask=False, window=True,
-               softcap=True, alibi=True, default_blocks=FLASH_BLOCKS),
+               softcap=True, alibi=True, blocks_setting="FLASH_BLOCKS"),
     ]
 }

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 import fa_lab
-from fa_lab import reference
-from fa_lab.testing import assert_close, lse_magnitude
+from fa_lab.numerics import reference
+from fa_lab.numerics.testing import assert_close, lse_magnitude
 
 KERNEL_NAMES = list(fa_lab.KERNELS)
 NUMBA_KERNELS = [n for n in KERNEL_NAMES if n != "reference"]
@@ -45,6 +45,34 @@ def check_against_reference(kernel, q, k, v, **kw):
     return out, lse
 
 
+def dout_like(q, seed=1):
+    """A fixed random upstream gradient ``dO`` of q's shape and dtype."""
+    return np.random.default_rng(seed).standard_normal(q.shape).astype(q.dtype)
+
+
+def check_grads(kernel, q, k, v, blocks=None, **opts):
+    """Backward ``kernel`` against the float64 reference backward; float32 by the 3x rule,
+    float64 to 1e-10. ``blocks`` (default 16 x 24) only for tiled kernels.
+
+    The forward is pinned to ``tiled_simd`` (not ``auto``) so the test measures the
+    backward kernel given one fixed forward; forward errors are the forward tests' job.
+    """
+    dout = dout_like(q)
+    out, lse = fa_lab.attention(q, k, v, return_lse=True, kernel="tiled_simd", **opts)
+    tiled = fa_lab.BACKWARD_KERNELS[kernel].tiled
+    blocks = ({"block_q": 16, "block_kv": 24} if blocks is None else blocks) if tiled else {}
+    got = fa_lab.attention_backward(q, k, v, out, lse, dout, kernel=kernel, **opts, **blocks)
+    exp = reference.attention_backward(q, k, v, dout, **opts)
+    base = reference.attention_backward(q, k, v, dout, dtype=q.dtype.type, **opts)
+    for name, g, e, b, x in zip(("dq", "dk", "dv"), got, exp, base, (q, k, v)):
+        assert g.shape == x.shape and g.dtype == x.dtype, name
+        if q.dtype == np.float64:
+            assert np.max(np.abs(g - e), initial=0) <= 1e-10 * max(1, np.abs(e).max()), name
+        else:
+            assert_close(g, e, baseline=b, rule="float32_grad", what=f"{kernel} {name}")
+    return got
+
+
 def pytest_configure(config):
     # The tests' own plotting: headless, in this process only. (The environment variable
     # MPLBACKEND would reach the notebook kernels too and hide every lesson's figures.)
@@ -56,5 +84,5 @@ def pytest_configure(config):
 @pytest.fixture(params=[n for n, k in fa_lab.KERNELS.items() if k.window and k.softcap
                         and k.alibi])
 def mod_kernel(request):
-    """Kernels that support flash-attn's window, softcap and ALiBi (fa_lab.scoremod)."""
+    """Kernels that support flash-attn's window, softcap and ALiBi (fa_lab.numerics.scoremod)."""
     return request.param

@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 
 import fa_lab
-from fa_lab import reference
-from fa_lab.dropout import keep_mask
-from fa_lab.testing import AWKWARD_CASES, Case, ToleranceError, assert_close
+from conftest import check_grads, dout_like
+from fa_lab.numerics import reference
+from fa_lab.numerics.dropout import keep_mask
+from fa_lab.numerics.testing import (AWKWARD_CASES, Case, ToleranceError, assert_close,
+                                     assert_grads_match_finite_differences)
 
 BACKWARD = list(fa_lab.BACKWARD_KERNELS)
 
@@ -19,31 +21,6 @@ def bkernel(request):
 
 def _blocks(kernel, bq=16, bk=24):
     return {"block_q": bq, "block_kv": bk} if fa_lab.BACKWARD_KERNELS[kernel].tiled else {}
-
-
-def _dout(q, seed=1):
-    return np.random.default_rng(seed).standard_normal(q.shape).astype(q.dtype)
-
-
-def check_grads(kernel, q, k, v, blocks=None, **opts):
-    """Backward of ``kernel`` vs the float64 reference; float32 by the 3x rule.
-
-    The forward is pinned to ``tiled_simd`` (not ``auto``) so the test measures the
-    backward kernel given one fixed forward; forward errors are the forward tests' job.
-    """
-    dout = _dout(q)
-    out, lse = fa_lab.attention(q, k, v, return_lse=True, kernel="tiled_simd", **opts)
-    got = fa_lab.attention_backward(q, k, v, out, lse, dout, kernel=kernel, **opts,
-                                    **(blocks if blocks is not None else _blocks(kernel)))
-    exp = reference.attention_backward(q, k, v, dout, **opts)
-    base = reference.attention_backward(q, k, v, dout, dtype=q.dtype.type, **opts)
-    for name, g, e, b, x in zip(("dq", "dk", "dv"), got, exp, base, (q, k, v)):
-        assert g.shape == x.shape and g.dtype == x.dtype, name
-        if q.dtype == np.float64:
-            assert np.max(np.abs(g - e), initial=0) <= 1e-10 * max(1, np.abs(e).max()), name
-        else:
-            assert_close(g, e, baseline=b, rule="float32_grad", what=f"{kernel} {name}")
-    return got
 
 
 @pytest.mark.parametrize("case", AWKWARD_CASES, ids=lambda c: c.id)
@@ -84,29 +61,16 @@ def test_long_sequence_accuracy(bkernel):
                                   {"causal": True, "dropout_p": 0.25, "seed": 9}], ids=str)
 def test_against_finite_differences(bkernel, opts):
     q, k, v = Case(B=1, H=2, H_kv=1, Nq=4, Nk=5, d=3).inputs(np.float64, seed=7)
-    dout = _dout(q)
+    dout = dout_like(q)
     out, lse = fa_lab.attention(q, k, v, return_lse=True, kernel="reference", **opts)
     grads = fa_lab.attention_backward(q, k, v, out, lse, dout, kernel=bkernel, **opts)
-
-    def loss(**xs):
-        args = {"q": q, "k": k, "v": v, **xs}
-        return np.sum(reference.attention(args["q"], args["k"], args["v"], **opts)[0] * dout)
-
-    eps = 1e-6
-    for name, x, g in zip("qkv", (q, k, v), grads):
-        num = np.zeros_like(x)
-        for idx in np.ndindex(x.shape):
-            xp, xm = x.copy(), x.copy()
-            xp[idx] += eps
-            xm[idx] -= eps
-            num[idx] = (loss(**{name: xp}) - loss(**{name: xm})) / (2 * eps)
-        np.testing.assert_allclose(g, num, atol=1e-7, rtol=1e-6, err_msg=f"d{name}")
+    assert_grads_match_finite_differences(grads, q, k, v, dout, **opts)
 
 
 def test_matches_torch_autograd(bkernel):
     torch = pytest.importorskip("torch", reason="optional comparison")
     q, k, v = Case(B=1, H=4, H_kv=2, Nq=30, Nk=30, d=16).inputs(np.float32, seed=8)
-    dout = _dout(q)
+    dout = dout_like(q)
     tq, tk, tv = (torch.tensor(x, requires_grad=True) for x in (q, k, v))
     o = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True,
                                                          enable_gqa=True)
@@ -130,9 +94,9 @@ def test_forward_and_backward_see_the_same_mask():
     got = check_grads("tiled", q, k, v, seed=21, **opts)
     # ...and a backward given the wrong seed is caught by the same check.
     out, lse = fa_lab.attention(q, k, v, return_lse=True, seed=21, **opts)
-    wrong = fa_lab.attention_backward(q, k, v, out, lse, _dout(q), seed=22, **opts)
-    exp = reference.attention_backward(q, k, v, _dout(q), seed=21, **opts)
-    base = reference.attention_backward(q, k, v, _dout(q), seed=21, dtype=np.float32, **opts)
+    wrong = fa_lab.attention_backward(q, k, v, out, lse, dout_like(q), seed=22, **opts)
+    exp = reference.attention_backward(q, k, v, dout_like(q), seed=21, **opts)
+    base = reference.attention_backward(q, k, v, dout_like(q), seed=21, dtype=np.float32, **opts)
     with pytest.raises(ToleranceError):
         assert_close(wrong[2], exp[2], baseline=base[2], rule="float32_grad")
     assert not np.allclose(got[2], wrong[2])
@@ -143,7 +107,7 @@ def test_dropout_invariant_to_blocks_and_threads():
 
     q, k, v = Case(B=2, H=2, Nq=70, Nk=70, d=16).inputs(np.float32, seed=11)
     opts = {"dropout_p": 0.2, "seed": 5, "causal": True}
-    dout = _dout(q)
+    dout = dout_like(q)
     base_out = fa_lab.attention(q, k, v, block_q=64, block_kv=64, **opts)
     out, lse = fa_lab.attention(q, k, v, return_lse=True, block_q=8, block_kv=24, **opts)
     np.testing.assert_allclose(out, base_out, atol=2e-6)
@@ -162,12 +126,12 @@ def test_dropout_invariant_to_blocks_and_threads():
 
 
 def test_tiled_backward_memory_is_linear():
-    from fa_lab import memory
+    from fa_lab.tools import memory
 
     def peak(N):
         q, k, v = Case(B=1, H=2, Nq=N, d=64).inputs(np.float32)
         out, lse = fa_lab.attention(q, k, v, return_lse=True)
-        return memory.measure(fa_lab.attention_backward, q, k, v, out, lse, _dout(q),
+        return memory.measure(fa_lab.attention_backward, q, k, v, out, lse, dout_like(q),
                               kernel="tiled").peak_bytes
 
     small, large = peak(512), peak(1024)

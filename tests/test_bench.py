@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from fa_lab import bench
+from fa_lab.tools import bench
 from fa_lab.__main__ import main
-from fa_lab.machine import describe_machine
-from fa_lab.testing import Case, ToleranceError
+from fa_lab.settings.machine import describe_machine
+from fa_lab.numerics.testing import Case, ToleranceError
 
 
 def test_run_returns_a_table_with_machine_and_flops():

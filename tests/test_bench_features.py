@@ -3,7 +3,7 @@ targets are benchmark verdicts, not tests)."""
 
 import pytest
 
-from fa_lab.bench import features as bench_features
+from fa_lab.tools.bench import features as bench_features
 from fa_lab.__main__ import main
 
 

@@ -3,7 +3,7 @@ any work starts."""
 
 import pytest
 
-from fa_lab import bench, memory, report, tune
+from fa_lab.tools import bench, memory, report, tune
 from fa_lab.__main__ import main
 
 

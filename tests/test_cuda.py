@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 import fa_lab
-from fa_lab import gpu, registry
-from fa_lab.testing import Case
+from fa_lab.tools import gpu
+from fa_lab import registry
+from fa_lab.numerics.testing import Case
 from conftest import check_against_reference
 
 pytest.importorskip("numba.cuda", reason="numba-cuda not installed")

@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 
 import fa_lab
-from fa_lab import bench, presets, reference, retrieval, tune
-from fa_lab.bench import decode_latency, time_generation
-from fa_lab.decoding import TinyLM
-from fa_lab.testing import assert_close
+from fa_lab.tools import bench, presets, tune
+from fa_lab.numerics import reference
+from fa_lab.features import retrieval
+from fa_lab.tools.bench import decode_latency, time_generation
+from fa_lab.features.decoding import TinyLM
+from fa_lab.numerics.testing import assert_close
 
 
 def _rand(*shape, seed=0, dtype=np.float32):
@@ -225,7 +227,7 @@ def test_topk_benchmark_runs_and_checks():
 
 def test_presets_untuned_say_so_and_tuned_come_from_the_sweep(tmp_path, monkeypatch):
     monkeypatch.setenv("FA_LAB_TUNE_FILE", str(tmp_path / "t.json"))
-    tune._reset_for_tests()
+    tune.reset_cache()
     t = presets.table()
     assert list(t["preset"]) == list(presets.PRESETS)
     assert (t["source"] == "default, not tuned").all()
@@ -240,4 +242,4 @@ def test_presets_untuned_say_so_and_tuned_come_from_the_sweep(tmp_path, monkeypa
     assert out.shape == q.shape
     with pytest.raises(ValueError, match="name must be one of"):
         presets.get("fastest")
-    tune._reset_for_tests()
+    tune.reset_cache()

@@ -6,7 +6,7 @@ import json
 import nbformat
 import pytest
 
-from fa_lab import report
+from fa_lab.tools import report
 
 LESSONS = ["00_tour", "03_causal_masking"]
 

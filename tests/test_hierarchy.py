@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 import fa_lab
-from fa_lab import hierarchy, simd, traffic
+from fa_lab.tools import hierarchy, traffic
+from fa_lab.lessons import simd
 from fa_lab.__main__ import main
-from fa_lab.kernels import stream
+from fa_lab.kernels.probes import stream
 
 KiB, MiB = 1024, 1024 * 1024
 

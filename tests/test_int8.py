@@ -5,12 +5,14 @@ import numpy as np
 import pytest
 
 import fa_lab
-from fa_lab import int8_study, quant, reference, simd
+from fa_lab.tools.lowprec import study as int8_study
+from fa_lab.numerics import quant, reference
+from fa_lab.lessons import simd
 from fa_lab.api import prepare
-from fa_lab.int8 import quantize_inputs
-from fa_lab.kernels import int8 as k8
+from fa_lab.features.int8 import quantize_inputs
+from fa_lab.kernels.lowprec import int8 as k8
 from fa_lab.registry import INT8_KERNELS
-from fa_lab.testing import Case, assert_close
+from fa_lab.numerics.testing import Case, assert_close
 
 INT8_NAMES = [n for n in INT8_KERNELS if n != "reference"]
 
@@ -249,7 +251,7 @@ def test_metrics_of_identical_arrays():
 def test_key_bytes_and_speed_study_run():
     kb = int8_study.key_bytes(1, 8, 4096, 64)
     assert kb["int8"] * 4 == kb["fp32"] and kb["ratio"] < 0.26
-    qk, att = int8_study.speed(N=128, H=2, d=16, repeats=1, block=32)
+    qk, att = int8_study.loop_speed(N=128, H=2, d=16, repeats=1, block=32)
     assert len(qk) == 2 and len(att) == 4
     np.testing.assert_allclose(att["speed_vs_tiled_simd"],
                                att["median_ms"].iloc[2] / att["median_ms"])
@@ -260,7 +262,7 @@ def test_key_bytes_and_speed_study_run():
 # ---------------------------------------------------------------- MiniLM data
 
 def test_captured_minilm_activations():
-    cap = fa_lab.minilm.load_captured()
+    cap = fa_lab.features.minilm.load_captured()
     assert len(cap["q"]) == len(cap["sentences"]) == len(cap["tokens"])
     for q, k, v, T in zip(cap["q"], cap["k"], cap["v"], cap["tokens"]):
         for x in (q, k, v):
@@ -270,7 +272,7 @@ def test_captured_minilm_activations():
 
 
 def test_numpy_encoder_runs_and_captures_attention_inputs():
-    from fa_lab import minilm
+    from fa_lab.features import minilm
 
     rng = np.random.default_rng(0)
     H, I = minilm.HIDDEN, 4 * minilm.HIDDEN

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import fa_lab
-from fa_lab import reference
-from fa_lab.testing import AWKWARD_CASES, Case, ToleranceError, assert_close
+from fa_lab.numerics import reference
+from fa_lab.numerics.testing import AWKWARD_CASES, Case, ToleranceError, assert_close
 
 torch = pytest.importorskip("torch", reason="torch not installed (make test TORCH=0)")
 from fa_lab.integrations import torch as ft  # noqa: E402
@@ -173,7 +173,7 @@ def test_output_attentions_is_refused(registered):
 
 
 def test_minilm_padded_batch_matches_sdpa(registered):
-    from fa_lab import minilm
+    from fa_lab.features import minilm
 
     try:
         path = minilm.model_dir()

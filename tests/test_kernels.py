@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 import fa_lab
-from fa_lab import reference
-from fa_lab.testing import AWKWARD_CASES, Case
+from fa_lab.numerics import reference
+from fa_lab.numerics.testing import AWKWARD_CASES, Case
 
 from conftest import block_kwargs, check_against_reference
 

@@ -7,11 +7,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import fa_lab
-from fa_lab import reference
-from fa_lab.kernels.flash import plan_splits
-from fa_lab.kvcache import paginate
+from fa_lab.numerics import reference
+from fa_lab.kernels.ladder.flash import plan_splits
+from fa_lab.features.kvcache import paginate
 from fa_lab.registry import KVCACHE_KERNELS
-from fa_lab.testing import assert_close, lse_magnitude
+from fa_lab.numerics.testing import assert_close, lse_magnitude
 
 SLOPES = np.array([0.5, 0.25, 0.125, 0.0625])
 

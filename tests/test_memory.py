@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import fa_lab
-from fa_lab import memory
+from fa_lab.tools import memory
 from fa_lab.__main__ import main
 
 from conftest import block_kwargs
@@ -120,10 +120,10 @@ def test_estimate_errors_and_items():
     with pytest.raises(TypeError, match="dtype"):
         memory.estimate("naive", 1, 1, 8, 8, 4, np.int8)
     ref = memory.estimate("reference", 1, 1, 8192, 8192, 64)
-    assert ref.total >= 8192 ** 2 * 4  # at least N^2 float32: the floor
+    assert ref.total >= 8192 ** 2 * 4  # at least N^2 float32: the floor
     flash = memory.estimate("tiled_simd", 1, 1, 8192, 8192, 64, threads=2)
     out = 8192 * 64 * 4
-    assert out <= flash.total <= out + 4 * 2 ** 20  # the target: output + 4 MB
+    assert out <= flash.total <= out + 4 * 2 ** 20  # the target: output + 4 MB
     assert set(ref.table()["item"]) >= {"output O (B H Nq d)", "total"}
 
 
@@ -175,7 +175,7 @@ def test_sweep_measures_again_above_the_model_and_keeps_both(monkeypatch):
 
 
 def test_standard_attention_model_matches_memray():
-    from fa_lab import reference
+    from fa_lab.numerics import reference
 
     q, k, v = memory._inputs(1, 1, 384, 32, np.float32)
     peak = memory.measure(reference.attention, q, k, v, dtype=np.float32).peak_bytes

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from numba import njit
 
-from fa_lab import cpu_features
-from fa_lab.kernels import microkernels as mk
-from fa_lab.kernels import peaks
+from fa_lab.settings import cpu_features
+from fa_lab.kernels.lowprec import microkernels as mk
+from fa_lab.numerics.quant import from_bf16, to_bf16
+from fa_lab.kernels.probes import peaks, tiles
 
 HOST = cpu_features.detect()
 needs_vnni = pytest.mark.skipif(not HOST.vnni, reason="CPU without AVX512-VNNI")
@@ -86,11 +87,11 @@ def test_round_bf16_matches_numpy_nearest_even():
                         np.array([1 + 2 ** -8, 1 + 3 * 2 ** -8], np.float32)])
     out = np.empty(x.size, np.uint16)
     mk.round_bf16(x, out)
-    np.testing.assert_array_equal(out, mk.to_bf16(x))
-    assert mk.from_bf16(out[-2]) == 1.0 and mk.from_bf16(out[-1]) == 1 + 2 ** -6
+    np.testing.assert_array_equal(out, to_bf16(x))
+    assert from_bf16(out[-2]) == 1.0 and from_bf16(out[-1]) == 1 + 2 ** -6
     nan = np.empty(1, np.uint16)
     mk.round_bf16(np.array([np.nan], np.float32), nan)
-    assert np.isnan(mk.from_bf16(nan))
+    assert np.isnan(from_bf16(nan))
 
 
 def _pv_operands(seed, n):
@@ -106,14 +107,14 @@ def _pv_operands(seed, n):
 @pytest.mark.parametrize("pairs", [1, 7, 64])
 def test_bf16_pv_tile_matches_a_bf16_rounded_reference(pairs):
     P, V, acc, alpha = _pv_operands(pairs, 2 * pairs)
-    pb, vb = mk.to_bf16(P), mk.to_bf16(V)
+    pb, vb = to_bf16(P), to_bf16(V)
     packed = np.ascontiguousarray(vb.reshape(pairs, 2, 32).transpose(0, 2, 1)).ravel()
     expected = (alpha[:, None] * acc.reshape(mk.MR, 32).astype(np.float64)
-                + mk.from_bf16(pb).astype(np.float64) @ mk.from_bf16(vb))
+                + from_bf16(pb).astype(np.float64) @ from_bf16(vb))
     got = acc.copy()
     _pv_tile(pb.ravel(), 2 * pairs, pairs, packed, 64, alpha, got)
     # exact bf16 products, fp32 sums: a few fp32 ulps of sum |p v| (plus the acc term)
-    bound = (np.abs(mk.from_bf16(pb)).astype(np.float64) @ np.abs(mk.from_bf16(vb))
+    bound = (np.abs(from_bf16(pb)).astype(np.float64) @ np.abs(from_bf16(vb))
              + np.abs(alpha[:, None] * acc.reshape(mk.MR, 32)))
     assert np.all(np.abs(got.reshape(mk.MR, 32) - expected) <= 2 * pairs * 2.0 ** -23 * bound + 1e-30)
     # and the rounding is really bf16 (not fp32): fp32 P V differs by far more
@@ -177,7 +178,7 @@ def test_peak_loops_compute_what_they_count(name, instruction):
         x = np.full(64, 2, np.int8)  # u8 2 x s8 2, 4 per lane: +16 per lane per round
         assert loop(x, x, 10) == 12 * 16 * 16 * 10
     elif name == "bf16":
-        x = mk.to_bf16(np.full(32, 0.5, np.float32))  # 0.5 * 0.5 * 2 per lane per round
+        x = to_bf16(np.full(32, 0.5, np.float32))  # 0.5 * 0.5 * 2 per lane per round
         assert loop(x, x, 8) == pytest.approx(12 * 16 * 0.5 * 8)
     elif name == "fp32":
         x = np.full(16, 0.25, np.float32)
@@ -192,7 +193,7 @@ def test_peak_loops_compute_what_they_count(name, instruction):
 # ---------------------------------------------------------------- CPU features
 
 def test_detection_agrees_with_proc_cpuinfo():
-    flags = cpu_features._proc_flags()
+    flags = cpu_features.proc_flags()
     if flags is None:
         pytest.skip("no /proc/cpuinfo")
     host = cpu_features.detect()
@@ -237,7 +238,7 @@ def test_forced_refuses_adding_or_unknown_features():
 def test_the_lessons_instruction_table_probes_every_path_this_cpu_has():
     # lesson 10's table compiles each probe fresh on operands sized for the tiles (MR
     # rows of P V: a probe sized for 4 rows once overran the heap)
-    from fa_lab.bench import lowprec
+    from fa_lab.tools.lowprec import speed as lowprec
     table = lowprec.instructions().set_index("path")
     assert table.loc["Q K^T, int16", "found in the assembly"] in ("vpmaddwd", "vpdpwssd")
     assert table.loc["P V, fp32", "found in the assembly"] == "vfmadd231ps"
@@ -257,5 +258,5 @@ def test_pv_block_loops_compute_the_same_product(bq, bk, d):
     V = rng.standard_normal((Tc * bk, d), np.float32)
     exact = sum((Pt[it].transpose(1, 0, 2).reshape(bq, Tc * bk).astype(np.float64)
                  @ V.astype(np.float64))[0, 0] for it in range(Tr))
-    assert peaks.pv_blocks_microkernel(Pt, V) == pytest.approx(exact, rel=1e-5, abs=1e-4)
-    assert peaks.pv_blocks_blas(Pt, V) == pytest.approx(exact, rel=1e-5, abs=1e-4)
+    assert tiles.pv_blocks_microkernel(Pt, V) == pytest.approx(exact, rel=1e-5, abs=1e-4)
+    assert tiles.pv_blocks_blas(Pt, V) == pytest.approx(exact, rel=1e-5, abs=1e-4)

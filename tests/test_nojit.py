@@ -10,8 +10,8 @@ import sys
 
 SCRIPT = r"""
 import numpy as np, fa_lab
-from fa_lab import reference
-from fa_lab.testing import Case, assert_close
+from fa_lab.numerics import reference
+from fa_lab.numerics.testing import Case, assert_close
 for name in fa_lab.KERNELS:
     for causal in (False, "bottom_right"):
         c = Case(B=1, H=2, H_kv=1, Nq=5, Nk=7, d=3)
@@ -45,7 +45,7 @@ out, lse = fa_lab.attention(q, k, v, return_lse=True, **mods)
 got = fa_lab.attention_backward(q, k, v, out, lse, out, block_q=2, block_kv=3, **mods)
 for g, e in zip(got, reference.attention_backward(q, k, v, out, **mods)):
     assert_close(g, e, what="backward with window, softcap, ALiBi")
-from fa_lab.kvcache import paginate
+from fa_lab.features.kvcache import paginate
 qp, kp_, vp_ = (x[0].transpose(1, 0, 2) for x in (q, k, v))  # packed varlen: 2 sequences
 cu = np.array([0, 2, 5]); cuk = np.array([0, 3, 7])
 out = fa_lab.attention_varlen(qp, kp_, vp_, cu, cuk, causal=True, block_q=2, block_kv=2, **mods)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fa_lab import report
+from fa_lab.tools import report
 
 NB_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NB_DIR.glob("*.ipynb"))
@@ -48,7 +48,7 @@ def test_parameters_cell_of_plain_literals_and_standard_kernel(path):
 def test_imports_from_fa_lab_and_defines_no_library_code(path):
     nb = _load(path)
     code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
-    assert f'setup("{path.stem}"' in code, "each lesson calls fa_lab.notebook.setup with its name"
+    assert f'setup("{path.stem}"' in code, "each lesson calls fa_lab.lessons.notebook.setup with its name"
     tree = ast.parse(code)
     defs = [n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
     assert not defs, f"{path.name} defines {defs}: library code belongs in fa_lab"

@@ -9,12 +9,15 @@ import json
 import numpy as np
 import pytest
 
-from fa_lab import bench, config, reference, simd, tune
+from fa_lab.tools import bench, tune
+from fa_lab.settings import config
+from fa_lab.numerics import reference
+from fa_lab.lessons import simd
 from fa_lab.__main__ import main
 from fa_lab.api import plan, prepare
-from fa_lab.config import SPLIT_MIN_KEYS
-from fa_lab.kernels import flash
-from fa_lab.testing import Case, assert_close
+from fa_lab.settings.config import SPLIT_MIN_KEYS
+from fa_lab.kernels.ladder import flash
+from fa_lab.numerics.testing import Case, assert_close
 
 from conftest import check_against_reference
 
@@ -132,8 +135,8 @@ def test_breakdown_times_each_stage_of_the_real_kernel(monkeypatch):
     # The harness is replaced by one that runs each contender once (so each staged call
     # really runs) and returns known times: stage s takes (s + 1)^2 ms. The parts must
     # be the differences in the kernel's order, stage by stage.
-    from fa_lab.bench import studies
-    from fa_lab.machine import Load
+    from fa_lab.tools.bench import studies
+    from fa_lab.settings.machine import Load
 
     seen = []
 
@@ -220,7 +223,7 @@ def test_targets_table_logic():
 def test_autotune_stores_a_choice_that_auto_uses(tmp_path, monkeypatch):
     path = tmp_path / "tuned.json"
     monkeypatch.setenv("FA_LAB_TUNE_FILE", str(path))
-    tune._reset_for_tests()
+    tune.reset_cache()
     q, k, v = Case(B=1, H=2, Nq=200, Nk=200, d=16).inputs()
     assert plan(q, k, v)["blocks_from"] == "default"
     df = tune.autotune("flash", ["short"], quick=True, repeats=1)
@@ -239,7 +242,7 @@ def test_autotune_stores_a_choice_that_auto_uses(tmp_path, monkeypatch):
     stored["fingerprint"]["cpu"] = "some other CPU"
     path.write_text(json.dumps(stored))
     assert plan(q, k, v)["blocks_from"] == "default"
-    tune._reset_for_tests()
+    tune.reset_cache()
 
 
 def test_autotune_rejects_bad_arguments():
@@ -256,7 +259,7 @@ def test_regimes_cover_every_length():
 
 
 def test_coretype_hint(monkeypatch):
-    from fa_lab import _blas
+    from fa_lab.settings import blas as _blas
 
     monkeypatch.setattr(_blas, "cpu_flags", lambda: set(_blas.SKYLAKEX_FLAGS))
     monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
@@ -291,7 +294,7 @@ _REAL_PEAK = bench.matmul_peak
 
 def test_cli_tune(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FA_LAB_TUNE_FILE", str(tmp_path / "t.json"))
-    tune._reset_for_tests()
+    tune.reset_cache()
     assert main(["tune", "--quick", "--regimes", "decode", "--repeats", "1"]) == 0
     assert "decode" in capsys.readouterr().out
-    tune._reset_for_tests()
+    tune.reset_cache()

@@ -4,8 +4,8 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 
 import fa_lab
-from fa_lab import reference
-from fa_lab.testing import assert_close
+from fa_lab.numerics import reference
+from fa_lab.numerics.testing import assert_close
 
 TILED = [n for n, k in fa_lab.KERNELS.items() if k.tiled]
 NUMBA = [n for n in fa_lab.KERNELS if n != "reference"]

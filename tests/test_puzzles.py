@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from fa_lab import puzzles
+from fa_lab.lessons import puzzles
 
 # --- reference solutions -------------------------------------------------------------
 

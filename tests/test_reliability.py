@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 import fa_lab
-from fa_lab import memory, presets, reference
-from fa_lab.retrieval import topk_reference
-from fa_lab.testing import Case
+from fa_lab.tools import memory, presets
+from fa_lab.numerics import reference
+from fa_lab.features.retrieval import topk_reference
+from fa_lab.numerics.testing import Case
 
 
 def _qkv(N=9, d=4, dtype=np.float32, seed=0, H=2):

@@ -5,7 +5,7 @@ import re
 import nbformat
 import pytest
 
-from fa_lab import report
+from fa_lab.tools import report
 from fa_lab.__main__ import main
 
 

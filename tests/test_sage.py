@@ -1,5 +1,5 @@
 """The SageAttention-style INT8 kernel on every instruction path (forced with
-:func:`fa_lab.cpu_features.forced`, so any AVX-512 machine covers the fallbacks), against
+:func:`fa_lab.settings.cpu_features.forced`, so any AVX-512 machine covers the fallbacks), against
 the integer reference (same quantized inputs, float64 attention) with the one tolerance
 table; edge cases, auto selection, ``plan_int8`` notes and argument errors."""
 
@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 import fa_lab
-from fa_lab import cpu_features, reference
+from fa_lab.settings import cpu_features
+from fa_lab.numerics import reference
 from fa_lab.api import KernelFallbackWarning, prepare
-from fa_lab.int8 import plan_int8, quantize_inputs
-from fa_lab.testing import Case, allowed_error, assert_close
+from fa_lab.features.int8 import plan_int8, quantize_inputs
+from fa_lab.numerics.testing import Case, allowed_error, assert_close
+from fa_lab.registry import Stage
 
 HOST = cpu_features.detect()
 pytestmark = pytest.mark.skipif(HOST.score_path is None, reason="CPU without AVX-512BW")
@@ -172,43 +174,56 @@ def test_pv_dtype_errors():
 
 # ---------------------------------------------------------------- stages and the breakdown
 
-def _packed(q, k, v, causal, pv_dtype="bfloat16"):
-    from fa_lab.kernels import sage
+def _staged(q, k, v, causal, pv_dtype="bfloat16"):
+    """``stage -> (out, lse)`` through the one dispatch, as the breakdown runs it."""
     c = prepare(q, k, v, causal=causal)
     q8, sq, k8, sk, _ = quantize_inputs(c.q4, c.k4, "per_block", 128, 256, True)
-    return sage.packed_call((q8, sq, k8, sk, c.v4), c.bias, c.scale, c.alignment,
-                            pv_dtype=pv_dtype)
+    return lambda stage=Stage.FULL: c.run("sage", table=fa_lab.INT8_KERNELS,
+                                          arrays=(q8, sq, k8, sk, c.v4), block_q=128,
+                                          block_kv=256, pv_dtype=pv_dtype, stage=stage)
 
 
 @pytest.mark.parametrize("pv_dtype", ["float32", "bfloat16"])
-def test_stage3_is_the_kernel_and_earlier_stages_stop_before_p_v(pv_dtype):
+def test_full_stage_is_the_kernel_and_earlier_stages_stop_before_p_v(pv_dtype):
     q, k, v = Case(B=1, H=2, Nq=300, Nk=300, d=32).inputs(seed=8)
-    forward = _packed(q, k, v, True, pv_dtype)
+    forward = _staged(q, k, v, True, pv_dtype)
     out = fa_lab.attention_int8(q, k, v, causal=True, pv_dtype=pv_dtype)
     np.testing.assert_array_equal(forward()[0], out)
-    np.testing.assert_array_equal(forward(3)[0], out)
-    for stage in (0, 1, 2):  # no P V: acc stays 0 (stages 0-1: no softmax, l = 0 too)
-        o, lse = forward(stage)
+    np.testing.assert_array_equal(forward(Stage.FULL)[0], out)
+    for stage in (Stage.PACK, Stage.LOOPS, Stage.SCORES, Stage.SOFTMAX):
+        o, lse = forward(stage)  # no P V: acc stays 0 (no softmax before SOFTMAX: l = 0)
         assert np.all(o == 0)
-        assert np.all(np.isfinite(lse)) == (stage == 2)
+        assert np.all(np.isfinite(lse)) == (stage == Stage.SOFTMAX)
+
+
+def test_a_kernel_option_it_does_not_have_is_refused():
+    q, k, v = Case(B=1, H=2, Nq=40, Nk=40, d=16).inputs(seed=2)
+    c = prepare(q, k, v)
+    pre = quantize_inputs(c.q4, c.k4, "per_block", 64, 64, True)
+    with pytest.raises(TypeError, match="pv_dtype: not an option of kernel 'simd'"):
+        c.run("simd", table=fa_lab.INT8_KERNELS, arrays=(*pre[:4], c.v4), pv_dtype="float32")
+    with pytest.raises(ValueError, match="packs nothing"):
+        c.run("flash", stage=Stage.PACK)
 
 
 def test_breakdown_times_each_part_of_the_real_call(monkeypatch):
     # The harness runs each contender once (so each staged call really runs) and returns
     # known times: quantize 1 ms, pack 2 ms, stage s (s + 1)^2 ms. The parts must be the
     # differences in the kernel's order, the products' rates their half of the FLOPs.
-    from fa_lab.bench import lowprec
-    from fa_lab.bench.harness import Timings, flops
-    from fa_lab.machine import Load
+    from fa_lab.tools.lowprec import speed as lowprec
+    from fa_lab.tools.bench.harness import Timings, flops
+    from fa_lab.settings.machine import Load
 
-    known = {"quantize": 1.0, "pack": 2.0, **{f"stage{s}": (s + 1) ** 2 for s in range(4)}}
+    # each stage's call includes the packing: ends at 2, 3, 6, 11, 18 ms
+    known = {"quantize": 1.0, "PACK": 2.0, "LOOPS": 3.0, "SCORES": 6.0, "SOFTMAX": 11.0,
+             "FULL": 18.0}
     seen = []
 
     def fake_time_calls(cs, args, **kw):
         times = Timings()
         for c in cs:
             r = c.fn(*args)
-            if c.name.startswith("stage"):
+            if c.name != "quantize":
                 seen.append((c.name, bool(np.all(r[0] == 0))))
             times[c.name] = [known[c.name] / 1e3]
         times.load = Load(0.0, 0.0, 0.0, 0.0, 0.0)
@@ -224,4 +239,5 @@ def test_breakdown_times_each_part_of_the_real_call(monkeypatch):
     rates = df.set_index("part")["gops"]
     assert rates["Q K^T + masks"] == pytest.approx(half / 3e-3 / 1e9)
     assert rates["P V"] == pytest.approx(half / 7e-3 / 1e9)
-    assert seen == [("stage0", True), ("stage1", True), ("stage2", True), ("stage3", False)]
+    assert seen == [("PACK", True), ("LOOPS", True), ("SCORES", True), ("SOFTMAX", True),
+                    ("FULL", False)]

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import fa_lab
-from fa_lab import reference
+from fa_lab.numerics import reference
 from fa_lab.kernels.common import window_keys
-from fa_lab.testing import AWKWARD_CASES, Case, assert_close
+from fa_lab.numerics.testing import AWKWARD_CASES, Case, assert_close
 
 from conftest import block_kwargs, check_against_reference
 
@@ -47,7 +47,7 @@ def _opts(name, H, B):
 
 
 def test_every_fast_kernel_supports_the_modifiers():
-    # the contract: both fast kernels; 'auto' resolves to one of them
+    # the contract: both fast kernels; 'auto' resolves to one of them
     assert {"tiled_simd", "flash"} <= set(FAST)
 
 
@@ -222,9 +222,9 @@ def test_window_keys_is_tight_and_complete(causal, window):
 
 
 def test_sliding_window_visits_a_sixteenth_of_the_causal_tiles():
-    # the benchmark shape: N=8192, window (256, 0) against full causal, flash's
+    # the benchmark shape: N=8192, window (256, 0) against full causal, flash's
     # 256 x 256 tiles: tiles computed = what the kernel's loop bounds give
-    N, (bq, bk) = 8192, fa_lab.config.FLASH_BLOCKS
+    N, (bq, bk) = 8192, fa_lab.settings.config.FLASH_BLOCKS
 
     def tiles(left, right, causal):
         return sum(-(-(hi - lo) // bk) for i0 in range(0, N, bq)
@@ -334,8 +334,8 @@ def test_auto_falls_back_with_a_reason_when_flash_cannot():
 @pytest.mark.parametrize("causal", [False, True, "bottom_right"])
 @pytest.mark.parametrize("window", [(0, 0), (5, 0), (7, 3), (-1, 2), (4, -1), (20, 20)])
 def test_tiling_mirror_matches_the_kernels_loop_bounds(causal, window):
-    # lessons draw fa_lab.tiling; the kernels run window_keys: the same tiles
-    from fa_lab import tiling
+    # lessons draw fa_lab.numerics.tiling; the kernels run window_keys: the same tiles
+    from fa_lab.numerics import tiling
 
     Nq, Nk, bq, bk = 37, 45, 8, 6
     alignment = reference.causal_alignment(causal)

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 import fa_lab
-from fa_lab import reference
-from fa_lab.testing import AWKWARD_CASES, Case, assert_close
+from conftest import check_grads, dout_like
+from fa_lab.numerics import reference
+from fa_lab.numerics.testing import AWKWARD_CASES, Case, assert_grads_match_finite_differences
 
 MOD_BACKWARD = [n for n, k in fa_lab.BACKWARD_KERNELS.items()
                 if k.window and k.softcap and k.alibi]
@@ -20,28 +21,6 @@ MODS = {"window": dict(window=(5, 2)), "softcap": dict(softcap=1.5),
 @pytest.fixture(params=MOD_BACKWARD)
 def bkernel(request):
     return request.param
-
-
-def _dout(q, seed=1):
-    return np.random.default_rng(seed).standard_normal(q.shape).astype(q.dtype)
-
-
-def check_grads(kernel, q, k, v, blocks=None, **opts):
-    """The backward kernel against the reference backward (forward pinned to tiled_simd)."""
-    dout = _dout(q)
-    out, lse = fa_lab.attention(q, k, v, return_lse=True, kernel="tiled_simd", **opts)
-    tiled = fa_lab.BACKWARD_KERNELS[kernel].tiled
-    got = fa_lab.attention_backward(q, k, v, out, lse, dout, kernel=kernel, **opts,
-                                    **(blocks or {} if tiled else {}))
-    exp = reference.attention_backward(q, k, v, dout, **opts)
-    base = reference.attention_backward(q, k, v, dout, dtype=q.dtype.type, **opts)
-    for name, g, e, b, x in zip(("dq", "dk", "dv"), got, exp, base, (q, k, v)):
-        assert g.shape == x.shape and g.dtype == x.dtype, name
-        if q.dtype == np.float64:
-            assert np.max(np.abs(g - e), initial=0) <= 1e-10 * max(1, np.abs(e).max()), name
-        else:
-            assert_close(g, e, baseline=b, rule="float32_grad", what=f"{kernel} {name}")
-    return got
 
 
 def test_the_tiled_backward_supports_them():
@@ -84,28 +63,15 @@ def test_long_sequence_sliding_window(bkernel):
 def test_reference_backward_against_finite_differences(opts):
     q, k, v = Case(B=1, H=2, H_kv=1, Nq=4, Nk=5, d=3).inputs(np.float64, seed=6,
                                                              magnitude=2.0)
-    dout = _dout(q)
+    dout = dout_like(q)
     grads = reference.attention_backward(q, k, v, dout, **opts)
-
-    def loss(**xs):
-        args = {"q": q, "k": k, "v": v, **xs}
-        return np.sum(reference.attention(args["q"], args["k"], args["v"], **opts)[0] * dout)
-
-    eps = 1e-6
-    for name, x, g in zip("qkv", (q, k, v), grads):
-        num = np.zeros_like(x)
-        for idx in np.ndindex(x.shape):
-            xp, xm = x.copy(), x.copy()
-            xp[idx] += eps
-            xm[idx] -= eps
-            num[idx] = (loss(**{name: xp}) - loss(**{name: xm})) / (2 * eps)
-        np.testing.assert_allclose(g, num, atol=1e-7, rtol=1e-6, err_msg=f"d{name}")
+    assert_grads_match_finite_differences(grads, q, k, v, dout, **opts)
 
 
 def test_against_torch_autograd(bkernel):
     torch = pytest.importorskip("torch", reason="optional comparison")
     q, k, v = Case(B=1, H=4, H_kv=2, Nq=30, Nk=34, d=16).inputs(np.float64, seed=7)
-    dout = _dout(q)
+    dout = dout_like(q)
     opts = dict(causal="bottom_right", window=(6, 0), softcap=1.5, alibi_slopes=SLOPES)
     tq, tk, tv = (torch.tensor(x, requires_grad=True) for x in (q, k, v))
     kr, vr = (t.repeat_interleave(2, dim=1) for t in (tk, tv))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import fa_lab
-from fa_lab import simd
+from fa_lab.lessons import simd
 
 
 def _compiled(name):

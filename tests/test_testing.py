@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from fa_lab import reference
-from fa_lab.testing import Case, ToleranceError, assert_close
+from fa_lab.numerics import reference
+from fa_lab.numerics.testing import Case, ToleranceError, assert_close
 
 
 def _outputs(dtype=np.float32):
@@ -83,7 +83,7 @@ def test_float32_rule_requires_a_baseline():
 
 
 def test_lse_floor_uses_the_magnitude_of_its_terms():
-    from fa_lab.testing import lse_magnitude
+    from fa_lab.numerics.testing import lse_magnitude
 
     lse = np.array([-1.5, 2.0, -np.inf])
     q, k = np.ones((3, 4)), np.full((64, 4), 2.0)  # |q_i| = 2, |k_j| = 4, scale 1/2

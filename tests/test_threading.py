@@ -1,7 +1,7 @@
 """Fork and thread safety: the threading layer, fork after a parallel call, nogil kernels.
 
 A forked child must survive a parallel kernel call made by its parent (GNU OpenMP kills
-it, see fa_lab.config.THREADING_LAYER), and Python threads calling the kernels at the
+it, see fa_lab.settings.config.THREADING_LAYER), and Python threads calling the kernels at the
 same time must get bitwise the single-threaded results. Every wait has a timeout, so a
 hang fails the test instead of hanging CI.
 """
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import fa_lab
-from fa_lab.testing import Case
+from fa_lab.numerics.testing import Case
 
 TIMEOUT_S = 120  # generous: the child may compile nothing (fork shares the parent's code)
 
@@ -38,8 +38,8 @@ def _pool_attention(seed):
 def test_threading_layer_is_fork_and_thread_safe():
     if os.environ.get("NUMBA_THREADING_LAYER"):
         pytest.skip("NUMBA_THREADING_LAYER set by the environment")
-    assert numba.threading_layer() == fa_lab.config.THREADING_LAYER == "tbb"
-    assert fa_lab.config.THREADING_LAYER_IN_USE == "tbb"
+    assert numba.threading_layer() == fa_lab.settings.config.THREADING_LAYER == "tbb"
+    assert fa_lab.settings.config.THREADING_LAYER_IN_USE == "tbb"
 
 
 def test_fork_process_after_a_parallel_call_gives_the_right_result():
@@ -118,8 +118,8 @@ def test_concurrent_threads_decode_int8_backward_topk():
 
 
 def test_every_jitted_driver_releases_the_gil():
-    from fa_lab.kernels.flash import flash_splitkv_forward, tile_gemms
-    from fa_lab.retrieval import _merge_topk
+    from fa_lab.kernels.ladder.flash import flash_splitkv_forward, tile_gemms
+    from fa_lab.features.retrieval import _merge_topk
 
     drivers = [k.driver for table in (fa_lab.KERNELS, fa_lab.BACKWARD_KERNELS,
                                       fa_lab.INT8_KERNELS) for k in table.values() if k.driver]

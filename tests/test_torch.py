@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 import fa_lab
-from fa_lab import reference
-from fa_lab.testing import Case, assert_close
+from fa_lab.numerics import reference
+from fa_lab.numerics.testing import Case, assert_close
 
 from conftest import block_kwargs
 

@@ -9,17 +9,18 @@ import numpy as np
 import pytest
 
 import fa_lab
-from fa_lab import presets, reference, tune
-from fa_lab.config import FLASH_BLOCKS
+from fa_lab.tools import presets, tune
+from fa_lab.numerics import reference
+from fa_lab.settings.config import FLASH_BLOCKS
 
 
 @pytest.fixture
 def tune_file(tmp_path, monkeypatch):
     path = tmp_path / "tuned.json"
     monkeypatch.setenv("FA_LAB_TUNE_FILE", str(path))
-    tune._reset_for_tests()
+    tune.reset_cache()
     yield path
-    tune._reset_for_tests()
+    tune.reset_cache()
 
 
 def _good(block_q=32, block_kv=48):
@@ -106,7 +107,7 @@ def test_validate_names_the_problem():
 
 def test_fingerprint_does_not_depend_on_blas_load_order(monkeypatch):
     """A stored choice must apply whichever BLAS (NumPy's or SciPy's) loaded first."""
-    from fa_lab import _blas
+    from fa_lab.settings import blas as _blas
 
     libs = [{"user_api": "blas", "filepath": "/x/scipy/libscipy_openblas.so",
              "architecture": "SkylakeX", "version": "0.3.30", "num_threads": 1},

@@ -6,11 +6,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import fa_lab
-from fa_lab import reference
-from fa_lab.kernels.varlen import varlen_tasks
+from fa_lab.numerics import reference
+from fa_lab.kernels.layouts.varlen import varlen_tasks
 from fa_lab.registry import VARLEN_KERNELS
-from fa_lab.testing import assert_close, lse_magnitude
-from fa_lab.varlen import pack, unpack
+from fa_lab.numerics.testing import assert_close, lse_magnitude
+from fa_lab.features.varlen import pack, unpack
 
 SLOPES = np.array([0.5, 0.25, 0.125, 0.0625])
 

@@ -9,9 +9,11 @@ import time
 import numpy as np
 import pytest
 
-from fa_lab import machine, report, verdict
-from fa_lab.machine import Load
-from fa_lab.notebook import setup
+from fa_lab.settings import machine
+from fa_lab.tools import report
+from fa_lab.numerics import verdict
+from fa_lab.settings.machine import Load
+from fa_lab.lessons.notebook import setup
 
 QUIET = Load(1.0, 0.1, 0.1, 0.01, 0.0)
 BUSY = Load(1.0, 1.9, 2.1, 0.45, 0.0)

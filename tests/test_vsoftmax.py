@@ -1,5 +1,5 @@
-"""Sage's vector softmax (:mod:`fa_lab.kernels.vsoftmax`) and the zmm operations it is
-made of (:mod:`fa_lab.kernels.zmm`): each against NumPy, on rows of awkward lengths (a
+"""Sage's vector softmax (:mod:`fa_lab.kernels.lowprec.vsoftmax`) and the zmm operations it is
+made of (:mod:`fa_lab.kernels.lowprec.zmm`): each against NumPy, on rows of awkward lengths (a
 scalar tail after whole 32-score chunks), with ``-inf``, NaN and far-below-max scores."""
 
 import re
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from numba import njit
 
-from fa_lab import cpu_features
-from fa_lab.kernels import vsoftmax
-from fa_lab.kernels import zmm
-from fa_lab.kernels.microkernels import from_bf16, to_bf16
+from fa_lab.settings import cpu_features
+from fa_lab.kernels.lowprec import vsoftmax
+from fa_lab.kernels.lowprec import zmm
+from fa_lab.numerics.quant import from_bf16, to_bf16
 
 HOST = cpu_features.detect()
 needs_avx512 = pytest.mark.skipif(HOST.score_path is None, reason="CPU without AVX-512BW")

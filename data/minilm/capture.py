@@ -43,7 +43,7 @@ def model_dir() -> Path:
 
 
 def main(argv=None) -> int:
-    from fa_lab import minilm
+    from fa_lab.features import minilm
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--check", default=None, help="reference sentence embeddings (.npy)")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from fa_lab.api import attention as _attention
-from fa_lab.backward import attention_backward
+from fa_lab.features.backward import attention_backward
 
 #: torch dtype -> the NumPy dtype fa_lab computes in.
 COMPUTE = {torch.float32: np.float32, torch.float64: np.float64,

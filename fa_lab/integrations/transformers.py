@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from fa_lab.int8 import attention_int8
+from fa_lab.features.int8 import attention_int8
 from fa_lab.integrations.torch import attention as torch_attention
 from fa_lab.integrations.torch import to_numpy
 

@@ -1,8 +1,17 @@
-"""The kernels, one module per rung of the ladder: naive -> online -> tiled (fa1, FA-1's
-loop order, beside it) -> tiled_simd -> flash; then int8, the backward kernels
-(backward_naive, backward_tiled), the streaming micro-kernels of lesson 09 (stream) and
-the GPU rung (cuda_fa2). Shared helpers are in ``common``. Kernels never import the
-registry (docs/ARCHITECTURE.md); :class:`fa_lab.registry.Runner` adapts them.
+"""Layer 2, kernels: jitted code only, grouped by family.
+
+* ``ladder/``: the float ladder, one module per rung: naive -> online -> tiled (fa1,
+  FA-1's loop order, beside it) -> tiled_simd -> flash;
+* ``layouts/``: packed varlen batches and a paged KV cache, on flash's tiles;
+* ``backward/``: naive and tiled (FlashAttention-2's two passes);
+* ``lowprec/``: 512-bit intrinsics, micro-kernels, the vector softmax, quantization, the
+  INT8 kernels and the SageAttention-style kernel;
+* ``gpu/``: FlashAttention-2's forward in numba.cuda;
+* ``probes/``: loops that measure the machine and the kernels' parts (peaks, streams,
+  tiles): the one door from the tools to jitted code besides the API.
+
+Shared helpers are in ``common``. Kernels never import the registry
+(docs/ARCHITECTURE.md); :class:`fa_lab.registry.Runner` adapts them.
 
 Every forward driver has the same canonical signature, so one adapter calls any of them::
 
@@ -19,8 +28,8 @@ Every forward driver has the same canonical signature, so one adapter calls any 
 
 ``tiled_simd`` adds ``(dropout_p, seed_mixed)`` after ``lse``; ``flash`` adds
 ``(stage, kv_len)``, and its Flash-Decoding driver takes ``splits`` before ``out``. Both
-(and ``backward_tiled``) end with flash-attn's score modifiers ``(left, right, softcap,
-slopes, has_alibi)`` (:mod:`fa_lab.scoremod`). ``varlen`` (packed variable-length
+(and the tiled backward) end with flash-attn's score modifiers ``(left, right, softcap,
+slopes, has_alibi)`` (:mod:`fa_lab.numerics.scoremod`). ``varlen`` (packed variable-length
 batches) and ``paged`` (a paged KV cache read through its block table) run ``flash``'s
 tiles over their own task lists.
 

@@ -6,13 +6,51 @@ They hold no teaching point of their own, so every rung calls the same copy.
 from __future__ import annotations
 
 import math
+from enum import IntEnum
 
 import numpy as np
 from numba import njit, prange
 
-from fa_lab.config import CACHE
+from fa_lab.settings.config import CACHE
 
 NEG_INF = -np.inf
+
+#: log2(e): ``exp(x) = 2^(x log2 e)`` in every vector exp.
+LOG2E = np.float32(1.4426950408889634)
+
+#: 2^f on [0, 1) with weights 2^-f (relative error) on 2000 Chebyshev nodes,
+#: ``np.polynomial.polynomial.polyfit(t, 2**t, 6, w=2**-t)``, lowest degree first. Max
+#: relative error 1.9e-9 in float64, 8.4e-8 evaluated in float32 (Horner). Taylor
+#: coefficients of the same degree are 70x worse (5.6e-6): they made ``flash`` fail the
+#: 2x error rule.
+EXP2_COEFFS = (1.0000000018154935, 0.6931469870574726, 0.24022979581425047,
+               0.0554835247239623, 0.009678472554453584, 0.0012443081508389578,
+               0.00021690609170271546)
+#: Degree-4 fit of the same kind, used when P is rounded to bf16 anyway: max relative
+#: error 2.7e-6 in float32, far below bf16's rounding (up to 2^-8 relative), two FMAs per
+#: score fewer. (Degree 3, 7.7e-5, would also do for P, but the row sum l uses the same
+#: values and the LSE then moved by up to 8e-5.)
+EXP2_COEFFS_BF16 = (1.0000025181301353, 0.6930066206638741, 0.24142749325119936,
+                    0.05203742877442215, 0.013520603197212263)
+# The same coefficients as float32 constants for compiled code (numba freezes global
+# scalars at compile time).
+E0, E1, E2, E3, E4, E5, E6 = (np.float32(c) for c in EXP2_COEFFS)
+B0, B1, B2, B3, B4 = (np.float32(c) for c in EXP2_COEFFS_BF16)
+
+
+class Stage(IntEnum):
+    """Where a staged kernel (``flash``, ``sage``) stops every block, to time its parts
+    (the output is then not attention): after the packing only (``PACK``, kernels that
+    pack their operands), the loops (``LOOPS``), the scores and masks (``SCORES``), the
+    softmax (``SOFTMAX``), or never (``FULL``, the whole kernel). The jitted code
+    compares plain ints in this order."""
+
+    PACK = -1
+    LOOPS = 0
+    SCORES = 1
+    SOFTMAX = 2
+    FULL = 3
+
 
 #: What the loop kernels store in place of the probability of a *hidden* key (score
 #: ``-inf``: causal, a False in a bool mask, ``-inf`` in a float mask), so their ``P V``
@@ -24,6 +62,19 @@ HIDDEN = -1.0
 #: and array header), measured with memray: 6 scratch arrays of ``tiled_simd`` took
 #: 672 bytes beyond their data. Used by the byte models below.
 NRT_ARRAY_OVERHEAD = 112
+
+
+@njit(cache=CACHE, inline="always")
+def exp2_poly(f):
+    """``2^f`` for float32 ``f`` in [0, 1): :data:`EXP2_COEFFS` by Horner (scalar code
+    that LLVM vectorizes inside a loop)."""
+    p = E6
+    p = p * f + E5
+    p = p * f + E4
+    p = p * f + E3
+    p = p * f + E2
+    p = p * f + E1
+    return p * f + E0
 
 
 @njit(cache=CACHE)
@@ -130,7 +181,7 @@ def merge_splits(part_o, part_lse, out, lse):
             lse[b, h, i] = top + math.log(total)
 
 
-# --- flash-attn's score modifiers (fa_lab.scoremod): window, softcap, ALiBi -------------
+# --- flash-attn's score modifiers (fa_lab.numerics.scoremod): window, softcap, ALiBi -------------
 
 
 @njit(cache=CACHE)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
-from fa_lab.decoding import rope
+from fa_lab.features.decoding import rope
 
 
 def plot_rope(d=16, base=10000.0, seed=0):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
-from fa_lab.reference import alibi_bias, causal_mask, feature_offset, window_mask
+from fa_lab.numerics.masks import alibi_bias, causal_mask, feature_offset, window_mask
 
 
 def score_mods(Nq, Nk, window, slope, softcap, causal=True):

@@ -8,8 +8,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import ListedColormap
 
-from fa_lab.reference import causal_mask
-from fa_lab.tiling import DIAGONAL, FULL, SKIPPED, tile_classes
+from fa_lab.numerics.masks import causal_mask
+from fa_lab.numerics.tiling import DIAGONAL, FULL, SKIPPED, tile_classes
 
 
 def attention_matrix(P, ax=None, title="P = softmax(S)"):
@@ -48,7 +48,7 @@ _TILE_CMAP = ListedColormap(["#eeeeee", "#f4a261", "#2a9d8f"])
 
 def tile_schedule(Nq, Nk, block_q, block_kv, causal=False, ax=None, order=True, window=None):
     """The grid of (query block, key block) tiles: full, diagonal (masked) or skipped
-    (``window``: flash-attn's sliding window, see :func:`fa_lab.tiling.tile_classes`)."""
+    (``window``: flash-attn's sliding window, see :func:`fa_lab.numerics.tiling.tile_classes`)."""
     classes = tile_classes(Nq, Nk, block_q, block_kv, causal, window)
     if ax is None:
         _, ax = plt.subplots(figsize=(5, 5 * classes.shape[0] / max(classes.shape[1], 1) + 0.6))
@@ -191,7 +191,7 @@ def speedup_bars(labels, measured, low, high, ideals: dict, ylabel="", title="")
 
 def allocations(tops: dict, xlabel="MiB alive at the peak"):
     """Lesson 05: the allocations alive at the peak, one panel per kernel (from
-    :func:`fa_lab.memory.top_allocations`: ``bytes`` and ``code`` columns)."""
+    :func:`fa_lab.tools.memory.top_allocations`: ``bytes`` and ``code`` columns)."""
     fig, axes = plt.subplots(len(tops), 1, figsize=(9, 3 * len(tops)), squeeze=False)
     for ax, (name, t) in zip(axes[:, 0], tops.items()):
         labels = [c if len(c) <= 70 else c[:67] + "..." for c in t["code"]]
@@ -306,7 +306,7 @@ def roofline(points, bandwidths: dict, peaks: dict, title="Roofline"):
 
 def traffic_bars(table, level: str, title=""):
     """Stacked bars of modelled bytes per item (Q, K, V, S/P, O, row state) at one level,
-    one bar per kernel (a :func:`fa_lab.traffic.table`)."""
+    one bar per kernel (a :func:`fa_lab.tools.traffic.table`)."""
     t = table[table["level"] == level]
     items = [c for c in t.columns if c.endswith(" bytes") and c != "total_bytes"]
     fig, ax = plt.subplots(figsize=(7.5, 3.8))
@@ -328,7 +328,7 @@ def traffic_bars(table, level: str, title=""):
 
 def decode_floor(df, title="Decode step against its bandwidth floor"):
     """Measured decode time and its floor ``bytes(K, V) / bandwidth`` against the cache
-    length (a :func:`fa_lab.hierarchy.decode_vs_floor` table), and the ratio."""
+    length (a :func:`fa_lab.tools.hierarchy.decode_vs_floor` table), and the ratio."""
     fig, (a0, a1) = plt.subplots(1, 2, figsize=(10, 3.8))
     a0.plot(df["tokens"], df["median_s"] * 1e3, "o-", label="measured (median)")
     a0.fill_between(df["tokens"], df["q25_s"] * 1e3, df["q75_s"] * 1e3, alpha=0.2)

@@ -1,6 +1,6 @@
 """Figures of measurements: the kernel ladder, throughput against N, flash's time
 breakdown, decode splits, decode latency and generation, retrieval, INT8 error, peak
-memory. Each takes a table from :mod:`fa_lab.bench` (or a feature) and returns a Figure.
+memory. Each takes a table from :mod:`fa_lab.tools.bench` (or a feature) and returns a Figure.
 """
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
-from fa_lab.machine import describe_machine
-from fa_lab.quant import smooth_k
+from fa_lab.settings.machine import describe_machine
+from fa_lab.numerics.quant import smooth_k
 from fa_lab.viz.core import footer
 
 
@@ -37,7 +37,7 @@ def plot_ladder(df, path=None, title="Kernel ladder"):
 
 
 def plot_throughput(df, peak_gflops: float, title="Throughput against N"):
-    """GFLOP/s against N per contender (from :func:`fa_lab.bench.run` over several N), with the
+    """GFLOP/s against N per contender (from :func:`fa_lab.tools.bench.run` over several N), with the
     measured matrix-product peak as a horizontal ceiling and 60% of it dashed. (Not a
     roofline: that needs arithmetic intensity on the x axis.)"""
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
@@ -71,7 +71,7 @@ def plot_throughput(df, peak_gflops: float, title="Throughput against N"):
 
 
 def plot_breakdown(df, title="Where flash's time goes"):
-    """One horizontal stacked bar from :func:`fa_lab.bench.breakdown` (ms per part, share labelled)."""
+    """One horizontal stacked bar from :func:`fa_lab.tools.bench.breakdown` (ms per part, share labelled)."""
     fig, ax = plt.subplots(figsize=(8, 3.2))
     left = 0.0
     colors = ["tab:gray", "tab:blue", "tab:orange", "tab:green"]
@@ -92,7 +92,7 @@ def plot_breakdown(df, title="Where flash's time goes"):
 
 
 def plot_sage_breakdown(df, title="Where sage's time goes"):
-    """Stacked horizontal bars from :func:`fa_lab.bench.lowprec.breakdown` (one bar per
+    """Stacked horizontal bars from :func:`fa_lab.tools.lowprec.speed.breakdown` (one bar per
     ``causal`` value): ms per part, each product labelled with its fraction of its peak.
     No machine footer (``Lesson.save_fig`` adds one)."""
     groups = list(df.groupby("causal", sort=True))
@@ -120,7 +120,7 @@ def plot_sage_breakdown(df, title="Where sage's time goes"):
 
 def plot_decode(frames, title="Decode: one new token against the KV cache"):
     """Grouped bars of median ms per contender for several decode shapes
-    (a list of :func:`fa_lab.bench.decode_splits` tables)."""
+    (a list of :func:`fa_lab.tools.bench.decode_splits` tables)."""
     fig, axes = plt.subplots(1, len(frames), figsize=(4.2 * len(frames), 3.8), squeeze=False)
     for ax, df in zip(axes[0], frames):
         colors = ["tab:red" if n == "torch_sdpa" else "tab:blue" for n in df["name"]]
@@ -205,7 +205,7 @@ def plot_retrieval(df):
 
 def plot_k_histograms(k, channels=4, title="K channels before and after smoothing"):
     """Histograms of a few K channels (the ones with the largest mean offset), raw and
-    after :func:`fa_lab.quant.smooth_k`, with the per-tensor INT8 step marked."""
+    after :func:`fa_lab.numerics.quant.smooth_k`, with the per-tensor INT8 step marked."""
     k = np.asarray(k, np.float32).reshape(-1, k.shape[-1])
     ks, _ = smooth_k(k)
     pick = np.argsort(-np.abs(k.mean(axis=0)))[:channels]

@@ -1,0 +1,203 @@
+"""Attention against a KV cache with ragged lengths, contiguous or paged:
+:func:`attention_with_kvcache` (flash-attn's ``flash_attn_with_kvcache``).
+
+Two cache layouts, one kernel (:data:`fa_lab.registry.KVCACHE_KERNELS`):
+
+* contiguous: ``k_cache``/``v_cache`` ``(B, H_kv, S_max, d)``, sequence ``b`` in row ``b``;
+* paged (a serving engine's cache, vLLM's "PagedAttention"): a pool of pages
+  ``(num_blocks, H_kv, block_size, d)`` shared by all sequences, and ``block_table``
+  ``(B, max_blocks)``: sequence ``b``'s logical key ``j`` lives in page
+  ``block_table[b, j // block_size]``, row ``j % block_size``. Pages need not be in
+  order or adjacent; the kernel reads them in place through the table.
+
+``cache_seqlens[b]`` keys of sequence ``b`` are valid. New keys/values ``k``, ``v`` are
+written at positions ``cache_seqlens[b] ...`` (in place) before the attention; the
+function does not update ``cache_seqlens`` (the caller owns it, as in flash-attn).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from fa_lab.api import choose_kernel, effective_blocks
+from fa_lab.numerics.checks import (as_float_array, check_block, check_bool, check_scale,
+                                    int_array)
+from fa_lab.registry import KVCACHE_KERNELS, Request
+from fa_lab.numerics.scoremod import check_mods
+
+
+def _seqlens(cache_seqlens, B) -> np.ndarray:
+    if isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, bool):
+        lens = np.full(B, int(cache_seqlens), np.int64)
+    else:
+        lens = int_array("cache_seqlens", cache_seqlens, "(B,)")
+        if lens.shape != (B,):
+            raise ValueError(f"cache_seqlens must be an int or have shape ({B},), got "
+                             f"{lens.shape}")
+    if np.any(lens < 0):
+        raise ValueError(f"cache_seqlens must be >= 0, got {lens.min()}")
+    return lens
+
+
+def _check_caches(q, k_cache, v_cache, writing):
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if writing and not isinstance(x, np.ndarray):
+            raise TypeError(f"{name} must be a numpy array to be written in place, got "
+                            f"{type(x).__name__}")
+    kc, vc = as_float_array("k_cache", k_cache), as_float_array("v_cache", v_cache)
+    if q.ndim != 4:
+        raise ValueError(f"q must have shape (B, H, Nq, d), got {q.shape}")
+    if kc.ndim != 4 or vc.shape != kc.shape:
+        raise ValueError(f"k_cache and v_cache must have one 4-D shape, got {kc.shape} and "
+                         f"{vc.shape}")
+    if kc.dtype != q.dtype or vc.dtype != q.dtype:
+        raise TypeError(f"the caches must have q's dtype {q.dtype}, got {kc.dtype}")
+    H, d, H_kv = q.shape[1], q.shape[3], kc.shape[1]
+    if kc.shape[3] != d or d == 0:
+        raise ValueError(f"k_cache must have the head dimension d={d} >= 1 of q, got "
+                         f"{kc.shape}")
+    if H_kv == 0 or H % H_kv:
+        raise ValueError(f"the heads of q (H={H}) must be a multiple of the caches' heads "
+                         f"(H_kv={H_kv})")
+    if writing and not (kc.flags.writeable and vc.flags.writeable):
+        raise ValueError("k_cache and v_cache must be writable to append k and v")
+    return kc, vc
+
+
+def _table(block_table, B, num_blocks, k_cache) -> np.ndarray:
+    """The block table, or ``[[0], [1], ...]`` for a contiguous cache (one page per row)."""
+    if block_table is None:
+        if num_blocks != B:
+            raise ValueError(f"a contiguous k_cache must have B={B} rows, got {num_blocks} "
+                             f"(pass block_table for a paged cache)")
+        return np.arange(B, dtype=np.int64)[:, None]
+    table = int_array("block_table", block_table, "(B, max_blocks)")
+    if table.ndim != 2 or table.shape[0] != B:
+        raise ValueError(f"block_table must have shape ({B}, max_blocks), got {table.shape}")
+    return table
+
+
+def _check_new(k, v, B, H_kv, d, dtype):
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (or neither)")
+    if k is None:
+        return None, None, 0
+    k, v = as_float_array("k", k), as_float_array("v", v)
+    if k.dtype != dtype or v.dtype != dtype:
+        raise TypeError(f"k and v must have q's dtype {dtype}, got {k.dtype}, {v.dtype}")
+    if k.ndim != 4 or k.shape[:2] != (B, H_kv) or k.shape[3] != d or v.shape != k.shape:
+        raise ValueError(f"k and v must have shape ({B}, {H_kv}, Nnew, {d}), got {k.shape} "
+                         f"and {v.shape}")
+    return k, v, k.shape[2]
+
+
+def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None,
+                           block_table=None, causal=True, scale=None, window=None,
+                           softcap=0.0, alibi_slopes=None, return_lse=False, kernel="auto",
+                           block_q=None, block_kv=None, splits=None):
+    """Attend ``q`` to each sequence's cached keys (after appending ``k``, ``v``).
+
+    Parameters
+    ----------
+    q : (B, H, Nq, d) float32 or float64
+    k_cache, v_cache : contiguous ``(B, H_kv, S_max, d)``, or paged ``(num_blocks, H_kv,
+        block_size, d)`` with ``block_table``; q's dtype. Written in place when ``k`` is
+        given (so they must be writable NumPy arrays).
+    cache_seqlens : int or integer array (B,): valid tokens per sequence before the append
+    k, v : (B, H_kv, Nnew, d), optional: written at ``cache_seqlens[b] ...`` first
+        (through the block table when paged). A write past a sequence's capacity
+        (``S_max``, or ``max_blocks * block_size``) raises ValueError and writes nothing.
+    block_table : integer (B, max_blocks), optional: page indices (the paged layout)
+    causal : bool
+        Sequence ``b`` then has ``L_b = cache_seqlens[b] + Nnew`` keys; with ``causal``,
+        query ``i`` sees keys ``j <= L_b - Nq + i`` (bottom-right). Queries stand at
+        ``L_b - Nq + i`` for the window and ALiBi too.
+    scale, window, softcap, alibi_slopes : as in :func:`fa_lab.attention`
+    kernel : "auto" or a name in :data:`fa_lab.registry.KVCACHE_KERNELS`
+    block_q, block_kv : positive ints, optional: the tiles (a key tile never crosses a page)
+    splits : positive int, optional: Flash-Decoding key splits per (sequence, head, query
+        block), merged exactly; by default planned for the threads (``plan()``)
+
+    Returns
+    -------
+    out : (B, H, Nq, d); lse : (B, H, Nq) with ``return_lse``. A sequence with no key
+    gives zeros and ``lse = -inf``.
+    """
+    q = as_float_array("q", q)
+    writing = k is not None or v is not None
+    kc, vc = _check_caches(q, k_cache, v_cache, writing)
+    B, H, Nq, d = q.shape
+    num_blocks, H_kv, page = kc.shape[:3]
+    lens = _seqlens(cache_seqlens, B)
+    table = _table(block_table, B, num_blocks, kc)
+    k_new, v_new, n_new = _check_new(k, v, B, H_kv, d, q.dtype)
+    causal = check_bool("causal", causal)
+    scale = check_scale(scale, d)
+    return_lse = check_bool("return_lse", return_lse)
+    mods = check_mods(window, softcap, alibi_slopes, (B,), H, q.dtype)
+    lengths = lens + n_new
+    capacity = table.shape[1] * page
+    if np.any(lengths > capacity):
+        b = int(np.argmax(lengths > capacity))
+        raise ValueError(f"sequence {b} would hold {lengths[b]} tokens (cache_seqlens "
+                         f"{lens[b]} + {n_new} new), past its capacity of {capacity}; "
+                         f"nothing was written")
+    for b in range(B):  # every page a sequence uses must exist (checked before writing)
+        used = table[b, :-(-int(lengths[b]) // page)]
+        if used.size and (used.min() < 0 or used.max() >= num_blocks):
+            raise ValueError(f"block_table[{b}] points outside the {num_blocks} pages: "
+                             f"{used.tolist()}; nothing was written")
+    req = Request(dtype=q.dtype, causal=causal, gqa=H != H_kv,
+                  blocks=block_q is not None or block_kv is not None, window=mods.window,
+                  softcap=mods.softcap > 0, alibi=mods.slopes is not None)
+    splits = check_block("splits", splits)
+    chosen, _ = choose_kernel(kernel, req, KVCACHE_KERNELS)
+    if n_new:
+        _write(kc, vc, table, lens, k_new, v_new)
+    bq, bk = effective_blocks(Nq, max(page, 1), block_q, block_kv, chosen.default_blocks)
+    if Nq == 0 or B == 0:
+        out, lse = np.zeros(q.shape, q.dtype), np.zeros(q.shape[:3], q.dtype)
+    else:
+        kr, vr = np.ascontiguousarray(kc), np.ascontiguousarray(vc)  # no copy when contiguous
+        out, lse = chosen.run(np.ascontiguousarray(q), kr, vr, table, lengths, scale, causal,
+                              bq, bk, mods, splits=splits)
+    return (out, lse) if return_lse else out
+
+
+def _write(k_cache, v_cache, table, lens, k_new, v_new) -> None:
+    """Write token ``t`` of sequence ``b`` at logical position ``lens[b] + t``."""
+    page = k_cache.shape[2]
+    pos = lens[:, None] + np.arange(k_new.shape[2])[None, :]  # (B, Nnew)
+    pages = np.take_along_axis(table, pos // page, axis=1)
+    for b in range(table.shape[0]):
+        k_cache[pages[b], :, pos[b] % page] = k_new[b].transpose(1, 0, 2)
+        v_cache[pages[b], :, pos[b] % page] = v_new[b].transpose(1, 0, 2)
+
+
+def paginate(k_cache, v_cache, block_size, num_blocks=None, rng=None):
+    """A paged copy of a contiguous cache pair ``(B, H_kv, S_max, d)``: pages of
+    ``block_size`` rows in a pool of ``num_blocks`` (default: just enough), handed to the
+    sequences in a shuffled order when ``rng`` is given (as an allocator leaves them).
+
+    Returns ``(k_pages, v_pages, block_table)``; the table has ``ceil(S_max /
+    block_size)`` int32 columns (every sequence keeps its full capacity).
+    """
+    B, H_kv, S_max, d = k_cache.shape
+    per = -(-S_max // block_size)
+    num_blocks = B * per if num_blocks is None else num_blocks
+    if num_blocks < B * per:
+        raise ValueError(f"num_blocks={num_blocks} is fewer than the {B * per} pages needed")
+    order = np.arange(num_blocks) if rng is None else rng.permutation(num_blocks)
+    table = order[:B * per].reshape(B, per).astype(np.int32)
+    out = []
+    for cache in (k_cache, v_cache):
+        pages = np.zeros((num_blocks, H_kv, block_size, d), cache.dtype)
+        padded = np.zeros((B, H_kv, per * block_size, d), cache.dtype)
+        padded[:, :, :S_max] = cache
+        for b in range(B):
+            for j in range(per):
+                pages[table[b, j]] = padded[b, :, j * block_size:(j + 1) * block_size]
+        out.append(pages)
+    return out[0], out[1], table

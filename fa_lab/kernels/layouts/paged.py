@@ -1,0 +1,73 @@
+"""Attention against a (paged) KV cache with ragged lengths: flash-attn's
+``flash_attn_with_kvcache`` on ``flash``'s tiles, reading keys through a block table.
+
+The cache is a pool of pages ``(num_blocks, H_kv, page, d)``; sequence ``b``'s logical
+key ``j`` lives in page ``block_table[b, j // page]`` at row ``j % page``. A contiguous
+cache ``(B, H_kv, S_max, d)`` is the special case ``page = S_max`` with
+``block_table[b] = [b]``, so one kernel serves both. Key tiles are cut at page
+boundaries, so each tile is a contiguous ``(bc, d)`` slice of one page: BLAS reads it in
+place, nothing is gathered. Sequence ``b`` has ``lengths[b]`` keys and the queries stand
+at its end (bottom-right: query ``i`` of ``Nq`` at position ``lengths[b] - Nq + i``).
+
+Long caches with few query rows (decoding) split the keys as ``flash`` does
+(Flash-Decoding) and merge the partial results exactly (:func:`fa_lab.kernels.common.merge_splits`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from fa_lab.settings.config import CACHE
+from fa_lab.kernels.common import finalize_row, merge_splits, task_coords, window_keys
+from fa_lab.kernels.ladder.flash import kv_tile, row_state
+
+
+@njit(cache=CACHE)
+def _paged_q_block(Qi, k_pages, v_pages, table_b, hk, b, h, i0, causal, offset, j_begin,
+                   j_end, Lk, block_kv, bias, Oi, lse_i, left, right, softcap, slopes,
+                   has_alibi):
+    """``flash``'s query block for one (already scaled) ``Qi``: the keys ``j_begin ..
+    j_end`` of a sequence of ``Lk`` keys, read page by page through ``table_b`` and fed
+    to ``flash``'s tile step (:func:`~fa_lab.kernels.ladder.flash.kv_tile`)."""
+    br, d = Qi.shape
+    page = k_pages.shape[2]
+    state, scratch = row_state(br, d, Qi, block_kv)
+    mods = (left, right, softcap, slopes, has_alibi)
+    j_lo, j_hi = window_keys(i0, br, Lk, causal, offset, left, right, block_kv)
+    j0, stop = max(j_begin, j_lo), min(j_end, j_hi)
+    while j0 < stop:
+        p, o = table_b[j0 // page], j0 % page
+        bc = min(block_kv, stop - j0, page - o)  # a tile never crosses a page
+        kv_tile(Qi, k_pages[p, hk, o:o + bc], v_pages[p, hk, o:o + bc], j0, bias, False, b, h,
+                i0, causal, offset, mods, state, scratch, 3)
+        j0 += bc
+    m, l, _, acc = state
+    for r in range(br):
+        lse_i[r] = finalize_row(acc[r], m[r], l[r], Oi[r])
+
+
+@njit(cache=CACHE, parallel=True, nogil=True)
+def paged_forward(q, k_pages, v_pages, block_table, lengths, bias, scale, causal, block_q,
+                  block_kv, splits, out, lse, left, right, softcap, slopes, has_alibi):
+    """prange over (b, h, query block, key split); then the exact merge of the splits.
+
+    q (B, H, Nq, d); pages (num_blocks, H_kv, page, d); block_table (B, max_blocks);
+    lengths (B,): keys per sequence; ``bias``: a placeholder (no mask here).
+    """
+    B, H, Nq, d = q.shape
+    group = H // k_pages.shape[1]
+    Tr = (Nq + block_q - 1) // block_q
+    part_o = np.empty((splits, B, H, Nq, d), dtype=q.dtype)
+    part_lse = np.empty((splits, B, H, Nq), dtype=q.dtype)
+    for task in prange(B * H * Tr * splits):
+        s = task % splits
+        b, h, i0 = task_coords(task // splits, H, Tr, block_q)
+        i1 = min(i0 + block_q, Nq)
+        Lk = lengths[b]
+        per = ((Lk + block_kv - 1) // block_kv + splits - 1) // splits * block_kv
+        _paged_q_block(q[b, h, i0:i1] * scale, k_pages, v_pages, block_table[b], h // group,
+                       b, h, i0, causal, Lk - Nq, min(s * per, Lk), min((s + 1) * per, Lk),
+                       Lk, block_kv, bias, part_o[s, b, h, i0:i1], part_lse[s, b, h, i0:i1],
+                       left, right, softcap, slopes, has_alibi)
+    merge_splits(part_o, part_lse, out, lse)

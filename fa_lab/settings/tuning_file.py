@@ -1,0 +1,219 @@
+"""The tuning file's reader: which block sizes the autotuner stored for this machine.
+
+Below the API (``docs/ARCHITECTURE.md``): :func:`fa_lab.api.plan` and ``kernel="auto"``
+read it; the writer, :func:`fa_lab.tools.tune.autotune`, is a tool above.
+
+The file is ``$FA_LAB_TUNE_FILE`` or ``~/.cache/fa_lab/tuned.json``. A choice made on
+another machine (CPU, thread count, BLAS kernels, numba version) is ignored, not
+reused: :func:`tuned_blocks` compares the fingerprint.
+
+The file is validated when read (:func:`validate`): a JSON object with a
+``fingerprint`` object, ``choices`` ``{kernel: {regime: {block_q, block_kv, ...}}}``
+with block sizes ints in ``1 ..`` :data:`MAX_BLOCK`, and optional ``sweeps`` of the same
+kind with finite, positive ``median_s``. A file that fails (bad JSON, a list, a negative
+or huge block, a string where a number belongs) is ignored as a whole with **one**
+:class:`TuningFileWarning` naming the file and the first problem; the kernels' default
+blocks are then used, exactly as without a file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from fa_lab.settings.config import num_threads
+from fa_lab.settings.machine import machine
+
+#: Largest block size accepted from a tuning file (rows of Q or K per tile).
+MAX_BLOCK = 1 << 16
+
+
+class TuningFileWarning(UserWarning):
+    """The tuning file is malformed and was ignored (defaults are used)."""
+
+
+@dataclass(frozen=True)
+class Regime:
+    """A class of calls that share a block-size choice, with the shape it is tuned on."""
+
+    name: str
+    max_Nq: int | None  # calls with Nq <= max_Nq (None: no limit) fall in this regime
+    B: int
+    H: int
+    Nq: int
+    Nk: int
+    d: int
+    causal: bool | str
+    blocks_q: tuple
+    blocks_kv: tuple
+    summary: str
+
+
+#: Regimes in the order they are matched (first whose ``max_Nq`` admits the call).
+#: The grids stay short (the sweep runs in the report): Br, Bc around what BLAS needs.
+REGIMES = (
+    Regime("decode", 16, 1, 8, 1, 4096, 64, "bottom_right", (1,), (128, 256, 512, 1024),
+           "one or a few new tokens against a long KV cache (latency)"),
+    Regime("short", 1024, 1, 8, 512, 512, 64, False, (64, 128, 256), (128, 256, 512),
+           "prompts up to 1024 tokens"),
+    Regime("long", None, 1, 8, 2048, 2048, 64, False, (128, 256, 512), (128, 256, 512),
+           "long prefill (throughput)"),
+)
+
+def tune_path() -> Path:
+    """Where tuned choices are stored (``$FA_LAB_TUNE_FILE`` or the user's cache)."""
+    key = (os.environ.get("FA_LAB_TUNE_FILE"), os.environ.get("XDG_CACHE_HOME"),
+           os.environ.get("HOME"))
+    if key not in _PATHS:  # resolved once per environment: attention() asks every call
+        env, cache, _ = key
+        _PATHS[key] = Path(env) if env else (
+            Path(cache or Path.home() / ".cache") / "fa_lab" / "tuned.json")
+    return _PATHS[key]
+
+
+_PATHS: dict = {}
+
+
+def fingerprint() -> dict:
+    """What must match for a stored choice to apply: CPU, threads, BLAS kernels, numba."""
+    m = machine()
+    return {k: m[k] for k in ("cpu", "cores", "numba_threads", "simd", "numba", "blas")}
+
+
+def regime_for(Nq: int) -> Regime:
+    for r in REGIMES:
+        if r.max_Nq is None or Nq <= r.max_Nq:
+            return r
+    return REGIMES[-1]
+
+
+_CACHE: dict = {}
+
+
+def _block_problem(where, entry) -> str | None:
+    if not isinstance(entry, dict):
+        return f"{where} must be an object, got {type(entry).__name__}"
+    for key in ("block_q", "block_kv"):
+        b = entry.get(key)
+        if isinstance(b, bool) or not isinstance(b, numbers.Integral):
+            return f"{where}.{key} must be an int, got {b!r}"
+        if not 1 <= b <= MAX_BLOCK:
+            return f"{where}.{key} must be in 1..{MAX_BLOCK}, got {b}"
+    if "median_s" in entry or where.startswith("sweeps"):
+        t = entry.get("median_s")
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not (
+                math.isfinite(t) and t > 0):
+            return f"{where}.median_s must be a positive number, got {t!r}"
+    return None
+
+
+def validate(data) -> str | None:
+    """The first problem of a parsed tuning file (a sentence), or None if it is valid."""
+    if not isinstance(data, dict):
+        return f"the file must hold a JSON object, got {type(data).__name__}"
+    if not isinstance(data.get("fingerprint"), dict):
+        return "'fingerprint' must be an object"
+    for section in ("choices", "sweeps"):
+        tables = data.get(section, {})
+        if not isinstance(tables, dict):
+            return f"'{section}' must be an object"
+        for kernel, regimes in tables.items():
+            if not isinstance(regimes, dict):
+                return f"{section}.{kernel} must be an object"
+            for regime, entry in regimes.items():
+                where = f"{section}.{kernel}.{regime}"
+                entries = entry if section == "sweeps" else [entry]
+                if not isinstance(entries, list):
+                    return f"{where} must be a list"
+                for e in entries:
+                    problem = _block_problem(where, e)
+                    if problem:
+                        return problem
+    return None
+
+
+def load(path=None) -> dict | None:
+    """The stored tuning file, validated (``None`` if absent, unreadable or invalid;
+    an unreadable or invalid file gives one :class:`TuningFileWarning`)."""
+    target = Path(path) if path else tune_path()
+    try:
+        stamp = target.stat().st_mtime_ns
+    except OSError:
+        return None
+    key = (str(target), stamp)
+    if key not in _CACHE:
+        _CACHE.clear()
+        try:
+            data = json.loads(target.read_text())
+            problem = validate(data)
+        except (OSError, UnicodeDecodeError) as e:
+            data, problem = None, f"unreadable ({e})"
+        except ValueError as e:  # JSON syntax, or numbers Python cannot hold
+            data, problem = None, f"not valid JSON ({e})"
+        if problem:
+            warnings.warn(f"ignoring the tuning file {target}: {problem}; using the default "
+                          f"block sizes (re-run python -m fa_lab tune, or delete the file)",
+                          TuningFileWarning, stacklevel=3)
+            data = None
+        _CACHE[key] = data
+    return _CACHE[key]
+
+
+def tuned_blocks(kernel: str, Nq: int) -> tuple[int, int] | None:
+    """The stored ``(block_q, block_kv)`` for ``kernel`` in ``Nq``'s regime, if tuned
+    on this machine; else ``None``."""
+    stored = load()
+    if not stored or stored.get("fingerprint") != _fingerprint_cached():
+        return None
+    choice = stored.get("choices", {}).get(kernel, {}).get(regime_for(Nq).name)
+    if not choice:
+        return None
+    return int(choice["block_q"]), int(choice["block_kv"])  # validated by load()
+
+
+_FP: list = []
+
+
+def _fingerprint_cached() -> dict:
+    """:func:`fingerprint` once per process (it queries threadpoolctl)."""
+    if not _FP or _FP[0][0] != num_threads():
+        _FP[:] = [(num_threads(), fingerprint())]
+    return _FP[0][1]
+
+
+def choices_table(path=None):
+    """The stored choices as a DataFrame (one row per kernel and regime)."""
+    import pandas as pd
+
+    stored = load(path) or {}
+    rows = [{"kernel": k, "regime": r, **c} for k, regs in stored.get("choices", {}).items()
+            for r, c in regs.items()]
+    return pd.DataFrame(rows)
+
+
+def reset_cache() -> None:
+    _CACHE.clear()
+    _FP.clear()
+
+
+def write(data: dict, path=None) -> Path:
+    """Store ``data`` (validated first) atomically at ``path`` or :func:`tune_path`."""
+    problem = validate(data)
+    if problem:
+        raise ValueError(f"data: not a valid tuning file: {problem}")
+    target = Path(path) if path else tune_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(target)
+    _CACHE.clear()
+    return target
+
+
+__all__ = ["REGIMES", "Regime", "tuned_blocks", "tune_path", "fingerprint", "choices_table",
+           "regime_for", "load", "validate", "write", "TuningFileWarning", "MAX_BLOCK"]

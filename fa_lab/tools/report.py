@@ -1,0 +1,325 @@
+"""The batch report: run every lesson headless with papermill, write HTML and an index.
+
+``python -m fa_lab report [--quick] [-p NAME=VALUE ...] [--out reports]``
+
+* Notebooks run one after another (never in parallel: they time kernels), each in
+  the ``notebooks/`` folder as working directory, with the ``python3`` kernel.
+* Each writes its figures and tables to ``<results-dir>/figures`` and ``data/``
+  (default: the output folder, ``reports/``, which git ignores): the report never
+  modifies tracked files. ``make curate`` passes ``--results-dir .`` to refresh the
+  curated figures and tables the README shows, on purpose.
+* The console shows one line per lesson (status, time, verdicts, load); the index
+  page shows the same, and flags lessons whose timings ran on a busy machine.
+* Outputs go to ``<out>/<name>.ipynb`` and ``<out>/<name>.html`` through temporary
+  files moved into place, so a failed or interrupted run never leaves a half-written
+  file; ``<out>/index.html`` embeds the key figures and needs no network.
+* A failing notebook does not stop the others; the index names it, its failing cell
+  and the error, and the command exits with 1. Re-running overwrites in place.
+
+Adding a lesson to the report is one line in :data:`NOTEBOOKS`.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import html
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fa_lab.settings.machine import machine
+
+#: (notebook stem, key figure stem shown on the index page): one line per lesson.
+NOTEBOOKS = [
+    ("00_tour", "attention_matrix"),
+    ("01_online_softmax", "running_state"),
+    ("02_tiling_and_simd", "ladder"),
+    ("03_causal_masking", "causal_speedup"),
+    ("04_int8_attention", "accuracy_real"),
+    ("05_memory_profiling", "peak_vs_N"),
+    ("06_performance", "roofline"),
+    ("07_backward", "time_ratio"),
+    ("08_decoding_and_retrieval", "decode_latency"),
+    ("09_memory_hierarchy", "roofline"),
+    ("10_low_precision_microkernels", "speed"),
+    ("11_real_model", "retrieval"),
+    ("12_gpu_kernel", "occupancy"),
+]
+
+REPO = Path(__file__).resolve().parents[2]
+
+#: Optional packages a lesson needs (import names). Where one is missing (``make report
+#: TORCH=0`` or ``MODELS=0``) the lesson is skipped with the reason, not failed.
+REQUIRES = {"11_real_model": ("torch", "transformers", "all_minilm_l6_v2"),
+            "12_gpu_kernel": ("numba.cuda",)}
+
+
+def missing_requirements(name: str) -> list[str]:
+    """The import names of :data:`REQUIRES` that this environment lacks for ``name``."""
+    import importlib.util
+
+    out = []
+    for mod in REQUIRES.get(name, ()):
+        try:
+            found = importlib.util.find_spec(mod) is not None
+        except ModuleNotFoundError:  # a parent package is missing
+            found = False
+        if not found:
+            out.append(mod)
+    return out
+
+#: The lessons' kernel logs only errors: ipykernel warns "Kernel is running over TCP
+#: without encryption" on every start (papermill's kernels listen on localhost only).
+KERNEL_ARGS = ["--IPKernelApp.log_level=ERROR"]
+
+
+@dataclass
+class Result:
+    name: str
+    status: str = "not run"
+    seconds: float = 0.0
+    error: str = ""
+    cell: int | None = None  # index of the failing cell in the source notebook (0-based)
+    prompt: int | None = None  # its ``In [n]`` in the executed notebook / HTML
+    lesson: dict | None = None  # the lesson's own status file (verdicts, load), if any
+
+    @property
+    def verdicts(self) -> str:
+        """'3 met, 1 not met, 2 inconclusive' (or '' when the lesson judged nothing)."""
+        counts: dict = {}
+        for v in (self.lesson or {}).get("verdicts", []):
+            counts[v["status"]] = counts.get(v["status"], 0) + 1
+        return ", ".join(f"{n} {status}" for status, n in counts.items())
+
+    @property
+    def busy(self) -> bool:
+        return bool((self.lesson or {}).get("busy_windows"))
+
+    @property
+    def load(self) -> str:
+        return (self.lesson or {}).get("load", "")
+
+    @property
+    def where(self) -> str:
+        if self.cell is None:
+            return ""
+        prompt = f", In [{self.prompt}]" if self.prompt is not None else ""
+        return f"cell {self.cell}{prompt}: "
+
+
+def parse_params(pairs) -> dict:
+    """``["quick=True", "N=2048", "label=abc"]`` -> dict of Python literals (or strings)."""
+    params = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ValueError(f"--param must look like NAME=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        try:
+            params[key.strip()] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            params[key.strip()] = value
+    return params
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+_EXTERNAL_SCRIPT = re.compile(r"<script[^>]*\bsrc=[\"']https?://[^>]*>\s*</script>", re.I)
+
+
+def to_html(nb) -> str:
+    """Self-contained HTML of an executed notebook: images embedded, no network needed.
+
+    nbconvert's template loads MathJax and require.js from a CDN; the lessons need
+    neither (their math is written in Unicode, they use no widgets), so those script
+    tags are removed and the page renders the same offline.
+    """
+    from nbconvert import HTMLExporter
+
+    exporter = HTMLExporter(template_name="lab", embed_images=True)
+    body, _ = exporter.from_notebook_node(nb)
+    return _EXTERNAL_SCRIPT.sub("", body)
+
+
+def run_notebook(path: Path, out_dir: Path, params: dict, timeout: int | None) -> Result:
+    """Execute one notebook; write ``<name>.ipynb`` and ``<name>.html`` atomically."""
+    import nbformat
+    import papermill as pm
+
+    name = path.stem
+    result = Result(name)
+    tmp_nb = out_dir / f".{name}.tmp.ipynb"
+    t0 = time.perf_counter()
+    try:
+        pm.execute_notebook(str(path), str(tmp_nb), parameters=params, cwd=str(path.parent),
+                            kernel_name="python3", progress_bar=False, log_output=False,
+                            execution_timeout=timeout, extra_arguments=KERNEL_ARGS)
+        result.status = "ok"
+    except pm.PapermillExecutionError as exc:
+        result.status, result.error = "failed", f"{exc.ename}: {exc.evalue}"
+    except Exception as exc:  # e.g. CellTimeoutError, a dead kernel, a missing file
+        result.status, result.error = "failed", f"{type(exc).__name__}: {exc}"
+    result.seconds = time.perf_counter() - t0
+    if tmp_nb.exists():
+        nb = nbformat.read(tmp_nb, as_version=4)
+        if result.status == "failed":
+            result.cell, result.prompt = _error_cell(nb)
+        _atomic_write(out_dir / f"{name}.html", to_html(nb))
+        os.replace(tmp_nb, out_dir / f"{name}.ipynb")
+    return result
+
+
+def _error_cell(nb):
+    """(index in the source notebook, execution count) of the first cell with an error.
+
+    papermill inserts cells the source does not have: the ``injected-parameters`` cell
+    and, on failure, an error banner at the top.
+    """
+    inserted = {"injected-parameters", "papermill-error-cell-tag"}
+    injected = 0
+    for i, cell in enumerate(nb.cells):
+        if inserted & set(cell.get("metadata", {}).get("tags", [])):
+            injected += 1
+        elif any(o.get("output_type") == "error" for o in cell.get("outputs", [])):
+            return i - injected, cell.get("execution_count")
+    return None, None
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;
+max-width:1100px;color:#222;padding:0 1em}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.35em .7em;
+text-align:left;vertical-align:top}th{background:#f3f3f3}.ok{color:#1a7f37;font-weight:600}
+.failed{color:#c62828;font-weight:600}.skipped{color:#8a6d00;font-weight:600}code{background:#f6f8fa;padding:0 .2em}
+figure{display:inline-block;margin:.6em;vertical-align:top;max-width:520px}
+figure img{max-width:100%;border:1px solid #ddd}figcaption{font-size:.85em;color:#555}
+"""
+
+
+def index_html(results: list[Result], machine: dict, params: dict, key: dict) -> str:
+    """The report's front page: machine, one row per notebook, key figures inlined."""
+    esc = html.escape
+    n_ok = sum(r.status == "ok" for r in results)
+    rows = []
+    for r in results:
+        links = " ".join(f'<a href="{r.name}.{ext}">{ext}</a>' for ext in ("html", "ipynb"))
+        err = ""
+        if r.status != "ok":
+            err = f"<code>{esc(r.where + r.error)}</code>"
+        load = esc(r.load)
+        if r.busy:
+            load = f'<span class="failed">{load}</span>'
+        rows.append(f'<tr><td>{esc(r.name)}</td><td class="{r.status}">{r.status}</td>'
+                    f"<td>{r.seconds:.1f} s</td><td>{esc(r.verdicts)}</td><td>{load}</td>"
+                    f"<td>{links}</td><td>{err}</td></tr>")
+    figs = []
+    busy = [r.name for r in results if r.busy]
+    warn = ""
+    if busy:
+        warn = (f'<p class="failed">Measured under load: {esc(", ".join(busy))}. Other '
+                "processes took CPU time during some of their timings; those verdicts read "
+                "<i>inconclusive (machine busy)</i>. Re-run on a quiet machine.</p>")
+    for r in results:
+        path = key.get(r.name)
+        if path and path.exists() and r.status == "ok":
+            data = base64.b64encode(path.read_bytes()).decode()
+            figs.append(f'<figure><img alt="{esc(path.name)}" src="data:image/png;base64,'
+                        f'{data}"><figcaption>{esc(r.name)}: {esc(path.name)}</figcaption>'
+                        "</figure>")
+    mrows = "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>"
+                    for k, v in machine.items())
+    prm = esc(", ".join(f"{k}={v!r}" for k, v in params.items()) or "(notebook defaults)")
+    return f"""<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">
+<title>fa_lab report</title><style>{_CSS}</style></head><body>
+<h1>fa_lab report</h1>
+<p>{n_ok} of {len(results)} notebooks ran cleanly. Generated {time.strftime('%Y-%m-%d %H:%M')}
+with parameters: {prm}. Every number in these pages was measured on this machine:</p>
+<table>{mrows}</table>
+<h2>Notebooks</h2>{warn}
+<table><tr><th>notebook</th><th>status</th><th>run time</th><th>verdicts</th>
+<th>load during its timings</th><th>pages</th><th>error</th></tr>
+{''.join(rows)}</table>
+<h2>Key figures</h2>{''.join(figs) or '<p>none</p>'}
+</body></html>"""
+
+
+def run(out="reports", notebooks=None, params=None, results_dir=None, nb_dir=None,
+        timeout=1800, show_progress=True) -> list[Result]:
+    """Run the lessons (all of :data:`NOTEBOOKS` or the given stems) and write the index.
+
+    ``results_dir`` (default: ``out``) receives each lesson's ``figures/`` and ``data/``.
+    With ``show_progress``, prints one line per lesson as it finishes.
+    """
+    nb_dir = Path(nb_dir or REPO / "notebooks").resolve()
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    results_dir = Path(results_dir or out).resolve()
+    params = dict(params or {})
+    params.setdefault("results_dir", str(results_dir))
+    known = dict(NOTEBOOKS)
+    names = list(notebooks or known)
+    for name in names:
+        if not (nb_dir / f"{name}.ipynb").exists():
+            raise FileNotFoundError(f"notebook {name!r} not found in {nb_dir}")
+    results = []
+    # The kernels inherit the environment: the lessons' override (nbval's temporary
+    # folder, see fa_lab.lessons.notebook) must not send their results elsewhere than here.
+    saved = os.environ.get("FA_LAB_RESULTS_DIR")
+    os.environ["FA_LAB_RESULTS_DIR"] = str(results_dir)
+    try:
+        for i, name in enumerate(names, 1):
+            status_file = results_dir / "data" / f"{name}_status.json"
+            status_file.unlink(missing_ok=True)  # a stale one would describe an earlier run
+            missing = missing_requirements(name)
+            if missing:
+                result = Result(name, "skipped", error=f"needs {', '.join(missing)} (not installed)")
+                results.append(result)
+                if show_progress:
+                    print(f"[{i}/{len(names)}] {_line(result)}", flush=True)
+                continue
+            result = run_notebook(nb_dir / f"{name}.ipynb", out, params, timeout)
+            result.lesson = _read_status(status_file)
+            results.append(result)
+            if show_progress:
+                print(f"[{i}/{len(names)}] {_line(result)}", flush=True)
+    finally:
+        if saved is None:
+            os.environ.pop("FA_LAB_RESULTS_DIR", None)
+        else:
+            os.environ["FA_LAB_RESULTS_DIR"] = saved
+    key = {n: results_dir / "figures" / f"{n}_{stem}.png" for n, stem in known.items()}
+    _atomic_write(out / "index.html", index_html(results, machine(), params, key))
+    return results
+
+
+def _read_status(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _line(r: Result) -> str:
+    """One console line per lesson: status, time, name, verdicts, load or error."""
+    detail = f"  {r.where}{r.error}" if r.status not in ("ok",) else ""
+    extra = "; ".join(x for x in (r.verdicts, "MEASURED UNDER LOAD" if r.busy else "") if x)
+    return (f"{r.status:>6}  {r.seconds:6.1f} s  {r.name}"
+            f"{f'  ({extra})' if extra else ''}{detail}")
+
+
+def main(args) -> int:
+    """CLI entry (see ``python -m fa_lab report --help``)."""
+    params = parse_params(args.param)
+    if args.quick:
+        params["quick"] = True
+    results = run(out=args.out, notebooks=args.only, params=params,
+                  results_dir=args.results_dir)
+    print(f"wrote {Path(args.out).resolve() / 'index.html'}")
+    return 0 if all(r.status in ("ok", "skipped") for r in results) else 1
