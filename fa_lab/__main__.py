@@ -14,17 +14,19 @@ import argparse
 import keyword
 import os
 import sys
-import time
 from pathlib import Path
 
 import numba
 import numpy as np
 import pandas as pd
 
-from fa_lab import (BACKWARD_KERNELS, INT8_KERNELS, KERNELS, attention, attention_backward, attention_int8, topk_attention, viz)
+from fa_lab import KERNELS, viz
 from fa_lab.tools import bench, hierarchy, memory, report, tune
 from fa_lab.settings.blas import coretype_hint
 from fa_lab.tools.bench import features as bench_features
+from fa_lab.tools.bench.cpu_targets import cpu_targets
+from fa_lab.tools.bench.isolated import TIMING
+from fa_lab.tools.warmup import warmup
 from fa_lab.tools.lowprec import speed as lowprec
 from fa_lab.tools.bench.contenders import torch_module
 from fa_lab.settings.machine import describe_machine, machine
@@ -164,6 +166,11 @@ def _bench(args) -> int:
     elif args.sweep == "int8":
         df = _int8(args, log)
         cols = ["what", "detail"]
+    elif args.sweep == "cpu":
+        df, verdicts = cpu_targets(rounds=args.repeats, progress=log)
+        cols = ["case", "fa_lab", "fa_lab_ms", "torch_ms", "ratio", "ratio_low", "ratio_high",
+                "budget", "verdict", "others_pct"]
+        print("\n".join(str(v) for v in verdicts) + f"\n(timing: {TIMING})")
     else:  # claims
         df = bench.check_speed_claims(kernel=kernel, repeats=args.repeats, progress=log)
         cols = ["claim", "config measured", "standard ms", f"{kernel} ms", "torch_sdpa ms",
@@ -243,43 +250,7 @@ def _memory(args) -> int:
 
 
 def _warmup(args) -> int:
-    """Compile (or load from numba's cache) every kernel for every dtype and option path."""
-
-
-    t0 = time.perf_counter()
-    rng = np.random.default_rng(0)
-    for dtype in (np.float32, np.float64):
-        q = rng.standard_normal((1, 2, 5, 3)).astype(dtype)
-        kv = rng.standard_normal((1, 1, 4, 3)).astype(dtype)
-        masks = [None, np.ones((5, 4), bool), np.ones((1, 2, 5, 4), bool)]
-        for mask in masks:
-            for name in KERNELS:
-                attention(q, kv, kv, kernel=name, mask=mask, causal=True)
-            out, lse = attention(q, kv, kv, mask=mask, return_lse=True)
-            for name in BACKWARD_KERNELS:
-                attention_backward(q, kv, kv, out, lse, out, mask=mask, kernel=name)
-        # flash's split-KV (Flash-Decoding) driver: one query row against 1100 keys
-        q1 = rng.standard_normal((1, 1, 1, 3)).astype(dtype)
-        kv1 = rng.standard_normal((1, 1, 1100, 3)).astype(dtype)
-        for mask in [None, np.ones((1, 1100), bool), np.ones((1, 1, 1, 1100), bool)]:
-            attention(q1, kv1, kv1, kernel="flash", mask=mask, causal="bottom_right")
-        # INT8 kernels (the int8 inputs and per-row scales have one type per dtype)
-        for mask in masks:
-            for name, kern in INT8_KERNELS.items():
-                if "pv_dtype" not in kern.tags:
-                    attention_int8(q, kv, kv, kernel=name, mask=mask, causal=True)
-                elif dtype == np.float32 and kern.available() is None:  # sage: fp32, AVX-512
-                    for pv in ("float32", "bfloat16"):
-                        attention_int8(q, kv, kv, kernel=name, mask=mask, causal=True,
-                                       pv_dtype=pv)
-        # top-K retrieval's merge (one type per dtype)
-        topk_attention(q[0, 0], kv[0, 0], k=2)
-    # the memory-hierarchy micro-kernels (lesson 09)
-    hierarchy.bandwidth_sweep([4096], repeats=1, target_bytes=4096)
-    hierarchy.fma_peak(repeats=1, steps=10)
-
-    n = len(KERNELS) + len(BACKWARD_KERNELS) + len(INT8_KERNELS)
-    print(f"[warmup] {n} kernels ready in {time.perf_counter() - t0:.1f} s")
+    print(f"[warmup] {warmup()}")
     return 0
 
 
@@ -309,10 +280,12 @@ def main(argv=None) -> int:
                        "contiguous decode (flash-attn's features), judged; int8: peaks "
                        "per precision, the INT8 score micro-kernel vs BLAS tiles, the "
                        "Sage-style kernel vs flash and torch SDPA (causal and not) and its "
-                       "accuracy, the low-precision targets judged (use --N 2048 --H 8).")
+                       "accuracy, the low-precision targets judged (use --N 2048 --H 8); "
+                   "cpu: fa_lab vs torch SDPA at the speed targets' shapes, each side "
+                   "in its own process, judged.")
     b.add_argument("--sweep", default="kernels",
                    choices=["kernels", "blocks", "threads", "decode", "breakdown", "peak",
-                            "claims", "targets", "bandwidth", "features", "int8"])
+                            "claims", "targets", "bandwidth", "features", "int8", "cpu"])
     b.add_argument("--kernels", nargs="+", default=None,
                    help="registry names (default: every kernel but the reference; the "
                    "other sweeps use the first, default flash)")

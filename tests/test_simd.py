@@ -30,3 +30,64 @@ def test_pattern_recognizes_packed_and_scalar_fma():
     asm = "\tvfmadd231ps\t%ymm1, %ymm2, %ymm3\n\tvfmadd213ss\t%xmm1, %xmm2, %xmm3\n"
     assert len(simd.PACKED_FMA.findall(asm)) == 1
     assert len(simd.SCALAR_FMA.findall(asm)) == 1
+
+
+# ---------------------------------------------------------------- full vector width
+
+WIDTH_PROBE = r"""
+import json, sys
+import numpy as np
+import fa_lab
+from fa_lab.lessons import simd
+from fa_lab.settings.machine import codegen
+
+q = np.ones((1, 1, 8, 16), np.float32)
+widths = {}
+for name in ("tiled_simd", "flash"):
+    fa_lab.attention(q, q, q, kernel=name)
+    asm = simd.assembly(fa_lab.KERNELS[name].driver)
+    fmas = simd.PACKED_FMA.findall(asm)  # the vectorized loops' arithmetic
+    widths[name] = {r: sum(r in f for f in fmas) for r in ("zmm", "ymm")}
+print(json.dumps({"codegen": codegen(), "widths": widths}))
+"""
+
+
+def _widths(env):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    full = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_CPU")}
+    done = subprocess.run([sys.executable, "-c", WIDTH_PROBE], env={**full, **env},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _host_has_avx512():
+    import llvmlite.binding as llvm
+
+    return "+avx512f" in llvm.get_host_cpu_features().flatten().split(",")
+
+
+@pytest.mark.skipif(not _host_has_avx512(), reason="the host has no AVX-512")
+def test_kernels_use_512_bit_vectors_under_a_256_bit_preferring_cpu_name():
+    # LLVM names an Intel Xeon VM "rocketlake", a client part tuned for 256-bit vectors;
+    # the same name on any AVX-512 host reproduces its code generation. fa_lab removes
+    # the preference (settings.config.VECTOR_WIDTH); with it kept, the loops use ymm.
+    full = _widths({"NUMBA_CPU_NAME": "rocketlake"})
+    assert full["codegen"]["llvm_cpu"] == "rocketlake"
+    assert full["codegen"]["vector_bits"] == 512
+    for name, w in full["widths"].items():
+        assert w["zmm"] > 0, (name, w)
+    kept = _widths({"NUMBA_CPU_NAME": "rocketlake", "FA_LAB_VECTOR_WIDTH": "llvm"})
+    assert kept["codegen"]["vector_bits"] == 256
+    for name, w in kept["widths"].items():
+        assert w["zmm"] == 0 and w["ymm"] > 0, (name, w)
+
+
+def test_user_cpu_features_win_over_the_full_width():
+    got = _widths({"NUMBA_CPU_NAME": "generic", "NUMBA_CPU_FEATURES": "+sse2"})
+    assert got["codegen"]["vector_bits"] == 128
+    assert "given to numba" in got["codegen"]["vector_width"]

@@ -2,8 +2,9 @@
 sizes, key splits, benchmark pauses, load thresholds, threads, the threading layer.
 
 The bottom layer (``docs/ARCHITECTURE.md``): it imports no other fa_lab module, and
-importing it has one side effect only, on purpose: it selects numba's threading layer
-(:data:`THREADING_LAYER`), which must happen before any parallel kernel runs. BLAS
+importing it has two side effects, on purpose, both before numba compiles anything: it
+lets numba use the CPU's full vector width (:data:`VECTOR_WIDTH`) and selects numba's
+threading layer (:data:`THREADING_LAYER`). BLAS
 threads are *not* touched here; the ``flash`` kernel limits SciPy's BLAS at its first
 call (:func:`fa_lab.kernels.ladder.flash.ensure_blas_threads`, recorded in
 :data:`fa_lab.kernels.ladder.flash.BLAS_LIMITED`).
@@ -102,6 +103,45 @@ MIN_LOAD_WINDOW_S = 0.5
 #: price is a dependency (a 3 MB wheel) and a preload of its library (below).
 #: An explicit ``NUMBA_THREADING_LAYER`` in the environment wins over this setting.
 THREADING_LAYER = "tbb"
+
+
+#: The vector width of compiled kernels. LLVM tunes code for the CPU *name* it sees, and
+#: names some AVX-512 CPUs after client parts that prefer 256-bit vectors: on an Intel
+#: Xeon VM (CPUID model 167) it says ``rocketlake``, and every vectorized loop then used
+#: ``ymm`` registers on a core with two 512-bit FMA units. ``"full"`` (default) removes
+#: that preference at import, before numba compiles anything (numba's CPU features =
+#: the host's + ``-prefer-256-bit``), so every AVX-512 CPU gets 512-bit loops; on a CPU
+#: without AVX-512, or one whose LLVM tuning already prefers 512 bits (AMD Zen 4), it
+#: changes nothing. ``"llvm"`` (``FA_LAB_VECTOR_WIDTH=llvm``) keeps LLVM's choice, to
+#: compare. ``NUMBA_CPU_FEATURES`` (or ``NUMBA_CPU_NAME=generic``) set by the user win.
+#: This setting is numba's, so it applies to the process's other numba code too.
+VECTOR_WIDTH = os.environ.get("FA_LAB_VECTOR_WIDTH", "full")
+
+
+def set_vector_width() -> str:
+    """Apply :data:`VECTOR_WIDTH`; returns what was done, in words (for ``machine()``)."""
+    from numba.core import config as numba_config
+    from numba.core.registry import cpu_target
+
+    if VECTOR_WIDTH not in ("full", "llvm"):
+        raise ValueError(f"FA_LAB_VECTOR_WIDTH must be 'full' or 'llvm', got {VECTOR_WIDTH!r}")
+    if VECTOR_WIDTH == "llvm":
+        return "LLVM's choice (FA_LAB_VECTOR_WIDTH=llvm)"
+    if numba_config.CPU_FEATURES is not None:
+        return "the CPU features given to numba (NUMBA_CPU_FEATURES or a generic CPU name)"
+    if "_toplevel_target_context" in vars(cpu_target):
+        return "LLVM's choice (numba compiled code before fa_lab was imported)"
+    import llvmlite.binding as llvm
+
+    features = llvm.get_host_cpu_features().flatten()
+    if "+avx512f" not in features.split(","):
+        return "LLVM's choice (no AVX-512)"
+    numba_config.CPU_FEATURES = features + ",-prefer-256-bit"
+    return "full: 512-bit vectors preferred (numba's CPU features + -prefer-256-bit)"
+
+
+#: What :func:`set_vector_width` did in this process (at import).
+VECTOR_WIDTH_IN_USE = set_vector_width()
 
 
 def _preload_tbb() -> bool:

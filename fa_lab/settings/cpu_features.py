@@ -38,6 +38,8 @@ import functools
 import os
 from dataclasses import dataclass, replace
 
+from fa_lab.settings import config  # noqa: F401  (sets numba's CPU features first)
+
 #: Environment variable that removes features: comma-separated ``-name`` items.
 ENV = "FA_LAB_CPU_FEATURES"
 
@@ -113,13 +115,14 @@ def proc_flags(path="/proc/cpuinfo") -> set[str] | None:
 
 @functools.lru_cache(maxsize=1)
 def _llvm_features() -> dict[str, bool]:
-    """The feature map numba compiles for (host, or NUMBA_CPU_NAME/NUMBA_CPU_FEATURES)."""
+    """The feature map numba compiles for: numba's CPU features (``NUMBA_CPU_FEATURES``,
+    empty for ``NUMBA_CPU_NAME=generic``, or the host's as :mod:`fa_lab.settings.config`
+    set them), else the host's."""
     import llvmlite.binding as llvm
+    from numba.core import config as numba_config
 
-    text = os.environ.get("NUMBA_CPU_FEATURES")
-    if not text:
-        if os.environ.get("NUMBA_CPU_NAME", "host") not in ("", "host"):
-            return {}  # a named generic target: assume nothing
+    text = numba_config.CPU_FEATURES
+    if text is None:
         text = llvm.get_host_cpu_features().flatten()
     out = {}
     for item in text.split(","):
@@ -195,3 +198,19 @@ def forced(**features: bool):
         yield detect()
     finally:
         _FORCED.pop()
+
+
+def llvm_features() -> dict[str, bool]:
+    """The feature map numba compiles for (LLVM names: ``avx512f``, ``amx-int8``, ...)."""
+    return dict(_llvm_features())
+
+
+#: Our names of the extensions a description of the machine lists -> LLVM feature names.
+EXTENSIONS = {"AVX-512": "avx512f", "VNNI": "avx512vnni", "BF16": "avx512bf16",
+              "FP16": "avx512fp16", "AMX-INT8": "amx-int8", "AMX-BF16": "amx-bf16"}
+
+
+def extensions() -> list[str]:
+    """The vector and matrix extensions numba may compile for here, by our names."""
+    features = _llvm_features()
+    return [name for name, flag in EXTENSIONS.items() if features.get(flag)]

@@ -25,6 +25,7 @@ Where ``/proc/stat`` does not exist the window is ``unknown`` and never busy.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import resource
@@ -36,6 +37,7 @@ import numpy as np
 
 from fa_lab.settings import config
 from fa_lab.settings.blas import blas_libraries, cpu_flags
+from fa_lab.settings import cpu_features
 from fa_lab.settings.cpu_features import cpuinfo
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -53,8 +55,38 @@ def _torch_version() -> str:
     return torch.__version__
 
 
+@functools.lru_cache(maxsize=1)
+def codegen() -> dict:
+    """What numba's code generation makes of this CPU: LLVM's CPU name (``llvm_cpu``), the
+    width of the vectors a plain float32 loop compiles to, read from its assembly
+    (``vector_bits``: 512, 256 or 128; None when it cannot be read), how that width was
+    chosen (:data:`fa_lab.settings.config.VECTOR_WIDTH`) and the extensions numba may use
+    (``extensions``). The loop is compiled once per process (about 0.3 s)."""
+    import llvmlite.binding as llvm
+    import numba
+    from numba.core import config as numba_config
+
+    bits = None
+    if not numba_config.DISABLE_JIT:
+        def dot(a, b):
+            s = np.float32(0)
+            for i in range(a.shape[0]):
+                s += a[i] * b[i]
+            return s
+
+        probe = numba.njit(fastmath=config.FASTMATH)(dot)
+        x = np.ones(64, np.float32)
+        probe(x, x)
+        asm = "\n".join(probe.inspect_asm().values())
+        bits = 512 if "zmm" in asm else 256 if "ymm" in asm else 128
+    return {"llvm_cpu": numba_config.CPU_NAME or llvm.get_host_cpu_name(),
+            "vector_bits": bits, "vector_width": config.VECTOR_WIDTH_IN_USE,
+            "extensions": "+".join(cpu_features.extensions()) or "none"}
+
+
 def machine() -> dict:
-    """The machine a number was measured on: CPU, cores, threads, SIMD, versions, BLAS."""
+    """The machine a number was measured on: CPU, cores, threads, SIMD, what numba's code
+    generation makes of it (:func:`codegen`), versions, BLAS."""
     import numba
 
     import scipy.linalg.blas  # noqa: F401  (loads SciPy's BLAS: the one the kernels call)
@@ -66,6 +98,7 @@ def machine() -> dict:
         "cores": os.cpu_count(),
         "numba_threads": numba.get_num_threads(),
         "simd": "+".join(simd) or "unknown",
+        **codegen(),
         "python": platform.python_version(),
         "numpy": np.__version__,
         "numba": numba.__version__,
@@ -93,7 +126,7 @@ def describe_machine() -> str:
     """One line for the foot of every figure and table."""
     m = machine()
     return (f"{m['cpu']} | {m['cores']} cores, {m['numba_threads']} numba threads | "
-            f"{m['simd']} | Python {m['python']}, NumPy {m['numpy']}, numba {m['numba']}, "
+            f"{m['simd']}; LLVM {m['llvm_cpu']}, {m['vector_bits']}-bit vectors | Python {m['python']}, NumPy {m['numpy']}, numba {m['numba']}, "
             f"torch {m['torch']} | BLAS {m['blas']} | OPENBLAS_CORETYPE "
             f"{m['openblas_coretype']}")
 
@@ -170,12 +203,35 @@ class Load:
 LOG: list[Load] = []
 
 
+def _pids_cpu(pids) -> float:
+    """CPU seconds used so far by the running processes ``pids`` (all their threads),
+    from ``/proc/PID/stat``; 0 for a pid that cannot be read."""
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
 class LoadMonitor:
-    """Context manager: ``with LoadMonitor() as mon: ...``; then ``mon.load``."""
+    """Context manager: ``with LoadMonitor() as mon: ...``; then ``mon.load``.
+
+    ``pids``: running child processes whose CPU time counts as this measurement's own
+    (the workers of :func:`fa_lab.tools.bench.isolated.time_isolated`), not as others'."""
+
+    def __init__(self, pids=()):
+        self.pids = tuple(pids)
+
+    def _own(self) -> float:
+        return _own_cpu() + _pids_cpu(self.pids)
 
     def __enter__(self) -> "LoadMonitor":
         self._load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        self._stat, self._own, self._t0 = _proc_stat(), _own_cpu(), time.perf_counter()
+        self._stat, self._own0, self._t0 = _proc_stat(), self._own(), time.perf_counter()
         self.load = None
         return self
 
@@ -184,13 +240,13 @@ class LoadMonitor:
         if short > 0:  # too few /proc/stat ticks to judge: wait, idle, and count others
             time.sleep(short)
         wall = time.perf_counter() - self._t0
-        stat, own = _proc_stat(), _own_cpu()
+        stat, own = _proc_stat(), self._own()
         load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         others = steal = float("nan")
         if stat is not None and self._stat is not None:
             busy, st, total = (b - a for a, b in zip(self._stat, stat))
             capacity = max(total, wall * (os.cpu_count() or 1), 1e-9)
-            others = min(1.0, max(0.0, busy - (own - self._own)) / capacity)
+            others = min(1.0, max(0.0, busy - (own - self._own0)) / capacity)
             steal = min(1.0, max(0.0, st) / capacity)
         self.load = Load(wall, self._load1, load1, others, steal)
         LOG.append(self.load)

@@ -1,0 +1,58 @@
+"""The speed targets on every CPU: fa_lab against PyTorch's CPU SDPA (float32), each side
+timed in its own process (:func:`fa_lab.tools.bench.isolated.time_isolated`), judged by
+:mod:`fa_lab.numerics.verdict` on the quartile range of the ratio.
+
+``python -m fa_lab bench --sweep cpu`` prints the table. B = 1, d = 64 throughout.
+"""
+
+from __future__ import annotations
+
+from fa_lab.numerics import verdict
+from fa_lab.settings.machine import describe_machine
+from fa_lab.tools.bench.isolated import TIMING, time_isolated
+
+FACTORY = "fa_lab.tools.bench.isolated:attention_call"
+
+#: ``(case, shape keywords, fa_lab's contender keywords, budget: fa_lab >= budget x torch)``.
+TARGETS = [
+    ("H=8 N=512", dict(H=8, Nq=512), dict(kernel="flash"), 1.0),
+    ("H=8 N=2048", dict(H=8, Nq=2048), dict(kernel="flash"), 1.0),
+    ("H=8 N=2048 causal", dict(H=8, Nq=2048, causal=True), dict(kernel="flash"), 1.0),
+    ("H=1 N=8192", dict(H=1, Nq=8192), dict(kernel="flash"), 1.0),
+    ("decode Nk=4096 H=8", dict(H=8, Nq=1, Nk=4096), dict(kernel="flash"), 1.0),
+    ("decode Nk=4096 H=32, 8 kv heads", dict(H=32, H_kv=8, Nq=1, Nk=4096),
+     dict(kernel="flash"), 1.0),
+    ("low precision H=8 N=2048", dict(H=8, Nq=2048),
+     dict(kernel="sage", pv_dtype="bfloat16"), 2.0),
+    ("low precision H=8 N=2048 causal", dict(H=8, Nq=2048, causal=True),
+     dict(kernel="sage", pv_dtype="bfloat16"), 2.0),
+]
+
+
+def cpu_targets(*, cases=None, rounds=5, calls=3, gap_s=0.3, progress=None):
+    """One row per target (all of :data:`TARGETS`, or those whose case is in ``cases``):
+    both medians (ms), the ratio torch / fa_lab with its quartile range, the budget, the
+    verdict, how it was timed and the load. Returns ``(DataFrame, [Verdict])``."""
+    import pandas as pd
+
+    rows, verdicts = [], []
+    for case, shape, mine, budget in TARGETS:
+        if cases is not None and case not in cases:
+            continue
+        if progress:
+            progress(f"{case}: fa_lab {mine['kernel']} and torch SDPA, each in its own process")
+        times = time_isolated({"fa_lab": (FACTORY, {**shape, **mine}),
+                               "torch_sdpa": (FACTORY, {**shape, "kernel": "torch_sdpa"})},
+                              rounds=rounds, calls=calls, gap_s=gap_s)
+        low, mid, high = times.ratio("torch_sdpa", "fa_lab")
+        name = mine["kernel"] + (f" ({mine['pv_dtype']} P V)" if "pv_dtype" in mine else "")
+        v = verdict.judge(f"{case}: fa_lab {name} vs torch SDPA fp32", mid, budget, low=low,
+                          high=high, load=times.load)
+        verdicts.append(v)
+        rows.append({"case": case, "fa_lab": name,
+                     "fa_lab_ms": times.ms("fa_lab")["median_ms"],
+                     "torch_ms": times.ms("torch_sdpa")["median_ms"],
+                     "ratio": mid, "ratio_low": low, "ratio_high": high, "budget": budget,
+                     "verdict": v.status, "timing": TIMING, **times.load.columns(),
+                     "machine": describe_machine()})
+    return pd.DataFrame(rows), verdicts
