@@ -24,7 +24,7 @@ from fa_lab.numerics.quant import dequantize, quantize
 from fa_lab.registry import BACKWARD_KERNELS, INT8_KERNELS, KERNELS, Kernel, ladder
 from fa_lab.features.retrieval import topk_attention
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it)
 
 
 def __getattr__(name):
