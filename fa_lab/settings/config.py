@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import sys
 import warnings
 
@@ -103,6 +104,11 @@ MIN_LOAD_WINDOW_S = 0.5
 #: price is a dependency (a 3 MB wheel) and a preload of its library (below).
 #: An explicit ``NUMBA_THREADING_LAYER`` in the environment wins over this setting.
 THREADING_LAYER = "tbb"
+#: PyPI's ``tbb`` has wheels for x86-64 only (Linux, Windows, macOS). On other CPUs
+#: (aarch64 Linux, Apple silicon) fa_lab keeps numba's default layer: OpenMP where numba
+#: finds it (fast; a fork after a parallel call may kill the child), else ``workqueue``
+#: (fork-safe, but two Python threads must not run parallel kernels at once).
+TBB_WHEELS = platform.machine().lower() in ("x86_64", "amd64")
 
 
 #: The vector width of compiled kernels. LLVM tunes code for the CPU *name* it sees, and
@@ -183,6 +189,8 @@ def set_threading_layer() -> str:
     if not getattr(parallel, "_is_initialized", False) and not os.environ.get("NUMBA_THREADING_LAYER"):
         if _preload_tbb():
             numba.config.THREADING_LAYER = THREADING_LAYER
+        elif not TBB_WHEELS:
+            pass  # no TBB wheel for this CPU: numba's default layer, as documented above
         else:
             warnings.warn("fa_lab: TBB (pip install tbb) could not be loaded; numba keeps "
                           "its default threading layer, which may not survive a fork after "
@@ -190,7 +198,7 @@ def set_threading_layer() -> str:
                           RuntimeWarning, stacklevel=2)
     numba.get_num_threads()  # starts the threads: the layer is fixed from here on
     layer = numba.threading_layer()
-    if layer == "omp" and not os.environ.get("NUMBA_THREADING_LAYER"):
+    if layer == "omp" and TBB_WHEELS and not os.environ.get("NUMBA_THREADING_LAYER"):
         warnings.warn("fa_lab: numba runs on OpenMP (its threads started before fa_lab was "
                       "imported, or TBB is missing): forking after a parallel kernel call "
                       "may kill the child", RuntimeWarning, stacklevel=2)

@@ -28,7 +28,10 @@ from __future__ import annotations
 import functools
 import os
 import platform
-import resource
+try:  # Unix only: without it (Windows) a process's own CPU time comes from time
+    import resource
+except ImportError:
+    resource = None
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,7 +95,12 @@ def machine() -> dict:
     import scipy.linalg.blas  # noqa: F401  (loads SciPy's BLAS: the one the kernels call)
 
     flags = cpu_flags()
-    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16") if f in flags]
+    if flags:
+        simd = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16") if f in flags]
+    else:  # no /proc/cpuinfo (macOS, Windows): what LLVM sees, from the CPU itself
+        llvm = cpu_features.llvm_features()
+        simd = [f for f in ("avx2", "fma", "avx512f", "avx512vnni", "avx512bf16", "neon",
+                            "sve") if llvm.get(f)]
     return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
@@ -148,6 +156,8 @@ def _proc_stat() -> tuple[float, float, float] | None:
 
 def _own_cpu() -> float:
     """CPU seconds used by this process (all threads) and its waited-for children."""
+    if resource is None:
+        return time.process_time()  # this process only (no waited-for children)
     s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
 
