@@ -53,7 +53,8 @@ def test_rerun_is_idempotent_and_keeps_good_pages(lessons, tmp_path):
     for _ in range(2):
         report.run(out=out, notebooks=["ok"], results_dir=tmp_path / "res", nb_dir=lessons,
                    show_progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["index.html", "ok.html", "ok.ipynb"]
+    assert sorted(p.name for p in out.iterdir()) == ["index.html", "ok.html", "ok.ipynb",
+                                                     report.RESULTS_JSON]
 
 
 def test_cli_exit_code_is_nonzero_when_a_notebook_fails(lessons, tmp_path, monkeypatch):
@@ -83,3 +84,50 @@ def test_a_lesson_missing_its_optional_packages_is_skipped_not_failed(lessons, t
     assert not (tmp_path / "r" / "ok.ipynb").exists()  # nothing ran
     assert "skipped" in (tmp_path / "r" / "index.html").read_text()
     assert report.missing_requirements("00_tour") == []
+
+
+def test_an_interrupted_lesson_keeps_its_previous_results_and_leaves_no_temp_file(
+        lessons, tmp_path, monkeypatch):
+    import papermill
+
+    out, res = tmp_path / "reports", tmp_path / "res"
+    report.run(out=out, notebooks=["ok"], results_dir=res, nb_dir=lessons, show_progress=False)
+    status = res / "data" / "ok_status.json"
+    status.parent.mkdir(parents=True, exist_ok=True)
+    status.write_text('{"verdicts": []}')  # what the lesson wrote last time
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def interrupted(path, tmp, **kw):  # Ctrl-C while the kernel writes its notebook
+        with open(tmp, "w") as f:
+            f.write("{half a notebook")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(papermill, "execute_notebook", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        report.run(out=out, notebooks=["ok"], results_dir=res, nb_dir=lessons,
+                   show_progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert status.read_text() == '{"verdicts": []}'
+    assert not list(out.glob(".*")) and not list(res.rglob(".*tmp*"))
+
+
+def test_only_updates_the_index_instead_of_replacing_it(lessons, tmp_path):
+    out, res = tmp_path / "reports", tmp_path / "res"
+    quick = {"quick": True}
+    report.run(out=out, notebooks=["ok", "broken"], params=quick, results_dir=res,
+               nb_dir=lessons, show_progress=False)
+    report.run(out=out, notebooks=["ok"], params=quick, results_dir=res, nb_dir=lessons,
+               show_progress=False)
+    index = (out / "index.html").read_text()
+    assert "deliberate failure" in index  # the lesson not re-run keeps its row
+    assert index.count("<tr><td>ok</td>") == 1 and index.count("<tr><td>broken</td>") == 1
+
+
+def test_a_stale_status_file_is_not_read_as_this_runs(tmp_path):
+    import os
+
+    path = tmp_path / "x_status.json"
+    path.write_text('{"verdicts": [{"status": "met"}]}')
+    os.utime(path, (1e9, 1e9))  # written long ago
+    assert report._read_status(path, newer_than=2e9) is None
+    assert report._read_status(path)["verdicts"]

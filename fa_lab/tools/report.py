@@ -27,8 +27,9 @@ import html
 import json
 import os
 import re
+import signal
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fa_lab.settings.machine import machine
@@ -126,9 +127,14 @@ def parse_params(pairs) -> dict:
 
 
 def _atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``:
+    a reader (or an interruption) sees the old file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 _EXTERNAL_SCRIPT = re.compile(r"<script[^>]*\bsrc=[\"']https?://[^>]*>\s*</script>", re.I)
@@ -158,21 +164,25 @@ def run_notebook(path: Path, out_dir: Path, params: dict, timeout: int | None) -
     tmp_nb = out_dir / f".{name}.tmp.ipynb"
     t0 = time.perf_counter()
     try:
-        pm.execute_notebook(str(path), str(tmp_nb), parameters=params, cwd=str(path.parent),
-                            kernel_name="python3", progress_bar=False, log_output=False,
-                            execution_timeout=timeout, extra_arguments=KERNEL_ARGS)
-        result.status = "ok"
-    except pm.PapermillExecutionError as exc:
-        result.status, result.error = "failed", f"{exc.ename}: {exc.evalue}"
-    except Exception as exc:  # e.g. CellTimeoutError, a dead kernel, a missing file
-        result.status, result.error = "failed", f"{type(exc).__name__}: {exc}"
-    result.seconds = time.perf_counter() - t0
-    if tmp_nb.exists():
-        nb = nbformat.read(tmp_nb, as_version=4)
-        if result.status == "failed":
-            result.cell, result.prompt = _error_cell(nb)
-        _atomic_write(out_dir / f"{name}.html", to_html(nb))
-        os.replace(tmp_nb, out_dir / f"{name}.ipynb")
+        try:
+            pm.execute_notebook(str(path), str(tmp_nb), parameters=params,
+                                cwd=str(path.parent), kernel_name="python3",
+                                progress_bar=False, log_output=False,
+                                execution_timeout=timeout, extra_arguments=KERNEL_ARGS)
+            result.status = "ok"
+        except pm.PapermillExecutionError as exc:
+            result.status, result.error = "failed", f"{exc.ename}: {exc.evalue}"
+        except Exception as exc:  # e.g. CellTimeoutError, a dead kernel, a missing file
+            result.status, result.error = "failed", f"{type(exc).__name__}: {exc}"
+        result.seconds = time.perf_counter() - t0
+        if tmp_nb.exists():
+            nb = nbformat.read(tmp_nb, as_version=4)
+            if result.status == "failed":
+                result.cell, result.prompt = _error_cell(nb)
+            _atomic_write(out_dir / f"{name}.html", to_html(nb))
+            os.replace(tmp_nb, out_dir / f"{name}.ipynb")
+    finally:  # Ctrl-C or SIGTERM: the previous pages stay, no temporary file is left
+        tmp_nb.unlink(missing_ok=True)
     return result
 
 
@@ -269,6 +279,7 @@ def run(out="reports", notebooks=None, params=None, results_dir=None, nb_dir=Non
         if not (nb_dir / f"{name}.ipynb").exists():
             raise FileNotFoundError(f"notebook {name!r} not found in {nb_dir}")
     results = []
+    previous = _load_results(out) if notebooks else {}
     # The kernels inherit the environment: the lessons' override (nbval's temporary
     # folder, see fa_lab.lessons.notebook) must not send their results elsewhere than here.
     saved = os.environ.get("FA_LAB_RESULTS_DIR")
@@ -276,7 +287,7 @@ def run(out="reports", notebooks=None, params=None, results_dir=None, nb_dir=Non
     try:
         for i, name in enumerate(names, 1):
             status_file = results_dir / "data" / f"{name}_status.json"
-            status_file.unlink(missing_ok=True)  # a stale one would describe an earlier run
+            started = time.time()
             missing = missing_requirements(name)
             if missing:
                 result = Result(name, "skipped", error=f"needs {', '.join(missing)} (not installed)")
@@ -285,7 +296,7 @@ def run(out="reports", notebooks=None, params=None, results_dir=None, nb_dir=Non
                     print(f"[{i}/{len(names)}] {_line(result)}", flush=True)
                 continue
             result = run_notebook(nb_dir / f"{name}.ipynb", out, params, timeout)
-            result.lesson = _read_status(status_file)
+            result.lesson = _read_status(status_file, newer_than=started)
             results.append(result)
             if show_progress:
                 print(f"[{i}/{len(names)}] {_line(result)}", flush=True)
@@ -295,12 +306,35 @@ def run(out="reports", notebooks=None, params=None, results_dir=None, nb_dir=Non
         else:
             os.environ["FA_LAB_RESULTS_DIR"] = saved
     key = {n: results_dir / "figures" / f"{n}_{stem}.png" for n, stem in known.items()}
-    _atomic_write(out / "index.html", index_html(results, machine(), params, key))
+    ran = {r.name for r in results}
+    listed = [r for n, r in previous.items() if n not in ran] + results
+    order = list(known) + list(previous)  # the lessons' order, then earlier runs' order
+    listed.sort(key=lambda r: order.index(r.name) if r.name in order else len(order))
+    _atomic_write(out / RESULTS_JSON, json.dumps([asdict(r) for r in listed], indent=1))
+    _atomic_write(out / "index.html", index_html(listed, machine(), params, key))
     return results
 
 
-def _read_status(path: Path) -> dict | None:
+#: The lessons' results of the last runs (``--only`` updates it and the index, lesson by
+#: lesson, instead of replacing them).
+RESULTS_JSON = "results.json"
+
+
+def _load_results(out: Path) -> dict:
+    """``{name: Result}`` from an earlier run's :data:`RESULTS_JSON` (empty if none)."""
     try:
+        rows = json.loads((out / RESULTS_JSON).read_text())
+        return {r["name"]: Result(**r) for r in rows}
+    except (OSError, ValueError, TypeError, KeyError):
+        return {}
+
+
+def _read_status(path: Path, newer_than: float = 0.0) -> dict | None:
+    """A lesson's status file, if this run wrote it (an older one, left by an earlier or
+    an interrupted run, describes that run and is ignored, never deleted)."""
+    try:
+        if path.stat().st_mtime < newer_than - 1.0:
+            return None
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
@@ -314,8 +348,14 @@ def _line(r: Result) -> str:
             f"{f'  ({extra})' if extra else ''}{detail}")
 
 
+def _sigterm_as_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(args) -> int:
-    """CLI entry (see ``python -m fa_lab report --help``)."""
+    """CLI entry (see ``python -m fa_lab report --help``). SIGTERM is handled as Ctrl-C:
+    the lesson that was running keeps its previous pages and no temporary file stays."""
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     params = parse_params(args.param)
     if args.quick:
         params["quick"] = True
