@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from fa_lab.settings import config
-from fa_lab.numerics.checks import (HALF_DTYPES, as_float_array, bias_view, check_block,  # noqa: F401
-                           check_bool, check_scale, check_shapes, half_dtype, refuse_masked,
-                           widen)
+from fa_lab.numerics.checks import (HALF_DTYPES, as_array, as_float_array, bias_view,  # noqa: F401
+                                    check_block, check_bool, check_choice, check_scale,
+                                    check_shapes, half_dtype, refuse_masked, widen)
 from fa_lab.settings.config import num_threads
 from fa_lab.numerics.dropout import check_dropout
 from fa_lab.kernels.ladder.flash import plan_splits
@@ -217,9 +217,22 @@ def prepare(q, k, v, *, causal=False, scale=None, mask=None, block_q=None, block
                 block_q, block_kv, dropout_p, seed, req, mods)
 
 
+#: Array layouts :func:`attention` accepts: heads before tokens (fa_lab's and PyTorch's),
+#: or tokens before heads (flash-attn's).
+LAYOUTS = ("bhnd", "bnhd")
+
+
+def _heads_first(name, x):
+    x = as_array(name, x)
+    if x.ndim < 3:
+        raise ValueError(f"{name}: layout='bnhd' needs (..., N, H, d) arrays, got shape "
+                         f"{x.shape}")
+    return np.swapaxes(x, -3, -2)
+
+
 def attention(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto",
               block_q=None, block_kv=None, return_lse=False, dropout_p=0.0, seed=None,
-              window=None, softcap=0.0, alibi_slopes=None):
+              window=None, softcap=0.0, alibi_slopes=None, layout="bhnd"):
     """Scaled dot-product attention ``softmax(Q K^T * scale + mask) V``.
 
     Parameters
@@ -263,10 +276,14 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto",
     alibi_slopes : array (H,) or (..., H), optional
         ALiBi: adds ``-slope * |i + offset - j|`` to the (softcapped) scores, computed
         in the kernel (no ``N x N`` bias).
+    layout : "bhnd" (default) or "bnhd"
+        ``"bnhd"``: q, k, v and ``out`` are ``(..., N, H, d)``, flash-attn's layout (a
+        mask, ALiBi slopes and ``lse`` keep their head-major shapes). fa_lab cannot tell
+        the two layouts apart from the shapes alone: say which.
 
     Returns
     -------
-    out : (..., H, Nq, d), q's dtype
+    out : (..., H, Nq, d) (``(..., Nq, H, d)`` with ``layout="bnhd"``), q's dtype
     lse : (..., H, Nq), q's dtype, only with ``return_lse``
 
     Notes
@@ -282,6 +299,15 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto",
     float32 by the same kernels and the results rounded to the input dtype; their
     tolerance is the 2x rule against :func:`fa_lab.numerics.reference.attention_half`.
     """
+    if check_choice("layout", layout, LAYOUTS) == "bnhd":
+        res = attention(*(_heads_first(n, x) for n, x in (("q", q), ("k", k), ("v", v))),
+                        causal=causal, scale=scale, mask=mask, kernel=kernel,
+                        block_q=block_q, block_kv=block_kv, return_lse=return_lse,
+                        dropout_p=dropout_p, seed=seed, window=window, softcap=softcap,
+                        alibi_slopes=alibi_slopes)
+        out, lse = res if isinstance(res, tuple) else (res, None)
+        out = np.ascontiguousarray(np.swapaxes(out, -3, -2))
+        return (out, lse) if lse is not None else out
     half = half_dtype(q)
     if half is not None:
         if isinstance(mask, np.ndarray) and mask.dtype == half:

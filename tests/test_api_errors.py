@@ -99,3 +99,52 @@ def test_unsupported_option_is_named_and_auto_falls_back_with_a_reason(monkeypat
     with pytest.warns(fa_lab.KernelFallbackWarning, match="does not support mask"):
         out = call(mask=np.ones((5, 6), bool))
     np.testing.assert_allclose(out, call(kernel="reference"), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- hostile inputs
+
+def test_a_torch_tensor_is_refused_with_the_way_to_the_torch_adapter():
+    torch = pytest.importorskip("torch", reason="optional")
+    t = torch.from_numpy(Q)
+    for args, name in (((t, KV, KV), "q"), ((Q, torch.from_numpy(KV), KV), "k")):
+        with pytest.raises(TypeError, match=f"{name} is a torch tensor: use "
+                           "fa_lab.integrations.torch.attention"):
+            fa_lab.attention(*args)
+
+
+def test_a_ragged_list_names_its_argument():
+    with pytest.raises(ValueError, match="q must be a rectangular array"):
+        fa_lab.attention([[1.0, 2.0], [3.0]], [[1.0, 2.0]], [[1.0, 2.0]])
+
+
+def test_flash_attn_layout_is_a_keyword_and_a_hint():
+    q = np.ascontiguousarray(Q.transpose(0, 2, 1, 3))  # (B, N, H, d)
+    k = np.ascontiguousarray(KV.transpose(0, 2, 1, 3))
+    out, lse = fa_lab.attention(q, k, k, layout="bnhd", causal=True, return_lse=True)
+    ref, ref_lse = fa_lab.attention(Q, KV, KV, causal=True, return_lse=True)
+    np.testing.assert_array_equal(out, ref.transpose(0, 2, 1, 3))
+    np.testing.assert_array_equal(lse, ref_lse)
+    with pytest.raises(ValueError, match="layout='bnhd'"):  # read as (B, H, N, d): 5 % 6
+        fa_lab.attention(q, k, k)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        fa_lab.attention(Q, KV, KV, layout="bshd")
+    with pytest.raises(ValueError, match="layout='bnhd' needs"):
+        fa_lab.attention(Q[0, 0], KV[0, 0], KV[0, 0], layout="bnhd")
+
+
+def test_documented_clamps_and_casts():
+    # quantize: a block of more rows than there are is one group of all of them
+    x = rng.standard_normal((1, 2, 10, 8)).astype(np.float32)
+    for a, b in zip(fa_lab.quantize(x, "per_block", 64), fa_lab.quantize(x, "per_block", 10)):
+        np.testing.assert_array_equal(a, b)
+    # decode: more key splits than key blocks are clamped to the blocks (documented)
+    cache = fa_lab.KVCache(1, 2, 64, 8)
+    cache.append(KV[:1, :, :6], KV[:1, :, :6])
+    q1 = Q[:1, :, :1]
+    np.testing.assert_array_equal(fa_lab.decode(q1, cache, splits=10 ** 9),
+                                  fa_lab.decode(q1, cache, splits=1))
+    # KVCache: float16 fits a float32 cache without loss (np.can_cast 'safe'); float64 not
+    cache.append(KV[:1, :, :1].astype(np.float16), KV[:1, :, :1].astype(np.float16))
+    assert cache.length == 7 and cache.k.dtype == np.float32
+    with pytest.raises(TypeError, match="does not fit the cache"):
+        cache.append(KV[:1, :, :1].astype(np.float64), KV[:1, :, :1].astype(np.float64))

@@ -26,13 +26,14 @@ def half_dtype(q) -> np.dtype | None:
     dtype = getattr(q, "dtype", None)
     if dtype is None:
         return None
-    dtype = np.dtype(dtype)
+    if not isinstance(q, np.ndarray):
+        dtype = as_array("q", q).dtype  # a torch tensor is refused here, naming q
     return dtype if dtype.name in HALF_DTYPES else None
 
 
 def widen(name, x, half):
     """A half-precision companion array (k, v, a float mask) as float32."""
-    x = np.asarray(x)
+    x = as_array(name, x)
     if x.dtype != half:
         raise TypeError(f"q, k and v must share one dtype, got q {half.name} and {name} "
                         f"{x.dtype}")
@@ -88,9 +89,23 @@ def int_array(name, x, shape_hint) -> np.ndarray:
     return x.astype(np.int64)
 
 
-def as_float_array(name, x) -> np.ndarray:
+def as_array(name, x) -> np.ndarray:
+    """``x`` as a NumPy array, or a TypeError/ValueError naming ``name`` for what NumPy
+    cannot or must not take as one: a masked array, a torch tensor (pointing to the torch
+    adapter), a ragged nested list."""
     refuse_masked(name, x)
-    x = np.asarray(x)
+    if type(x).__module__.split(".")[0] == "torch":
+        raise TypeError(f"{name} is a torch tensor: use fa_lab.integrations.torch.attention "
+                        f"(CPU tensors, autograd), or pass {name}.detach().numpy()")
+    try:
+        return np.asarray(x)
+    except ValueError as e:  # e.g. "inhomogeneous shape": a ragged nested list
+        raise ValueError(f"{name} must be a rectangular array; NumPy could not make one of "
+                         f"it: {e}") from None
+
+
+def as_float_array(name, x) -> np.ndarray:
+    x = as_array(name, x)
     if x.dtype not in FLOATS:
         raise TypeError(f"{name} must be a float32 or float64 array, got dtype {x.dtype}")
     return x
@@ -130,7 +145,8 @@ def check_shapes(q, k, v):
     H, H_kv = q.shape[-3], k.shape[-3]
     if H_kv == 0 or H % H_kv:
         raise ValueError(f"the heads of q (H={H}) must be a multiple of the heads of k and "
-                         f"v (H_kv={H_kv})")
+                         f"v (H_kv={H_kv}); arrays in flash-attn's (B, N, H, d) layout need "
+                         f"layout='bnhd'")
     return q.shape[:-3], H, H_kv, q.shape[-2], k.shape[-2], d
 
 
