@@ -355,7 +355,7 @@ def main(argv=None) -> int:
     r.add_argument("--results-dir", type=_output_dir, default=None,
                    help="where figures/ and data/ are written (default: the output "
                    "folder; `make curate` passes the repository root to refresh the "
-                   "curated results the README shows)")
+                   "curated results of docs/RESULTS.md)")
     r.set_defaults(func=_report)
 
     args = p.parse_args(argv)

@@ -9,7 +9,7 @@ nbval (which cannot pass parameters) runs them in quick mode into a temporary fo
 
 Results go to ``../reports`` by default (ignored by git): running a lesson, in
 JupyterLab or through ``make report``, never modifies tracked files. The curated
-figures and tables that the README shows are written only by ``make curate``.
+figures and tables of ``docs/RESULTS.md`` are written only by ``make curate``.
 
 Every budget a lesson states is followed by :meth:`Lesson.check`, which prints the
 verdict computed from that run (:mod:`fa_lab.numerics.verdict`) and records it, with the load of

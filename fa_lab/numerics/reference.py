@@ -8,7 +8,7 @@ error sets the float32 tolerance (see :mod:`fa_lab.numerics.testing`).
 Notation (FlashAttention papers): ``S = Q K^T * scale (+ bias)``, ``m = rowmax(S)``,
 ``P = exp(S - m)``, ``l = rowsum(P)``, ``O = P V / l``, ``lse = m + log(l)``.
 
-Conventions (shared by every kernel, documented in the README):
+Conventions (shared by every kernel, documented in ``docs/API.md``):
 
 * ``causal=True`` or ``"top_left"``: query ``i`` sees keys ``j <= i`` (PyTorch
   ``is_causal``). ``"bottom_right"``: query ``i`` sees keys ``j <= i + Nk - Nq``

@@ -7,7 +7,7 @@
 * Each writes its figures and tables to ``<results-dir>/figures`` and ``data/``
   (default: the output folder, ``reports/``, which git ignores): the report never
   modifies tracked files. ``make curate`` passes ``--results-dir .`` to refresh the
-  curated figures and tables the README shows, on purpose.
+  curated figures and tables of ``docs/RESULTS.md``, on purpose.
 * The console shows one line per lesson (status, time, verdicts, load); the index
   page shows the same, and flags lessons whose timings ran on a busy machine.
 * Outputs go to ``<out>/<name>.ipynb`` and ``<out>/<name>.html`` through temporary

@@ -36,7 +36,7 @@ What changes against ``tiled_simd`` (same online softmax, same causal block skip
   :func:`fa_lab.tools.bench.studies.breakdown` can time the parts with the real code.
 
 Measured results (against PyTorch's CPU SDPA, the matrix-product peak, the time
-breakdown, decoding) are in lesson ``06_performance`` and the README; dropout is not
+breakdown, decoding) are in lesson ``06_performance`` and ``docs/RESULTS.md``; dropout is not
 supported (``tiled_simd`` is).
 """
 
