@@ -88,3 +88,14 @@ def test_good_options_reach_the_work(tmp_path, monkeypatch):
                  "--csv", str(out)]) == 0
     assert seen == {"kernel": "flash", "bq": [16, 32], "bk": [32], "N": 64}
     assert out.exists()
+
+
+def test_warmup_reports_every_step():
+    from fa_lab.tools.warmup import warmup
+
+    seen = []
+    line = warmup(progress=lambda i, n, label, s: seen.append((i, n, label, s)))
+    n = seen[0][1]
+    assert [i for i, *_ in seen] == list(range(1, n + 1)) and n >= 5
+    assert all(a[3] <= b[3] for a, b in zip(seen, seen[1:]))  # elapsed time grows
+    assert "kernels ready" in line
