@@ -14,6 +14,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from fa_lab.settings import config
 from fa_lab.numerics.checks import (HALF_DTYPES, as_array, as_float_array, bias_view,  # noqa: F401
@@ -230,9 +231,13 @@ def _heads_first(name, x):
     return np.swapaxes(x, -3, -2)
 
 
-def attention(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto",
-              block_q=None, block_kv=None, return_lse=False, dropout_p=0.0, seed=None,
-              window=None, softcap=0.0, alibi_slopes=None, layout="bhnd"):
+def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = False,
+              scale: float | None = None, mask: ArrayLike | None = None, kernel: str = "auto",
+              block_q: int | None = None, block_kv: int | None = None,
+              return_lse: bool = False, dropout_p: float = 0.0, seed: int | None = None,
+              window: tuple[int, int] | None = None, softcap: float = 0.0,
+              alibi_slopes: ArrayLike | None = None,
+              layout: str = "bhnd") -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Scaled dot-product attention ``softmax(Q K^T * scale + mask) V``.
 
     Parameters
@@ -326,9 +331,11 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto",
     return (out, lse) if return_lse else out
 
 
-def plan(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto", block_q=None,
-         block_kv=None, dropout_p=0.0, seed=None, window=None, softcap=0.0,
-         alibi_slopes=None) -> dict:
+def plan(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = False,
+         scale: float | None = None, mask: ArrayLike | None = None, kernel: str = "auto",
+         block_q: int | None = None, block_kv: int | None = None, dropout_p: float = 0.0,
+         seed: int | None = None, window: tuple[int, int] | None = None, softcap: float = 0.0,
+         alibi_slopes: ArrayLike | None = None) -> dict:
     """What :func:`attention` would run for these arguments, without running it.
 
     Returns ``kernel``, ``block_q``, ``block_kv``, ``blocks_from`` (``"given"``,

@@ -16,14 +16,20 @@ Canonical driver signature of a jitted backward kernel::
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from fa_lab.api import attention, prepare
 from fa_lab.registry import BACKWARD_KERNELS
 
 
-def attention_backward(q, k, v, out, lse, dout, *, causal=False, scale=None, mask=None,
-                       dropout_p=0.0, seed=None, kernel="auto", block_q=None, block_kv=None,
-                       window=None, softcap=0.0, alibi_slopes=None):
+def attention_backward(q: ArrayLike, k: ArrayLike, v: ArrayLike, out: ArrayLike,
+                       lse: ArrayLike, dout: ArrayLike, *, causal: bool | str = False,
+                       scale: float | None = None, mask: ArrayLike | None = None,
+                       dropout_p: float = 0.0, seed: int | None = None, kernel: str = "auto",
+                       block_q: int | None = None, block_kv: int | None = None,
+                       window: tuple[int, int] | None = None, softcap: float = 0.0,
+                       alibi_slopes: ArrayLike | None = None
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients ``(dq, dk, dv)`` of ``sum(attention(q, k, v, ...) * dout)``.
 
     Parameters
@@ -67,7 +73,8 @@ def attention_backward(q, k, v, out, lse, dout, *, causal=False, scale=None, mas
     return dq.reshape(call.q.shape), dk.reshape(kshape), dv.reshape(kshape)
 
 
-def attention_grad(q, k, v, *, kernel="auto", backward_kernel="auto", **options):
+def attention_grad(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, kernel: str = "auto",
+                   backward_kernel: str = "auto", **options):
     """Forward now, backward later: returns ``(out, backward)`` with ``backward(dout)``.
 
     ``options`` (causal, scale, mask, dropout_p, seed, block sizes, window, softcap,

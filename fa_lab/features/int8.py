@@ -20,6 +20,7 @@ scores.
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from fa_lab.settings import cpu_features
 from fa_lab.numerics import quant
@@ -98,8 +99,10 @@ def _choose_int8(kernel, call, pv_dtype):
     return chosen
 
 
-def plan_int8(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto",
-              block_q=None, block_kv=None, pv_dtype="float32") -> dict:
+def plan_int8(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = False,
+              scale: float | None = None, mask: ArrayLike | None = None,
+              kernel: str = "auto", block_q: int | None = None, block_kv: int | None = None,
+              pv_dtype: str = "float32") -> dict:
     """What :func:`attention_int8` would run, without running it: the kernel, its
     tiles, the instruction paths this CPU gets (:mod:`fa_lab.settings.cpu_features`) and a note
     on any fallback (no VNNI: vpmaddwd; no AVX512-BF16: fp32 ``P V``; no AVX-512: the
@@ -120,9 +123,12 @@ def plan_int8(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto",
             "pv_path": pv, "pv_dtype": pv_dtype, "note": note}
 
 
-def attention_int8(q, k, v, *, causal=False, scale=None, mask=None,
-                   granularity="per_block", smooth_k=True, kernel="auto", block_q=None,
-                   block_kv=None, return_lse=False, pv_dtype="float32"):
+def attention_int8(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = False,
+                   scale: float | None = None, mask: ArrayLike | None = None,
+                   granularity: str = "per_block", smooth_k: bool = True,
+                   kernel: str = "auto", block_q: int | None = None,
+                   block_kv: int | None = None, return_lse: bool = False,
+                   pv_dtype: str = "float32") -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Attention with INT8 ``Q`` and ``K`` (symmetric, see :mod:`fa_lab.numerics.quant`).
 
     Parameters as :func:`fa_lab.attention`, plus:

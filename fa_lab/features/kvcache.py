@@ -20,6 +20,7 @@ from __future__ import annotations
 import numbers
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from fa_lab.api import choose_kernel, effective_blocks
 from fa_lab.numerics.checks import (as_float_array, check_block, check_bool, check_scale,
@@ -93,10 +94,15 @@ def _check_new(k, v, B, H_kv, d, dtype):
     return k, v, k.shape[2]
 
 
-def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None,
-                           block_table=None, causal=True, scale=None, window=None,
-                           softcap=0.0, alibi_slopes=None, return_lse=False, kernel="auto",
-                           block_q=None, block_kv=None, splits=None):
+def attention_with_kvcache(q: ArrayLike, k_cache: np.ndarray, v_cache: np.ndarray, *,
+                           cache_seqlens: int | ArrayLike, k: ArrayLike | None = None,
+                           v: ArrayLike | None = None, block_table: ArrayLike | None = None,
+                           causal: bool = True, scale: float | None = None,
+                           window: tuple[int, int] | None = None, softcap: float = 0.0,
+                           alibi_slopes: ArrayLike | None = None, return_lse: bool = False,
+                           kernel: str = "auto", block_q: int | None = None,
+                           block_kv: int | None = None,
+                           splits: int | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Attend ``q`` to each sequence's cached keys (after appending ``k``, ``v``).
 
     Parameters

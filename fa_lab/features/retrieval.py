@@ -18,6 +18,7 @@ from __future__ import annotations
 import numbers
 
 import numpy as np
+from numpy.typing import ArrayLike
 from numba import njit
 
 from fa_lab.numerics.checks import check_scale, refuse_masked
@@ -51,7 +52,8 @@ def _merge_topk(S, j0, best_s, best_i):
                 bi[p] = j
 
 
-def topk_attention(query, keys, values=None, k=5, *, scale=1.0, block=8192):
+def topk_attention(query: ArrayLike, keys: ArrayLike, values: ArrayLike | None = None,
+                   k: int = 5, *, scale: float = 1.0, block: int = 8192):
     """Top-``k`` keys per query by ``scale * query . key``, in tiles of ``block`` keys.
 
     Parameters

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numbers
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from fa_lab.api import choose_kernel, effective_blocks
 from fa_lab.numerics.checks import as_float_array, check_bool, check_scale, int_array
@@ -65,10 +66,14 @@ def _check_packed(q, k, v):
     return q, k, v
 
 
-def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
-                     max_seqlen_k=None, causal=False, scale=None, window=None, softcap=0.0,
-                     alibi_slopes=None, kernel="auto", return_lse=False, block_q=None,
-                     block_kv=None):
+def attention_varlen(q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: ArrayLike,
+                     cu_seqlens_k: ArrayLike, *, max_seqlen_q: int | None = None,
+                     max_seqlen_k: int | None = None, causal: bool | str = False,
+                     scale: float | None = None, window: tuple[int, int] | None = None,
+                     softcap: float = 0.0, alibi_slopes: ArrayLike | None = None,
+                     kernel: str = "auto", return_lse: bool = False,
+                     block_q: int | None = None,
+                     block_kv: int | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Attention over a packed batch of variable-length sequences, no padding computed.
 
     Parameters

@@ -31,6 +31,7 @@ from __future__ import annotations
 import numbers
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from fa_lab.settings.config import BLOCK_KV
 
@@ -106,7 +107,8 @@ def absmax_scales(x, granularity="per_block", block=None, *, scale_dtype=np.floa
     return np.where(scales > 0, scales, scale_dtype.type(1.0))
 
 
-def quantize(x, granularity="per_block", block=None, *, scale_dtype=np.float32):
+def quantize(x: ArrayLike, granularity: str = "per_block", block: int | None = None, *,
+             scale_dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
     """``(xq, scales)``: int8 values and scales (see the module docstring).
 
     ``block``: rows per scale for ``"per_block"`` (default :data:`fa_lab.settings.config.BLOCK_KV`,
@@ -119,7 +121,7 @@ def quantize(x, granularity="per_block", block=None, *, scale_dtype=np.float32):
     return np.clip(xq, -QMAX, QMAX).astype(np.int8), scales
 
 
-def dequantize(xq, scales, dtype=np.float32) -> np.ndarray:
+def dequantize(xq: ArrayLike, scales: ArrayLike, dtype=np.float32) -> np.ndarray:
     """``xq * scales`` in ``dtype`` (float32, or float64 for scales or values beyond
     float32's range: a float32 result that would overflow raises ``ValueError``).
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numbers
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from fa_lab.features.kvcache import attention_with_kvcache
 from fa_lab.numerics.checks import check_block, check_bool, check_scale, refuse_masked
@@ -81,7 +82,7 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
-    def append(self, k_new, v_new) -> int:
+    def append(self, k_new: ArrayLike, v_new: ArrayLike) -> int:
         """Write ``T`` new tokens ``(B, H_kv, T, d)`` after the filled part; returns the
         new length. Raises ``ValueError`` (nothing written) if ``length + T > max_len``."""
         B, H_kv, _, d = self.k.shape
@@ -120,7 +121,9 @@ class KVCache:
                 f"dtype={self.k.dtype.name})")
 
 
-def decode(q, cache: KVCache, *, scale=None, return_lse=False, block_kv=None, splits=None):
+def decode(q: ArrayLike, cache: KVCache, *, scale: float | None = None,
+           return_lse: bool = False, block_kv: int | None = None,
+           splits: int | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Attention of new queries ``q`` ``(B, H, Tq, d)`` against the whole cache.
 
     Bottom-right causal (see the module docstring): append the new tokens' k and v to

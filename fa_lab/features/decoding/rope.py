@@ -12,11 +12,13 @@ import math
 import numbers
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from fa_lab.numerics.checks import refuse_masked
 
 
-def rope(x, positions, base=10000.0, interleaved=False):
+def rope(x: ArrayLike, positions: ArrayLike, base: float = 10000.0,
+         interleaved: bool = False) -> np.ndarray:
     """Rotary position embedding of ``x`` ``(..., T, d)`` at ``positions`` ``(T,)`` (or
     broadcastable to ``x.shape[:-1]``); ``d`` must be even. Computed in float64,
     returned in ``x``'s dtype. See :mod:`fa_lab.features.decoding.rope` for the two layouts."""
