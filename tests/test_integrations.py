@@ -204,3 +204,75 @@ def test_register_refuses_names_transformers_reserves():
         register("my_flash")
     with pytest.raises(TypeError, match="name"):
         register("")
+
+
+# ---------------------------------------------------------------- what transformers passes
+
+def _logits_and_tokens(model, ids, att):
+    with torch.no_grad():
+        logits = model(ids, attention_mask=att).logits
+        tokens = model.generate(ids, attention_mask=att, max_new_tokens=8, do_sample=False,
+                                pad_token_id=0)
+    return logits, tokens
+
+
+def _relative(a, b, att):
+    a, b = a[att.bool()], b[att.bool()]
+    return ((a - b).abs().max() / a.abs().max()).item()
+
+
+SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+             max_position_embeddings=256)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma2"])
+def test_sliding_window_and_softcap_pass_through(registered, arch):
+    # a left-padded batch of 30 tokens, longer than the window of 6: the window changes
+    # the answer (checked below with the window switched off), and so does the softcap
+    if arch == "mistral":
+        cls, cfg = transformers.MistralForCausalLM, transformers.MistralConfig(
+            **SMALL, sliding_window=6)
+    else:
+        cls, cfg = transformers.Gemma2ForCausalLM, transformers.Gemma2Config(
+            **SMALL, sliding_window=6, attn_logit_softcapping=0.5, query_pre_attn_scalar=16)
+    eager_cfg = cfg.__class__(**cfg.to_dict())
+    eager_cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    ref = cls(eager_cfg).eval()
+    with torch.no_grad():  # weights large enough that the softcap and the window matter
+        for p in ref.parameters():
+            p.mul_(4.0 if p.dim() > 1 else 1.0)
+    mine_cfg = cfg.__class__(**cfg.to_dict())
+    mine_cfg._attn_implementation = registered
+    mine = cls(mine_cfg).eval()
+    mine.load_state_dict(ref.state_dict())
+    ids = torch.randint(3, 96, (2, 30), generator=torch.Generator().manual_seed(3))
+    att = torch.ones_like(ids)
+    att[0, :5] = 0
+    a, ta = _logits_and_tokens(ref, ids, att)
+    b, tb = _logits_and_tokens(mine, ids, att)
+    assert _relative(a, b, att) <= 1e-4
+    assert torch.equal(ta, tb)
+    # the features are live: without the window (and softcap), eager reads differently
+    off_cfg = cfg.__class__(**{**cfg.to_dict(), "sliding_window": 4096,
+                               **({"attn_logit_softcapping": None} if arch == "gemma2" else {})})
+    off_cfg._attn_implementation = "eager"
+    off = cls(off_cfg).eval()
+    off.load_state_dict(ref.state_dict())
+    with torch.no_grad():
+        c = off(ids, attention_mask=att, use_cache=False).logits
+    assert _relative(a, c, att) > 1e-2
+
+
+def test_attention_sinks_and_unknown_keywords_are_refused(registered):
+    from fa_lab.integrations.transformers import make_attention
+
+    fn = make_attention()
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(NotImplementedError, match="s_aux"):
+        fn(None, q, q, q, None, s_aux=torch.zeros(2))
+    with pytest.raises(TypeError, match="made_up_option"):
+        fn(None, q, q, q, None, made_up_option=1)
+    out, _ = fn(None, q, q, q, None, position_ids=torch.arange(4)[None], use_cache=False)
+    assert out.shape == (1, 4, 2, 8)

@@ -85,7 +85,8 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         qn, kn, vn, maskn, out, lse, opts, dtype = ctx.saved
-        backward_opts = {key: opts[key] for key in ("causal", "scale", "dropout_p", "seed")}
+        backward_opts = {key: opts[key] for key in ("causal", "scale", "dropout_p", "seed",
+                                                    "window", "softcap", "alibi_slopes")}
         dq, dk, dv = attention_backward(qn, kn, vn, out, lse, to_numpy(dout, qn.dtype.type),
                                         mask=maskn, **backward_opts)
         return (torch.from_numpy(dq).to(dtype), torch.from_numpy(dk).to(dtype),
@@ -93,7 +94,8 @@ class _Attention(torch.autograd.Function):
 
 
 def attention(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto", block_q=None,
-              block_kv=None, return_lse=False, dropout_p=0.0, seed=None):
+              block_kv=None, return_lse=False, dropout_p=0.0, seed=None, window=None,
+              softcap=0.0, alibi_slopes=None):
     """:func:`fa_lab.attention` on CPU torch tensors; differentiable in q, k and v.
 
     Parameters and conventions are those of :func:`fa_lab.attention`; ``q``, ``k``,
@@ -104,8 +106,11 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto", bl
     _check("q", q)
     _check("k", k, q.dtype)
     _check("v", v, q.dtype)
+    if isinstance(alibi_slopes, torch.Tensor):
+        alibi_slopes = to_numpy(alibi_slopes, COMPUTE[q.dtype])
     opts = {"causal": causal, "scale": scale, "kernel": kernel, "block_q": block_q,
-            "block_kv": block_kv, "dropout_p": dropout_p, "seed": seed}
+            "block_kv": block_kv, "dropout_p": dropout_p, "seed": seed, "window": window,
+            "softcap": softcap, "alibi_slopes": alibi_slopes}
     out, lse = _Attention.apply(q, k, v, mask, opts)
     return (out, lse) if return_lse else out
 

@@ -22,9 +22,18 @@ self-attention); a mask, when given, already holds causality and padding. A pref
 a preallocated static cache passes keys beyond the queries: as SDPA does, they are cut
 to the first ``Nq`` (top-left causal sees none of them anyway).
 
-Refused with a clear error: ``output_attentions=True`` (fa_lab never forms the weights),
-``softcap``, ``position_bias`` and ``sliding_window`` (not in the registered function;
-flash-attn's options are tracked separately).
+What transformers sends besides the tensors, keyword by keyword:
+
+* passed through: ``scaling`` (scale), ``dropout`` (in training), ``sliding_window`` ``W``
+  (fa_lab's ``window=(W - 1, W - 1)``, exactly as transformers hands it to flash-attn;
+  causality still comes from the mask or the causal flag, so a decoder sees the ``W``
+  most recent keys), ``softcap`` (Gemma-2's logit softcapping);
+* ignored, because the mask already holds what they say or they do not touch attention:
+  :data:`IGNORED` (``position_ids``, ``use_cache``, packing's ``cu_seq_lens_*``, ...);
+* refused with a clear error: ``output_attentions=True`` (fa_lab never forms the
+  weights), :data:`REFUSED` (attention sinks ``s_aux``, ``position_bias``, head masks)
+  when set, and **any other keyword**: a keyword fa_lab does not understand is never
+  dropped, since a dropped one can change the answer silently.
 
 ``int8=True`` registers :func:`fa_lab.attention_int8` instead (inference only: no
 gradient), for INT8 attention inside a real model (lesson 11).
@@ -38,7 +47,16 @@ from fa_lab.features.int8 import attention_int8
 from fa_lab.integrations.torch import attention as torch_attention
 from fa_lab.integrations.torch import to_numpy
 
-REFUSED = ("softcap", "position_bias", "sliding_window")
+#: Keywords whose value changes attention and that fa_lab does not compute (yet).
+REFUSED = ("s_aux", "position_bias", "head_mask", "layer_head_mask")
+#: Keywords transformers passes that change nothing here: the mask function
+#: (``sdpa_mask``) already encodes positions and packed sequences, the rest is
+#: bookkeeping of the model's forward.
+IGNORED = frozenset({
+    "position_ids", "cache_position", "use_cache", "past_key_values", "output_hidden_states",
+    "output_router_logits", "num_items_in_batch", "return_dict", "encoder_hidden_states",
+    "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "output_attentions",
+})
 
 
 def _attentions_requested(kwargs) -> bool:
@@ -72,11 +90,26 @@ def make_attention(kernel="auto", *, int8=False, granularity="per_block", smooth
         for name in REFUSED:
             if kwargs.get(name) is not None:
                 raise NotImplementedError(f"{name}: not supported by the fa_lab attention "
-                                          "function registered with transformers")
+                                          "function registered with transformers (its "
+                                          "answer would be wrong without it); use "
+                                          "attn_implementation='eager' for this model")
+        unknown = sorted(set(kwargs) - IGNORED - set(REFUSED) - {"sliding_window", "softcap"})
+        if unknown:
+            raise TypeError(f"{unknown[0]}: a keyword the fa_lab attention function does not "
+                            f"understand (all unknown: {unknown}); it refuses rather than "
+                            "drop it, since that could change the answer silently")
+        mods = {}
+        if kwargs.get("sliding_window") is not None:
+            w = int(kwargs["sliding_window"])
+            mods["window"] = (w - 1, w - 1)
+        if kwargs.get("softcap"):
+            mods["softcap"] = float(kwargs["softcap"])
         causal = _causal(module, query, attention_mask, is_causal)
         if causal and key.shape[2] > query.shape[2]:  # static-cache prefill (SDPA does this)
             key, value = key[:, :, :query.shape[2]], value[:, :, :query.shape[2]]
         if int8:
+            if mods:
+                raise NotImplementedError(f"{sorted(mods)[0]}: not supported with int8=True")
             out = attention_int8(to_numpy(query), to_numpy(key), to_numpy(value),
                                  causal=causal, scale=scaling,
                                  mask=None if attention_mask is None else to_numpy(
@@ -88,7 +121,8 @@ def make_attention(kernel="auto", *, int8=False, granularity="per_block", smooth
             p = float(dropout) if module is None or module.training else 0.0
             seed = int(torch.randint(0, 2 ** 31 - 1, ())) if p > 0 else None
             out = torch_attention(query, key, value, causal=causal, scale=scaling,
-                                  mask=attention_mask, kernel=kernel, dropout_p=p, seed=seed)
+                                  mask=attention_mask, kernel=kernel, dropout_p=p, seed=seed,
+                                  **mods)
         return out.transpose(1, 2).contiguous(), None
 
     return fa_lab_attention
@@ -116,4 +150,4 @@ def register(name: str = "fa_lab", kernel: str = "auto", *, int8: bool = False,
     return name
 
 
-__all__ = ["register", "make_attention", "REFUSED"]
+__all__ = ["register", "make_attention", "REFUSED", "IGNORED"]
