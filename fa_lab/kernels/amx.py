@@ -1,0 +1,375 @@
+"""Attention on Intel AMX tiles: ``Q K^T`` and ``P V`` on the matrix engine, the online
+softmax in fp32 zmm vectors between them (:mod:`.amx_softmax`).
+
+Two inputs, one driver (:func:`amx_forward`):
+
+* **INT8** (``attention_int8(kernel="amx")``, SageAttention's recipe): ``S = Qi Kj^T``
+  by ``tdpbssd`` on int8 Q and int8 K (per-row scales applied in the softmax), ``P``
+  rounded to bf16 and ``acc += P Vj`` by ``tdpbf16ps`` with V stored bf16 (fp32
+  accumulation);
+* **bf16** (``attention`` on ``bfloat16`` inputs): both products by ``tdpbf16ps`` on bf16
+  Q, K, V (float32 inputs are rounded to bf16 first), fp32 softmax and accumulation, as
+  PyTorch's bf16 SDPA does.
+
+Per task (b, h, query block of ``Br`` rows, padded to 32), over key blocks of ``Bc`` keys
+(a multiple of 32; causal blocks past the diagonal skipped): the score tiles (2 x 2
+output tiles of 16 x 16, one pair of Q tiles and one pair of K tiles per step of 64
+bytes of ``d``), the softmax, then ``acc = alpha acc`` and the ``P V`` tiles (2 x 2 output
+tiles of fp32 accumulators loaded from ``acc``, 32 channels at a time). Every parallel
+body runs ``ldtilecfg`` first and ``tilerelease`` last; every packed operand and scratch
+array is 64-byte aligned, every tile row stride a multiple of 64 bytes.
+
+Packed layouts (once per call, parallel): Q rows padded to ``dq`` (64 bytes per tile
+row: ``d`` rounded up to 64 int8 or 32 bf16, zeros); K per group of 16 keys and 64-byte
+step of ``d`` as a 1 KiB B tile in the VNNI layout (``[d / 4][key][4]`` int8 or
+``[d / 2][key][2]`` bf16); V per 32 keys and 16 channels as a 1 KiB B tile of key pairs
+(``[key / 2][channel][2]``). Pad keys have zero scales and zero values and are never in
+the softmax. A masked block whose V holds NaN/inf (flag per head) uses a scalar ``P V``
+over the visible keys only (a hidden NaN must not reach a row: ``0 x NaN`` is NaN).
+
+Nothing here may be compiled on a CPU without AMX (LLVM aborts):
+:func:`fa_lab.cpu_features.amx_unavailable` first; the registry does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from fa_lab import cpu_features
+from fa_lab.config import CACHE
+from fa_lab.kernels.amx_softmax import dequantize, softmax_fused
+from fa_lab.kernels.amx_tiles import (FULL_CFG, ldtilecfg, tdpbf16ps, tdpbssd, tileloadd,
+                                      tilerelease, tilestored, tilezero)
+from fa_lab.kernels.common import (NEG_INF, finalize_row, mask_block, task_coords,
+                                   visible_end)
+from fa_lab.kernels.flash import bits_f32, f32_bits
+from fa_lab.kernels.vsoftmax import softmax
+from fa_lab.kernels.zmm import align64, empty64
+from fa_lab.reference import causal_offset
+
+#: Default tiles (Br, Bc).
+DEFAULT_BLOCKS = (64, 256)
+#: Stages of :func:`amx_forward` (the breakdown of lesson 10): stop each block after the
+#: loops (0), the score tiles (1) or the softmax (2); 3 is the whole kernel.
+FULL = 3
+
+
+@njit(cache=CACHE, error_model="numpy", inline="always")
+def bf16_bits(x):
+    """float32 -> bf16 bits, rounded to nearest even; NaN -> the quiet NaN 0x7FC0."""
+    u = np.uint32(f32_bits(np.float32(x)))
+    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+        return np.uint16(0x7FC0)
+    return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
+                     >> np.uint32(16))
+
+
+@njit(cache=CACHE, parallel=True, nogil=True, error_model="numpy")
+def pack_q(q, rowscale, scale, Qp, rs, Nqp, dq):
+    """Q (B, H, Nq, d) int8 (copied) or float32 (rounded to bf16 bits, uint16 ``Qp``) ->
+    ``Qp`` (B*H*Nqp*dq) flat, rows padded to ``Nqp`` and ``dq`` with zeros; ``rs``
+    (B*H*Nqp) = ``rowscale * scale`` (0 for pad rows)."""
+    B, H, Nq, d = q.shape
+    for bh in prange(B * H):
+        b, h = bh // H, bh % H
+        base = bh * Nqp * dq
+        Qp[base:base + Nqp * dq] = 0
+        rs[bh * Nqp:(bh + 1) * Nqp] = 0
+        for i in range(Nq):
+            rs[bh * Nqp + i] = np.float32(rowscale[b, h, i] * scale)
+            row, o = q[b, h, i], base + i * dq
+            for t in range(d):
+                Qp[o + t] = bf16_bits(row[t]) if Qp.itemsize == 2 else row[t]
+
+
+@njit(cache=CACHE, parallel=True, nogil=True, error_model="numpy")
+def pack_k(k, keyscale, Kp, skp, Nkp, nch):
+    """K (B, Hkv, Nk, d) int8 or float32 (-> bf16 bits) into B tiles (module docstring):
+    key ``16 g + c``, dimension ``ch 16 w + r w + j`` goes to element ``((bhk G + g) nch +
+    ch) T + r 16 w + c w + j`` of ``Kp`` (flat), with ``w`` = 4 (int8) or 2 (bf16) values
+    per group and ``T`` = 16 x 16 w per tile; ``skp`` (B*Hkv*Nkp) the key scales (0 for
+    pad keys)."""
+    B, Hkv, Nk, d = k.shape
+    w = 2 if Kp.itemsize == 2 else 4
+    T, G = 1024 // Kp.itemsize, Nkp // 16
+    for task in prange(B * Hkv * G):
+        bhk, g = task // G, task % G
+        b, hk = bhk // Hkv, bhk % Hkv
+        base = task * nch * T
+        Kp[base:base + nch * T] = 0
+        for c in range(16):
+            n = 16 * g + c
+            skp[bhk * Nkp + n] = keyscale[b, hk, n] if n < Nk else 0
+            if n >= Nk:
+                continue
+            row = k[b, hk, n]
+            for t in range(d):
+                ch, rem = t // (16 * w), t % (16 * w)
+                o = base + ch * T + (rem // w) * 16 * w + c * w + rem % w
+                Kp[o] = bf16_bits(row[t]) if w == 2 else row[t]
+
+
+@njit(cache=CACHE, parallel=True, nogil=True, error_model="numpy")
+def pack_v(v, Vp, vfin, Nkp, dv):
+    """V (B, Hkv, Nk, d) float32 -> bf16 B tiles of 32 keys x 16 channels, ``[key /
+    2][channel][2]`` (``Vp`` flat uint16, zeros past Nk and d); ``vfin[bhk]`` False
+    when the head's V holds NaN or inf."""
+    B, Hkv, Nk, d = v.shape
+    KC, ncg = Nkp // 32, dv // 16
+    bad = np.zeros(B * Hkv * KC, np.int64)
+    for task in prange(B * Hkv * KC):
+        bhk, kc = task // KC, task % KC
+        b, hk = bhk // Hkv, bhk % Hkv
+        base = task * ncg * 512
+        Vp[base:base + ncg * 512] = 0
+        for key in range(32 * kc, min(32 * kc + 32, Nk)):
+            row, r, j = v[b, hk, key], (key % 32) // 2, key % 2
+            for t in range(d):
+                x = row[t]
+                bad[task] += 0 if abs(x) < np.inf else 1
+                Vp[base + (t // 16) * 512 + r * 32 + (t % 16) * 2 + j] = bf16_bits(x)
+    for bhk in range(B * Hkv):
+        vfin[bhk] = bad[bhk * KC:(bhk + 1) * KC].sum() == 0
+
+
+@njit(cache=CACHE, nogil=True, error_model="numpy")
+def _scores(Qp, rowb, nch, Kp, kc0, bcp, S, ld, brp, bf16):
+    """``S`` (brp x bcp, stride ``ld`` int32/fp32) = Q rows (``Qp`` from the block's first
+    row, ``rowb`` bytes per row) times the keys of chunks ``kc0 ..`` (32 keys each)."""
+    for s in range(0, brp, 32):
+        for kc in range(bcp // 32):
+            tilezero(0)
+            tilezero(1)
+            tilezero(2)
+            tilezero(3)
+            for ch in range(nch):
+                tileloadd(4, Qp, s * rowb + ch * 64, rowb)
+                tileloadd(5, Qp, (s + 16) * rowb + ch * 64, rowb)
+                g = 2 * (kc0 + kc)  # groups of 16 keys
+                tileloadd(6, Kp, (g * nch + ch) * 1024, 64)
+                tileloadd(7, Kp, ((g + 1) * nch + ch) * 1024, 64)
+                if bf16:
+                    tdpbf16ps(0, 4, 6)
+                    tdpbf16ps(1, 4, 7)
+                    tdpbf16ps(2, 5, 6)
+                    tdpbf16ps(3, 5, 7)
+                else:
+                    tdpbssd(0, 4, 6)
+                    tdpbssd(1, 4, 7)
+                    tdpbssd(2, 5, 6)
+                    tdpbssd(3, 5, 7)
+            o0, o1 = (s * ld + kc * 32) * 4, ((s + 16) * ld + kc * 32) * 4
+            tilestored(0, S, o0, ld * 4)
+            tilestored(1, S, o0 + 64, ld * 4)
+            tilestored(2, S, o1, ld * 4)
+            tilestored(3, S, o1 + 64, ld * 4)
+
+
+@njit(cache=CACHE, nogil=True, error_model="numpy")
+def _pv(P, ld, Vp, kc0, bcp, acc, dv, brp, br, alpha):
+    """``acc = alpha acc + P V`` for the block's chunks ``kc0 ..``: rows rescaled in fp32,
+    then 2 x 2 accumulator tiles (32 rows x 32 channels) loaded from ``acc``."""
+    for r in range(br):
+        if alpha[r] != 1:
+            a = acc[r * dv:(r + 1) * dv]
+            for t in range(dv):
+                a[t] *= alpha[r]
+    ncg = dv // 16
+    for s in range(0, brp, 32):
+        for cp in range(0, dv, 32):
+            o0, o1 = (s * dv + cp) * 4, ((s + 16) * dv + cp) * 4
+            tileloadd(0, acc, o0, dv * 4)
+            tileloadd(1, acc, o0 + 64, dv * 4)
+            tileloadd(2, acc, o1, dv * 4)
+            tileloadd(3, acc, o1 + 64, dv * 4)
+            for kc in range(bcp // 32):
+                tileloadd(4, P, (s * ld + kc * 32) * 2, ld * 2)
+                tileloadd(5, P, ((s + 16) * ld + kc * 32) * 2, ld * 2)
+                vt = ((kc0 + kc) * ncg + cp // 16) * 1024
+                tileloadd(6, Vp, vt, 64)
+                tileloadd(7, Vp, vt + 1024, 64)
+                tdpbf16ps(0, 4, 6)
+                tdpbf16ps(1, 4, 7)
+                tdpbf16ps(2, 5, 6)
+                tdpbf16ps(3, 5, 7)
+            tilestored(0, acc, o0, dv * 4)
+            tilestored(1, acc, o0 + 64, dv * 4)
+            tilestored(2, acc, o1, dv * 4)
+            tilestored(3, acc, o1 + 64, dv * 4)
+
+
+@njit(cache=CACHE, nogil=True, error_model="numpy")
+def _pv_visible(S, P, ld, br, bc, v, j0, alpha, acc, dv):
+    """``acc = alpha acc + P V`` over the visible keys only (score not ``-inf``), in fp32
+    with the original V: a masked block whose V holds NaN or inf."""
+    d = v.shape[1]
+    for r in range(br):
+        a = acc[r * dv:r * dv + d]
+        for t in range(d):
+            a[t] *= alpha[r]
+        for c in range(bc):
+            if S[r * ld + c] == NEG_INF:
+                continue
+            p = bits_f32(np.int32(P[r * ld + c]) << np.int32(16))
+            for t in range(d):
+                a[t] += p * v[j0 + c, t]
+
+
+@njit(cache=CACHE, nogil=True, error_model="numpy")
+def _block_softmax(Sraw, S, P, ld, br, bc, sk, rs, m, l, alpha, fused, bias, has_bias, b, h,
+                   i0, j0, diagonal, offset):
+    """The softmax of one block (:mod:`.amx_softmax`): fused, or dequantize + mask +
+    sage's softmax."""
+    if fused:
+        softmax_fused(Sraw, ld, br, bc, sk, rs, m, l, alpha, P)
+        return
+    dequantize(Sraw, ld, br, bc, sk, rs, S)
+    if has_bias or diagonal:
+        mask_block(S[:br * ld].reshape((br, ld))[:, :bc], bias, has_bias, b, h, i0, j0,
+                   diagonal, offset)
+    softmax(S, ld, br, bc, m, l, alpha, P)
+
+
+@njit(cache=CACHE, parallel=True, nogil=True, error_model="numpy")
+def amx_forward(Qp, rs, Kp, skp, Vp, vfin, v, bias, has_bias, causal, offset, block_q,
+                block_kv, out, lse, cfg, positive_scale, stage=3):
+    """Parallel driver over (b, h, query block); ``Qp`` uint16 = the bf16 path, int8 = the
+    INT8 path; ``block_kv`` a multiple of 32; ``positive_scale``: the fused softmax may
+    be used; ``stage``: see :data:`FULL`."""
+    B, H, Nq, d = out.shape
+    Hkv, Nk = v.shape[1], v.shape[2]
+    group = H // Hkv
+    bf16 = Qp.itemsize == 2
+    Nqp, Nkp = rs.shape[0] // (B * H), skp.shape[0] // (B * Hkv)
+    dq = Qp.shape[0] // (B * H * Nqp)
+    rowb, nch = dq * Qp.itemsize, dq * Qp.itemsize // 64
+    dv = Vp.shape[0] // (B * Hkv * Nkp)
+    ktile = nch * 1024 // Kp.itemsize  # elements of Kp per group of 16 keys
+    Tr = (Nq + block_q - 1) // block_q
+    for task in prange(B * H * Tr):
+        b, h, i0 = task_coords(task, H, Tr, block_q)
+        bh, bhk = b * H + h, b * Hkv + h // group
+        br = min(block_q, Nq - i0)
+        brp = -(-br // 32) * 32
+        ld = block_kv
+        Sraw = align64(np.empty(brp * ld + 16, np.int32), brp * ld)
+        S = align64(np.empty(brp * ld + 16, np.float32), brp * ld)
+        P = align64(np.zeros(brp * ld + 32, np.uint16), brp * ld)
+        acc = align64(np.zeros(brp * dv + 16, np.float32), brp * dv)
+        m = np.full(brp, NEG_INF, np.float32)
+        l = np.zeros(brp, np.float32)
+        alpha = np.ones(brp, np.float32)
+        Qb, rsb = Qp[(bh * Nqp + i0) * dq:], rs[bh * Nqp + i0:]
+        Kb, skb, Vb = Kp[bhk * (Nkp // 16) * ktile:], skp[bhk * Nkp:], Vp[bhk * Nkp * dv:]
+        Sf = Sraw.view(np.float32)
+        ldtilecfg(cfg)  # per thread: every body loads the configuration
+        for j0 in range(0, visible_end(i0 + br - 1, Nk, causal, offset), block_kv):
+            if stage < 1:
+                continue
+            bc = min(block_kv, Nk - j0)
+            bcp = -(-bc // 32) * 32
+            diagonal = causal and j0 + bc > i0 + offset + 1
+            masked = has_bias or diagonal
+            _scores(Qb, rowb, nch, Kb, j0 // 32, bcp, Sraw, ld, brp, bf16)
+            if stage < 2:
+                continue
+            fused = positive_scale and not masked and bc % 32 == 0
+            if bf16:
+                _block_softmax(Sf, S, P, ld, br, bc, skb[j0:], rsb, m, l, alpha, fused, bias,
+                               has_bias, b, h, i0, j0, diagonal, offset)
+            else:
+                _block_softmax(Sraw, S, P, ld, br, bc, skb[j0:], rsb, m, l, alpha, fused,
+                               bias, has_bias, b, h, i0, j0, diagonal, offset)
+            if stage < 3:
+                continue
+            if masked and not vfin[bhk]:
+                _pv_visible(S, P, ld, br, bc, v[b, h // group], j0, alpha, acc, dv)
+            else:
+                _pv(P, ld, Vb, j0 // 32, bcp, acc, dv, brp, br, alpha)
+        tilerelease()
+        for r in range(br):
+            lse[b, h, i0 + r] = finalize_row(acc[r * dv:r * dv + d], m[r], l[r],
+                                             out[b, h, i0 + r])
+
+
+def _up(x, m):
+    return -(-x // m) * m
+
+
+def pack(q, rowscale, k, keyscale, v, scale, block_kv):
+    """Q, K, V in the tile layouts (module docstring): int8 ``q``/``k`` for the INT8 path,
+    float32 for bf16. Returns the driver's first six arguments."""
+    B, H, Nq, d = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    bf16 = q.dtype != np.int8
+    dq = _up(d, 32 if bf16 else 64)
+    Nqp, Nkp, dv = _up(Nq, 32) + 32, _up(Nk, block_kv), _up(d, 32)
+    ty = np.uint16 if bf16 else np.int8
+    Qp, rs = _empty64(B * H * Nqp * dq, ty), _empty64(B * H * Nqp, np.float32)
+    pack_q(q, rowscale, float(scale), Qp, rs, Nqp, dq)
+    Kp, skp = _empty64(B * Hkv * Nkp * dq, ty), _empty64(B * Hkv * Nkp, np.float32)
+    pack_k(k, keyscale, Kp, skp, Nkp, dq * np.dtype(ty).itemsize // 64)
+    Vp, vfin = _empty64(B * Hkv * Nkp * dv, np.uint16), np.empty(B * Hkv, np.bool_)
+    pack_v(v, Vp, vfin, Nkp, dv)
+    return Qp, rs, Kp, skp, Vp, vfin
+
+
+def _empty64(n, dtype):
+    return empty64(n, dtype)
+
+
+def packed_call(q, rowscale, k, keyscale, v, bias, scale, alignment, block_q=None,
+                block_kv=None):
+    """Pack once and return ``forward(stage=FULL) -> (out, lse)`` (the breakdown times
+    packing and the stages apart). ``block_kv`` is rounded up to a multiple of 32."""
+    B, H, Nq, d = q.shape
+    Nk = k.shape[2]
+    if Nk == 0:
+        return lambda stage=FULL: (np.zeros((B, H, Nq, d), np.float32),
+                                   np.full((B, H, Nq), -np.inf, np.float32))
+    bq = int(block_q or DEFAULT_BLOCKS[0])
+    bk = _up(int(block_kv or DEFAULT_BLOCKS[1]), 32)
+    packed = pack(q, rowscale, k, keyscale, v, scale, bk)
+    offset = causal_offset(Nq, Nk, alignment) if alignment else 0
+    has_bias = bias is not None
+    bias = bias if has_bias else np.broadcast_to(np.zeros((), np.float32), (1, 1, 1, 1))
+
+    def forward(stage=FULL):
+        out = np.empty((B, H, Nq, d), np.float32)
+        lse = np.empty((B, H, Nq), np.float32)
+        amx_forward(*packed, v, bias, has_bias, alignment is not None, offset, bq, bk, out,
+                    lse, FULL_CFG, scale > 0, stage)
+        return out, lse
+    return forward
+
+
+def unavailable() -> str | None:
+    """Why the AMX kernels cannot run here (None if they can): the registry's check."""
+    return cpu_features.amx_unavailable()
+
+
+def _ready():
+    why = unavailable()
+    if why:
+        raise NotImplementedError(why)
+
+
+def run_int8(arrays, bias, scale, alignment, block_q=None, block_kv=None, *,
+             pv_dtype="bfloat16", stage=FULL):
+    """The registry's INT8 runner (``arrays = (q8, sq, k8, sk, v)``); ``P V`` is bf16."""
+    if pv_dtype != "bfloat16":
+        raise ValueError(f"pv_dtype: the AMX kernel computes P V in bf16, got {pv_dtype!r}")
+    _ready()
+    q8, sq, k8, sk, v = arrays
+    return packed_call(q8, sq, k8, sk, v, bias, scale, alignment, block_q, block_kv)(stage)
+
+
+def run_bf16(arrays, bias, scale, alignment, block_q=None, block_kv=None, *, stage=FULL):
+    """The registry's bf16 runner (``arrays = (q, k, v)`` float32, rounded to bf16)."""
+    _ready()
+    q, k, v = arrays
+    ones_q = np.ones(q.shape[:3], np.float32)
+    ones_k = np.ones(k.shape[:3], np.float32)
+    return packed_call(q, ones_q, k, ones_k, v, bias, scale, alignment, block_q,
+                       block_kv)(stage)
