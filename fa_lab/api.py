@@ -23,7 +23,7 @@ from fa_lab.config import num_threads
 from fa_lab.dropout import check_dropout
 from fa_lab.kernels.flash import plan_splits
 from fa_lab.reference import causal_alignment
-from fa_lab.registry import CUDA_KERNELS, KERNELS, Kernel, Request
+from fa_lab.registry import BF16_KERNELS, CUDA_KERNELS, KERNELS, Kernel, Request
 from fa_lab.scoremod import NONE as NO_MODS
 from fa_lab.scoremod import ScoreMods, check_mods
 from fa_lab.tuning_file import tuned_blocks
@@ -268,12 +268,25 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto",
 
     Half precision: float16 (and ``ml_dtypes.bfloat16``) inputs are computed in
     float32 by the same kernels and the results rounded to the input dtype; their
-    tolerance is the 2x rule against :func:`fa_lab.reference.attention_half`.
+    tolerance is the 2x rule against :func:`fa_lab.reference.attention_half`. On a CPU
+    with AMX, ``bfloat16`` inputs instead run both products in bf16 on the matrix engine
+    (fp32 softmax and accumulation, as PyTorch's bf16 SDPA; ``kernel="amx"`` asks for it,
+    :data:`fa_lab.registry.BF16_KERNELS`) unless an option it lacks (dropout, window,
+    softcap, ALiBi) sends the call to the float32 kernels.
     """
     half = half_dtype(q)
     if half is not None:
         if isinstance(mask, np.ndarray) and mask.dtype == half:
             mask = mask.astype(np.float32)
+        if half.name == "bfloat16" and (kernel == "auto" or kernel in BF16_KERNELS):
+            res = _attention_bf16(np.asarray(q).astype(np.float32), widen("k", k, half),
+                                  widen("v", v, half), kernel, causal=causal, scale=scale,
+                                  mask=mask, block_q=block_q, block_kv=block_kv,
+                                  dropout_p=dropout_p, seed=seed, window=window,
+                                  softcap=softcap, alibi_slopes=alibi_slopes)
+            if res is not None:
+                out, lse = (x.astype(half) for x in res)
+                return (out, lse) if check_bool("return_lse", return_lse) else out
         res = attention(np.asarray(q).astype(np.float32), widen("k", k, half),
                         widen("v", v, half), causal=causal, scale=scale, mask=mask,
                         kernel=kernel, block_q=block_q, block_kv=block_kv,
@@ -286,6 +299,26 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto",
     return_lse = check_bool("return_lse", return_lse)
     out, lse = call.run(kernel)
     return (out, lse) if return_lse else out
+
+
+def _attention_bf16(q, k, v, kernel, **options):
+    """bfloat16 inputs (widened to float32, exactly) on a kernel of
+    :data:`fa_lab.registry.BF16_KERNELS` (both products in bf16, fp32 softmax and
+    accumulation): ``(out, lse)`` in float32, or None when ``kernel="auto"`` finds none
+    that serves the call (the caller then computes in float32)."""
+    call = prepare(q, k, v, **options)
+    try:
+        chosen, _ = choose_kernel(kernel, call.request, BF16_KERNELS)
+    except NotImplementedError:
+        if kernel != "auto":
+            raise
+        return None
+    if call.empty:
+        return np.zeros(call.q.shape, np.float32), np.zeros(call.q.shape[:-1], np.float32)
+    bq, bk, _ = call.blocks(kernel, chosen)
+    out, lse = chosen.run((call.q4, call.k4, call.v4), call.bias, call.scale, call.alignment,
+                          bq, bk)
+    return out.reshape(call.q.shape), lse.reshape(call.q.shape[:-1])
 
 
 def plan(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto", block_q=None,

@@ -30,8 +30,8 @@ from fa_lab.config import FLASH_BLOCKS, num_threads
 from fa_lab.dropout import mix_seed
 from fa_lab.machine import cuda_device
 from fa_lab.scoremod import NONE as NO_MODS
-from fa_lab.kernels import (backward_naive, backward_tiled, fa1, flash, int8, naive, online,
-                           paged, sage, tiled, tiled_simd, varlen)
+from fa_lab.kernels import (amx, backward_naive, backward_tiled, fa1, flash, int8, naive,
+                           online, paged, sage, tiled, tiled_simd, varlen)
 from fa_lab.kernels.common import no_bias
 from fa_lab.kernels.fa1 import fa1_forward
 from fa_lab.kernels.flash import flash_forward, flash_splitkv_forward
@@ -291,6 +291,28 @@ INT8_KERNELS: dict[str, Kernel] = {
                sage.run, sage.sage_forward, tiled=True, parallel=True,
                dtypes=(np.float32,), default_blocks=sage.DEFAULT_BLOCKS,
                scratch=sage.scratch_bytes, tags=("pv_dtype",), available=sage.unavailable),
+        # bf16 P V only: kernel="auto" takes it for pv_dtype="bfloat16" (fa_lab.int8)
+        Kernel("amx", 4, "Intel AMX tiles: Q K^T with tdpbssd, P V in bf16 with tdpbf16ps, "
+               "the online softmax in fp32 zmm (fused with the dequantization), prange over "
+               "(b, h, query block); float32, CPUs with AMX only",
+               amx.run_int8, amx.amx_forward, tiled=True, parallel=True,
+               dtypes=(np.float32,), default_blocks=amx.DEFAULT_BLOCKS,
+               scratch=amx.scratch_bytes, tags=("pv_dtype", "bf16_pv"),
+               available=amx.unavailable),
+    ]
+}
+
+#: bf16 kernels: both products in bf16 with fp32 softmax and accumulation, for
+#: ``attention`` on ``bfloat16`` inputs (:func:`fa_lab.api.attention`); ``run((q, k, v),
+#: ...)`` as :data:`KERNELS` with float32 arrays holding bf16 values.
+BF16_KERNELS: dict[str, Kernel] = {
+    k.name: k
+    for k in [
+        Kernel("amx", 1, "Intel AMX tiles: Q K^T and P V with tdpbf16ps, the online softmax "
+               "in fp32 zmm, prange over (b, h, query block); CPUs with AMX only",
+               amx.run_bf16, amx.amx_forward, tiled=True, parallel=True,
+               dtypes=(np.float32,), default_blocks=amx.DEFAULT_BLOCKS,
+               scratch=amx.scratch_bytes, available=amx.unavailable),
     ]
 }
 

@@ -41,7 +41,7 @@ from fa_lab.config import CACHE
 from fa_lab.kernels.amx_softmax import dequantize, softmax_fused
 from fa_lab.kernels.amx_tiles import (FULL_CFG, ldtilecfg, tdpbf16ps, tdpbssd, tileloadd,
                                       tilerelease, tilestored, tilezero)
-from fa_lab.kernels.common import (NEG_INF, finalize_row, mask_block, task_coords,
+from fa_lab.kernels.common import (NEG_INF, NRT_ARRAY_OVERHEAD, finalize_row, mask_block, task_coords,
                                    visible_end)
 from fa_lab.kernels.flash import bits_f32, f32_bits
 from fa_lab.kernels.vsoftmax import softmax
@@ -291,6 +291,16 @@ def amx_forward(Qp, rs, Kp, skp, Vp, vfin, v, bias, has_bias, causal, offset, bl
         for r in range(br):
             lse[b, h, i0 + r] = finalize_row(acc[r * dv:r * dv + d], m[r], l[r],
                                              out[b, h, i0 + r])
+
+
+def scratch_bytes(*, B, H, Nq, d, block_q, block_kv, threads, **_):
+    """Per running task: raw and fp32 scores, bf16 P (``Br x Bc``, rows padded to 32),
+    acc (``Br x d``, padded to 32 channels) and three row vectors."""
+    tasks = B * H * -(-Nq // block_q)
+    live = max(1, min(threads, tasks))
+    brp, bkp, dv = _up(block_q, 32), _up(block_kv, 32), _up(d, 32)
+    per = 10 * brp * bkp + 4 * brp * dv + 12 * brp + 8 * NRT_ARRAY_OVERHEAD
+    return {f"tiles (S raw, S, P, acc, row state) x {live} threads": live * per}
 
 
 def _up(x, m):
