@@ -28,6 +28,7 @@ from fa_lab.bench import features as bench_features
 from fa_lab.bench import lowprec
 from fa_lab.bench.contenders import _torch
 from fa_lab.machine import describe_machine, machine
+from fa_lab.registry import BF16_KERNELS
 from fa_lab.reference import causal_alignment
 from fa_lab.testing import Case
 
@@ -268,17 +269,22 @@ def _warmup(args) -> int:
             for name, kern in INT8_KERNELS.items():
                 if "pv_dtype" not in kern.tags:
                     attention_int8(q, kv, kv, kernel=name, mask=mask, causal=True)
-                elif dtype == np.float32 and kern.available() is None:  # sage: fp32, AVX-512
-                    for pv in ("float32", "bfloat16"):
+                elif dtype == np.float32 and kern.available() is None:  # sage, amx: by CPU
+                    for pv in ("bfloat16", "float32")[:1 + ("bf16_pv" not in kern.tags)]:
                         attention_int8(q, kv, kv, kernel=name, mask=mask, causal=True,
                                        pv_dtype=pv)
+        for name in [n for n, kern in BF16_KERNELS.items() if kern.available() is None]:
+            import ml_dtypes  # bfloat16 on AMX tiles, only with AMX (else LLVM aborts)
+            b = [x.astype(ml_dtypes.bfloat16) for x in (q, kv)]
+            for mask in masks:
+                attention(b[0], b[1], b[1], kernel=name, mask=mask, causal=True)
         # top-K retrieval's merge (one type per dtype)
         topk_attention(q[0, 0], kv[0, 0], k=2)
     # the memory-hierarchy micro-kernels (lesson 09)
     hierarchy.bandwidth_sweep([4096], repeats=1, target_bytes=4096)
     hierarchy.fma_peak(repeats=1, steps=10)
 
-    n = len(KERNELS) + len(BACKWARD_KERNELS) + len(INT8_KERNELS)
+    n = len(KERNELS) + len(BACKWARD_KERNELS) + len(INT8_KERNELS) + len(BF16_KERNELS)
     print(f"[warmup] {n} kernels ready in {time.perf_counter() - t0:.1f} s")
     return 0
 

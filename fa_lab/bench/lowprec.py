@@ -216,9 +216,12 @@ def speed(N=2048, H=8, B=1, d=64, *, causal=False, repeats=7, peak_df=None, old=
     rng = np.random.default_rng(1)
     q, k, v = (rng.standard_normal((B, H, N, d)).astype(np.float32) for _ in range(3))
     f = cpu_features.detect()
-    plan = {pv: plan_int8(q, k, v, causal=causal, pv_dtype=pv) for pv in ("bfloat16", "float32")}
+    kernel = "sage" if f.score_path else "auto"  # the AMX kernel: fa_lab.bench.amx
+    plan = {pv: plan_int8(q, k, v, causal=causal, pv_dtype=pv, kernel=kernel)
+            for pv in ("bfloat16", "float32")}
     cs = [Contender(f"int8 {plan[pv]['kernel']} pv {pv}", lambda q, k, v, _pv=pv:
-                          attention_int8(q, k, v, causal=causal, pv_dtype=_pv), "kernel")
+                          attention_int8(q, k, v, causal=causal, pv_dtype=_pv, kernel=kernel),
+                    "kernel")
           for pv in ("bfloat16", "float32")]
     int8_names = [c.name for c in cs]
     if old:
