@@ -38,12 +38,12 @@ from numba import njit, prange
 
 from fa_lab import cpu_features
 from fa_lab.config import CACHE
-from fa_lab.kernels.amx_softmax import dequantize, softmax_fused
+from fa_lab.kernels.amx_softmax import bf16_bits, dequantize, softmax_fused
 from fa_lab.kernels.amx_tiles import (FULL_CFG, ldtilecfg, tdpbf16ps, tdpbssd, tileloadd,
                                       tilerelease, tilestored, tilezero)
 from fa_lab.kernels.common import (NEG_INF, NRT_ARRAY_OVERHEAD, finalize_row, mask_block, task_coords,
                                    visible_end)
-from fa_lab.kernels.flash import bits_f32, f32_bits
+from fa_lab.kernels.flash import bits_f32
 from fa_lab.kernels.vsoftmax import softmax
 from fa_lab.kernels.zmm import align64, empty64
 from fa_lab.reference import causal_offset
@@ -55,80 +55,86 @@ DEFAULT_BLOCKS = (64, 256)
 FULL = 3
 
 
-@njit(cache=CACHE, error_model="numpy", inline="always")
-def bf16_bits(x):
-    """float32 -> bf16 bits, rounded to nearest even; NaN -> the quiet NaN 0x7FC0."""
-    u = np.uint32(f32_bits(np.float32(x)))
-    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
-        return np.uint16(0x7FC0)
-    return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
-                     >> np.uint32(16))
-
-
 @njit(cache=CACHE, parallel=True, nogil=True, error_model="numpy")
-def pack_q(q, rowscale, scale, Qp, rs, Nqp, dq):
-    """Q (B, H, Nq, d) int8 (copied) or float32 (rounded to bf16 bits, uint16 ``Qp``) ->
-    ``Qp`` (B*H*Nqp*dq) flat, rows padded to ``Nqp`` and ``dq`` with zeros; ``rs``
-    (B*H*Nqp) = ``rowscale * scale`` (0 for pad rows)."""
-    B, H, Nq, d = q.shape
+def pack_q(q, rowscale, scale, Qp, rs, Nqp):
+    """Q (B, H, Nq, dq) int8 (copied) or float32 (rounded to bf16 bits, uint16 ``Qp``) ->
+    ``Qp`` (B*H*Nqp*dq) flat, rows past Nq zero; ``rs`` (B*H*Nqp) = ``rowscale * scale``
+    (0 for pad rows)."""
+    B, H, Nq, dq = q.shape
     for bh in prange(B * H):
         b, h = bh // H, bh % H
         base = bh * Nqp * dq
-        Qp[base:base + Nqp * dq] = 0
-        rs[bh * Nqp:(bh + 1) * Nqp] = 0
+        Qp[base + Nq * dq:base + Nqp * dq] = 0
+        rs[bh * Nqp + Nq:(bh + 1) * Nqp] = 0
         for i in range(Nq):
             rs[bh * Nqp + i] = np.float32(rowscale[b, h, i] * scale)
-            row, o = q[b, h, i], base + i * dq
-            for t in range(d):
-                Qp[o + t] = bf16_bits(row[t]) if Qp.itemsize == 2 else row[t]
+            row, dst = q[b, h, i], Qp[base + i * dq:base + (i + 1) * dq]
+            for t in range(dq):
+                dst[t] = bf16_bits(row[t]) if Qp.itemsize == 2 else row[t]
+
+
+@njit(cache=CACHE, error_model="numpy", inline="always")
+def _pair(x0, x1):
+    """Two float32 as one uint32 of bf16 bits: ``x0`` low, ``x1`` high."""
+    return np.uint32(bf16_bits(x0)) | (np.uint32(bf16_bits(x1)) << np.uint32(16))
 
 
 @njit(cache=CACHE, parallel=True, nogil=True, error_model="numpy")
-def pack_k(k, keyscale, Kp, skp, Nkp, nch):
-    """K (B, Hkv, Nk, d) int8 or float32 (-> bf16 bits) into B tiles (module docstring):
-    key ``16 g + c``, dimension ``ch 16 w + r w + j`` goes to element ``((bhk G + g) nch +
-    ch) T + r 16 w + c w + j`` of ``Kp`` (flat), with ``w`` = 4 (int8) or 2 (bf16) values
-    per group and ``T`` = 16 x 16 w per tile; ``skp`` (B*Hkv*Nkp) the key scales (0 for
-    pad keys)."""
-    B, Hkv, Nk, d = k.shape
-    w = 2 if Kp.itemsize == 2 else 4
-    T, G = 1024 // Kp.itemsize, Nkp // 16
+def pack_k(k, keyscale, Kw, skp, Nkp):
+    """K (B, Hkv, Nk, dq) into B tiles, by 4-byte words (``Kw``: the packed array viewed
+    as uint32): word ``p`` of key ``16 g + c`` (4 int8, or a bf16 pair of float32 ``k``)
+    goes to word ``(p // 16) 256 + (p % 16) 16 + c`` of group ``g``'s ``dq / 16`` tiles;
+    ``skp`` (B*Hkv*Nkp) the key scales (0 for pad keys)."""
+    B, Hkv, Nk, dq = k.shape
+    words, G = dq // 4 if k.itemsize == 1 else dq // 2, Nkp // 16
     for task in prange(B * Hkv * G):
         bhk, g = task // G, task % G
         b, hk = bhk // Hkv, bhk % Hkv
-        base = task * nch * T
-        Kp[base:base + nch * T] = 0
+        kw = Kw[task * 16 * words:(task + 1) * 16 * words]
+        kw[:] = 0
         for c in range(16):
             n = 16 * g + c
             skp[bhk * Nkp + n] = keyscale[b, hk, n] if n < Nk else 0
             if n >= Nk:
                 continue
             row = k[b, hk, n]
-            for t in range(d):
-                ch, rem = t // (16 * w), t % (16 * w)
-                o = base + ch * T + (rem // w) * 16 * w + c * w + rem % w
-                Kp[o] = bf16_bits(row[t]) if w == 2 else row[t]
+            roww = row.view(np.uint32)  # 4 int8 per word (the int8 path)
+            for p in range(words):
+                o = (p // 16) * 256 + (p % 16) * 16 + c
+                if k.itemsize == 1:
+                    kw[o] = roww[p]
+                else:
+                    kw[o] = _pair(row[2 * p], row[2 * p + 1])
 
 
 @njit(cache=CACHE, parallel=True, nogil=True, error_model="numpy")
-def pack_v(v, Vp, vfin, Nkp, dv):
-    """V (B, Hkv, Nk, d) float32 -> bf16 B tiles of 32 keys x 16 channels, ``[key /
-    2][channel][2]`` (``Vp`` flat uint16, zeros past Nk and d); ``vfin[bhk]`` False
-    when the head's V holds NaN or inf."""
-    B, Hkv, Nk, d = v.shape
-    KC, ncg = Nkp // 32, dv // 16
+def pack_v(v, Vw, vfin, Nkp):
+    """V (B, Hkv, Nk, dv) float32 -> bf16 B tiles of 32 keys x 16 channels (``Vw``: the
+    packed array viewed as uint32, one word = a pair of keys): pair ``r`` of chunk ``kc``,
+    channel ``16 g + c`` at word ``g 256 + r 16 + c`` of the chunk's ``dv / 16`` tiles;
+    zeros past Nk. ``vfin[bhk]`` False when the head's V holds NaN or inf."""
+    B, Hkv, Nk, dv = v.shape
+    KC = Nkp // 32
     bad = np.zeros(B * Hkv * KC, np.int64)
     for task in prange(B * Hkv * KC):
         bhk, kc = task // KC, task % KC
         b, hk = bhk // Hkv, bhk % Hkv
-        base = task * ncg * 512
-        Vp[base:base + ncg * 512] = 0
-        for key in range(32 * kc, min(32 * kc + 32, Nk)):
-            row, r, j = v[b, hk, key], (key % 32) // 2, key % 2
-            for t in range(d):
-                x = row[t]
-                bad[task] += 0 if abs(x) < np.inf else 1
-                Vp[base + (t // 16) * 512 + r * 32 + (t % 16) * 2 + j] = bf16_bits(x)
+        vw = Vw[task * 16 * dv:(task + 1) * 16 * dv]
+        nbad = 0
+        for r in range(16):
+            k0 = 32 * kc + 2 * r
+            if k0 >= Nk:
+                for g in range(dv // 16):  # a whole pad pair
+                    vw[g * 256 + r * 16:g * 256 + r * 16 + 16] = 0
+                continue
+            x0 = v[b, hk, k0]
+            x1 = v[b, hk, k0 + 1] if k0 + 1 < Nk else np.zeros(dv, np.float32)
+            for g in range(dv // 16):
+                for c in range(16):
+                    a, z = x0[16 * g + c], x1[16 * g + c]
+                    vw[g * 256 + r * 16 + c] = _pair(a, z)
+                    nbad += (abs(a) == np.inf) | (a != a) | (abs(z) == np.inf) | (z != z)
+        bad[task] = nbad
     for bhk in range(B * Hkv):
         vfin[bhk] = bad[bhk * KC:(bhk + 1) * KC].sum() == 0
 
@@ -217,12 +223,16 @@ def _pv_visible(S, P, ld, br, bc, v, j0, alpha, acc, dv):
 
 
 @njit(cache=CACHE, nogil=True, error_model="numpy")
-def _block_softmax(Sraw, S, P, ld, br, bc, sk, rs, m, l, alpha, fused, bias, has_bias, b, h,
-                   i0, j0, diagonal, offset):
-    """The softmax of one block (:mod:`.amx_softmax`): fused, or dequantize + mask +
-    sage's softmax."""
-    if fused:
-        softmax_fused(Sraw, ld, br, bc, sk, rs, m, l, alpha, P)
+def _block_softmax(Sraw, S, P, ld, br, bc, bcp, sk, rs, m, l, alpha, general, bias, has_bias,
+                   b, h, i0, j0, diagonal, offset):
+    """The softmax of one block (:mod:`.amx_softmax`): fused, or (``general``, or keys
+    with different scales) dequantize + mask + sage's softmax."""
+    ks = sk[0]
+    for c in range(1, bc):
+        general |= sk[c] != ks
+    if not general:
+        first = i0 + offset + 1 - j0 if diagonal else bc
+        softmax_fused(Sraw, ld, br, bc, bcp, ks, rs, first, m, l, alpha, P)
         return
     dequantize(Sraw, ld, br, bc, sk, rs, S)
     if has_bias or diagonal:
@@ -274,16 +284,17 @@ def amx_forward(Qp, rs, Kp, skp, Vp, vfin, v, bias, has_bias, causal, offset, bl
             _scores(Qb, rowb, nch, Kb, j0 // 32, bcp, Sraw, ld, brp, bf16)
             if stage < 2:
                 continue
-            fused = positive_scale and not masked and bc % 32 == 0
+            hidden_nan = masked and not vfin[bhk]  # needs the masked fp32 scores
+            general = has_bias or hidden_nan or not positive_scale
             if bf16:
-                _block_softmax(Sf, S, P, ld, br, bc, skb[j0:], rsb, m, l, alpha, fused, bias,
-                               has_bias, b, h, i0, j0, diagonal, offset)
-            else:
-                _block_softmax(Sraw, S, P, ld, br, bc, skb[j0:], rsb, m, l, alpha, fused,
+                _block_softmax(Sf, S, P, ld, br, bc, bcp, skb[j0:], rsb, m, l, alpha, general,
                                bias, has_bias, b, h, i0, j0, diagonal, offset)
+            else:
+                _block_softmax(Sraw, S, P, ld, br, bc, bcp, skb[j0:], rsb, m, l, alpha,
+                               general, bias, has_bias, b, h, i0, j0, diagonal, offset)
             if stage < 3:
                 continue
-            if masked and not vfin[bhk]:
+            if hidden_nan:
                 _pv_visible(S, P, ld, br, bc, v[b, h // group], j0, alpha, acc, dv)
             else:
                 _pv(P, ld, Vb, j0 // 32, bcp, acc, dv, brp, br, alpha)
@@ -307,21 +318,31 @@ def _up(x, m):
     return -(-x // m) * m
 
 
+def _padded(x, d):
+    """``x`` with its last axis zero-padded to ``d`` (``x`` itself when it is already)."""
+    if x.shape[-1] == d:
+        return x
+    out = np.zeros(x.shape[:-1] + (d,), x.dtype)
+    out[..., :x.shape[-1]] = x
+    return out
+
+
 def pack(q, rowscale, k, keyscale, v, scale, block_kv):
     """Q, K, V in the tile layouts (module docstring): int8 ``q``/``k`` for the INT8 path,
-    float32 for bf16. Returns the driver's first six arguments."""
+    float32 for bf16 (``d`` zero-padded to a whole number of 64-byte tile rows). Returns
+    the driver's first six arguments."""
     B, H, Nq, d = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     bf16 = q.dtype != np.int8
-    dq = _up(d, 32 if bf16 else 64)
-    Nqp, Nkp, dv = _up(Nq, 32) + 32, _up(Nk, block_kv), _up(d, 32)
+    dq, dv = _up(d, 32 if bf16 else 64), _up(d, 32)
+    Nqp, Nkp = _up(Nq, 32) + 32, _up(Nk, block_kv)
     ty = np.uint16 if bf16 else np.int8
     Qp, rs = _empty64(B * H * Nqp * dq, ty), _empty64(B * H * Nqp, np.float32)
-    pack_q(q, rowscale, float(scale), Qp, rs, Nqp, dq)
+    pack_q(_padded(q, dq), rowscale, float(scale), Qp, rs, Nqp)
     Kp, skp = _empty64(B * Hkv * Nkp * dq, ty), _empty64(B * Hkv * Nkp, np.float32)
-    pack_k(k, keyscale, Kp, skp, Nkp, dq * np.dtype(ty).itemsize // 64)
+    pack_k(_padded(k, dq), keyscale, Kp.view(np.uint32), skp, Nkp)
     Vp, vfin = _empty64(B * Hkv * Nkp * dv, np.uint16), np.empty(B * Hkv, np.bool_)
-    pack_v(v, Vp, vfin, Nkp, dv)
+    pack_v(_padded(v, dv), Vp.view(np.uint32), vfin, Nkp)
     return Qp, rs, Kp, skp, Vp, vfin
 
 
@@ -332,7 +353,8 @@ def _empty64(n, dtype):
 def packed_call(q, rowscale, k, keyscale, v, bias, scale, alignment, block_q=None,
                 block_kv=None):
     """Pack once and return ``forward(stage=FULL) -> (out, lse)`` (the breakdown times
-    packing and the stages apart). ``block_kv`` is rounded up to a multiple of 32."""
+    packing and the stages apart; a negative stage runs nothing: uninitialized outputs).
+    ``block_kv`` is rounded up to a multiple of 32."""
     B, H, Nq, d = q.shape
     Nk = k.shape[2]
     if Nk == 0:
@@ -348,6 +370,8 @@ def packed_call(q, rowscale, k, keyscale, v, bias, scale, alignment, block_q=Non
     def forward(stage=FULL):
         out = np.empty((B, H, Nq, d), np.float32)
         lse = np.empty((B, H, Nq), np.float32)
+        if stage < 0:  # packing only (the breakdown)
+            return out, lse
         amx_forward(*packed, v, bias, has_bias, alignment is not None, offset, bq, bk, out,
                     lse, FULL_CFG, scale > 0, stage)
         return out, lse

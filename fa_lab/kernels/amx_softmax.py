@@ -6,12 +6,15 @@ The score tiles leave ``Q K^T`` in memory as raw products: int32 (INT8 path) or 
 
 Two ways through a block:
 
-* **fused** (a block with no mask and ``Bc`` a multiple of 32, ``rs > 0``): two passes
-  over the raw row, never writing fp32 scores: (1) every row's max of ``S sk`` (then
-  times ``rs``, which keeps the order since ``rs > 0``), (2) ``p = 2^(S sk (rs log2 e) -
-  m log2 e)``, one FMA on top of the conversion, the row sum, and P written as bf16
-  (``vcvtne2ps2bf16``): the form the ``P V`` tiles read;
-* **general** (masks, the causal diagonal, a ragged last block): dequantize to fp32
+* **fused** (no additive mask, ``rs > 0``, one key scale for the whole block, as
+  per-block quantization with the kernel's ``Bc`` gives): two passes over the raw row,
+  never writing fp32 scores: (1) every row's max of the raw ``S`` (``vpmaxsd`` on the
+  int32 products: INT8 scores have no NaN; order-preserving keys for fp32), times ``rs
+  sk`` (positive: the order is kept), (2) ``p = 2^(S (rs sk log2 e) - m log2 e)``: the
+  conversion and one FMA, the exponential, the row sum, and P written as bf16
+  (``vcvtne2ps2bf16``), the form the ``P V`` tiles read. On the causal diagonal each row
+  stops at its own last visible key (a scalar tail, then zeros);
+* **general** (a mask, a negative scale, keys scaled one by one): dequantize to fp32
   scores (:func:`dequantize`), apply the mask, then sage's softmax
   (:func:`fa_lab.kernels.vsoftmax.softmax`).
 """
@@ -26,11 +29,11 @@ from numba.extending import overload
 
 from fa_lab.config import CACHE
 from fa_lab.kernels.common import NEG_INF
-from fa_lab.kernels.flash import bits_f32
+from fa_lab.kernels.flash import bits_f32, f32_bits
 from fa_lab.kernels.vsoftmax import vexp2_frac
 from fa_lab.kernels.zmm import (hmax_i32, hsum_f32, vadd, vcvt2bf16, vcvt_f32, vfloor, vfma,
-                                vload_f32, vload_i32, vmax_i32, vmax_nan, vmul, vorder_key,
-                                vscalef, vsplat_f32, vstore, vsub, vzero_f32)
+                                vload_f32, vload_i32, vmax_i32, vmax_nan, vorder_key, vscalef,
+                                vsplat_f32, vstore, vsub, vzero_f32)
 
 LOG2E = np.float32(1.4426950408889634)
 
@@ -53,40 +56,108 @@ def _vload_score_overload(S, c):
     return _vload_i32_scores if S.dtype == types.int32 else _vload_f32_scores
 
 
-@njit(cache=CACHE, inline="always")
-def vexp2_bf16(t, Pr):
-    """``2^t`` in 16 lanes, ``t`` clamped at -160 (0 after scaling); degree-4 fraction."""
+def vexp2(t, S):
+    """``2^t`` in 16 lanes, degree-4 fraction (P is rounded to bf16). fp32 scores (``S``
+    float32) may be infinite: ``t`` is clamped at -160 first (0 after scaling); INT8
+    scores are finite, and ``vscalefps`` alone underflows to 0."""
+    return t
+
+
+def _vexp2_int(t, S):
+    ti = vfloor(t)
+    return vscalef(vexp2_frac(vsub(t, ti), _BF16_TAG), ti)
+
+
+def _vexp2_clamped(t, S):
     t = vmax_nan(vsplat_f32(np.float32(-160.0)), t)
     ti = vfloor(t)
-    return vscalef(vexp2_frac(vsub(t, ti), Pr), ti)
+    return vscalef(vexp2_frac(vsub(t, ti), _BF16_TAG), ti)
 
 
-@njit(cache=CACHE, error_model="numpy", inline="always")
-def row_max_scaled(Sr, sk, n):
-    """The largest ``Sr[c] sk[c]`` for ``c < n`` (n a multiple of 32), on
-    order-preserving int32 keys (a NaN wins)."""
+@overload(vexp2, inline="always")
+def _vexp2_overload(t, S):
+    return _vexp2_int if S.dtype == types.int32 else _vexp2_clamped
+
+
+#: A uint16 array: selects the degree-4 fraction of :func:`~.vsoftmax.vexp2_frac`.
+_BF16_TAG = np.zeros(1, np.uint16)
+
+
+def row_max(Sr, n):
+    """The largest of ``Sr[:n]`` as float32 (``-inf`` for ``n = 0``)."""
+    return Sr[0]
+
+
+def _row_max_i32(Sr, n):
+    n32 = n - n % 32
+    k0 = vload_i32(_INT_MIN, 0)
+    k1 = k0
+    for c in range(0, n32, 32):
+        k0 = vmax_i32(k0, vload_i32(Sr, c))
+        k1 = vmax_i32(k1, vload_i32(Sr, c + 16))
+    top = hmax_i32(vmax_i32(k0, k1))
+    for c in range(n32, n):
+        top = max(top, Sr[c])
+    return np.float32(top) if n > 0 else np.float32(-np.inf)
+
+
+def _row_max_f32(Sr, n):
+    n32 = n - n % 32
     k0 = vorder_key(vsplat_f32(np.float32(-np.inf)))
     k1 = k0
-    for c in range(0, n, 32):
-        k0 = vmax_i32(k0, vorder_key(vmul(vload_score(Sr, c), vload_f32(sk, c))))
-        k1 = vmax_i32(k1, vorder_key(vmul(vload_score(Sr, c + 16), vload_f32(sk, c + 16))))
+    for c in range(0, n32, 32):
+        k0 = vmax_i32(k0, vorder_key(vload_f32(Sr, c)))
+        k1 = vmax_i32(k1, vorder_key(vload_f32(Sr, c + 16)))
     top = hmax_i32(vmax_i32(k0, k1))
+    for c in range(n32, n):
+        i = f32_bits(Sr[c])
+        top = max(top, np.int32(i ^ ((i >> np.int32(31)) & np.int32(0x7FFFFFFF))))
     return bits_f32(top ^ ((top >> np.int32(31)) & np.int32(0x7FFFFFFF)))
 
 
+@overload(row_max, inline="always")
+def _row_max_overload(Sr, n):
+    return _row_max_i32 if Sr.dtype == types.int32 else _row_max_f32
+
+
+_INT_MIN = np.full(16, np.iinfo(np.int32).min, np.int32)
+
+
 @njit(cache=CACHE, error_model="numpy", inline="always")
-def row_exp_scaled(Sr, sk, n, a, b, Pr):
-    """``Pr[c]`` = bf16 bits of ``2^(Sr[c] sk[c] a - b)`` for ``c < n`` (a multiple of
-    32); returns their sum (fp32, before rounding)."""
+def row_exp(Sr, n, nz, a, b, Pr):
+    """``Pr[c]`` = bf16 bits of ``2^(Sr[c] a - b)`` for ``c < n``, 0 for ``n <= c < nz``;
+    returns the sum of the unrounded values (fp32)."""
+    n32 = n - n % 32
     av, bv = vsplat_f32(a), vsplat_f32(-b)
     s0 = vzero_f32()
     s1 = s0
-    for c in range(0, n, 32):
-        p0 = vexp2_bf16(vfma(bv, vmul(vload_score(Sr, c), vload_f32(sk, c)), av), Pr)
-        p1 = vexp2_bf16(vfma(bv, vmul(vload_score(Sr, c + 16), vload_f32(sk, c + 16)), av), Pr)
+    for c in range(0, n32, 32):
+        p0 = vexp2(vfma(bv, vload_score(Sr, c), av), Sr)
+        p1 = vexp2(vfma(bv, vload_score(Sr, c + 16), av), Sr)
         s0, s1 = vadd(s0, p0), vadd(s1, p1)
         vstore(Pr, c, vcvt2bf16(p0, p1))
-    return hsum_f32(vadd(s0, s1))
+    total = hsum_f32(vadd(s0, s1))
+    for c in range(n32, n):
+        t = np.float32(Sr[c]) * a - b
+        p = np.float32(math.exp(t * LN2)) if t > -160 or t != t else np.float32(0)
+        Pr[c] = bf16_bits(p)
+        total += p
+    for c in range(n, nz):
+        Pr[c] = 0
+    return total
+
+
+LN2 = np.float32(0.6931471805599453)
+
+
+@njit(cache=CACHE, error_model="numpy", inline="always")
+def bf16_bits(x):
+    """float32 -> bf16 bits, rounded to nearest even; NaN -> the quiet NaN 0x7FC0."""
+    u = np.uint32(f32_bits(np.float32(x)))
+    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+        return np.uint16(0x7FC0)
+    return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
+                     >> np.uint32(16))
 
 
 @njit(cache=CACHE, error_model="numpy", inline="always")
@@ -99,17 +170,22 @@ def new_max(x, m_old):
 
 
 @njit(cache=CACHE, error_model="numpy")
-def softmax_fused(Sraw, ld, br, n, sk, rs, m, l, alpha, P):
-    """The fused path (module docstring) over rows ``r < br`` of stride ``ld``: all rows'
-    maxima first, then their exponentials (no row waits on its own reduction)."""
+def softmax_fused(Sraw, ld, br, bc, nz, ks, rs, first_hidden, m, l, alpha, P):
+    """The fused path (module docstring) over rows ``r < br`` of stride ``ld``: key scale
+    ``ks`` for the whole block; row ``r`` sees keys ``c < min(bc, first_hidden + r)``
+    (``first_hidden`` large when there is no causal cut) and gets P = 0 up to ``nz``. All
+    rows' maxima first, then their exponentials (no row waits on its own reduction)."""
     for r in range(br):
-        mx, al = new_max(row_max_scaled(Sraw[r * ld:r * ld + n], sk, n) * rs[r], m[r])
+        n = max(0, min(bc, first_hidden + r))
+        x = row_max(Sraw[r * ld:r * ld + n], n)
+        mx, al = new_max(x * (rs[r] * ks) if n > 0 else x, m[r])
         m[r], alpha[r] = mx, al
         l[r] *= al
     for r in range(br):
+        n = max(0, min(bc, first_hidden + r))
         m_use = m[r] if m[r] != NEG_INF else np.float32(0)
-        l[r] += row_exp_scaled(Sraw[r * ld:r * ld + n], sk, n, rs[r] * LOG2E, m_use * LOG2E,
-                               P[r * ld:r * ld + n])
+        l[r] += row_exp(Sraw[r * ld:r * ld + nz], n, nz, rs[r] * ks * LOG2E, m_use * LOG2E,
+                        P[r * ld:r * ld + nz])
 
 
 @njit(cache=CACHE, error_model="numpy")
