@@ -25,6 +25,7 @@ from fa_lab import (BACKWARD_KERNELS, INT8_KERNELS, KERNELS, attention, attentio
                     attention_int8, bench, hierarchy, memory, report, topk_attention, tune, viz)
 from fa_lab._blas import coretype_hint
 from fa_lab.bench import features as bench_features
+from fa_lab.bench import amx as amx_bench
 from fa_lab.bench import lowprec
 from fa_lab.bench.contenders import _torch
 from fa_lab.machine import describe_machine, machine
@@ -162,7 +163,7 @@ def _bench(args) -> int:
         df = bench_features.feature_studies(quick=args.quick, repeats=args.repeats,
                                             progress=log)
         cols = bench_features.COLUMNS
-    elif args.sweep == "int8":
+    elif args.sweep in ("int8", "amx"):
         df = _int8(args, log)
         cols = ["what", "detail"]
     else:  # claims
@@ -178,11 +179,12 @@ def _bench(args) -> int:
 
 
 def _int8(args, log):
-    """Issue 15's sweep (:func:`fa_lab.bench.lowprec.sweep`): prints each table, returns
-    the targets with their verdicts."""
-    r = lowprec.sweep(args.N[0], args.H, args.B, args.d, repeats=args.repeats, progress=log)
-    print(lowprec.format_sweep(r) + "\n\n== targets (issue 15)")
-    return lowprec.targets(r)
+    """The low-precision sweeps (:func:`fa_lab.bench.lowprec.sweep`, or the AMX one,
+    :func:`fa_lab.bench.amx.sweep`): prints each table, returns the judged targets."""
+    mod = lowprec if args.sweep == "int8" else amx_bench
+    r = mod.sweep(args.N[0], args.H, args.B, args.d, repeats=args.repeats, progress=log)
+    print(mod.format_sweep(r) + "\n\n== targets")
+    return mod.targets(r)
 
 
 def _bandwidth(args, log):
@@ -245,8 +247,6 @@ def _memory(args) -> int:
 
 def _warmup(args) -> int:
     """Compile (or load from numba's cache) every kernel for every dtype and option path."""
-
-
     t0 = time.perf_counter()
     rng = np.random.default_rng(0)
     for dtype in (np.float32, np.float64):
@@ -273,11 +273,10 @@ def _warmup(args) -> int:
                     for pv in ("bfloat16", "float32")[:1 + ("bf16_pv" not in kern.tags)]:
                         attention_int8(q, kv, kv, kernel=name, mask=mask, causal=True,
                                        pv_dtype=pv)
-        for name in [n for n, kern in BF16_KERNELS.items() if kern.available() is None]:
-            import ml_dtypes  # bfloat16 on AMX tiles, only with AMX (else LLVM aborts)
-            b = [x.astype(ml_dtypes.bfloat16) for x in (q, kv)]
-            for mask in masks:
-                attention(b[0], b[1], b[1], kernel=name, mask=mask, causal=True)
+        if BF16_KERNELS["amx"].available() is None:  # only with AMX (else LLVM aborts)
+            import ml_dtypes
+            for m in masks:  # bfloat16 inputs: both products on AMX tiles
+                attention(*(x.astype(ml_dtypes.bfloat16) for x in (q, kv, kv)), mask=m)
         # top-K retrieval's merge (one type per dtype)
         topk_attention(q[0, 0], kv[0, 0], k=2)
     # the memory-hierarchy micro-kernels (lesson 09)
@@ -315,10 +314,11 @@ def main(argv=None) -> int:
                        "contiguous decode (flash-attn's features), judged; int8: peaks "
                        "per precision, the INT8 score micro-kernel vs BLAS tiles, the "
                        "Sage-style kernel vs flash and torch SDPA (causal and not) and its "
-                       "accuracy, issue 15's targets judged (use --N 2048 --H 8).")
+                       "accuracy, issue 15's targets judged (use --N 2048 --H 8); amx: "
+                       "the same for the AMX kernels vs torch SDPA bf16/fp32 (AMX CPUs).")
     b.add_argument("--sweep", default="kernels",
                    choices=["kernels", "blocks", "threads", "decode", "breakdown", "peak",
-                            "claims", "targets", "bandwidth", "features", "int8"])
+                            "claims", "targets", "bandwidth", "features", "int8", "amx"])
     b.add_argument("--kernels", nargs="+", default=None,
                    help="registry names (default: every kernel but the reference; the "
                    "other sweeps use the first, default flash)")
