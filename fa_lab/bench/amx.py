@@ -70,6 +70,32 @@ def peaks(*, repeats=5, steps=200_000, threads=None):
     return pd.DataFrame(rows).rename(columns={"gflops": "gops"})
 
 
+def instructions():
+    """The tile instructions in the assembly of fresh compilations of the tile product
+    (:func:`fa_lab.kernels.amx_tiles.tile_gemm`) and of the attention driver
+    (:func:`fa_lab.kernels.amx.amx_forward`, compiled for its first signature: call a
+    kernel once first). Rows: ``function, instruction, count``."""
+    import re
+
+    import pandas as pd
+    from numba import njit
+
+    why = unavailable()
+    if why:
+        raise NotImplementedError(why)
+    rows = []
+    for fn in (amx_tiles.tile_gemm, INT8_KERNELS["amx"].driver):
+        fresh = njit(**fn.targetoptions)(fn.py_func)  # cached code has no assembly
+        for sig in fn.signatures[:1]:
+            fresh.compile(sig)
+        asm = "\n".join(fresh.inspect_asm().values())
+        for ins in ("ldtilecfg", "tileloadd", "tdpbssd", "tdpbusd", "tdpbf16ps",
+                    "tilestored", "tilerelease"):
+            rows.append({"function": fn.__name__, "instruction": ins,
+                         "count": len(re.findall(rf"\b{ins}\b", asm))})
+    return pd.DataFrame(rows)
+
+
 def _inputs(B, H, N, d, seed=1):
     rng = np.random.default_rng(seed)
     return tuple(rng.standard_normal((B, H, N, d)).astype(np.float32) for _ in range(3))
