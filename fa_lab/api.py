@@ -21,6 +21,7 @@ from fa_lab.checks import (HALF_DTYPES, as_float_array, bias_view, check_block, 
                            widen)
 from fa_lab.config import num_threads
 from fa_lab.dropout import check_dropout
+from fa_lab.kernels.amx_pack import round_bf16
 from fa_lab.kernels.flash import plan_splits
 from fa_lab.reference import causal_alignment
 from fa_lab.registry import BF16_KERNELS, CUDA_KERNELS, KERNELS, Kernel, Request
@@ -285,7 +286,7 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto",
                                   dropout_p=dropout_p, seed=seed, window=window,
                                   softcap=softcap, alibi_slopes=alibi_slopes)
             if res is not None:
-                out, lse = (x.astype(half) for x in res)
+                out, lse = (_to_bf16(x, half) for x in res)
                 return (out, lse) if check_bool("return_lse", return_lse) else out
         res = attention(np.asarray(q).astype(np.float32), widen("k", k, half),
                         widen("v", v, half), causal=causal, scale=scale, mask=mask,
@@ -299,6 +300,13 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto",
     return_lse = check_bool("return_lse", return_lse)
     out, lse = call.run(kernel)
     return (out, lse) if return_lse else out
+
+
+def _to_bf16(x, bf16):
+    """float32 -> bfloat16 (nearest even) in parallel (NumPy's cast is one thread)."""
+    out = np.empty(x.shape, np.uint16)
+    round_bf16(np.ascontiguousarray(x).reshape(-1), out.reshape(-1))
+    return out.view(bf16)
 
 
 def _attention_bf16(q, k, v, kernel, **options):

@@ -102,7 +102,7 @@ def test_without_amx_nothing_is_compiled_and_bf16_falls_back():
     other kernels, and not one AMX function was compiled (LLVM would abort)."""
     code = """
 import numpy as np, ml_dtypes, warnings, fa_lab
-from fa_lab.kernels import amx, amx_softmax, amx_tiles
+from fa_lab.kernels import amx, amx_pack, amx_softmax, amx_tiles
 from fa_lab.testing import Case
 q, k, v = Case(B=1, H=2, Nq=40, Nk=40, d=16).inputs(seed=2)
 with warnings.catch_warnings():
@@ -111,7 +111,7 @@ with warnings.catch_warnings():
     b = [x.astype(ml_dtypes.bfloat16) for x in (q, k, v)]
     out = fa_lab.attention(*b, causal=True)
 assert out.dtype == ml_dtypes.bfloat16
-fns = [amx.amx_forward, amx.pack_q, amx.pack_k, amx.pack_v, amx_tiles.tile_gemm,
+fns = [amx.amx_forward, amx_pack.pack_q, amx_pack.pack_k, amx_pack.pack_v, amx_tiles.tile_gemm,
        amx_tiles.peak_loop, amx_softmax.softmax_fused]
 assert all(not f.signatures for f in fns), [f.__name__ for f in fns if f.signatures]
 print("ok")

@@ -38,14 +38,15 @@ from numba import njit, prange
 
 from fa_lab import cpu_features
 from fa_lab.config import CACHE
-from fa_lab.kernels.amx_softmax import bf16_bits, dequantize, softmax_fused
+from fa_lab.kernels.amx_pack import pack
+from fa_lab.kernels.amx_softmax import dequantize, softmax_fused
 from fa_lab.kernels.amx_tiles import (FULL_CFG, ldtilecfg, tdpbf16ps, tdpbssd, tileloadd,
                                       tilerelease, tilestored, tilezero)
-from fa_lab.kernels.common import (NEG_INF, NRT_ARRAY_OVERHEAD, finalize_row, mask_block, task_coords,
-                                   visible_end)
+from fa_lab.kernels.common import (NEG_INF, NRT_ARRAY_OVERHEAD, finalize_row, mask_block,
+                                   task_coords, visible_end)
 from fa_lab.kernels.flash import bits_f32
 from fa_lab.kernels.vsoftmax import softmax
-from fa_lab.kernels.zmm import align64, empty64
+from fa_lab.kernels.zmm import align64
 from fa_lab.reference import causal_offset
 
 #: Default tiles (Br, Bc).
@@ -53,90 +54,6 @@ DEFAULT_BLOCKS = (64, 256)
 #: Stages of :func:`amx_forward` (the breakdown of lesson 10): stop each block after the
 #: loops (0), the score tiles (1) or the softmax (2); 3 is the whole kernel.
 FULL = 3
-
-
-@njit(cache=CACHE, parallel=True, nogil=True, error_model="numpy")
-def pack_q(q, rowscale, scale, Qp, rs, Nqp):
-    """Q (B, H, Nq, dq) int8 (copied) or float32 (rounded to bf16 bits, uint16 ``Qp``) ->
-    ``Qp`` (B*H*Nqp*dq) flat, rows past Nq zero; ``rs`` (B*H*Nqp) = ``rowscale * scale``
-    (0 for pad rows)."""
-    B, H, Nq, dq = q.shape
-    for bh in prange(B * H):
-        b, h = bh // H, bh % H
-        base = bh * Nqp * dq
-        Qp[base + Nq * dq:base + Nqp * dq] = 0
-        rs[bh * Nqp + Nq:(bh + 1) * Nqp] = 0
-        for i in range(Nq):
-            rs[bh * Nqp + i] = np.float32(rowscale[b, h, i] * scale)
-            row, dst = q[b, h, i], Qp[base + i * dq:base + (i + 1) * dq]
-            for t in range(dq):
-                dst[t] = bf16_bits(row[t]) if Qp.itemsize == 2 else row[t]
-
-
-@njit(cache=CACHE, error_model="numpy", inline="always")
-def _pair(x0, x1):
-    """Two float32 as one uint32 of bf16 bits: ``x0`` low, ``x1`` high."""
-    return np.uint32(bf16_bits(x0)) | (np.uint32(bf16_bits(x1)) << np.uint32(16))
-
-
-@njit(cache=CACHE, parallel=True, nogil=True, error_model="numpy")
-def pack_k(k, keyscale, Kw, skp, Nkp):
-    """K (B, Hkv, Nk, dq) into B tiles, by 4-byte words (``Kw``: the packed array viewed
-    as uint32): word ``p`` of key ``16 g + c`` (4 int8, or a bf16 pair of float32 ``k``)
-    goes to word ``(p // 16) 256 + (p % 16) 16 + c`` of group ``g``'s ``dq / 16`` tiles;
-    ``skp`` (B*Hkv*Nkp) the key scales (0 for pad keys)."""
-    B, Hkv, Nk, dq = k.shape
-    words, G = dq // 4 if k.itemsize == 1 else dq // 2, Nkp // 16
-    for task in prange(B * Hkv * G):
-        bhk, g = task // G, task % G
-        b, hk = bhk // Hkv, bhk % Hkv
-        kw = Kw[task * 16 * words:(task + 1) * 16 * words]
-        kw[:] = 0
-        for c in range(16):
-            n = 16 * g + c
-            skp[bhk * Nkp + n] = keyscale[b, hk, n] if n < Nk else 0
-            if n >= Nk:
-                continue
-            row = k[b, hk, n]
-            roww = row.view(np.uint32)  # 4 int8 per word (the int8 path)
-            for p in range(words):
-                o = (p // 16) * 256 + (p % 16) * 16 + c
-                if k.itemsize == 1:
-                    kw[o] = roww[p]
-                else:
-                    kw[o] = _pair(row[2 * p], row[2 * p + 1])
-
-
-@njit(cache=CACHE, parallel=True, nogil=True, error_model="numpy")
-def pack_v(v, Vw, vfin, Nkp):
-    """V (B, Hkv, Nk, dv) float32 -> bf16 B tiles of 32 keys x 16 channels (``Vw``: the
-    packed array viewed as uint32, one word = a pair of keys): pair ``r`` of chunk ``kc``,
-    channel ``16 g + c`` at word ``g 256 + r 16 + c`` of the chunk's ``dv / 16`` tiles;
-    zeros past Nk. ``vfin[bhk]`` False when the head's V holds NaN or inf."""
-    B, Hkv, Nk, dv = v.shape
-    KC = Nkp // 32
-    bad = np.zeros(B * Hkv * KC, np.int64)
-    for task in prange(B * Hkv * KC):
-        bhk, kc = task // KC, task % KC
-        b, hk = bhk // Hkv, bhk % Hkv
-        vw = Vw[task * 16 * dv:(task + 1) * 16 * dv]
-        nbad = 0
-        for r in range(16):
-            k0 = 32 * kc + 2 * r
-            if k0 >= Nk:
-                for g in range(dv // 16):  # a whole pad pair
-                    vw[g * 256 + r * 16:g * 256 + r * 16 + 16] = 0
-                continue
-            x0 = v[b, hk, k0]
-            x1 = v[b, hk, k0 + 1] if k0 + 1 < Nk else np.zeros(dv, np.float32)
-            for g in range(dv // 16):
-                for c in range(16):
-                    a, z = x0[16 * g + c], x1[16 * g + c]
-                    vw[g * 256 + r * 16 + c] = _pair(a, z)
-                    nbad += (abs(a) == np.inf) | (a != a) | (abs(z) == np.inf) | (z != z)
-        bad[task] = nbad
-    for bhk in range(B * Hkv):
-        vfin[bhk] = bad[bhk * KC:(bhk + 1) * KC].sum() == 0
 
 
 @njit(cache=CACHE, nogil=True, error_model="numpy")
@@ -316,38 +233,6 @@ def scratch_bytes(*, B, H, Nq, d, block_q, block_kv, threads, **_):
 
 def _up(x, m):
     return -(-x // m) * m
-
-
-def _padded(x, d):
-    """``x`` with its last axis zero-padded to ``d`` (``x`` itself when it is already)."""
-    if x.shape[-1] == d:
-        return x
-    out = np.zeros(x.shape[:-1] + (d,), x.dtype)
-    out[..., :x.shape[-1]] = x
-    return out
-
-
-def pack(q, rowscale, k, keyscale, v, scale, block_kv):
-    """Q, K, V in the tile layouts (module docstring): int8 ``q``/``k`` for the INT8 path,
-    float32 for bf16 (``d`` zero-padded to a whole number of 64-byte tile rows). Returns
-    the driver's first six arguments."""
-    B, H, Nq, d = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
-    bf16 = q.dtype != np.int8
-    dq, dv = _up(d, 32 if bf16 else 64), _up(d, 32)
-    Nqp, Nkp = _up(Nq, 32) + 32, _up(Nk, block_kv)
-    ty = np.uint16 if bf16 else np.int8
-    Qp, rs = _empty64(B * H * Nqp * dq, ty), _empty64(B * H * Nqp, np.float32)
-    pack_q(_padded(q, dq), rowscale, float(scale), Qp, rs, Nqp)
-    Kp, skp = _empty64(B * Hkv * Nkp * dq, ty), _empty64(B * Hkv * Nkp, np.float32)
-    pack_k(_padded(k, dq), keyscale, Kp.view(np.uint32), skp, Nkp)
-    Vp, vfin = _empty64(B * Hkv * Nkp * dv, np.uint16), np.empty(B * Hkv, np.bool_)
-    pack_v(_padded(v, dv), Vp.view(np.uint32), vfin, Nkp)
-    return Qp, rs, Kp, skp, Vp, vfin
-
-
-def _empty64(n, dtype):
-    return empty64(n, dtype)
 
 
 def packed_call(q, rowscale, k, keyscale, v, bias, scale, alignment, block_q=None,
