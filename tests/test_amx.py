@@ -178,6 +178,22 @@ def test_the_tile_instructions_are_in_the_assembly():
 
 
 @needs_amx
+@pytest.mark.parametrize("granularity", ["per_token", "per_tensor"])
+def test_int8_other_granularities_take_the_general_softmax(granularity):
+    """Keys with their own scales (per token) cannot use the fused softmax (one scale per
+    block): the general path must give the integer reference too."""
+    case = Case(B=1, H=2, Nq=100, Nk=300, d=64, causal=True)
+    q, k, v = case.inputs(seed=9)
+    out = fa_lab.attention_int8(q, k, v, causal=True, kernel="amx", pv_dtype="bfloat16",
+                                granularity=granularity)
+    ref = fa_lab.attention_int8(q, k, v, causal=True, kernel="reference",
+                                granularity=granularity)
+    base = fa_lab.attention_int8(q, k, v, causal=True, kernel="sage", pv_dtype="bfloat16",
+                                 granularity=granularity)
+    assert np.abs(out - ref).max() <= 2 * np.abs(base - ref).max() + 1e-6
+
+
+@needs_amx
 @pytest.mark.parametrize("blocks", BLOCKS, ids=["default", "16x40"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_int8_matches_the_integer_reference(case, blocks):
