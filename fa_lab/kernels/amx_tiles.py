@@ -219,10 +219,12 @@ def _peak_body(cfg, buf, steps, bf16):
 @njit(cache=CACHE, parallel=True, nogil=True)
 def peak_loop(cfg, bufs, steps, bf16):
     """The register-resident peak: per row of ``bufs`` (a 64-byte aligned (threads, 8192)
-    uint8 array, one per thread) ``4 steps`` tile products; operations per step:
-    4 x 16 x 16 x 64 x 2 (int8) or x 32 x 2 (bf16)."""
-    for t in prange(bufs.shape[0]):
-        _peak_body(cfg, bufs[t], steps, bf16)
+    uint8 array) ``4 steps`` tile products (``steps`` a multiple of 16), in 16 chunks per
+    row so that every scheduler spreads them over the threads (TBB ran a ``prange`` of 2
+    on one thread); operations per step: 4 x 16 x 16 x 64 x 2 (int8) or x 32 x 2 (bf16)."""
+    n = bufs.shape[0]
+    for i in prange(16 * n):
+        _peak_body(cfg, bufs[i % n], steps // 16, bf16)
 
 
 #: Operations (multiply + add = 2) per step of :func:`peak_loop`, per thread.
