@@ -326,3 +326,46 @@ def test_two_threads_give_bitwise_single_thread_results():
         t.join(120)
     assert not any(t.is_alive() for t in threads), "a thread hung"
     assert not errors, errors
+
+
+# ---------------------------------------------------------------- the benchmark's arithmetic
+
+def test_the_amx_benchmark_refuses_without_amx():
+    from fa_lab.bench import amx as amx_bench
+
+    with cpu_features.forced(amx=False):
+        for fn in (amx_bench.peaks, amx_bench.instructions, amx_bench.sweep):
+            with pytest.raises(NotImplementedError, match="no AMX path"):
+                fn()
+
+
+@needs_amx
+@pytest.mark.parametrize("path", ["int8", "bf16"])
+def test_breakdown_parts_are_the_stage_differences(monkeypatch, path):
+    # Known times (prepare 1 ms, stage s = -1..3: (s + 2)^2 ms) through a harness that
+    # runs each staged call once: the parts are the differences in the kernel's order.
+    if path == "bf16" and BF16 is None:
+        pytest.skip("ml_dtypes (bfloat16 arrays) not installed")
+    from fa_lab.bench import amx as amx_bench
+    from fa_lab.bench.harness import Timings, flops
+    from fa_lab.machine import Load
+
+    known = {"prepare": 1.0, **{f"stage{s}": (s + 2) ** 2 for s in range(-1, 4)}}
+
+    def fake_time_calls(cs, args, **kw):
+        times = Timings()
+        for c in cs:
+            c.fn(*args)
+            times[c.name] = [known[c.name] / 1e3]
+        times.load = Load(0.0, 0.0, 0.0, 0.0, 0.0)
+        return times
+
+    monkeypatch.setattr(amx_bench, "time_calls", fake_time_calls)
+    df = amx_bench.breakdown(N=300, H=2, d=64, causal=True, path=path, repeats=1)
+    assert list(df["part"]) == amx_bench.PARTS
+    np.testing.assert_allclose(df["ms"], [1, 1, 3, 5, 7, 9])
+    np.testing.assert_allclose(df["share"], np.array([1, 1, 3, 5, 7, 9]) / 26)
+    rates = df.set_index("part")["gops"]
+    half = flops(1, 2, 300, 300, 64, True) / 2
+    assert rates["Q K^T (tiles)"] == pytest.approx(half / 5e-3 / 1e9)
+    assert rates["P V (tiles)"] == pytest.approx(half / 9e-3 / 1e9)
