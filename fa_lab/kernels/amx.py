@@ -35,8 +35,6 @@ is the wall. Tried and reverted: ``Br x Bc`` of 32 x 256, 64 x 512, 128 x 256, 1
 512 (12.7-13.4 ms, within the noise); the previous block's ``P V`` tile steps spread
 between the rows of the exp pass, so that the tile unit works while the zmm units compute
 exponentials (two P buffers): 13.2-13.6 -> 15.5 ms in alternated processes, slower.
-One pass per row after its first block (lazy rescaling, :mod:`.amx_softmax`): 13.3-13.4
--> 13.0-13.1 ms (alternated processes; causal 10.0-10.4 -> 10.1).
 
 Nothing here may be compiled on a CPU without AMX (LLVM aborts):
 :func:`fa_lab.cpu_features.amx_unavailable` first; the registry does.

@@ -7,10 +7,7 @@ The score tiles leave ``Q K^T`` in memory as raw products: int32 (INT8 path) or 
 Two ways through a block:
 
 * **fused** (no additive mask, ``rs > 0``, one key scale for the whole block, as
-  per-block quantization with the kernel's ``Bc`` gives). INT8 scores after a row's
-  first block: one pass (exponentials against the running max, the block's max found on
-  the way; the row is redone only when its max rose by more than :data:`LAZY_MARGIN`).
-  Otherwise two passes over the raw row,
+  per-block quantization with the kernel's ``Bc`` gives): two passes over the raw row,
   never writing fp32 scores: (1) every row's max of the raw ``S`` (``vpmaxsd`` on the
   int32 products: INT8 scores have no NaN; order-preserving keys for fp32), times ``rs
   sk`` (positive: the order is kept), (2) ``p = 2^(S (rs sk log2 e) - m log2 e)``: the
@@ -172,74 +169,12 @@ def new_max(x, m_old):
     return mx, np.float32(1) if m_old == m_use else np.float32(math.exp(m_old - m_use))
 
 
-#: Lazy rescaling (INT8 scores): a row keeps its running max while a block's max stays
-#: within this margin above it (natural-log units: P <= 2^8, exact in fp32 and bf16),
-#: so that block needs one pass, not two.
-LAZY_MARGIN = np.float32(8 * 0.6931471805599453)
-
-
-@njit(cache=CACHE, error_model="numpy", inline="always")
-def row_exp_max(Sr, n, nz, a, b, Pr):
-    """:func:`row_exp` on int32 scores that also returns the row's largest raw score
-    (``vpmaxsd`` on the vectors it loads anyway): ``(sum, max)``."""
-    n32 = n - n % 32
-    av, bv = vsplat_f32(a), vsplat_f32(-b)
-    s0 = vzero_f32()
-    s1 = s0
-    k0 = vload_i32(_INT_MIN, 0)
-    k1 = k0
-    for c in range(0, n32, 32):
-        x0, x1 = vload_i32(Sr, c), vload_i32(Sr, c + 16)
-        k0, k1 = vmax_i32(k0, x0), vmax_i32(k1, x1)
-        p0 = vexp2(vfma(bv, vcvt_f32(x0), av), Sr)
-        p1 = vexp2(vfma(bv, vcvt_f32(x1), av), Sr)
-        s0, s1 = vadd(s0, p0), vadd(s1, p1)
-        vstore(Pr, c, vcvt2bf16(p0, p1))
-    top = hmax_i32(vmax_i32(k0, k1))
-    for c in range(n32, n):
-        top = max(top, Sr[c])
-    total = hsum_f32(vadd(s0, s1))
-    if n32 < n:
-        total += row_exp(Sr[n32:], n - n32, nz - n32, a, b, Pr[n32:])
-    else:
-        for c in range(n, nz):
-            Pr[c] = 0
-    return total, top
-
-
 @njit(cache=CACHE, error_model="numpy")
-def _lazy_rows(Sraw, ld, br, bc, nz, ks, rs, first_hidden, m, l, alpha, P):
-    """INT8 scores, one pass per row: exponentials against the running max, the block's
-    max found on the way; only a row whose max rose by more than :data:`LAZY_MARGIN`
-    (or that had none yet) is redone against its new max."""
-    for r in range(br):
-        n = max(0, min(bc, first_hidden + r))
-        Sr, Pr, sc = Sraw[r * ld:r * ld + nz], P[r * ld:r * ld + nz], rs[r] * ks
-        alpha[r] = 1
-        if m[r] != NEG_INF:
-            total, top = row_exp_max(Sr, n, nz, sc * LOG2E, m[r] * LOG2E, Pr)
-            if n == 0 or np.float32(top) * sc <= m[r] + LAZY_MARGIN:
-                l[r] += total
-                continue
-        x = row_max(Sraw[r * ld:r * ld + n], n)
-        mx, al = new_max(x * sc if n > 0 else x, m[r])
-        m[r], alpha[r] = mx, al
-        m_use = mx if mx != NEG_INF else np.float32(0)
-        l[r] = al * l[r] + row_exp(Sr, n, nz, sc * LOG2E, m_use * LOG2E, Pr)
-
-
 def softmax_fused(Sraw, ld, br, bc, nz, ks, rs, first_hidden, m, l, alpha, P):
     """The fused path (module docstring) over rows ``r < br`` of stride ``ld``: key scale
     ``ks`` for the whole block; row ``r`` sees keys ``c < min(bc, first_hidden + r)``
-    (``first_hidden`` large when there is no causal cut) and gets P = 0 up to ``nz``.
-    INT8 scores: one pass per row, lazily rescaled (:func:`_lazy_rows`); fp32 scores (may
-    hold NaN or inf): all rows' maxima first, then their exponentials (no row waits on
-    its own reduction)."""
-    raise NotImplementedError("compiled only (an overload by the scores' dtype)")
-
-
-@njit(cache=CACHE, error_model="numpy")
-def _two_pass_rows(Sraw, ld, br, bc, nz, ks, rs, first_hidden, m, l, alpha, P):
+    (``first_hidden`` large when there is no causal cut) and gets P = 0 up to ``nz``. All
+    rows' maxima first, then their exponentials (no row waits on its own reduction)."""
     for r in range(br):
         n = max(0, min(bc, first_hidden + r))
         x = row_max(Sraw[r * ld:r * ld + n], n)
@@ -251,15 +186,6 @@ def _two_pass_rows(Sraw, ld, br, bc, nz, ks, rs, first_hidden, m, l, alpha, P):
         m_use = m[r] if m[r] != NEG_INF else np.float32(0)
         l[r] += row_exp(Sraw[r * ld:r * ld + nz], n, nz, rs[r] * ks * LOG2E, m_use * LOG2E,
                         P[r * ld:r * ld + nz])
-
-
-@overload(softmax_fused, jit_options={"error_model": "numpy"})
-def _softmax_fused_overload(Sraw, ld, br, bc, nz, ks, rs, first_hidden, m, l, alpha, P):
-    rows = _lazy_rows if Sraw.dtype == types.int32 else _two_pass_rows
-
-    def impl(Sraw, ld, br, bc, nz, ks, rs, first_hidden, m, l, alpha, P):
-        rows(Sraw, ld, br, bc, nz, ks, rs, first_hidden, m, l, alpha, P)
-    return impl
 
 
 @njit(cache=CACHE, error_model="numpy")
