@@ -178,6 +178,19 @@ def test_the_tile_instructions_are_in_the_assembly():
 
 
 @needs_amx
+@pytest.mark.parametrize("jump", [3.0, 12.0])
+def test_int8_row_max_rising_late(jump):
+    """A key in the last block far above every earlier score: the running max, alpha and
+    the row sum must follow it."""
+    case = Case(B=1, H=1, Nq=40, Nk=600, d=64)
+    q, k, v = case.inputs(seed=11)
+    k[0, 0, 590] = jump * q[0, 0, 3]  # row 3's score there: jump |q|^2 / 8, up to ~100
+    out = fa_lab.attention_int8(q, k, v, kernel="amx", pv_dtype="bfloat16", block_kv=128)
+    exact, base = _int8_expected(case, q, k, v, 40, 128)
+    assert_close(out, exact, baseline=base, rule="bfloat16", magnitude=np.abs(v).max())
+
+
+@needs_amx
 @pytest.mark.parametrize("granularity", ["per_token", "per_tensor"])
 def test_int8_other_granularities_take_the_general_softmax(granularity):
     """Keys with their own scales (per token) cannot use the fused softmax (one scale per

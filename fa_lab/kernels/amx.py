@@ -34,7 +34,11 @@ ms (causal 10.3). Then, per part (stage differences): loops 0.35 ms, score tiles
 is the wall. Tried and reverted: ``Br x Bc`` of 32 x 256, 64 x 512, 128 x 256, 128 x
 512 (12.7-13.4 ms, within the noise); the previous block's ``P V`` tile steps spread
 between the rows of the exp pass, so that the tile unit works while the zmm units compute
-exponentials (two P buffers): 13.2-13.6 -> 15.5 ms in alternated processes, slower.
+exponentials (two P buffers): 13.2-13.6 -> 15.5 ms in alternated processes, slower;
+one pass per INT8 row after its first block (exponentials against the running max, the
+block's max found on the way, the row redone when its max rose by more than 8 in log2:
+FlashAttention-4's lazy rescaling): 13.1-13.6 -> 16.0-16.4 ms, slower (causal 10.2 ->
+11.0).
 
 Nothing here may be compiled on a CPU without AMX (LLVM aborts):
 :func:`fa_lab.cpu_features.amx_unavailable` first; the registry does.
