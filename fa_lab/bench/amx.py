@@ -44,7 +44,7 @@ def unavailable() -> str | None:
     return cpu_features.amx_unavailable()
 
 
-def peaks(*, repeats=5, steps=200_000, threads=None):
+def peaks(*, repeats=5, steps=2_000_000, threads=None):
     """G op/s of the register-resident tile loop (:func:`fa_lab.kernels.amx_tiles.peak_loop`,
     2 x 2 accumulator tiles) for INT8 (``tdpbssd``) and BF16 (``tdpbf16ps``) on 1 thread and
     on ``threads`` (default: numba's), in the columns of :func:`fa_lab.bench.lowprec.peaks`."""
@@ -61,7 +61,9 @@ def peaks(*, repeats=5, steps=200_000, threads=None):
             bufs[:] = 0
             bufs[:, 4096:] = 1 if prec == "int8" else 0
             name = f"amx {prec} t{t}"
-            cs.append(Contender(name, lambda _b=bufs, _p=prec: amx_tiles.peak_loop(
+            loop = amx_tiles.peak_loop if t > 1 else (  # one thread: no prange at all
+                lambda cfg, b, n, bf: amx_tiles.peak_body(cfg, b[0], n, bf))
+            cs.append(Contender(name, lambda _b=bufs, _p=prec, _l=loop: _l(
                 amx_tiles.FULL_CFG, _b, steps, _p == "bf16"), "kernel"))
             meta[name] = (f"amx {prec}", instr, t, amx_tiles.PEAK_OPS[prec] * steps * t)
     times = time_calls(cs, (), repeats=repeats, warmup=1)

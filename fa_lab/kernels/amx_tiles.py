@@ -190,7 +190,8 @@ def tile_gemm(cfg, A, Bv, C, op):
 
 
 @njit(cache=CACHE, nogil=True)
-def _peak_body(cfg, buf, steps, bf16):
+def peak_body(cfg, buf, steps, bf16):
+    """One thread's register-resident tile loop (:func:`peak_loop`) on one 8 KiB buffer."""
     ldtilecfg(cfg)
     tileloadd(4, buf, 4096, 64)
     tileloadd(5, buf, 5120, 64)
@@ -224,7 +225,7 @@ def peak_loop(cfg, bufs, steps, bf16):
     on one thread); operations per step: 4 x 16 x 16 x 64 x 2 (int8) or x 32 x 2 (bf16)."""
     n = bufs.shape[0]
     for i in prange(16 * n):
-        _peak_body(cfg, bufs[i % n], steps // 16, bf16)
+        peak_body(cfg, bufs[i % n], steps // 16, bf16)
 
 
 #: Operations (multiply + add = 2) per step of :func:`peak_loop`, per thread.
