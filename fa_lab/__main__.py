@@ -27,6 +27,7 @@ from fa_lab.tools.bench import features as bench_features
 from fa_lab.tools.bench.cpu_targets import cpu_targets
 from fa_lab.tools.bench.isolated import TIMING
 from fa_lab.tools.warmup import warmup
+from fa_lab.tools.lowprec import amx as amx_bench
 from fa_lab.tools.lowprec import speed as lowprec
 from fa_lab.tools.bench.contenders import torch_module
 from fa_lab.settings.machine import describe_machine, machine
@@ -163,7 +164,7 @@ def _bench(args) -> int:
         df = bench_features.feature_studies(quick=args.quick, repeats=args.repeats,
                                             progress=log)
         cols = bench_features.COLUMNS
-    elif args.sweep == "int8":
+    elif args.sweep in ("int8", "amx"):
         df = _int8(args, log)
         cols = ["what", "detail"]
     elif args.sweep == "cpu":
@@ -184,11 +185,12 @@ def _bench(args) -> int:
 
 
 def _int8(args, log):
-    """The low-precision sweep (:func:`fa_lab.tools.lowprec.speed.sweep`): prints each table, returns
-    the targets with their verdicts."""
-    r = lowprec.sweep(args.N[0], args.H, args.B, args.d, repeats=args.repeats, progress=log)
-    print(lowprec.format_sweep(r) + "\n\n== targets (low precision)")
-    return lowprec.targets(r)
+    """The low-precision sweeps (:func:`fa_lab.tools.lowprec.speed.sweep`, or the AMX one,
+    :func:`fa_lab.tools.lowprec.amx.sweep`): prints each table, returns the judged targets."""
+    mod = lowprec if args.sweep == "int8" else amx_bench
+    r = mod.sweep(args.N[0], args.H, args.B, args.d, repeats=args.repeats, progress=log)
+    print(mod.format_sweep(r) + "\n\n== targets")
+    return mod.targets(r)
 
 
 def _bandwidth(args, log):
@@ -281,11 +283,13 @@ def main(argv=None) -> int:
                        "per precision, the INT8 score micro-kernel vs BLAS tiles, the "
                        "Sage-style kernel vs flash and torch SDPA (causal and not) and its "
                        "accuracy, the low-precision targets judged (use --N 2048 --H 8); "
-                   "cpu: fa_lab vs torch SDPA at the speed targets' shapes, each side "
-                   "in its own process, judged.")
+                       "amx: the same for the AMX kernels vs torch SDPA bf16/fp32 (AMX "
+                       "CPUs); cpu: fa_lab vs torch SDPA at the speed targets' shapes, "
+                       "each side in its own process, judged.")
     b.add_argument("--sweep", default="kernels",
                    choices=["kernels", "blocks", "threads", "decode", "breakdown", "peak",
-                            "claims", "targets", "bandwidth", "features", "int8", "cpu"])
+                            "claims", "targets", "bandwidth", "features", "int8", "amx",
+                            "cpu"])
     b.add_argument("--kernels", nargs="+", default=None,
                    help="registry names (default: every kernel but the reference; the "
                    "other sweeps use the first, default flash)")

@@ -23,8 +23,9 @@ from fa_lab.numerics.checks import (HALF_DTYPES, as_array, as_float_array, bias_
 from fa_lab.settings.config import num_threads
 from fa_lab.numerics.dropout import check_dropout
 from fa_lab.kernels.ladder.flash import plan_splits
+from fa_lab.kernels.lowprec.amx_pack import round_bf16
 from fa_lab.numerics.masks import causal_alignment
-from fa_lab.registry import CUDA_KERNELS, KERNELS, Kernel, Request, Stage
+from fa_lab.registry import BF16_KERNELS, CUDA_KERNELS, KERNELS, Kernel, Request, Stage
 from fa_lab.numerics.scoremod import NONE as NO_MODS
 from fa_lab.numerics.scoremod import ScoreMods, check_mods
 from fa_lab.settings.tuning_file import tuned_blocks
@@ -302,7 +303,11 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = 
 
     Half precision: float16 (and ``ml_dtypes.bfloat16``) inputs are computed in
     float32 by the same kernels and the results rounded to the input dtype; their
-    tolerance is the 2x rule against :func:`fa_lab.numerics.reference.attention_half`.
+    tolerance is the 2x rule against :func:`fa_lab.numerics.reference.attention_half`. On a CPU
+    with AMX, ``bfloat16`` inputs instead run both products in bf16 on the matrix engine
+    (fp32 softmax and accumulation, as PyTorch's bf16 SDPA; ``kernel="amx"`` asks for it,
+    :data:`fa_lab.registry.BF16_KERNELS`) unless an option it lacks (dropout, window,
+    softcap, ALiBi) sends the call to the float32 kernels.
     """
     if check_choice("layout", layout, LAYOUTS) == "bnhd":
         res = attention(*(_heads_first(n, x) for n, x in (("q", q), ("k", k), ("v", v))),
@@ -317,6 +322,15 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = 
     if half is not None:
         if isinstance(mask, np.ndarray) and mask.dtype == half:
             mask = mask.astype(np.float32)
+        if half.name == "bfloat16" and (kernel == "auto" or kernel in BF16_KERNELS):
+            res = _attention_bf16(np.asarray(q).astype(np.float32), widen("k", k, half),
+                                  widen("v", v, half), kernel, causal=causal, scale=scale,
+                                  mask=mask, block_q=block_q, block_kv=block_kv,
+                                  dropout_p=dropout_p, seed=seed, window=window,
+                                  softcap=softcap, alibi_slopes=alibi_slopes)
+            if res is not None:
+                out, lse = (_to_bf16(x, half) for x in res)
+                return (out, lse) if check_bool("return_lse", return_lse) else out
         res = attention(np.asarray(q).astype(np.float32), widen("k", k, half),
                         widen("v", v, half), causal=causal, scale=scale, mask=mask,
                         kernel=kernel, block_q=block_q, block_kv=block_kv,
@@ -329,6 +343,28 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = 
     return_lse = check_bool("return_lse", return_lse)
     out, lse = call.run(kernel)
     return (out, lse) if return_lse else out
+
+
+def _to_bf16(x, bf16):
+    """float32 -> bfloat16 (nearest even) in parallel (NumPy's cast is one thread)."""
+    out = np.empty(x.shape, np.uint16)
+    round_bf16(np.ascontiguousarray(x).reshape(-1), out.reshape(-1))
+    return out.view(bf16)
+
+
+def _attention_bf16(q, k, v, kernel, **options):
+    """bfloat16 inputs (widened to float32, exactly) on a kernel of
+    :data:`fa_lab.registry.BF16_KERNELS` (both products in bf16, fp32 softmax and
+    accumulation): ``(out, lse)`` in float32, or None when ``kernel="auto"`` finds none
+    that serves the call (the caller then computes in float32)."""
+    call = prepare(q, k, v, **options)
+    try:
+        chosen, _ = choose_kernel(kernel, call.request, BF16_KERNELS)
+    except NotImplementedError:
+        if kernel != "auto":
+            raise
+        return None
+    return call.run(chosen.name, table=BF16_KERNELS, warn=False)
 
 
 def plan(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = False,

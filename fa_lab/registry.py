@@ -33,7 +33,7 @@ from fa_lab.settings.machine import cuda_device
 from fa_lab.numerics.scoremod import NONE as NO_MODS
 from fa_lab.kernels.backward import naive as backward_naive, tiled as backward_tiled
 from fa_lab.kernels.ladder import fa1, flash, naive, online, tiled, tiled_simd
-from fa_lab.kernels.lowprec import int8, quantize, sage
+from fa_lab.kernels.lowprec import amx, int8, quantize, sage
 from fa_lab.kernels.layouts import paged, varlen
 from fa_lab.kernels.common import Stage, no_bias
 from fa_lab.kernels.ladder.fa1 import fa1_forward
@@ -301,6 +301,28 @@ INT8_KERNELS: dict[str, Kernel] = {
                sage.run, sage.sage_forward, tiled=True, parallel=True,
                dtypes=(np.float32,), blocks_setting="SAGE_BLOCKS",
                scratch=sage.scratch_bytes, tags=("pv_dtype",), available=sage.unavailable),
+        # bf16 P V only: kernel="auto" takes it for pv_dtype="bfloat16" (fa_lab.int8)
+        Kernel("amx", 4, "Intel AMX tiles: Q K^T with tdpbssd, P V in bf16 with tdpbf16ps, "
+               "the online softmax in fp32 zmm (fused with the dequantization), prange over "
+               "(b, h, query block); float32, CPUs with AMX only",
+               amx.run_int8, amx.amx_forward, tiled=True, parallel=True,
+               dtypes=(np.float32,), blocks_setting="AMX_BLOCKS",
+               scratch=amx.scratch_bytes, tags=("pv_dtype", "bf16_pv"),
+               available=amx.unavailable),
+    ]
+}
+
+#: bf16 kernels: both products in bf16 with fp32 softmax and accumulation, for
+#: ``attention`` on ``bfloat16`` inputs (:func:`fa_lab.api.attention`); ``run((q, k, v),
+#: ...)`` as :data:`KERNELS` with float32 arrays holding bf16 values.
+BF16_KERNELS: dict[str, Kernel] = {
+    k.name: k
+    for k in [
+        Kernel("amx", 1, "Intel AMX tiles: Q K^T and P V with tdpbf16ps, the online softmax "
+               "in fp32 zmm, prange over (b, h, query block); CPUs with AMX only",
+               amx.run_bf16, amx.amx_forward, tiled=True, parallel=True,
+               dtypes=(np.float32,), blocks_setting="AMX_BLOCKS",
+               scratch=amx.scratch_bytes, available=amx.unavailable),
     ]
 }
 

@@ -230,7 +230,7 @@ def test_forced_refuses_adding_or_unknown_features():
         with cpu_features.forced(vnni=True):
             pass
     with pytest.raises(ValueError, match="unknown"):
-        with cpu_features.forced(amx=False):
+        with cpu_features.forced(sse9=False):
             pass
 
 

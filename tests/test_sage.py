@@ -155,7 +155,7 @@ def test_plan_notes_each_fallback():
     assert (p["score_path"], p["pv_path"]) == ("i16", "fp32")
     assert "vpmaddwd" in p["note"] and "no AVX512-BF16" in p["note"]
     if HOST.vnni and HOST.bf16:
-        p = plan_int8(q, k, v, pv_dtype="bfloat16")
+        p = plan_int8(q, k, v, kernel="sage", pv_dtype="bfloat16")  # auto: amx with AMX
         assert (p["score_path"], p["pv_path"]) == ("vnni", "bf16")
         assert "vpdpbusd" in p["note"] and "vdpbf16ps" in p["note"]
 
@@ -187,7 +187,7 @@ def _staged(q, k, v, causal, pv_dtype="bfloat16"):
 def test_full_stage_is_the_kernel_and_earlier_stages_stop_before_p_v(pv_dtype):
     q, k, v = Case(B=1, H=2, Nq=300, Nk=300, d=32).inputs(seed=8)
     forward = _staged(q, k, v, True, pv_dtype)
-    out = fa_lab.attention_int8(q, k, v, causal=True, pv_dtype=pv_dtype)
+    out = fa_lab.attention_int8(q, k, v, causal=True, pv_dtype=pv_dtype, kernel="sage")
     np.testing.assert_array_equal(forward()[0], out)
     np.testing.assert_array_equal(forward(Stage.FULL)[0], out)
     for stage in (Stage.PACK, Stage.LOOPS, Stage.SCORES, Stage.SOFTMAX):

@@ -92,10 +92,16 @@ def quantize_inputs(q4, k4, granularity, block_q, block_kv, smooth):
 def _choose_int8(kernel, call, pv_dtype):
     """The INT8 kernel for this call; an explicit kernel without bf16 P V refuses
     ``pv_dtype='bfloat16'`` (``NotImplementedError``)."""
-    chosen = call.choose(kernel, INT8_KERNELS)
+    table = INT8_KERNELS
+    if kernel == "auto" and pv_dtype == "float32":  # never a bf16-only P V unasked
+        table = {n: k for n, k in INT8_KERNELS.items() if "bf16_pv" not in k.tags}
+    chosen = call.choose(kernel, table)
     if pv_dtype != "float32" and "pv_dtype" not in chosen.tags and kernel != "auto":
         raise NotImplementedError(f"kernel {chosen.name!r} does not support "
-                                  f"pv_dtype={pv_dtype!r} (only 'sage' does)")
+                                  f"pv_dtype={pv_dtype!r} (only 'sage' and 'amx' do)")
+    if pv_dtype == "float32" and "bf16_pv" in chosen.tags:
+        raise NotImplementedError(f"kernel {chosen.name!r} computes P V in bf16 only: "
+                                  "pass pv_dtype='bfloat16'")
     return chosen
 
 
@@ -119,6 +125,9 @@ def plan_int8(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = 
     note = features.note(pv_dtype) if uses else (
         f"kernel {chosen.name!r}: plain loops, P V in the input dtype"
         + ("" if kernel != "auto" else f"; {features.note(pv_dtype)}"))
+    if "bf16_pv" in chosen.tags:
+        score, pv = "amx_int8", "amx_bf16"
+        note = "Q K^T with tdpbssd, P V with tdpbf16ps (AMX tiles), the softmax in fp32 zmm"
     return {"kernel": chosen.name, "block_q": bq, "block_kv": bk, "score_path": score,
             "pv_path": pv, "pv_dtype": pv_dtype, "note": note}
 
@@ -141,12 +150,14 @@ def attention_int8(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | s
         Subtract K's per-channel mean before quantizing (exact for the output; LSE
         corrected).
     kernel : "auto" or a name in :data:`fa_lab.INT8_KERNELS`
-        ``"auto"``: ``sage`` (micro-kernels) for float32 on a CPU with AVX-512, else
-        ``simd`` (a ``KernelFallbackWarning`` says why); :func:`plan_int8` tells.
+        ``"auto"``: ``amx`` (AMX tiles) for ``pv_dtype="bfloat16"`` on a CPU with AMX,
+        else ``sage`` (micro-kernels) for float32 on a CPU with AVX-512, else ``simd`` (a
+        ``KernelFallbackWarning`` says why); :func:`plan_int8` tells.
     pv_dtype : "float32" (default) or "bfloat16"
         Precision of ``P V`` in ``sage``: ``P`` rounded to bf16 after the softmax and
         ``V`` stored bf16, products accumulated in fp32 (``vdpbf16ps``). On a CPU
-        without AVX512-BF16 it runs in fp32 (see :func:`plan_int8`). Other kernels
+        without AVX512-BF16 it runs in fp32 (see :func:`plan_int8`). ``amx`` computes
+        ``P V`` in bf16 only (``tdpbf16ps``) and refuses ``"float32"``. Other kernels
         compute ``P V`` in the input dtype: an explicit one refuses ``"bfloat16"``.
 
     Returns ``out`` (q's dtype) and, with ``return_lse``, ``lse``.

@@ -45,6 +45,8 @@ BLOCK_KV = 64
 FLASH_BLOCKS = (256, 256)
 #: Tiles (Br, Bc) of the ``sage`` INT8 kernel: a strip's S and P (8 rows) stay in L1.
 SAGE_BLOCKS = (128, 256)
+#: Tiles (Br, Bc) of the AMX kernels (Bc rounded up to a multiple of 32 inside).
+AMX_BLOCKS = (64, 256)
 
 #: Flash-Decoding (:func:`fa_lab.kernels.ladder.flash.plan_splits`): aim for at least this many
 #: tasks per thread before splitting the keys (load balance) ...

@@ -12,7 +12,13 @@ scores ``vnni``    avx512f, avx512bw, avx512vnni     ``vpdpbusd`` (u8 x s8, 64 M
 scores ``i16``     avx512f, avx512bw                 ``vpmaddwd`` (s16 x s16, 32 MACs/zmm)
 ``P V`` ``bf16``   avx512f, avx512bf16               ``vdpbf16ps`` (bf16 pairs, fp32 acc)
 ``P V`` ``fp32``   avx512f                           ``vfmadd231ps`` (16 FMAs/zmm)
+``amx`` (both)     amx-tile, amx-int8, amx-bf16,     ``tdpbssd``, ``tdpbf16ps`` (tiles of
+                   avx512f, avx512bw, avx512bf16     16 x 64 bytes; the softmax in zmm)
 =================  ================================  =====================================
+
+AMX also needs the kernel's permission for the tile state (:func:`amx_permission`, one
+``arch_prctl`` per process); when it is refused, AMX is unavailable and
+:func:`amx_unavailable` says why.
 
 A CPU without AVX-512 at all gets no micro-kernel (``attention_int8(kernel="auto")``
 then uses the plain-loop ``simd`` kernel and says so).
@@ -49,6 +55,9 @@ FEATURES = {
     "avx512bw": ("avx512bw", "avx512bw"),
     "vnni": ("avx512vnni", "avx512_vnni"),
     "bf16": ("avx512bf16", "avx512_bf16"),
+    "amx": ("amx-tile", "amx_tile"),
+    "amx_int8": ("amx-int8", "amx_int8"),
+    "amx_bf16": ("amx-bf16", "amx_bf16"),
 }
 
 
@@ -60,7 +69,17 @@ class Features:
     avx512bw: bool = False
     vnni: bool = False
     bf16: bool = False
+    amx: bool = False
+    amx_int8: bool = False
+    amx_bf16: bool = False
     source: str = ""
+
+    @property
+    def amx_path(self) -> bool:
+        """The AMX kernels' needs: tiles with INT8 and BF16, and AVX-512 (BW, BF16) for
+        their softmax."""
+        return all((self.amx, self.amx_int8, self.amx_bf16, self.avx512f, self.avx512bw,
+                    self.bf16))
 
     @property
     def score_path(self) -> str | None:
@@ -180,6 +199,8 @@ def detect() -> Features:
         removed |= set(FEATURES)
     if "avx512bw" in removed:
         removed.add("vnni")
+    if "amx" in removed:
+        removed |= {"amx_int8", "amx_bf16"}
     return replace(host, **{n: False for n in removed},
                    source=f"{host.source}, minus {','.join(sorted(removed))} (forced)")
 
@@ -214,3 +235,51 @@ def extensions() -> list[str]:
     """The vector and matrix extensions numba may compile for here, by our names."""
     features = _llvm_features()
     return [name for name, flag in EXTENSIONS.items() if features.get(flag)]
+
+
+#: ``arch_prctl`` codes: the syscall, "request permission", and the tile-data feature bit.
+_ARCH_PRCTL, _REQ_XCOMP_PERM, _GET_XCOMP_PERM, _XTILEDATA = 158, 0x1023, 0x1022, 18
+_PERMISSION: dict[int, str | None] = {}
+
+
+def amx_permission() -> str | None:
+    """Ask Linux for the AMX tile state (``arch_prctl(ARCH_REQ_XCOMP_PERM,
+    XFEATURE_XTILEDATA)``), once per process (the answer is kept per process id, so a
+    forked child asks again); None when granted, else why not. Process-wide: it covers
+    every thread. Without it the first tile instruction raises SIGILL."""
+    import ctypes
+    import sys
+
+    pid = os.getpid()
+    if pid in _PERMISSION:
+        return _PERMISSION[pid]
+    why = None
+    if not sys.platform.startswith("linux"):
+        why = "AMX needs Linux's arch_prctl permission for the tile state"
+    else:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        r = libc.syscall(ctypes.c_long(_ARCH_PRCTL), ctypes.c_long(_REQ_XCOMP_PERM),
+                         ctypes.c_long(_XTILEDATA))
+        perm = ctypes.c_uint64(0)
+        if r != 0:
+            why = (f"arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA) failed: "
+                   f"{os.strerror(ctypes.get_errno())} (kernel too old or AMX disabled)")
+        elif (libc.syscall(ctypes.c_long(_ARCH_PRCTL), ctypes.c_long(_GET_XCOMP_PERM),
+                           ctypes.byref(perm)) != 0 or not (perm.value >> _XTILEDATA) & 1):
+            why = f"the tile-data permission bit is not set after the request ({perm.value:#x})"
+    _PERMISSION[pid] = why
+    return why
+
+
+def amx_unavailable() -> str | None:
+    """Why the AMX kernels cannot run here (None if they can): a missing feature (removed
+    ones included), or the permission refused. Asks for the permission only when the
+    features are there."""
+    f = detect()
+    if not f.amx_path:
+        missing = [n for n in ("amx", "amx_int8", "amx_bf16", "avx512f", "avx512bw", "bf16")
+                   if not getattr(f, n)]
+        return f"no AMX path: this CPU lacks {', '.join(missing)} [{f.source}]"
+    why = amx_permission()
+    return None if why is None else f"AMX present but unusable: {why}"

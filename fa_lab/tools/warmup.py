@@ -17,8 +17,8 @@ from fa_lab.features.int8 import attention_int8
 from fa_lab.features.kvcache import attention_with_kvcache
 from fa_lab.features.retrieval import topk_attention
 from fa_lab.features.varlen import attention_varlen
-from fa_lab.registry import (BACKWARD_KERNELS, INT8_KERNELS, KERNELS, KVCACHE_KERNELS,
-                             VARLEN_KERNELS)
+from fa_lab.registry import (BACKWARD_KERNELS, BF16_KERNELS, INT8_KERNELS, KERNELS,
+                             KVCACHE_KERNELS, VARLEN_KERNELS)
 from fa_lab.tools import hierarchy
 
 
@@ -60,10 +60,15 @@ def _steps(dtype):
             for kernel, kern in INT8_KERNELS.items():
                 if "pv_dtype" not in kern.tags:
                     attention_int8(q, kv, kv, kernel=kernel, mask=mask, causal=True)
-                elif dtype == np.float32 and kern.available() is None:  # sage: fp32, AVX-512
-                    for pv in ("float32", "bfloat16"):
+                elif dtype == np.float32 and kern.available() is None:  # sage, amx: by CPU
+                    for pv in ("bfloat16", "float32")[:1 + ("bf16_pv" not in kern.tags)]:
                         attention_int8(q, kv, kv, kernel=kernel, mask=mask, causal=True,
                                        pv_dtype=pv)
+        if dtype == np.float32 and BF16_KERNELS["amx"].available() is None:
+            import ml_dtypes  # only with AMX (elsewhere LLVM cannot compile the tiles)
+
+            for mask in masks:  # bfloat16 inputs: both products on AMX tiles
+                attention(*(x.astype(ml_dtypes.bfloat16) for x in (q, kv, kv)), mask=mask)
         topk_attention(q[0, 0], kv[0, 0], k=2)  # top-K retrieval's merge
 
     return [(f"{name}: forward and backward kernels", forward_and_backward),
@@ -87,8 +92,8 @@ def warmup(progress=None) -> str:
     for i, (label, step) in enumerate(steps, 1):
         step()
         progress(i, len(steps), label, time.perf_counter() - t0)
-    n = (len(KERNELS) + len(BACKWARD_KERNELS) + len(INT8_KERNELS) + len(KVCACHE_KERNELS)
-         + len(VARLEN_KERNELS))
+    n = (len(KERNELS) + len(BACKWARD_KERNELS) + len(INT8_KERNELS) + len(BF16_KERNELS)
+         + len(KVCACHE_KERNELS) + len(VARLEN_KERNELS))
     return f"{n} kernels ready in {time.perf_counter() - t0:.1f} s"
 
 

