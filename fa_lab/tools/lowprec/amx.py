@@ -28,6 +28,7 @@ from fa_lab.api import attention, prepare
 from fa_lab.settings.config import num_threads
 from fa_lab.features.int8 import attention_int8, quantize_inputs
 from fa_lab.kernels.probes import peaks as peak_loops
+from fa_lab.kernels.probes.assembly import assembly
 from fa_lab.registry import BF16_KERNELS, INT8_KERNELS
 
 #: The targets: bf16 ``attention`` vs torch SDPA bf16, its error vs torch bf16's (at
@@ -76,17 +77,13 @@ def instructions():
     import re
 
     import pandas as pd
-    from numba import njit
 
     why = unavailable()
     if why:
         raise NotImplementedError(why)
     rows = []
     for fn in (peak_loops.amx_tile_product, INT8_KERNELS["amx"].driver):
-        fresh = njit(**fn.targetoptions)(fn.py_func)  # cached code has no assembly
-        for sig in fn.signatures[:1]:
-            fresh.compile(sig)
-        asm = "\n".join(fresh.inspect_asm().values())
+        asm = assembly(fn) if fn.signatures else ""  # not compiled yet: nothing to read
         for ins in ("ldtilecfg", "tileloadd", "tdpbssd", "tdpbusd", "tdpbf16ps",
                     "tilestored", "tilerelease"):
             rows.append({"function": fn.__name__, "instruction": ins,

@@ -28,6 +28,7 @@ from fa_lab.api import prepare
 from fa_lab.settings.config import num_threads
 from fa_lab.features.int8 import attention_int8, plan_int8, quantize_inputs
 from fa_lab.kernels.probes import peaks as peak_loops
+from fa_lab.kernels.probes.assembly import assembly
 from fa_lab.registry import INT8_KERNELS, Stage
 from fa_lab.settings import config
 from fa_lab.settings.machine import Load
@@ -65,15 +66,12 @@ def instructions():
     import re
 
     import pandas as pd
-    from numba import njit
 
     rows = []
     for path, want, ok, fn, args in peak_loops.instruction_probes(cpu_features.detect()):
         found = ""
         if ok:
-            fresh = njit(fn)
-            fresh(*args)
-            asm = "\n".join(fresh.inspect_asm().values())
+            asm = assembly(fn, args=args)
             found = ", ".join(sorted(set(re.findall(rf"\b({want})\b", asm))))
         rows.append({"path": path, "instruction wanted": want.replace("\\w*", "*"),
                      "found in the assembly": found or ("-" if ok else "not compiled (CPU)"),
