@@ -46,8 +46,8 @@ from fa_lab.settings import config
 from fa_lab.settings.config import CACHE
 from fa_lab.kernels.lowprec.amx_pack import pack
 from fa_lab.kernels.lowprec.amx_softmax import dequantize, softmax_fused
-from fa_lab.kernels.lowprec.amx_tiles import (FULL_CFG, ldtilecfg, tdpbf16ps, tdpbssd, tileloadd,
-                                      tilerelease, tilestored, tilezero)
+from fa_lab.kernels.lowprec.amx_tiles import (FULL_CFG, dot_2x2, ldtilecfg, tdpbf16ps,
+                                              tileloadd, tilerelease, tilestored, tilezero)
 from fa_lab.kernels.common import (NEG_INF, NRT_ARRAY_OVERHEAD, Stage, finalize_row, mask_block,
                                    task_coords, visible_end)
 from fa_lab.kernels.ladder.flash import bits_f32
@@ -73,16 +73,7 @@ def _scores(Qp, rowb, nch, Kp, kc0, bcp, S, ld, brp, bf16):
                 g = 2 * (kc0 + kc)  # groups of 16 keys
                 tileloadd(6, Kp, (g * nch + ch) * 1024, 64)
                 tileloadd(7, Kp, ((g + 1) * nch + ch) * 1024, 64)
-                if bf16:
-                    tdpbf16ps(0, 4, 6)
-                    tdpbf16ps(1, 4, 7)
-                    tdpbf16ps(2, 5, 6)
-                    tdpbf16ps(3, 5, 7)
-                else:
-                    tdpbssd(0, 4, 6)
-                    tdpbssd(1, 4, 7)
-                    tdpbssd(2, 5, 6)
-                    tdpbssd(3, 5, 7)
+                dot_2x2(bf16)
             o0, o1 = (s * ld + kc * 32) * 4, ((s + 16) * ld + kc * 32) * 4
             tilestored(0, S, o0, ld * 4)
             tilestored(1, S, o0 + 64, ld * 4)

@@ -28,15 +28,14 @@ from numba import njit, types
 from numba.extending import overload
 
 from fa_lab.settings.config import CACHE
-from fa_lab.kernels.common import NEG_INF
-from fa_lab.kernels.ladder.flash import bits_f32, f32_bits
+from fa_lab.kernels.common import LOG2E, NEG_INF
+from fa_lab.kernels.ladder.flash import f32_bits
 from fa_lab.kernels.lowprec.microkernels import bf16_bits
+from fa_lab.kernels.lowprec.vsoftmax import row_max as fp32_row_max
 from fa_lab.kernels.lowprec.vsoftmax import vexp2_frac
 from fa_lab.kernels.lowprec.zmm import (hmax_i32, hsum_f32, vadd, vcvt2bf16, vcvt_f32, vfloor, vfma,
-                                vload_f32, vload_i32, vmax_i32, vmax_nan, vorder_key, vscalef,
+                                vload_f32, vload_i32, vmax_i32, vmax_nan, vscalef,
                                 vsplat_f32, vstore, vsub, vzero_f32)
-
-LOG2E = np.float32(1.4426950408889634)
 
 
 def vload_score(S, c):
@@ -103,17 +102,7 @@ def _row_max_i32(Sr, n):
 
 
 def _row_max_f32(Sr, n):
-    n32 = n - n % 32
-    k0 = vorder_key(vsplat_f32(np.float32(-np.inf)))
-    k1 = k0
-    for c in range(0, n32, 32):
-        k0 = vmax_i32(k0, vorder_key(vload_f32(Sr, c)))
-        k1 = vmax_i32(k1, vorder_key(vload_f32(Sr, c + 16)))
-    top = hmax_i32(vmax_i32(k0, k1))
-    for c in range(n32, n):
-        i = f32_bits(Sr[c])
-        top = max(top, np.int32(i ^ ((i >> np.int32(31)) & np.int32(0x7FFFFFFF))))
-    return bits_f32(top ^ ((top >> np.int32(31)) & np.int32(0x7FFFFFFF)))
+    return fp32_row_max(Sr[:n])
 
 
 @overload(row_max, inline="always")

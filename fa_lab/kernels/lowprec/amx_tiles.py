@@ -171,6 +171,22 @@ def vnni_bf16(B: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(B.reshape(K // 2, 2, N).transpose(0, 2, 1)).reshape(K // 2, 2 * N)
 
 
+@njit(cache=CACHE, inline="always")
+def dot_2x2(bf16):
+    """The 2 x 2 block of tile products: accumulators 0-3 += A tiles 4, 5 times B tiles
+    6, 7 (``tdpbf16ps`` for bf16, else ``tdpbssd``)."""
+    if bf16:
+        tdpbf16ps(0, 4, 6)
+        tdpbf16ps(1, 4, 7)
+        tdpbf16ps(2, 5, 6)
+        tdpbf16ps(3, 5, 7)
+    else:
+        tdpbssd(0, 4, 6)
+        tdpbssd(1, 4, 7)
+        tdpbssd(2, 5, 6)
+        tdpbssd(3, 5, 7)
+
+
 @njit(cache=CACHE, nogil=True)
 def tile_gemm(cfg, A, Bv, C, op):
     """One tile product ``C (16 x 16) += A . B`` (each a 64-byte aligned 1-D array of
@@ -202,16 +218,7 @@ def peak_body(cfg, buf, steps, bf16):
     tilezero(2)
     tilezero(3)
     for _ in range(steps):  # 2 x 2 accumulators: no instruction waits for another
-        if bf16:
-            tdpbf16ps(0, 4, 6)
-            tdpbf16ps(1, 4, 7)
-            tdpbf16ps(2, 5, 6)
-            tdpbf16ps(3, 5, 7)
-        else:
-            tdpbssd(0, 4, 6)
-            tdpbssd(1, 4, 7)
-            tdpbssd(2, 5, 6)
-            tdpbssd(3, 5, 7)
+        dot_2x2(bf16)
     tilestored(0, buf, 0, 64)
     tilestored(3, buf, 1024, 64)
     tilerelease()
