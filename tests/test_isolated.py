@@ -48,10 +48,12 @@ def test_a_workers_cpu_counts_as_the_measurements_own():
 def test_cpu_targets_table_and_verdicts(monkeypatch):
     monkeypatch.setattr(targets, "TARGETS", [
         ("tiny", dict(H=2, Nq=40, d=16), dict(kernel="flash"), 1.0),
-        ("tiny decode", dict(H=4, H_kv=2, Nq=1, Nk=70, d=16), dict(kernel="tiled_simd"), 1.0)])
+        ("tiny decode", dict(H=4, H_kv=2, Nq=1, Nk=70, d=16), dict(kernel="tiled_simd"), 1.0),
+        ("tiny int8", dict(H=2, Nq=70, d=16), dict(kernel="int8", pv_dtype="float32"), 1.0)])
     pytest.importorskip("torch", reason="torch is the baseline")
     df, verdicts = targets.cpu_targets(rounds=1, calls=1, gap_s=0.0)
-    assert list(df["case"]) == ["tiny", "tiny decode"] and len(verdicts) == 2
+    assert list(df["case"]) == ["tiny", "tiny decode", "tiny int8"] and len(verdicts) == 3
+    assert df["fa_lab"].iloc[2].startswith("int8 ")  # names the INT8 kernel auto chose
     assert (df["timing"] == TIMING).all()
     assert ((df["ratio_low"] <= df["ratio"]) & (df["ratio"] <= df["ratio_high"])).all()
     assert set(df["verdict"]) <= {"met", "not met", "inconclusive"}

@@ -62,25 +62,27 @@ def attention_call(kernel="flash", B=1, H=8, H_kv=None, Nq=2048, Nk=None, d=64, 
                    pv_dtype=None, seed=0):
     """A validated, ready-to-time call on fixed float32 inputs (the factory workers run):
     ``kernel`` a name of :data:`fa_lab.KERNELS`, ``"torch_sdpa"`` (PyTorch's CPU SDPA,
-    float32), or ``"sage"`` (``attention_int8``, with ``pv_dtype``). ``Nq = 1`` is a
-    decode step (one query sees every key, as bottom-right causal). Returns ``fn()``."""
+    float32), or ``"int8"`` / ``"int8:NAME"`` (``attention_int8`` with ``kernel="auto"``
+    or ``NAME``, and ``pv_dtype``). ``Nq = 1`` is a decode step (one query sees every key,
+    as bottom-right causal). Returns ``fn()``."""
     q, k, v = Case(B=B, H=H, H_kv=H_kv, Nq=Nq, Nk=Nk, d=d).inputs(np.float32, seed=seed)
     if kernel == "torch_sdpa":
         if torch_module() is None:
             raise RuntimeError("torch is not installed")
         (c,) = [c for c in contenders([], causal=causal) if c.name == "torch_sdpa"]
-    elif kernel == "sage":
-        c = Contender("sage", lambda q, k, v: attention_int8(
-            q, k, v, causal=causal, kernel="sage", pv_dtype=pv_dtype or "float32"), "kernel")
+    elif kernel.split(":")[0] == "int8":
+        name = kernel.partition(":")[2] or "auto"
+        c = Contender(kernel, lambda q, k, v: attention_int8(
+            q, k, v, causal=causal, kernel=name, pv_dtype=pv_dtype or "float32"), "kernel")
     else:
         c = Contender(kernel, lambda q, k, v: attention(q, k, v, causal=causal, kernel=kernel),
                       "kernel")
-    if kernel == "sage":  # INT8 scores: judged by cosine, as lesson 10 does
+    if kernel.split(":")[0] == "int8":  # INT8 scores: judged by cosine, as lesson 10 does
         out = c.fn(q, k, v).astype(np.float64).ravel()
         ref = reference.attention(q, k, v, causal=causal)[0].ravel()
         cos = float(out @ ref / (np.linalg.norm(out) * np.linalg.norm(ref)))
         if not cos >= 0.999:
-            raise AssertionError(f"sage: cosine {cos:.6f} < 0.999 against float64")
+            raise AssertionError(f"{kernel}: cosine {cos:.6f} < 0.999 against float64")
     else:
         validate(c, q, k, v, causal)
     return lambda: c.fn(q, k, v)
