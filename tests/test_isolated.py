@@ -21,7 +21,7 @@ def test_each_contender_runs_in_its_own_validated_worker():
                       rounds=2, calls=3, warmup=1, gap_s=0.0)
     assert sorted(t) == ["flash", "tiled_simd"]
     assert all(len(v) == 6 and min(v) > 0 for v in t.values())
-    assert t.load is not None and t.load.seconds > 0
+    assert t.load is not None and t.load.known  # the window's load was recorded
 
 
 def test_a_worker_that_fails_validation_or_setup_says_why():
