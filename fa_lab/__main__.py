@@ -1,4 +1,4 @@
-"""Command line: ``python -m fa_lab {bench, tune, memory, warmup, machine, report}``.
+"""Command line: ``python -m fa_lab {bench, tune, memory, warmup, machine, report, ring}``.
 
 Bad options are usage errors (argparse's message and exit code 2), found before any
 work starts: sizes and counts must be positive ints, ``--blocks`` entries ``BQxBK``,
@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from fa_lab import KERNELS, viz
-from fa_lab.tools import bench, hierarchy, memory, report, tune
+from fa_lab.tools import bench, hierarchy, memory, report, ring, tune
 from fa_lab.settings.blas import coretype_hint
 from fa_lab.tools.bench import features as bench_features
 from fa_lab.tools.bench.cpu_targets import cpu_targets
@@ -362,9 +362,11 @@ def main(argv=None) -> int:
                    "curated results of docs/RESULTS.md)")
     r.set_defaults(func=_report)
 
+    g = ring.add_parser(sub, _positive_int, _output_file)
+
     args = p.parse_args(argv)
     parser = {"bench": b, "tune": t, "memory": mem, "warmup": w, "machine": m,
-              "report": r}[args.cmd]
+              "report": r, "ring": g}[args.cmd]
     problem = _check(args)
     if problem:
         parser.error(problem)  # exits with 2, before any work
@@ -408,6 +410,8 @@ def _check(args) -> str | None:
         for r in args.regimes or []:
             if r not in known:
                 return f"--regimes: unknown regime {r!r}; known: {known}"
+    if args.cmd == "ring":
+        return ring.check_options(args)
     if args.cmd == "report" and args.only:
         nb_dir = report.REPO / "notebooks"
         for n in args.only:

@@ -42,14 +42,15 @@ LAYERS = {
     "fa_lab.kernels": 2,
     "fa_lab.registry": 3,
     "fa_lab.api": 4,
-    "fa_lab.features": 5, "fa_lab.integrations": 5,
+    "fa_lab.features": 5, "fa_lab.integrations": 5, "fa_lab.distributed": 5,
     "fa_lab.tools": 6, "fa_lab.viz": 6,
     "fa_lab.lessons": 7,
     "fa_lab.__main__": 8, "fa_lab": 8,
 }
 
 #: Layers that reach kernels only through the API and the registry.
-ABOVE_THE_API = ("fa_lab.features", "fa_lab.integrations", "fa_lab.tools", "fa_lab.viz",
+ABOVE_THE_API = ("fa_lab.features", "fa_lab.integrations", "fa_lab.distributed",
+                 "fa_lab.tools", "fa_lab.viz",
                  "fa_lab.lessons", "fa_lab.__main__")
 #: The one door to jitted code for tools: loops that measure the machine.
 PROBES = "fa_lab.kernels.probes"

@@ -9,7 +9,7 @@ import math
 from enum import IntEnum
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from fa_lab.settings.config import CACHE
 
@@ -142,43 +142,6 @@ def no_bias(dtype) -> np.ndarray:
     if dtype not in _NO_BIAS:
         _NO_BIAS[dtype] = np.broadcast_to(np.zeros((), dtype), (1, 1, 1, 1))
     return _NO_BIAS[dtype]
-
-
-@njit(cache=CACHE, parallel=True, nogil=True)
-def merge_splits(part_o, part_lse, out, lse):
-    """Flash-Decoding's pass 2 (prange over rows): the exact merge of ``splits`` partial
-    results ``part_o`` (splits, B, H, Nq, d) with their ``part_lse`` (splits, B, H, Nq):
-    ``lse = log sum_s exp(lse_s)``, ``O = sum_s exp(lse_s - lse) O_s``. A split that saw
-    no key has ``lse_s = -inf`` and weight 0; a row that saw none gets ``O = 0``,
-    ``lse = -inf``; a NaN partial makes the row NaN."""
-    splits, B, H, Nq, d = part_o.shape
-    for row in prange(B * H * Nq):
-        b, h, i = row // (H * Nq), (row // Nq) % H, row % Nq
-        top = NEG_INF
-        nan = False
-        for s in range(splits):
-            x = part_lse[s, b, h, i]
-            if x > top:
-                top = x
-            nan = nan or x != x
-        o = out[b, h, i]
-        o[:] = 0
-        if nan:
-            o[:] = np.nan
-            lse[b, h, i] = np.nan
-        elif top == NEG_INF:
-            lse[b, h, i] = NEG_INF
-        else:
-            total = 0.0
-            for s in range(splits):
-                w = math.exp(part_lse[s, b, h, i] - top)
-                total += w
-                ps = part_o[s, b, h, i]
-                for t in range(d):
-                    o[t] += w * ps[t]
-            for t in range(d):
-                o[t] /= total
-            lse[b, h, i] = top + math.log(total)
 
 
 # --- flash-attn's score modifiers (fa_lab.numerics.scoremod): window, softcap, ALiBi -------------

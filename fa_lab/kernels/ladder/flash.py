@@ -54,9 +54,9 @@ from threadpoolctl import ThreadpoolController
 from fa_lab.settings import config
 from fa_lab.settings.config import CACHE, FASTMATH, num_threads
 from fa_lab.kernels.common import (LOG2E, NEG_INF, NRT_ARRAY_OVERHEAD, exp2_poly,
-                                   finalize_row, mask_block,
-                                   merge_splits, softcap_alibi_block, task_coords,
-                                   window_block, window_cuts, window_keys)
+                                   finalize_row, mask_block, softcap_alibi_block,
+                                   task_coords, window_block, window_cuts, window_keys)
+from fa_lab.numerics.merge import merge_splits
 
 def limit_scipy_blas(threads: int = 1) -> list[str]:
     """Set SciPy's bundled BLAS (not NumPy's, where they differ) to ``threads`` threads.

@@ -10,7 +10,7 @@ place, nothing is gathered. Sequence ``b`` has ``lengths[b]`` keys and the queri
 at its end (bottom-right: query ``i`` of ``Nq`` at position ``lengths[b] - Nq + i``).
 
 Long caches with few query rows (decoding) split the keys as ``flash`` does
-(Flash-Decoding) and merge the partial results exactly (:func:`fa_lab.kernels.common.merge_splits`).
+(Flash-Decoding) and merge the partial results exactly (:func:`fa_lab.numerics.merge.merge_splits`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import numpy as np
 from numba import njit, prange
 
 from fa_lab.settings.config import CACHE
-from fa_lab.kernels.common import finalize_row, merge_splits, task_coords, window_keys
+from fa_lab.kernels.common import finalize_row, task_coords, window_keys
 from fa_lab.kernels.ladder.flash import kv_tile, row_state
+from fa_lab.numerics.merge import merge_splits
 
 
 @njit(cache=CACHE)
