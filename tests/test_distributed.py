@@ -203,3 +203,14 @@ def test_ring_attention_needs_an_initialised_group():
     q = np.zeros((1, 1, 4, 2), np.float32)
     with pytest.raises(RuntimeError, match="init_process_group first"):
         ring_attention(q, q, q)
+
+
+def test_the_hide_threshold_is_where_compute_time_equals_transfer_time():
+    from fa_lab.tools.merging import hide_threshold
+
+    F, bw, H, H_kv, itemsize, d = 5e10, 1.25e9, 8, 2, 4, 64
+    n = hide_threshold(F, bw, H=H, H_kv=H_kv, itemsize=itemsize)
+    compute = 4 * H * n * n * d / F
+    transfer = 2 * H_kv * n * d * itemsize / bw
+    assert compute == pytest.approx(transfer)
+    assert hide_threshold(F, 2 * bw, H=H, H_kv=H_kv) == pytest.approx(n / 2)  # faster link

@@ -234,7 +234,9 @@ def ring_attention(q, k, v, *, causal: bool = False, scale: float | None = None,
     key_mask : bool (B, N_local), optional: the rank's keys that may be attended (True)
     timeout : seconds every communication may take before a ``TimeoutError``
     timings : list, optional: receives one dict per ring step (``step``, ``src``,
-        ``compute_s``, ``wait_s`` (communication not hidden behind compute), ``bytes``)
+        ``compute_s`` (wall), ``cpu_s`` (this process's CPU time meanwhile: the work,
+        even when more ranks than cores share the CPU), ``wait_s`` (communication not
+        hidden behind compute), ``bytes``)
 
     Returns the rank's shard of the output, (B, H, N_local, d) (and the LSE), as a tensor
     when ``q`` is one.
@@ -279,18 +281,18 @@ def ring_attention(q, k, v, *, causal: bool = False, scale: float | None = None,
             if mask is not None:
                 works += [dist.isend(masks[cur], peer(rank + 1), group=group, tag=1),
                           dist.irecv(masks[nxt], peer(rank - 1), group=group, tag=1)]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         src = (rank - step) % world
         kv_mask = None if mask is None else masks[cur].numpy().astype(bool)
         part = _step(q, bufs[cur].numpy(), kv_mask, src, rank, causal, layout, scale)
         if part is not None:
             rows, o, s = part
             out[:, :, rows], lse[:, :, rows] = merge_states(out[:, :, rows], lse[:, :, rows], o, s)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         for w in works:
             _wait(w, timeout, f"step {step}'s send/recv")
         if timings is not None:
-            timings.append({"step": step, "src": src, "compute_s": t1 - t0,
+            timings.append({"step": step, "src": src, "compute_s": t1 - t0, "cpu_s": c1 - c0,
                             "wait_s": time.perf_counter() - t1,
                             "bytes": bufs[cur].numel() * bufs[cur].element_size()
                             if works else 0})

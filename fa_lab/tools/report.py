@@ -49,6 +49,7 @@ NOTEBOOKS = [
     ("10_low_precision_microkernels", "speed"),
     ("11_real_model", "retrieval"),
     ("12_gpu_kernel", "occupancy"),
+    ("13_merging_states", "cascade_speedup"),
 ]
 
 REPO = Path(__file__).resolve().parents[2]
