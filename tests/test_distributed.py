@@ -219,7 +219,7 @@ def test_the_hide_threshold_is_where_compute_time_equals_transfer_time():
 def test_the_same_command_runs_as_one_rank_each_under_torchrun():
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                           "--master-port", str(ring.free_port()), "-m", "fa_lab", "ring",
-                          "--N", "64", "--H", "2", "--d", "8", "--causal", "--layout", "zigzag",
+                          "--N", "64", "--H", "2", "--causal", "--layout", "zigzag",
                           "--repeats", "1"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("check: ok") == 1  # rank 0 reports, once
