@@ -25,6 +25,7 @@ from fa_lab.numerics.dropout import check_dropout
 from fa_lab.kernels.ladder.flash import plan_splits
 from fa_lab.kernels.lowprec.amx_pack import round_bf16
 from fa_lab.numerics.masks import causal_alignment
+from fa_lab.numerics.merge import apply_sinks, check_sinks
 from fa_lab.registry import BF16_KERNELS, CUDA_KERNELS, KERNELS, Kernel, Request, Stage
 from fa_lab.numerics.scoremod import NONE as NO_MODS
 from fa_lab.numerics.scoremod import ScoreMods, check_mods
@@ -100,10 +101,16 @@ class Call:
     seed: int
     request: Request
     mods: ScoreMods = NO_MODS  # window, softcap, ALiBi (fa_lab.numerics.scoremod)
+    sinks: np.ndarray | None = None  # (B, H) sink logits (fa_lab.numerics.merge)
 
     @property
     def B(self) -> int:
         return math.prod(self.lead)
+
+    @property
+    def out_shape(self) -> tuple:
+        """``out``'s shape: q's with v's head dimension ``d_v`` last."""
+        return self.q.shape[:-1] + self.v4.shape[-1:]
 
     @property
     def empty(self) -> bool:
@@ -143,7 +150,8 @@ class Call:
         return bq, bk, source
 
     def run(self, kernel="auto", *, table=None, arrays=None, block_q=None, block_kv=None,
-            splits=None, stage=Stage.FULL, kv_len=None, warn=True, **options):
+            splits=None, stage=Stage.FULL, kv_len=None, warn=True, with_sinks=True,
+            **options):
         """Run a forward kernel of ``table`` (default :data:`fa_lab.KERNELS`): ``(out,
         lse)`` in q's layout (``(..., H, Nq, d)`` and ``(..., H, Nq)``).
 
@@ -153,13 +161,15 @@ class Call:
         a stage, for timing its parts) and ``kv_len`` (use only the first ``kv_len``
         keys: a preallocated KV cache) are options of the staged kernels; ``options``
         are a kernel's own (its ``tags``, e.g. ``pv_dtype`` of ``sage``): any other is
-        refused, never dropped."""
+        refused, never dropped. The sinks (if any) are merged into every kernel's finished
+        state (:func:`fa_lab.numerics.merge.apply_sinks`) unless ``with_sinks=False`` (a
+        caller that corrects the LSE first) or a partial ``stage``."""
         chosen = self.choose(kernel, KERNELS if table is None else table, warn=warn)
         unknown = sorted(set(options) - set(chosen.tags))
         if unknown:
             raise TypeError(f"{unknown[0]}: not an option of kernel {chosen.name!r}")
         if self.empty:
-            return np.zeros(self.q.shape, self.q.dtype), np.zeros(self.q.shape[:-1], self.q.dtype)
+            return np.zeros(self.out_shape, self.q.dtype), np.zeros(self.q.shape[:-1], self.q.dtype)
         bq, bk, _ = self.blocks(kernel, chosen, block_q, block_kv)
         if not chosen.tiled:
             bq = bk = None
@@ -173,7 +183,9 @@ class Call:
         arrays = (self.q4, self.k4, self.v4) if arrays is None else arrays
         out, lse = chosen.run(arrays, self.bias, self.scale, self.alignment, bq, bk, **extra,
                               **options)
-        return out.reshape(self.q.shape), lse.reshape(self.q.shape[:-1])
+        if self.sinks is not None and with_sinks and stage == Stage.FULL:
+            out, lse = apply_sinks(out, lse, self.sinks[:, :, None])
+        return out.reshape(self.out_shape), lse.reshape(self.q.shape[:-1])
 
     def plan(self, kernel="auto") -> dict:
         """What :meth:`run` would do (see :func:`plan`)."""
@@ -187,7 +199,8 @@ class Call:
 
 
 def prepare(q, k, v, *, causal=False, scale=None, mask=None, block_q=None, block_kv=None,
-            dropout_p=0.0, seed=None, window=None, softcap=0.0, alibi_slopes=None) -> Call:
+            dropout_p=0.0, seed=None, window=None, softcap=0.0, alibi_slopes=None,
+            sinks=None) -> Call:
     """Validate every argument (as :func:`attention` documents them) and normalize the
     arrays to ``(B, H, N, d)``: the :class:`Call` that :meth:`Call.run` dispatches.
 
@@ -208,15 +221,16 @@ def prepare(q, k, v, *, causal=False, scale=None, mask=None, block_q=None, block
     full_shape = (*lead, H, Nq, Nk) if q.ndim > 2 else (Nq, Nk)
     bias = None if mask is None else bias_view(mask, q.dtype, full_shape, B, H, Nq, Nk)
     mods = check_mods(window, softcap, alibi_slopes, lead, H, q.dtype)
+    sinks = check_sinks(sinks, lead, H, q.dtype)
     req = Request(dtype=q.dtype, causal=alignment is not None, mask=bias is not None,
                   gqa=H != H_kv, blocks=block_q is not None or block_kv is not None,
                   dropout=dropout_p > 0, window=mods.window, softcap=mods.softcap > 0,
-                  alibi=mods.slopes is not None)
+                  alibi=mods.slopes is not None, dv=v.shape[-1] != d)
     q4 = np.ascontiguousarray(q.reshape(B, H, Nq, d))
     k4 = np.ascontiguousarray(k.reshape(B, H_kv, Nk, d))
-    v4 = np.ascontiguousarray(v.reshape(B, H_kv, Nk, d))
+    v4 = np.ascontiguousarray(v.reshape(B, H_kv, Nk, v.shape[-1]))
     return Call(q, lead, H, H_kv, Nq, Nk, d, q4, k4, v4, bias, scale, alignment,
-                block_q, block_kv, dropout_p, seed, req, mods)
+                block_q, block_kv, dropout_p, seed, req, mods, sinks)
 
 
 #: Array layouts :func:`attention` accepts: heads before tokens (fa_lab's and PyTorch's),
@@ -237,7 +251,7 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = 
               block_q: int | None = None, block_kv: int | None = None,
               return_lse: bool = False, dropout_p: float = 0.0, seed: int | None = None,
               window: tuple[int, int] | None = None, softcap: float = 0.0,
-              alibi_slopes: ArrayLike | None = None,
+              alibi_slopes: ArrayLike | None = None, sinks: ArrayLike | None = None,
               layout: str = "bhnd") -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Scaled dot-product attention ``softmax(Q K^T * scale + mask) V``.
 
@@ -248,6 +262,9 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = 
         ``H % H_kv == 0``: query head ``h`` uses kv head ``h // (H // H_kv)``
         (grouped-query / multi-query attention, as PyTorch's ``enable_gqa``).
         Strided (non-contiguous) views are accepted (copied to contiguous memory).
+        ``v`` may have its own head dimension ``d_v`` (MLA: DeepSeek's 192 / 128):
+        ``out`` then has ``d_v`` columns (``reference``, ``tiled_simd``, ``flash``; the
+        teaching rungs refuse it by name).
     causal : False, True, "top_left" or "bottom_right"
         ``True``/``"top_left"``: query ``i`` sees keys ``j <= i`` (PyTorch ``is_causal``).
         ``"bottom_right"``: query ``i`` sees keys ``j <= i + Nk - Nq`` (flash-attn >= 2.1;
@@ -282,6 +299,12 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = 
     alibi_slopes : array (H,) or (..., H), optional
         ALiBi: adds ``-slope * |i + offset - j|`` to the (softcapped) scores, computed
         in the kernel (no ``N x N`` bias).
+    sinks : array (H,) or (..., H), optional
+        Attention sinks (gpt-oss, StreamingLLM): one learned logit per query head, a
+        virtual key with that score and a zero value in every row's softmax: it takes
+        probability mass and adds nothing to the output; ``lse`` includes it. Merged
+        into the kernel's finished state (:func:`fa_lab.numerics.merge.apply_sinks`),
+        so every kernel serves it; ``-inf`` = no sink.
     layout : "bhnd" (default) or "bnhd"
         ``"bnhd"``: q, k, v and ``out`` are ``(..., N, H, d)``, flash-attn's layout (a
         mask, ALiBi slopes and ``lse`` keep their head-major shapes). fa_lab cannot tell
@@ -289,7 +312,7 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = 
 
     Returns
     -------
-    out : (..., H, Nq, d) (``(..., Nq, H, d)`` with ``layout="bnhd"``), q's dtype
+    out : (..., H, Nq, d_v) (``(..., Nq, H, d_v)`` with ``layout="bnhd"``), q's dtype
     lse : (..., H, Nq), q's dtype, only with ``return_lse``
 
     Notes
@@ -314,7 +337,7 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = 
                         causal=causal, scale=scale, mask=mask, kernel=kernel,
                         block_q=block_q, block_kv=block_kv, return_lse=return_lse,
                         dropout_p=dropout_p, seed=seed, window=window, softcap=softcap,
-                        alibi_slopes=alibi_slopes)
+                        alibi_slopes=alibi_slopes, sinks=sinks)
         out, lse = res if isinstance(res, tuple) else (res, None)
         out = np.ascontiguousarray(np.swapaxes(out, -3, -2))
         return (out, lse) if lse is not None else out
@@ -327,7 +350,7 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = 
                                   widen("v", v, half), kernel, causal=causal, scale=scale,
                                   mask=mask, block_q=block_q, block_kv=block_kv,
                                   dropout_p=dropout_p, seed=seed, window=window,
-                                  softcap=softcap, alibi_slopes=alibi_slopes)
+                                  softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
             if res is not None:
                 out, lse = (_to_bf16(x, half) for x in res)
                 return (out, lse) if check_bool("return_lse", return_lse) else out
@@ -335,11 +358,11 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = 
                         widen("v", v, half), causal=causal, scale=scale, mask=mask,
                         kernel=kernel, block_q=block_q, block_kv=block_kv,
                         return_lse=return_lse, dropout_p=dropout_p, seed=seed,
-                        window=window, softcap=softcap, alibi_slopes=alibi_slopes)
+                        window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
         return tuple(x.astype(half) for x in res) if return_lse else res.astype(half)
     call = prepare(q, k, v, causal=causal, scale=scale, mask=mask, block_q=block_q,
                    block_kv=block_kv, dropout_p=dropout_p, seed=seed, window=window,
-                   softcap=softcap, alibi_slopes=alibi_slopes)
+                   softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
     return_lse = check_bool("return_lse", return_lse)
     out, lse = call.run(kernel)
     return (out, lse) if return_lse else out
@@ -371,7 +394,7 @@ def plan(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = False
          scale: float | None = None, mask: ArrayLike | None = None, kernel: str = "auto",
          block_q: int | None = None, block_kv: int | None = None, dropout_p: float = 0.0,
          seed: int | None = None, window: tuple[int, int] | None = None, softcap: float = 0.0,
-         alibi_slopes: ArrayLike | None = None) -> dict:
+         alibi_slopes: ArrayLike | None = None, sinks: ArrayLike | None = None) -> dict:
     """What :func:`attention` would run for these arguments, without running it.
 
     Returns ``kernel``, ``block_q``, ``block_kv``, ``blocks_from`` (``"given"``,
@@ -384,4 +407,4 @@ def plan(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = False
         q, k, v = np.asarray(q).astype(np.float32), widen("k", k, half), widen("v", v, half)
     return prepare(q, k, v, causal=causal, scale=scale, mask=mask, block_q=block_q,
                    block_kv=block_kv, dropout_p=dropout_p, seed=seed, window=window,
-                   softcap=softcap, alibi_slopes=alibi_slopes).plan(kernel)
+                   softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks).plan(kernel)

@@ -36,14 +36,7 @@ from fa_lab.kernels.ladder import fa1, flash, naive, online, tiled, tiled_simd
 from fa_lab.kernels.lowprec import amx, int8, quantize, sage
 from fa_lab.kernels.layouts import paged, varlen
 from fa_lab.kernels.common import Stage, no_bias
-from fa_lab.kernels.ladder.fa1 import fa1_forward
 from fa_lab.kernels.ladder.flash import flash_forward, flash_splitkv_forward
-from fa_lab.kernels.backward.naive import naive_backward
-from fa_lab.kernels.backward.tiled import tiled_backward
-from fa_lab.kernels.ladder.naive import naive_forward
-from fa_lab.kernels.ladder.online import online_forward
-from fa_lab.kernels.ladder.tiled import tiled_forward
-from fa_lab.kernels.ladder.tiled_simd import tiled_simd_forward
 
 
 @dataclass(frozen=True)
@@ -59,6 +52,7 @@ class Request:
     window: bool = False  # a sliding window (fa_lab.numerics.scoremod)
     softcap: bool = False
     alibi: bool = False
+    dv: bool = False  # a value head dimension d_v != d (MLA)
 
 
 @dataclass(frozen=True)
@@ -81,6 +75,7 @@ class Kernel:
     window: bool = False
     softcap: bool = False
     alibi: bool = False
+    dv: bool = False  # v's head dimension may differ from q's and k's
     # the config setting naming its (Br, Bc), read at call time; None: config.BLOCK_Q/KV
     blocks_setting: str | None = None
     scratch: Callable | None = None  # byte model of the kernel's own allocations
@@ -109,6 +104,9 @@ class Kernel:
         for option in ("causal", "mask", "gqa", "dropout", "window", "softcap", "alibi"):
             if getattr(req, option) and not getattr(self, option):
                 return f"kernel {self.name!r} does not support {option}"
+        if req.dv and not self.dv:
+            return (f"kernel {self.name!r} does not support a value head dimension d_v "
+                    "different from d")
         if req.blocks and not self.tiled:
             return (f"kernel {self.name!r} is not tiled: block_q/block_kv are not options "
                     "of it")
@@ -117,7 +115,7 @@ class Kernel:
 
 def _forward_outputs(arrays):
     q, v = arrays[0], arrays[-1]
-    return np.empty(q.shape, v.dtype), np.empty(q.shape[:3], v.dtype)
+    return np.empty(q.shape[:3] + v.shape[3:], v.dtype), np.empty(q.shape[:3], v.dtype)
 
 
 def _backward_outputs(arrays):
@@ -207,26 +205,26 @@ KERNELS: dict[str, Kernel] = {
     k.name: k
     for k in [
         Kernel("reference", 0, "float64 NumPy, materializes the N x N scores (source of truth)",
-               _reference_run, dropout=True, window=True, softcap=True, alibi=True,
+               _reference_run, dropout=True, window=True, softcap=True, alibi=True, dv=True,
                scratch=reference.scratch_bytes),
         Kernel("naive", 1, "scalar Numba, three passes over a row of scores, 1 thread",
-               Runner(naive_forward), naive_forward, scratch=naive.scratch_bytes),
+               Runner(naive.naive_forward), naive.naive_forward, scratch=naive.scratch_bytes),
         Kernel("online", 2, "scalar Numba, one pass with running max and sum, 1 thread",
-               Runner(online_forward), online_forward, scratch=online.scratch_bytes),
+               Runner(online.online_forward), online.online_forward, scratch=online.scratch_bytes),
         Kernel("tiled", 3, "Br x Bc blocks, online softmax across blocks, causal block "
-               "skipping; scalar, 1 thread", Runner(tiled_forward), tiled_forward,
+               "skipping; scalar, 1 thread", Runner(tiled.tiled_forward), tiled.tiled_forward,
                tiled=True, scratch=tiled.scratch_bytes),
         # Same rung as tiled and listed after it, so kernel="auto" (highest rung first,
         # ties in this order) never picks it: a teaching contrast, not a faster kernel.
         Kernel("fa1", 3, "FlashAttention-1's order: K/V blocks outside, Q blocks inside, "
                "O, m, l written back and O normalized every pass; scalar, 1 thread",
-               Runner(fa1_forward), fa1_forward, tiled=True, scratch=fa1.scratch_bytes,
+               Runner(fa1.fa1_forward), fa1.fa1_forward, tiled=True, scratch=fa1.scratch_bytes,
                tags=("teaching",)),
         Kernel("tiled_simd", 4, "tiled, inner loops vectorized by LLVM (packed FMA), "
                "prange over (b, h, query block)",
-               Runner(tiled_simd_forward, dropout="after", mods=True),
-               tiled_simd_forward, tiled=True, parallel=True, dropout=True,
-               window=True, softcap=True, alibi=True,
+               Runner(tiled_simd.tiled_simd_forward, dropout="after", mods=True),
+               tiled_simd.tiled_simd_forward, tiled=True, parallel=True, dropout=True,
+               window=True, softcap=True, alibi=True, dv=True,
                scratch=tiled_simd.scratch_bytes),
         Kernel("flash", 5, "tiled_simd with BLAS block products (np.dot) and a vectorized "
                "polynomial exp, fused max/exp/sum pass; split-KV (Flash-Decoding) when there are "
@@ -234,16 +232,16 @@ KERNELS: dict[str, Kernel] = {
                Runner(flash_forward, staged=True, split_driver=flash_splitkv_forward,
                       warm=flash.ensure_blas_threads, mods=True),
                flash_forward, tiled=True, parallel=True, window=True, softcap=True, alibi=True,
-               blocks_setting="FLASH_BLOCKS", scratch=flash.scratch_bytes),
+               dv=True, blocks_setting="FLASH_BLOCKS", scratch=flash.scratch_bytes),
     ]
 }
 
 
 def _reference_backward_run(arrays, bias, scale, alignment, block_q=None, block_kv=None, *,
-                            dropout_p=0.0, seed=0, mods=None, **_):
+                            dropout_p=0.0, seed=0, mods=None, sinks=None, **_):
     q, k, v, out, dout, lse = arrays
     grads = reference.attention_backward(q, k, v, dout, causal=alignment or False, scale=scale,
-                                         mask=bias, dropout_p=dropout_p, seed=seed,
+                                         mask=bias, dropout_p=dropout_p, seed=seed, sinks=sinks,
                                          **(mods or NO_MODS).reference_kwargs())
     return tuple(g.astype(q.dtype) for g in grads)
 
@@ -254,16 +252,21 @@ BACKWARD_KERNELS: dict[str, Kernel] = {
     k.name: k
     for k in [
         Kernel("reference", 0, "float64 NumPy, materializes P and the softmax Jacobian",
-               _reference_backward_run, dropout=True, window=True, softcap=True, alibi=True),
+               _reference_backward_run, dropout=True, window=True, softcap=True, alibi=True,
+               dv=True,
+               # recomputes P from the scores, so it needs the sinks themselves; the
+               # jitted kernels read them from the sink-merged O and lse
+               tags=("sinks",)),
         Kernel("naive", 1, "scalar Numba, one query row at a time, recomputes P from the "
                "LSE, float64 accumulators, 1 thread",
-               Runner(naive_backward, _backward_outputs, dropout="before"),
-               naive_backward, dropout=True, scratch=backward_naive.scratch_bytes),
+               Runner(backward_naive.naive_backward, _backward_outputs, dropout="before"),
+               backward_naive.naive_backward, dropout=True, scratch=backward_naive.scratch_bytes),
         Kernel("tiled", 2, "FlashAttention-2 tiles in two race-free prange passes (dK, dV "
                "over key blocks; dQ over query blocks)",
-               Runner(tiled_backward, _backward_outputs, dropout="before", mods=True),
-               tiled_backward, tiled=True, parallel=True, dropout=True,
-               window=True, softcap=True, alibi=True,
+               Runner(backward_tiled.tiled_backward, _backward_outputs, dropout="before",
+                      mods=True),
+               backward_tiled.tiled_backward, tiled=True, parallel=True, dropout=True,
+               window=True, softcap=True, alibi=True, dv=True,
                scratch=backward_tiled.scratch_bytes),
     ]
 }
@@ -380,7 +383,7 @@ def _varlen_reference_run(q, k, v, cu_q, cu_k, scale, alignment, block_q, block_
 
 def _varlen_flash_run(q, k, v, cu_q, cu_k, scale, alignment, block_q, block_kv, mods=None):
     flash.ensure_blas_threads()
-    out = np.empty_like(q)
+    out = np.empty(q.shape[:2] + v.shape[2:], q.dtype)  # d_v columns
     lse = np.empty(q.shape[:2], q.dtype)
     tasks = varlen.varlen_tasks(cu_q, q.shape[0], block_q)
     varlen.flash_varlen_forward(q, k, v, cu_q.astype(np.int64), cu_k.astype(np.int64), tasks,
@@ -397,11 +400,11 @@ VARLEN_KERNELS: dict[str, Kernel] = {
     k.name: k
     for k in [
         Kernel("reference", 0, "float64 NumPy, one call per sequence", _varlen_reference_run,
-               mask=False, window=True, softcap=True, alibi=True),
+               mask=False, window=True, softcap=True, alibi=True, dv=True),
         Kernel("flash", 5, "one prange over (sequence, head, query block) tasks of flash's "
                "tiles; no padding computed", _varlen_flash_run, varlen.flash_varlen_forward,
                tiled=True, parallel=True, mask=False, window=True, softcap=True, alibi=True,
-               blocks_setting="FLASH_BLOCKS"),
+               dv=True, blocks_setting="FLASH_BLOCKS"),
     ]
 }
 
@@ -416,7 +419,7 @@ def _paged_flash_run(q, k_pages, v_pages, block_table, lengths, scale, causal, b
                      block_kv, mods=None, splits=None):
     flash.ensure_blas_threads()
     B, H, Nq, d = q.shape
-    out = np.empty_like(q)
+    out = np.empty((B, H, Nq, v_pages.shape[3]), q.dtype)  # d_v columns
     lse = np.empty((B, H, Nq), q.dtype)
     if splits is None:
         splits = flash.plan_splits(B, H, Nq, int(np.max(lengths, initial=0)), block_q,
@@ -436,10 +439,10 @@ KVCACHE_KERNELS: dict[str, Kernel] = {
     k.name: k
     for k in [
         Kernel("reference", 0, "gathers each sequence's pages, float64 NumPy",
-               _paged_reference_run, mask=False, window=True, softcap=True, alibi=True),
+               _paged_reference_run, mask=False, window=True, softcap=True, alibi=True, dv=True),
         Kernel("flash", 5, "flash's tiles read in place through the block table (a tile "
                "never crosses a page), split-KV for long caches", _paged_flash_run,
                paged.paged_forward, tiled=True, parallel=True, mask=False, window=True,
-               softcap=True, alibi=True, blocks_setting="FLASH_BLOCKS"),
+               softcap=True, alibi=True, dv=True, blocks_setting="FLASH_BLOCKS"),
     ]
 }

@@ -20,14 +20,15 @@ def call(q=Q, k=KV, v=KV, **kw):
     (Q[0, 0, 0], KV, KV, r"q must have shape \(\.\.\., H, Nq, d\)"),
     (Q, KV[0], KV, "k must have the same rank as q"),
     (Q, KV, KV[0], "v must have the same rank as q"),
-    (Q, KV, KV[..., :4], r"v must have the same shape as k"),
+    (Q, KV, KV[:, :, :5], r"v must have k's shape .* except its head dimension d_v"),
+    (Q, KV, KV[..., :0], r"d_v \(>= 1"),
     (Q, KV[..., :4], KV[..., :4], "k must have the head dimension d=8"),
     (Q[..., :0], KV[..., :0], KV[..., :0], "head dimension d >= 1"),
     (Q, KV[:1], KV[:1], "leading dims"),
     (Q, np.concatenate([KV, KV[:, :1]], 1), np.concatenate([KV, KV[:, :1]], 1),
      r"H=4.*H_kv=3"),
 ])
-def test_shape_errors(q, k, v, match):
+def test_shape_errors(q, k, v, match):  # (a different d_v alone is MLA: test_mla.py)
     with pytest.raises(ValueError, match=match):
         call(q, k, v)
 

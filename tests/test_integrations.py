@@ -265,13 +265,13 @@ def test_sliding_window_and_softcap_pass_through(registered, arch):
     assert _relative(a, c, att) > 1e-2
 
 
-def test_attention_sinks_and_unknown_keywords_are_refused(registered):
+def test_refused_and_unknown_keywords_raise(registered):
     from fa_lab.integrations.transformers import make_attention
 
     fn = make_attention()
     q = torch.randn(1, 2, 4, 8)
-    with pytest.raises(NotImplementedError, match="s_aux"):
-        fn(None, q, q, q, None, s_aux=torch.zeros(2))
+    with pytest.raises(NotImplementedError, match="position_bias"):
+        fn(None, q, q, q, None, position_bias=torch.zeros(2))
     with pytest.raises(TypeError, match="made_up_option"):
         fn(None, q, q, q, None, made_up_option=1)
     out, _ = fn(None, q, q, q, None, position_ids=torch.arange(4)[None], use_cache=False)

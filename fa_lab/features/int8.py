@@ -26,6 +26,7 @@ from fa_lab.settings import cpu_features
 from fa_lab.numerics import quant
 from fa_lab.numerics.buffers import aligned
 from fa_lab.api import effective_blocks, prepare
+from fa_lab.numerics.merge import apply_sinks
 from fa_lab.numerics.checks import check_bool, check_choice
 from fa_lab.registry import INT8_KERNELS, INT8_QUANTIZERS
 
@@ -137,7 +138,8 @@ def attention_int8(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | s
                    granularity: str = "per_block", smooth_k: bool = True,
                    kernel: str = "auto", block_q: int | None = None,
                    block_kv: int | None = None, return_lse: bool = False,
-                   pv_dtype: str = "float32") -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+                   pv_dtype: str = "float32",
+                   sinks: ArrayLike | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Attention with INT8 ``Q`` and ``K`` (symmetric, see :mod:`fa_lab.numerics.quant`).
 
     Parameters as :func:`fa_lab.attention`, plus:
@@ -160,10 +162,13 @@ def attention_int8(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | s
         ``P V`` in bf16 only (``tdpbf16ps``) and refuses ``"float32"``. Other kernels
         compute ``P V`` in the input dtype: an explicit one refuses ``"bfloat16"``.
 
+    sinks : (H,) or (..., H), optional: attention sinks (:func:`fa_lab.attention`),
+        merged with the true LSE (after the smoothing's correction)
+
     Returns ``out`` (q's dtype) and, with ``return_lse``, ``lse``.
     """
     call = prepare(q, k, v, causal=causal, scale=scale, mask=mask, block_q=block_q,
-                   block_kv=block_kv)
+                   block_kv=block_kv, sinks=sinks)
     return_lse = check_bool("return_lse", return_lse)
     check_choice("pv_dtype", pv_dtype, PV_DTYPES)
     chosen = _choose_int8(kernel, call, pv_dtype)
@@ -177,11 +182,16 @@ def attention_int8(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | s
     q8, sq, k8, sk, mean = quantize_inputs(call.q4, call.k4, granularity, bq, bk, smooth_k)
     extra = {"pv_dtype": pv_dtype} if "pv_dtype" in chosen.tags else {}
     out, lse = call.run(chosen.name, table=INT8_KERNELS, arrays=(q8, sq, k8, sk, call.v4),
-                        block_q=bq, block_kv=bk, warn=False, **extra)
-    if return_lse and mean is not None and call.Nk:
+                        block_q=bq, block_kv=bk, warn=False, with_sinks=False, **extra)
+    with_sinks = call.sinks is not None
+    if (return_lse or with_sinks) and mean is not None and call.Nk:
         group = call.H // call.H_kv
         shift = np.einsum("bhnd,bhd->bhn", call.q4.astype(np.float64),
                           np.repeat(mean[:, :, 0, :].astype(np.float64), group, axis=1))
-        lse = (lse + call.scale * shift).astype(lse.dtype)
+        lse = (lse + call.scale * shift.reshape(lse.shape)).astype(lse.dtype)
+    if with_sinks:
+        B, H = call.sinks.shape
+        out, lse = apply_sinks(out.reshape(B, H, call.Nq, -1), lse.reshape(B, H, call.Nq),
+                               call.sinks[:, :, None])
     out, lse = out.reshape(call.q.shape), lse.reshape(call.q.shape[:-1])
     return (out, lse) if return_lse else out

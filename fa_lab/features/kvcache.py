@@ -25,6 +25,7 @@ from numpy.typing import ArrayLike
 from fa_lab.api import choose_kernel, effective_blocks
 from fa_lab.numerics.checks import (as_float_array, check_block, check_bool, check_scale,
                                     int_array)
+from fa_lab.numerics.merge import apply_sinks, check_sinks
 from fa_lab.registry import KVCACHE_KERNELS, Request
 from fa_lab.numerics.scoremod import check_mods
 
@@ -50,9 +51,9 @@ def _check_caches(q, k_cache, v_cache, writing):
     kc, vc = as_float_array("k_cache", k_cache), as_float_array("v_cache", v_cache)
     if q.ndim != 4:
         raise ValueError(f"q must have shape (B, H, Nq, d), got {q.shape}")
-    if kc.ndim != 4 or vc.shape != kc.shape:
-        raise ValueError(f"k_cache and v_cache must have one 4-D shape, got {kc.shape} and "
-                         f"{vc.shape}")
+    if kc.ndim != 4 or vc.ndim != 4 or vc.shape[:3] != kc.shape[:3] or vc.shape[3] == 0:
+        raise ValueError(f"k_cache and v_cache must be 4-D with one shape except v's head "
+                         f"dimension d_v >= 1, got {kc.shape} and {vc.shape}")
     if kc.dtype != q.dtype or vc.dtype != q.dtype:
         raise TypeError(f"the caches must have q's dtype {q.dtype}, got {kc.dtype}")
     H, d, H_kv = q.shape[1], q.shape[3], kc.shape[1]
@@ -80,7 +81,7 @@ def _table(block_table, B, num_blocks, k_cache) -> np.ndarray:
     return table
 
 
-def _check_new(k, v, B, H_kv, d, dtype):
+def _check_new(k, v, B, H_kv, d, d_v, dtype):
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (or neither)")
     if k is None:
@@ -88,9 +89,10 @@ def _check_new(k, v, B, H_kv, d, dtype):
     k, v = as_float_array("k", k), as_float_array("v", v)
     if k.dtype != dtype or v.dtype != dtype:
         raise TypeError(f"k and v must have q's dtype {dtype}, got {k.dtype}, {v.dtype}")
-    if k.ndim != 4 or k.shape[:2] != (B, H_kv) or k.shape[3] != d or v.shape != k.shape:
-        raise ValueError(f"k and v must have shape ({B}, {H_kv}, Nnew, {d}), got {k.shape} "
-                         f"and {v.shape}")
+    if (k.ndim != 4 or k.shape[:2] != (B, H_kv) or k.shape[3] != d or v.ndim != 4
+            or v.shape[:3] != k.shape[:3] or v.shape[3] != d_v):
+        raise ValueError(f"k and v must have shapes ({B}, {H_kv}, Nnew, {d}) and ({B}, "
+                         f"{H_kv}, Nnew, {d_v}), got {k.shape} and {v.shape}")
     return k, v, k.shape[2]
 
 
@@ -101,15 +103,17 @@ def attention_with_kvcache(q: ArrayLike, k_cache: np.ndarray, v_cache: np.ndarra
                            window: tuple[int, int] | None = None, softcap: float = 0.0,
                            alibi_slopes: ArrayLike | None = None, return_lse: bool = False,
                            kernel: str = "auto", block_q: int | None = None,
-                           block_kv: int | None = None,
-                           splits: int | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+                           block_kv: int | None = None, splits: int | None = None,
+                           sinks: ArrayLike | None = None
+                           ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Attend ``q`` to each sequence's cached keys (after appending ``k``, ``v``).
 
     Parameters
     ----------
     q : (B, H, Nq, d) float32 or float64
     k_cache, v_cache : contiguous ``(B, H_kv, S_max, d)``, or paged ``(num_blocks, H_kv,
-        block_size, d)`` with ``block_table``; q's dtype. Written in place when ``k`` is
+        block_size, d)`` with ``block_table``; q's dtype (``v_cache`` may have its own head
+        dimension ``d_v``). Written in place when ``k`` is
         given (so they must be writable NumPy arrays).
     cache_seqlens : int or integer array (B,): valid tokens per sequence before the append
     k, v : (B, H_kv, Nnew, d), optional: written at ``cache_seqlens[b] ...`` first
@@ -128,7 +132,8 @@ def attention_with_kvcache(q: ArrayLike, k_cache: np.ndarray, v_cache: np.ndarra
 
     Returns
     -------
-    out : (B, H, Nq, d); lse : (B, H, Nq) with ``return_lse``. A sequence with no key
+    out : (B, H, Nq, d_v) (``d_v``: v_cache's head dimension, which may differ from d);
+    lse : (B, H, Nq) with ``return_lse``. A sequence with no key
     gives zeros and ``lse = -inf``.
     """
     q = as_float_array("q", q)
@@ -138,11 +143,12 @@ def attention_with_kvcache(q: ArrayLike, k_cache: np.ndarray, v_cache: np.ndarra
     num_blocks, H_kv, page = kc.shape[:3]
     lens = _seqlens(cache_seqlens, B)
     table = _table(block_table, B, num_blocks, kc)
-    k_new, v_new, n_new = _check_new(k, v, B, H_kv, d, q.dtype)
+    k_new, v_new, n_new = _check_new(k, v, B, H_kv, d, vc.shape[3], q.dtype)
     causal = check_bool("causal", causal)
     scale = check_scale(scale, d)
     return_lse = check_bool("return_lse", return_lse)
     mods = check_mods(window, softcap, alibi_slopes, (B,), H, q.dtype)
+    sinks = check_sinks(sinks, (B,), H, q.dtype)
     lengths = lens + n_new
     capacity = table.shape[1] * page
     if np.any(lengths > capacity):
@@ -157,18 +163,20 @@ def attention_with_kvcache(q: ArrayLike, k_cache: np.ndarray, v_cache: np.ndarra
                              f"{used.tolist()}; nothing was written")
     req = Request(dtype=q.dtype, causal=causal, gqa=H != H_kv,
                   blocks=block_q is not None or block_kv is not None, window=mods.window,
-                  softcap=mods.softcap > 0, alibi=mods.slopes is not None)
+                  softcap=mods.softcap > 0, alibi=mods.slopes is not None, dv=vc.shape[3] != d)
     splits = check_block("splits", splits)
     chosen, _ = choose_kernel(kernel, req, KVCACHE_KERNELS)
     if n_new:
         _write(kc, vc, table, lens, k_new, v_new)
     bq, bk = effective_blocks(Nq, max(page, 1), block_q, block_kv, chosen.default_blocks)
     if Nq == 0 or B == 0:
-        out, lse = np.zeros(q.shape, q.dtype), np.zeros(q.shape[:3], q.dtype)
+        out, lse = np.zeros(q.shape[:3] + vc.shape[3:], q.dtype), np.zeros(q.shape[:3], q.dtype)
     else:
         kr, vr = np.ascontiguousarray(kc), np.ascontiguousarray(vc)  # no copy when contiguous
         out, lse = chosen.run(np.ascontiguousarray(q), kr, vr, table, lengths, scale, causal,
                               bq, bk, mods, splits=splits)
+        if sinks is not None:
+            out, lse = apply_sinks(out, lse, sinks[:, :, None])
     return (out, lse) if return_lse else out
 
 
@@ -190,7 +198,7 @@ def paginate(k_cache, v_cache, block_size, num_blocks=None, rng=None):
     Returns ``(k_pages, v_pages, block_table)``; the table has ``ceil(S_max /
     block_size)`` int32 columns (every sequence keeps its full capacity).
     """
-    B, H_kv, S_max, d = k_cache.shape
+    B, H_kv, S_max, _ = k_cache.shape
     per = -(-S_max // block_size)
     num_blocks = B * per if num_blocks is None else num_blocks
     if num_blocks < B * per:
@@ -198,7 +206,8 @@ def paginate(k_cache, v_cache, block_size, num_blocks=None, rng=None):
     order = np.arange(num_blocks) if rng is None else rng.permutation(num_blocks)
     table = order[:B * per].reshape(B, per).astype(np.int32)
     out = []
-    for cache in (k_cache, v_cache):
+    for cache in (k_cache, v_cache):  # v's head dimension may differ (d_v)
+        d = cache.shape[3]
         pages = np.zeros((num_blocks, H_kv, block_size, d), cache.dtype)
         padded = np.zeros((B, H_kv, per * block_size, d), cache.dtype)
         padded[:, :, :S_max] = cache

@@ -18,6 +18,7 @@ from numpy.typing import ArrayLike
 from fa_lab.api import choose_kernel, effective_blocks
 from fa_lab.numerics.checks import as_float_array, check_bool, check_scale, int_array
 from fa_lab.numerics.masks import causal_alignment
+from fa_lab.numerics.merge import apply_sinks, check_sinks
 from fa_lab.registry import VARLEN_KERNELS, Request
 from fa_lab.numerics.scoremod import check_mods
 
@@ -54,9 +55,9 @@ def _check_packed(q, k, v):
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.ndim != 3:
         raise ValueError(f"q must have the packed shape (total_q, H, d), got {q.shape}")
-    if k.ndim != 3 or v.shape != k.shape:
-        raise ValueError(f"k and v must have one packed shape (total_k, H_kv, d), got "
-                         f"{k.shape} and {v.shape}")
+    if k.ndim != 3 or v.ndim != 3 or v.shape[:2] != k.shape[:2] or v.shape[2] == 0:
+        raise ValueError(f"k and v must have the packed shapes (total_k, H_kv, d) and "
+                         f"(total_k, H_kv, d_v), got {k.shape} and {v.shape}")
     H, d, H_kv = q.shape[1], q.shape[2], k.shape[1]
     if k.shape[2] != d or d == 0:
         raise ValueError(f"k must have the head dimension d={d} >= 1 of q, got {k.shape}")
@@ -73,7 +74,8 @@ def attention_varlen(q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: Arr
                      softcap: float = 0.0, alibi_slopes: ArrayLike | None = None,
                      kernel: str = "auto", return_lse: bool = False,
                      block_q: int | None = None,
-                     block_kv: int | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+                     block_kv: int | None = None,
+                     sinks: ArrayLike | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Attention over a packed batch of variable-length sequences, no padding computed.
 
     Parameters
@@ -88,12 +90,14 @@ def attention_varlen(q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: Arr
     causal, scale, window, softcap, alibi_slopes : as in :func:`fa_lab.attention`, per
         sequence (``alibi_slopes`` ``(H,)`` or ``(B, H)``; offsets from each sequence's
         own lengths).
+    sinks : (H,) or (B, H), optional: attention sinks (:func:`fa_lab.attention`), per
+        sequence with ``(B, H)``
     kernel : "auto" or a name in :data:`fa_lab.registry.VARLEN_KERNELS`
     block_q, block_kv : tile sizes (default: flash's, clamped to the longest sequences)
 
     Returns
     -------
-    out : (total_q, H, d); lse : (H, total_q) with ``return_lse`` (flash-attn's layout)
+    out : (total_q, H, d_v); lse : (H, total_q) with ``return_lse`` (flash-attn's layout)
     """
     q, k, v = _check_packed(q, k, v)
     cu_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0])
@@ -110,16 +114,21 @@ def attention_varlen(q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: Arr
     scale = check_scale(scale, d)
     return_lse = check_bool("return_lse", return_lse)
     mods = check_mods(window, softcap, alibi_slopes, (B,), H, q.dtype)
+    sinks = check_sinks(sinks, (B,), H, q.dtype)
     req = Request(dtype=q.dtype, causal=alignment is not None, gqa=H != k.shape[1],
                   blocks=block_q is not None or block_kv is not None, window=mods.window,
-                  softcap=mods.softcap > 0, alibi=mods.slopes is not None)
+                  softcap=mods.softcap > 0, alibi=mods.slopes is not None,
+                  dv=v.shape[2] != d)
     chosen, _ = choose_kernel(kernel, req, VARLEN_KERNELS)
     bq, bk = effective_blocks(long_q, long_k, block_q, block_kv, chosen.default_blocks)
     if q.shape[0] == 0:
-        out, lse = np.zeros(q.shape, q.dtype), np.zeros((H, 0), q.dtype)
+        out, lse = np.zeros(q.shape[:2] + v.shape[2:], q.dtype), np.zeros((H, 0), q.dtype)
     else:
         q_t, k_t, v_t = (np.ascontiguousarray(x.transpose(1, 0, 2)) for x in (q, k, v))
         out_t, lse = chosen.run(q_t, k_t, v_t, cu_q, cu_k, scale, alignment, bq, bk, mods)
+        if sinks is not None:  # each token's sequence's sinks: (H, total_q)
+            per_token = sinks[np.repeat(np.arange(B), np.diff(cu_q))].T
+            out_t, lse = apply_sinks(out_t, lse, per_token)
         out = np.ascontiguousarray(out_t.transpose(1, 0, 2))
     return (out, lse) if return_lse else out
 

@@ -14,8 +14,9 @@ with a seed, LSE) and takes and returns ``torch.Tensor``:
   the widening to float32;
 * ``loss.backward()`` works: a ``torch.autograd.Function`` whose backward is
   :func:`fa_lab.attention_backward` (``O`` and ``lse`` are kept from the forward, ``P``
-  is recomputed). Gradients flow to q, k and v, not to a float mask. ``lse`` is
-  returned as a constant (no gradient through it).
+  is recomputed). Gradients flow to q, k, v and the attention ``sinks`` (gpt-oss's
+  learned per-head logits), not to a float mask. ``lse`` is returned as a constant (no
+  gradient through it).
 
 Only CPU tensors: a CUDA tensor raises ``ValueError`` naming the argument.
 """
@@ -71,12 +72,14 @@ class _Attention(torch.autograd.Function):
     """Forward: fa_lab's kernels; backward: :func:`fa_lab.attention_backward`."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, opts):
+    def forward(ctx, q, k, v, mask, sinks, opts):
         dtype = COMPUTE[q.dtype]
         qn, kn, vn = (to_numpy(x, dtype) for x in (q, k, v))
         maskn = _mask(mask, dtype)
-        out, lse = _attention(qn, kn, vn, mask=maskn, return_lse=True, **opts)
-        ctx.saved = (qn, kn, vn, maskn, out, lse, opts, q.dtype)
+        sinksn = None if sinks is None else to_numpy(sinks, dtype)
+        out, lse = _attention(qn, kn, vn, mask=maskn, sinks=sinksn, return_lse=True, **opts)
+        ctx.saved = (qn, kn, vn, maskn, sinksn, out, lse, opts, q.dtype,
+                     None if sinks is None else sinks.dtype)
         out_t = torch.from_numpy(out).to(q.dtype)
         lse_t = torch.from_numpy(lse).to(q.dtype)
         ctx.mark_non_differentiable(lse_t)
@@ -84,34 +87,43 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        qn, kn, vn, maskn, out, lse, opts, dtype = ctx.saved
+        qn, kn, vn, maskn, sinksn, out, lse, opts, dtype, sinks_dtype = ctx.saved
         backward_opts = {key: opts[key] for key in ("causal", "scale", "dropout_p", "seed",
                                                     "window", "softcap", "alibi_slopes")}
-        dq, dk, dv = attention_backward(qn, kn, vn, out, lse, to_numpy(dout, qn.dtype.type),
-                                        mask=maskn, **backward_opts)
-        return (torch.from_numpy(dq).to(dtype), torch.from_numpy(dk).to(dtype),
-                torch.from_numpy(dv).to(dtype), None, None)
+        grads = attention_backward(qn, kn, vn, out, lse, to_numpy(dout, qn.dtype.type),
+                                   mask=maskn, sinks=sinksn, **backward_opts)
+        dsinks = None if sinksn is None else torch.from_numpy(grads[3]).to(sinks_dtype)
+        return (torch.from_numpy(grads[0]).to(dtype), torch.from_numpy(grads[1]).to(dtype),
+                torch.from_numpy(grads[2]).to(dtype), None, dsinks, None)
 
 
 def attention(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto", block_q=None,
               block_kv=None, return_lse=False, dropout_p=0.0, seed=None, window=None,
-              softcap=0.0, alibi_slopes=None):
+              softcap=0.0, alibi_slopes=None, sinks=None):
     """:func:`fa_lab.attention` on CPU torch tensors; differentiable in q, k and v.
 
     Parameters and conventions are those of :func:`fa_lab.attention`; ``q``, ``k``,
     ``v`` are tensors of one dtype (float32, float64, float16 or bfloat16), ``mask`` a
-    bool or float tensor (or NumPy array). Returns ``out`` (and ``lse`` with
-    ``return_lse``) as tensors of q's dtype.
+    bool or float tensor (or NumPy array), ``sinks`` a float tensor ``(H,)`` or
+    ``(..., H)`` (its gradient is computed when it requires one). Returns ``out`` (and
+    ``lse`` with ``return_lse``) as tensors of q's dtype.
     """
     _check("q", q)
     _check("k", k, q.dtype)
     _check("v", v, q.dtype)
     if isinstance(alibi_slopes, torch.Tensor):
         alibi_slopes = to_numpy(alibi_slopes, COMPUTE[q.dtype])
+    if sinks is not None and not isinstance(sinks, torch.Tensor):
+        sinks = torch.as_tensor(np.asarray(sinks, dtype=COMPUTE[q.dtype]))
+    if sinks is not None:
+        if sinks.device.type != "cpu":
+            raise ValueError(f"sinks must be a CPU tensor, got device {sinks.device}")
+        if not sinks.is_floating_point():
+            raise TypeError(f"sinks must be a float tensor, got {sinks.dtype}")
     opts = {"causal": causal, "scale": scale, "kernel": kernel, "block_q": block_q,
             "block_kv": block_kv, "dropout_p": dropout_p, "seed": seed, "window": window,
             "softcap": softcap, "alibi_slopes": alibi_slopes}
-    out, lse = _Attention.apply(q, k, v, mask, opts)
+    out, lse = _Attention.apply(q, k, v, mask, sinks, opts)
     return (out, lse) if return_lse else out
 
 

@@ -27,12 +27,14 @@ What transformers sends besides the tensors, keyword by keyword:
 * passed through: ``scaling`` (scale), ``dropout`` (in training), ``sliding_window`` ``W``
   (fa_lab's ``window=(W - 1, W - 1)``, exactly as transformers hands it to flash-attn;
   causality still comes from the mask or the causal flag, so a decoder sees the ``W``
-  most recent keys), ``softcap`` (Gemma-2's logit softcapping);
+  most recent keys), ``softcap`` (Gemma-2's logit softcapping), ``s_aux`` (gpt-oss's
+  learned attention sinks, one logit per query head: fa_lab's ``sinks``, with their
+  gradient);
 * ignored, because the mask already holds what they say or they do not touch attention:
   :data:`IGNORED` (``position_ids``, ``use_cache``, packing's ``cu_seq_lens_*``, ...);
 * refused with a clear error: ``output_attentions=True`` (fa_lab never forms the
-  weights), :data:`REFUSED` (attention sinks ``s_aux``, ``position_bias``, head masks)
-  when set, and **any other keyword**: a keyword fa_lab does not understand is never
+  weights), :data:`REFUSED` (``position_bias``, head masks) when set, and **any other
+  keyword**: a keyword fa_lab does not understand is never
   dropped, since a dropped one can change the answer silently.
 
 ``int8=True`` registers :func:`fa_lab.attention_int8` instead (inference only: no
@@ -48,7 +50,9 @@ from fa_lab.integrations.torch import attention as torch_attention
 from fa_lab.integrations.torch import to_numpy
 
 #: Keywords whose value changes attention and that fa_lab does not compute (yet).
-REFUSED = ("s_aux", "position_bias", "head_mask", "layer_head_mask")
+REFUSED = ("position_bias", "head_mask", "layer_head_mask")
+#: Keywords passed through to fa_lab (besides ``scaling`` and ``dropout``).
+PASSED = ("sliding_window", "softcap", "s_aux")
 #: Keywords transformers passes that change nothing here: the mask function
 #: (``sdpa_mask``) already encodes positions and packed sequences, the rest is
 #: bookkeeping of the model's forward.
@@ -93,7 +97,7 @@ def make_attention(kernel="auto", *, int8=False, granularity="per_block", smooth
                                           "function registered with transformers (its "
                                           "answer would be wrong without it); use "
                                           "attn_implementation='eager' for this model")
-        unknown = sorted(set(kwargs) - IGNORED - set(REFUSED) - {"sliding_window", "softcap"})
+        unknown = sorted(set(kwargs) - IGNORED - set(REFUSED) - set(PASSED))
         if unknown:
             raise TypeError(f"{unknown[0]}: a keyword the fa_lab attention function does not "
                             f"understand (all unknown: {unknown}); it refuses rather than "
@@ -104,18 +108,23 @@ def make_attention(kernel="auto", *, int8=False, granularity="per_block", smooth
             mods["window"] = (w - 1, w - 1)
         if kwargs.get("softcap"):
             mods["softcap"] = float(kwargs["softcap"])
+        if kwargs.get("s_aux") is not None:
+            mods["sinks"] = kwargs["s_aux"]
         causal = _causal(module, query, attention_mask, is_causal)
         if causal and key.shape[2] > query.shape[2]:  # static-cache prefill (SDPA does this)
             key, value = key[:, :, :query.shape[2]], value[:, :, :query.shape[2]]
         if int8:
-            if mods:
-                raise NotImplementedError(f"{sorted(mods)[0]}: not supported with int8=True")
+            if set(mods) - {"sinks"}:
+                raise NotImplementedError(f"{sorted(set(mods) - {'sinks'})[0]}: not "
+                                          "supported with int8=True")
+            sinks = mods.get("sinks")
             out = attention_int8(to_numpy(query), to_numpy(key), to_numpy(value),
                                  causal=causal, scale=scaling,
                                  mask=None if attention_mask is None else to_numpy(
                                      attention_mask) if attention_mask.is_floating_point()
                                  else attention_mask.numpy(),
-                                 granularity=granularity, smooth_k=smooth_k)
+                                 granularity=granularity, smooth_k=smooth_k,
+                                 sinks=None if sinks is None else to_numpy(sinks))
             out = torch.from_numpy(out).to(query.dtype)
         else:
             p = float(dropout) if module is None or module.training else 0.0
@@ -150,4 +159,4 @@ def register(name: str = "fa_lab", kernel: str = "auto", *, int8: bool = False,
     return name
 
 
-__all__ = ["register", "make_attention", "REFUSED", "IGNORED"]
+__all__ = ["register", "make_attention", "REFUSED", "IGNORED", "PASSED"]

@@ -122,7 +122,8 @@ def check_block(name, value):
 
 
 def check_shapes(q, k, v):
-    """Return (lead, H, H_kv, Nq, Nk, d) or raise naming the argument."""
+    """Return (lead, H, H_kv, Nq, Nk, d) or raise naming the argument. ``v``'s head
+    dimension ``d_v`` may differ from ``d`` (``v.shape[-1]``; kernels flag support)."""
     if q.ndim < 2:
         raise ValueError(f"q must have shape (..., H, Nq, d) or (Nq, d), got shape {q.shape}")
     for name, x in (("k", k), ("v", v)):
@@ -130,13 +131,14 @@ def check_shapes(q, k, v):
             raise ValueError(f"{name} must have the same rank as q ({q.ndim}): expected "
                              f"{'(Nk, d)' if q.ndim == 2 else '(..., H_kv, Nk, d)'}, "
                              f"got shape {x.shape}")
-    if v.shape != k.shape:
-        raise ValueError(f"v must have the same shape as k {k.shape}, got {v.shape}")
     d = q.shape[-1]
     if k.shape[-1] != d:
         raise ValueError(f"k must have the head dimension d={d} of q, got shape {k.shape}")
     if d == 0:
         raise ValueError(f"q must have a head dimension d >= 1, got shape {q.shape}")
+    if v.shape[:-1] != k.shape[:-1] or v.shape[-1] == 0:
+        raise ValueError(f"v must have k's shape {k.shape} except its head dimension d_v "
+                         f"(>= 1, MLA's value heads may differ from d), got {v.shape}")
     if q.ndim == 2:
         return (), 1, 1, q.shape[0], k.shape[0], d
     if k.shape[:-3] != q.shape[:-3]:

@@ -115,3 +115,52 @@ def merge_states(out_a, lse_a, out_b, lse_b) -> tuple[np.ndarray, np.ndarray]:
     lse = np.empty((1, rows, n), oa.dtype)
     merge_splits(parts, part_lse, out, lse)
     return out.reshape(oa.shape), lse.reshape(oa.shape[:-1])
+
+
+# --- attention sinks: a merge with a virtual key of value 0 ---------------------------
+
+def check_sinks(sinks, lead: tuple, H: int, dtype) -> np.ndarray | None:
+    """``sinks`` of shape ``(H,)`` or ``(*lead, H)`` as a ``(B, H)`` array of ``dtype``
+    (None stays None). Real numbers; ``-inf`` means no sink for that head."""
+    if sinks is None:
+        return None
+    if isinstance(sinks, np.ma.MaskedArray):
+        raise TypeError("sinks must be a plain array, not a numpy masked array")
+    if type(sinks).__module__.split(".")[0] == "torch":
+        raise TypeError("sinks is a torch tensor: use fa_lab.integrations.torch.attention "
+                        "for tensors (with the gradient of the sinks)")
+    x = np.asarray(sinks)
+    if x.dtype.kind not in "fiu" or x.dtype == np.bool_:
+        raise TypeError(f"sinks must be a real array (one logit per head), got dtype {x.dtype}")
+    if x.shape not in ((H,), (*lead, H)):
+        raise ValueError(f"sinks must have shape ({H},) (one logit per query head) or "
+                         f"{(*lead, H)}, got {x.shape}")
+    x = x.astype(np.float64)
+    if np.isnan(x).any() or np.isposinf(x).any():
+        raise ValueError("sinks must be real numbers or -inf (no sink), got NaN or +inf")
+    B = int(np.prod(lead, dtype=np.int64)) if lead else 1
+    return np.ascontiguousarray(np.broadcast_to(x.reshape(-1, H), (B, H)).astype(dtype))
+
+
+def apply_sinks(out: np.ndarray, lse: np.ndarray, s) -> tuple[np.ndarray, np.ndarray]:
+    """Merge a finished state ``(out, lse)`` with a sink: a virtual key of score ``s``
+    (broadcastable to ``lse``) and value 0, as gpt-oss and StreamingLLM define it. It
+    takes probability mass and adds nothing: ``lse' = logaddexp(lse, s)``, ``out' =
+    exp(lse - lse') out`` (``out`` scaled in place). A row that saw no key gets ``out' =
+    0`` and ``lse' = s``; NaN stays NaN."""
+    new = np.logaddexp(lse, np.asarray(s, lse.dtype))
+    with np.errstate(invalid="ignore"):  # -inf - -inf: no key and no sink
+        w = np.exp(lse - new)
+    w = np.where(new == NEG_INF, 0, w).astype(out.dtype)
+    out *= w[..., None]
+    return out, new.astype(lse.dtype)
+
+
+def sink_grad(out, lse, dout, s) -> np.ndarray:
+    """``d loss / d s`` per row, for ``out``, ``lse`` the sink-merged forward's results
+    and ``dout`` the output's gradient: ``-exp(s - lse) * sum_t dout_t out_t`` (the sink's
+    probability times ``-D``; its value is 0). Sum it over the rows that share a sink."""
+    D = np.einsum("...t,...t->...", dout.astype(np.float64), out.astype(np.float64))
+    with np.errstate(invalid="ignore"):
+        p = np.exp(np.asarray(s, np.float64) - lse.astype(np.float64))
+    return np.where(np.isfinite(p), -p * D, 0.0)

@@ -150,7 +150,7 @@ def scratch_bytes(*, B, H, H_kv, Nq, Nk, d, itemsize, **_):
 
 def attention(q, k, v, *, causal=False, scale=None, mask=None, dtype=np.float64,
               return_p=False, dropout_p=0.0, seed=0, window=None, softcap=0.0,
-              alibi_slopes=None):
+              alibi_slopes=None, sinks=None):
     """Standard attention, computed in ``dtype`` with the full score matrix.
 
     Parameters
@@ -167,6 +167,9 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, dtype=np.float64,
         (query ``i`` at position ``i + offset``, :func:`feature_offset`)
     softcap : float >= 0: scores ``c * tanh(x / c)`` before any bias or mask (0: off)
     alibi_slopes : (H,) or (..., H): adds ``-slope * |i + offset - j|`` after the softcap
+    sinks : (H,) or (..., H): attention sinks, written out as gpt-oss's eager attention
+        does: one more score column holding the head's sink logit, softmax over all
+        columns, the sink's column dropped before ``P V`` (``lse`` includes it)
 
     Returns
     -------
@@ -183,14 +186,17 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, dtype=np.float64,
         k, v = repeat_kv(k, q.shape[-3]), repeat_kv(v, q.shape[-3])
     s, _ = scores(q, k, scale=scale, mask=mask, causal=causal, window=window,
                   softcap=softcap, alibi_slopes=alibi_slopes, dtype=dtype)
-    if Nk == 0:
-        out = np.zeros(s.shape[:-1] + (d,), dtype)
+    if sinks is not None:  # the sink's column, per head
+        s = np.concatenate([s, sink_column(sinks, s, dtype)], axis=-1)
+    if s.shape[-1] == 0:
+        out = np.zeros(s.shape[:-1] + (v.shape[-1],), dtype)
         lse = np.full(s.shape[:-1], -np.inf, dtype)
         return (out, lse, s) if return_p else (out, lse)
     m = s.max(axis=-1, keepdims=True)  # NaN propagates
     m = np.where(np.isneginf(m), dtype(0), m)  # fully masked row: avoid -inf - -inf
     p = np.exp(s - m)
     l = p.sum(axis=-1, keepdims=True)
+    p, s = p[..., :Nk], s[..., :Nk]  # the sink takes its share of l, adds no value
     visible = ~np.isneginf(s)  # hidden keys are selected away, not multiplied by 0
     with np.errstate(invalid="ignore", divide="ignore"):
         p = np.where(l == 0, dtype(0), p / l)
@@ -200,6 +206,14 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, dtype=np.float64,
         out = select_matmul(p, v, visible)
         lse = np.where(l == 0, dtype(-np.inf), m + np.log(l))[..., 0]
     return (out, lse, p) if return_p else (out, lse)
+
+
+def sink_column(sinks, s, dtype) -> np.ndarray:
+    """The sinks ``(H,)`` or ``(..., H)`` as one more score column beside ``s``
+    ``(..., H, Nq, Nk)`` (or ``(Nq, Nk)`` for 2-D inputs, one head)."""
+    x = np.asarray(sinks, dtype)
+    x = x.reshape(x.shape + (1, 1)) if s.ndim > 2 else x.reshape(1, 1)
+    return np.broadcast_to(x, s.shape[:-1] + (1,))
 
 
 def dropout_mask(shape, dropout_p, seed, dtype=np.float64) -> np.ndarray:
@@ -217,7 +231,7 @@ def dropout_mask(shape, dropout_p, seed, dtype=np.float64) -> np.ndarray:
 
 def attention_backward(q, k, v, dout, *, causal=False, scale=None, mask=None,
                        dropout_p=0.0, seed=0, dtype=np.float64, window=None, softcap=0.0,
-                       alibi_slopes=None):
+                       alibi_slopes=None, sinks=None):
     """Gradients ``(dq, dk, dv)`` of ``sum(attention(q, k, v) * dout)``, materializing P.
 
     The textbook derivation, in ``dtype``: with ``S = Q K^T * scale (+ mask)``,
@@ -230,7 +244,8 @@ def attention_backward(q, k, v, dout, *, causal=False, scale=None, mask=None,
     For GQA, ``dk`` and ``dv`` are summed over the query heads sharing a kv head.
     A fully masked row has ``P = 0`` and contributes nothing. With a softcap
     ``s = c tanh(x / c)`` the chain rule adds ``dX = dS * (1 - tanh^2(x / c))`` before
-    ``dQ``, ``dK``; a window and ALiBi change only ``P``.
+    ``dQ``, ``dK``; a window and ALiBi change only ``P``; so do ``sinks`` (the softmax
+    runs over one more column, dropped after it: its value is 0, so ``dP`` there is 0).
     """
     q, k, v, dout = (np.asarray(x, dtype=dtype) for x in (q, k, v, dout))
     Nq, d = q.shape[-2:]
@@ -243,7 +258,11 @@ def attention_backward(q, k, v, dout, *, causal=False, scale=None, mask=None,
     s, t = scores(q, kr, scale=scale, mask=mask, causal=causal, window=window,
                   softcap=softcap, alibi_slopes=alibi_slopes, dtype=dtype)
     visible = ~np.isneginf(s)  # hidden keys: selected away (see the module docstring)
-    p = np.where(visible, softmax(s), dtype(0)) if Nk else s  # exp(-inf - NaN) is NaN
+    if sinks is not None and Nk:
+        ext = np.concatenate([s, sink_column(sinks, s, dtype)], axis=-1)
+        p = np.where(visible, softmax(ext)[..., :Nk], dtype(0))
+    else:
+        p = np.where(visible, softmax(s), dtype(0)) if Nk else s  # exp(-inf - NaN) is NaN
     z = dropout_mask(p.shape, dropout_p, seed, dtype) if dropout_p > 0 else dtype(1)
     with np.errstate(invalid="ignore"):
         dv = np.swapaxes(np.where(z != 0, p * z, dtype(0)), -1, -2) @ dout  # dropped: skipped
@@ -256,7 +275,7 @@ def attention_backward(q, k, v, dout, *, causal=False, scale=None, mask=None,
     if H != H_kv:  # sum over the query heads of each kv group
         g = H // H_kv
         dk = dk.reshape(*dk.shape[:-3], H_kv, g, Nk, d).sum(axis=-3)
-        dv = dv.reshape(*dv.shape[:-3], H_kv, g, Nk, d).sum(axis=-3)
+        dv = dv.reshape(*dv.shape[:-3], H_kv, g, Nk, v.shape[-1]).sum(axis=-3)
     return dq, dk, dv
 
 
@@ -347,7 +366,7 @@ def attention_varlen(q, k, v, cu_q, cu_k, *, scale, causal=False, alibi_slopes=N
     """Packed variable-length batches (q ``(H, total_q, d)``, k/v ``(H_kv, total_k, d)``,
     sequence ``b`` at rows ``cu[b]:cu[b+1]``), one :func:`attention` call per sequence;
     ``alibi_slopes`` ``(B, H)``, one row per sequence. ``(out, lse)`` in q's dtype."""
-    out = np.zeros(q.shape, q.dtype)
+    out = np.zeros(q.shape[:2] + v.shape[2:], q.dtype)
     lse = np.full(q.shape[:2], -np.inf, q.dtype)
     for b in range(len(cu_q) - 1):
         rows, keys = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
@@ -371,7 +390,7 @@ def attention_paged(q, k_pages, v_pages, block_table, lengths, *, scale, causal=
     """Attention against a paged KV cache with ragged ``lengths``: each sequence's keys
     gathered (:func:`gather_pages`), then :func:`attention` (causal is bottom-right, the
     KV-cache convention). ``(out, lse)`` in q's dtype."""
-    out = np.zeros(q.shape, q.dtype)
+    out = np.zeros(q.shape[:3] + v_pages.shape[3:], q.dtype)
     lse = np.full(q.shape[:3], -np.inf, q.dtype)
     for b in range(q.shape[0]):
         slopes = None if alibi_slopes is None else alibi_slopes[b]

@@ -19,6 +19,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from fa_lab.features.kvcache import attention_with_kvcache
+from fa_lab.numerics.merge import check_sinks
 from fa_lab.numerics.checks import check_block, check_bool, check_scale, refuse_masked
 from fa_lab.settings import config
 from fa_lab.settings.tuning_file import tuned_blocks
@@ -123,7 +124,8 @@ class KVCache:
 
 def decode(q: ArrayLike, cache: KVCache, *, scale: float | None = None,
            return_lse: bool = False, block_kv: int | None = None,
-           splits: int | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+           splits: int | None = None,
+           sinks: ArrayLike | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Attention of new queries ``q`` ``(B, H, Tq, d)`` against the whole cache.
 
     Bottom-right causal (see the module docstring): append the new tokens' k and v to
@@ -131,7 +133,8 @@ def decode(q: ArrayLike, cache: KVCache, *, scale: float | None = None,
     ``flash`` kernel on the cache buffers without copying them; ``block_kv`` and
     ``splits`` override the tuned/default key tile and the split-KV plan: ``block_kv`` a
     positive int (clamped to the cache length), ``splits`` a positive int, clamped to the
-    number of key blocks (more splits than blocks would only add empty ones).
+    number of key blocks (more splits than blocks would only add empty ones). ``sinks``:
+    attention sinks, as :func:`fa_lab.attention` takes them.
     """
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a fa_lab.KVCache, got {type(cache).__name__}")
@@ -155,6 +158,7 @@ def decode(q: ArrayLike, cache: KVCache, *, scale: float | None = None,
                          f"tokens' k and v before decode()")
     scale = check_scale(scale, d)
     if Tq == 0:
+        check_sinks(sinks, (B,), H, q.dtype)
         out, lse = np.zeros(q.shape, q.dtype), np.zeros(q.shape[:-1], q.dtype)
         return (out, lse) if return_lse else out
     tuned = tuned_blocks("flash", Tq)
@@ -164,5 +168,5 @@ def decode(q: ArrayLike, cache: KVCache, *, scale: float | None = None,
         splits = min(splits, -(-L // bk))
     return attention_with_kvcache(q, cache.k, cache.v, cache_seqlens=L, causal=True,
                                   scale=scale, return_lse=return_lse, kernel="flash",
-                                  block_q=bq, block_kv=bk, splits=splits)
+                                  block_q=bq, block_kv=bk, splits=splits, sinks=sinks)
 

@@ -220,13 +220,13 @@ def tiled_backward(q, k, v, out, dout, lse, bias, has_bias, scale, causal, offse
     ``left, right, softcap, slopes, has_alibi``: :mod:`fa_lab.numerics.scoremod`."""
     mods = (left, right, softcap, slopes, has_alibi)
     B, H, Nq, d = q.shape
-    H_kv, Nk = k.shape[1], k.shape[2]
+    H_kv, Nk, dv_ = k.shape[1], k.shape[2], v.shape[3]  # d_v may differ from d
     group = H // H_kv
     D = np.empty((B, H, Nq), dtype=q.dtype)
     for row in prange(B * H * Nq):
         b, h, i = row // (H * Nq), (row // Nq) % H, row % Nq
         acc = q.dtype.type(0)
-        for t in range(d):
+        for t in range(dv_):
             acc += dout[b, h, i, t] * out[b, h, i, t]
         D[b, h, i] = acc
     Tc = (Nk + block_kv - 1) // block_kv
@@ -236,10 +236,11 @@ def tiled_backward(q, k, v, out, dout, lse, bias, has_bias, scale, causal, offse
         S = np.empty(block_q * block_kv, dtype=q.dtype)
         dP = np.empty(block_q * block_kv, dtype=q.dtype)
         KT = np.empty(d * block_kv, dtype=q.dtype)
-        VT = np.empty(d * block_kv, dtype=q.dtype)
+        VT = np.empty(dv_ * block_kv, dtype=q.dtype)
         dKj = np.zeros((bc, d), dtype=q.dtype)
-        dVj = np.zeros((bc, d), dtype=q.dtype)
+        dVj = np.zeros((bc, dv_), dtype=q.dtype)
         tmp = np.empty((bc, d), dtype=q.dtype)
+        tmp_v = np.empty((bc, dv_), dtype=q.dtype)
         G = np.empty(block_q * block_kv if softcap > 0 else 0, dtype=q.dtype)
         # rows outside [first, end) see none of these keys (causal, window)
         first, end = _rows_seeing(j0, bc, Nq, causal, offset, left, right)
@@ -250,11 +251,12 @@ def tiled_backward(q, k, v, out, dout, lse, bias, has_bias, scale, causal, offse
                 Pz, dS = _tile(q, k, v, dout, lse, D, bias, has_bias, scale, causal, offset,
                                dropout_p, seed_mixed, b, h, hk, i0, br, j0, bc, S, dP, KT, VT,
                                mods, G)
-                _accumulate_t(Pz, dout[b, h, i0:i0 + br], dVj, tmp)
+                _accumulate_t(Pz, dout[b, h, i0:i0 + br], dVj, tmp_v)
                 _accumulate_t(dS, q[b, h, i0:i0 + br], dKj, tmp)
         for c in range(bc):
             for t in range(d):
                 dk[b, hk, j0 + c, t] = dKj[c, t] * scale
+            for t in range(dv_):
                 dv[b, hk, j0 + c, t] = dVj[c, t]
     Tr = (Nq + block_q - 1) // block_q
     for task in prange(B * H * Tr):  # pass 2: one task owns dQi
@@ -264,7 +266,7 @@ def tiled_backward(q, k, v, out, dout, lse, bias, has_bias, scale, causal, offse
         S = np.empty(block_q * block_kv, dtype=q.dtype)
         dP = np.empty(block_q * block_kv, dtype=q.dtype)
         KT = np.empty(d * block_kv, dtype=q.dtype)
-        VT = np.empty(d * block_kv, dtype=q.dtype)
+        VT = np.empty(dv_ * block_kv, dtype=q.dtype)
         dQi = np.zeros((br, d), dtype=q.dtype)
         tmp = np.empty((br, d), dtype=q.dtype)
         G = np.empty(block_q * block_kv if softcap > 0 else 0, dtype=q.dtype)

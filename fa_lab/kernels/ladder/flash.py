@@ -370,8 +370,8 @@ def q_block(Qi, K, V, bias, has_bias, b, h, i0, causal, offset, j_begin, j_end, 
     ``left, right, softcap, slopes, has_alibi``: :mod:`fa_lab.numerics.scoremod`; key blocks
     outside the window band are skipped, as those past the causal diagonal.
     """
-    br, d = Qi.shape
-    state, scratch = row_state(br, d, Qi, block_kv)
+    br = Qi.shape[0]
+    state, scratch = row_state(br, V.shape[1], Qi, block_kv)  # acc: d_v columns
     mods = (left, right, softcap, slopes, has_alibi)
     j_lo, j_hi = window_keys(i0, br, K.shape[0], causal, offset, left, right, block_kv)
     for j0 in range(max(j_begin, j_lo), min(j_end, j_hi), block_kv):
@@ -415,13 +415,13 @@ def flash_splitkv_forward(q, k, v, bias, has_bias, scale, causal, offset, block_
     ``O = sum_s exp(lse_s - lse) O_s``. A split that sees no key has ``lse_s = -inf``
     and weight 0; a row that sees none at all gets ``O = 0``, ``lse = -inf``.
     """
-    B, H, Nq, d = q.shape
+    B, H, Nq, _ = q.shape
     Nk = k.shape[2] if kv_len < 0 else kv_len
     group = H // k.shape[1]
     Tr = (Nq + block_q - 1) // block_q
     Tc = (Nk + block_kv - 1) // block_kv
     per = (Tc + splits - 1) // splits  # key blocks per split
-    part_o = np.empty((splits, B, H, Nq, d), dtype=q.dtype)
+    part_o = np.empty((splits, B, H, Nq, v.shape[3]), dtype=q.dtype)
     part_lse = np.empty((splits, B, H, Nq), dtype=q.dtype)
     for task in prange(B * H * Tr * splits):
         s = task % splits

@@ -179,10 +179,10 @@ def tiled_simd_forward(q, k, v, bias, has_bias, scale, causal, offset, block_q, 
         hk = h // group
         S = np.empty(block_q * block_kv, dtype=q.dtype)
         KT = np.empty(d * block_kv, dtype=q.dtype)
-        pv = np.empty(d, dtype=q.dtype)
+        pv = np.empty(v.shape[3], dtype=q.dtype)  # d_v
         m = np.empty(block_q, dtype=q.dtype)
         l = np.empty(block_q, dtype=q.dtype)
-        acc = np.empty((block_q, d), dtype=q.dtype)
+        acc = np.empty((block_q, v.shape[3]), dtype=q.dtype)
         _q_block(q[b, h, i0:i1], k[b, hk], v[b, hk], bias, has_bias, b, h, i0, scale,
                  causal, offset, block_kv, S, KT, pv, m, l, acc, out[b, h, i0:i1],
                  lse[b, h, i0:i1], dropout_p, seed_mixed, left, right, softcap, slopes,

@@ -31,9 +31,9 @@ def _paged_q_block(Qi, k_pages, v_pages, table_b, hk, b, h, i0, causal, offset, 
     """``flash``'s query block for one (already scaled) ``Qi``: the keys ``j_begin ..
     j_end`` of a sequence of ``Lk`` keys, read page by page through ``table_b`` and fed
     to ``flash``'s tile step (:func:`~fa_lab.kernels.ladder.flash.kv_tile`)."""
-    br, d = Qi.shape
+    br = Qi.shape[0]
     page = k_pages.shape[2]
-    state, scratch = row_state(br, d, Qi, block_kv)
+    state, scratch = row_state(br, v_pages.shape[3], Qi, block_kv)  # acc: d_v columns
     mods = (left, right, softcap, slopes, has_alibi)
     j_lo, j_hi = window_keys(i0, br, Lk, causal, offset, left, right, block_kv)
     j0, stop = max(j_begin, j_lo), min(j_end, j_hi)
@@ -56,10 +56,10 @@ def paged_forward(q, k_pages, v_pages, block_table, lengths, bias, scale, causal
     q (B, H, Nq, d); pages (num_blocks, H_kv, page, d); block_table (B, max_blocks);
     lengths (B,): keys per sequence; ``bias``: a placeholder (no mask here).
     """
-    B, H, Nq, d = q.shape
+    B, H, Nq, _ = q.shape
     group = H // k_pages.shape[1]
     Tr = (Nq + block_q - 1) // block_q
-    part_o = np.empty((splits, B, H, Nq, d), dtype=q.dtype)
+    part_o = np.empty((splits, B, H, Nq, v_pages.shape[3]), dtype=q.dtype)
     part_lse = np.empty((splits, B, H, Nq), dtype=q.dtype)
     for task in prange(B * H * Tr * splits):
         s = task % splits
