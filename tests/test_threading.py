@@ -138,3 +138,25 @@ def _run_threads(work, args_list, errors):
         t.join(TIMEOUT_S)
     assert not any(t.is_alive() for t in threads), "a thread hung"
     assert not errors, errors
+
+
+def test_small_calls_run_on_the_callers_thread_and_restore_the_thread_count(monkeypatch):
+    from fa_lab.kernels.ladder import flash
+    from fa_lab.settings import config
+
+    seen = []
+    real = flash.plan_splits
+
+    def spy(*args):  # the Runner plans key splits with the thread count of the moment
+        seen.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(flash, "plan_splits", spy)
+    q, k, v = Case(B=1, H=2, Nq=1, Nk=40, d=8).inputs(np.float32)
+    before = numba.get_num_threads()
+    small = fa_lab.attention(q, k, v, kernel="flash")
+    monkeypatch.setattr(config, "SMALL_CALL_FLOPS", 0)
+    threaded = fa_lab.attention(q, k, v, kernel="flash")
+    assert numba.get_num_threads() == before
+    np.testing.assert_array_equal(small, threaded)
+    assert seen == [1, before]

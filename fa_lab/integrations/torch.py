@@ -123,7 +123,15 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto", bl
     opts = {"causal": causal, "scale": scale, "kernel": kernel, "block_q": block_q,
             "block_kv": block_kv, "dropout_p": dropout_p, "seed": seed, "window": window,
             "softcap": softcap, "alibi_slopes": alibi_slopes}
-    out, lse = _Attention.apply(q, k, v, mask, sinks, opts)
+    tracked = (q, k, v) if sinks is None else (q, k, v, sinks)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
+        out, lse = _Attention.apply(q, k, v, mask, sinks, opts)
+    else:  # inference (decoding): no autograd node, nothing kept for a backward
+        dtype = COMPUTE[q.dtype]
+        out, lse = _attention(*(to_numpy(x, dtype) for x in (q, k, v)), mask=_mask(mask, dtype),
+                              sinks=None if sinks is None else to_numpy(sinks, dtype),
+                              return_lse=True, **opts)
+        out, lse = torch.from_numpy(out).to(q.dtype), torch.from_numpy(lse).to(q.dtype)
     return (out, lse) if return_lse else out
 
 

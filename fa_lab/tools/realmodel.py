@@ -21,6 +21,7 @@ import re
 import numpy as np
 import torch
 
+from fa_lab.api import attention
 from fa_lab.tools import bench
 from fa_lab.features import minilm as minilm_files
 from fa_lab.integrations.torch import attention as torch_attention
@@ -186,5 +187,34 @@ def time_per_token(models: dict, ids, attention_mask, *, steps=16, repeats=3):
     return pd.DataFrame(rows), first
 
 
-__all__ = ["pydoc_paragraphs", "load_minilm", "embed", "retrieval_agreement", "time_forward",
+def decode_call_costs(B=2, H=4, H_kv=2, Nk=40, d=32, repeats=9) -> "pd.DataFrame":
+    """One decode step's attention call (``Nq = 1``, a padding mask) three ways, timed
+    side by side: PyTorch's SDPA, fa_lab through the torch adapter, and
+    ``fa_lab.attention`` on NumPy arrays; microseconds per call (median, quartiles).
+    Where a tiny model's time per token goes beyond the kernels: the calls' own cost."""
+    import pandas as pd
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, 1, d, generator=g)
+    k, v = torch.randn(B, H_kv, Nk, d, generator=g), torch.randn(B, H_kv, Nk, d, generator=g)
+    mask = torch.ones(B, 1, 1, Nk, dtype=torch.bool)
+    mask[0, ..., : Nk // 4] = False
+    qn, kn, vn, mn = q.numpy(), k.numpy(), v.numpy(), mask.numpy()
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = {"torch SDPA": lambda: sdpa(q, k, v, attn_mask=mask, enable_gqa=True),
+             "fa_lab, torch adapter": lambda: torch_attention(q, k, v, mask=mask),
+             "fa_lab.attention (NumPy)": lambda: attention(qn, kn, vn, mask=mn)}
+    batch = 200  # calls per timed sample (one call is a few microseconds)
+
+    def many(fn):
+        return lambda: [fn() for _ in range(batch)]
+    cs = [bench.Contender(n, many(fn), "kernel") for n, fn in calls.items()]
+    times = bench.time_calls(cs, (), repeats=repeats)
+    rows = [{"call": c.name, **times.ms(c.name, per=batch / 1e3)} for c in cs]
+    table = pd.DataFrame(rows).rename(columns={"median_ms": "median_us", "q25_ms": "q25_us",
+                                               "q75_ms": "q75_us"})
+    return table
+
+
+__all__ = ["pydoc_paragraphs", "decode_call_costs", "load_minilm", "embed", "retrieval_agreement", "time_forward",
            "attention_per_layer", "tiny_llama", "time_per_token", "register"]

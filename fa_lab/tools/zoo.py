@@ -16,10 +16,17 @@ from __future__ import annotations
 import copy
 import time
 
+import numpy as np
+import torch
+
+from fa_lab.integrations.torch import attention as torch_attention
+
 #: Shared sizes (head_dim 16, GQA 4:2), the sliding window, the batch.
 SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 WINDOW, N_TOKENS, PAD, NEW_TOKENS = 6, 30, 5, 8
+#: gpt-oss's YaRN scaling assumes its real context lengths: a plain RoPE at this size.
+ROPE = {"rope_type": "default", "rope_theta": 150000.0}
 
 #: architecture -> (model class name, config class name, config options, feature)
 ZOO = {
@@ -38,11 +45,11 @@ ZOO = {
                 "local / global layers"),
     "gpt-oss": ("GptOssForCausalLM", "GptOssConfig",
                 dict(head_dim=16, intermediate_size=64, num_local_experts=4,
-                     num_experts_per_tok=2, sliding_window=WINDOW,
+                     num_experts_per_tok=2, sliding_window=WINDOW, rope_parameters=ROPE,
                      layer_types=["full_attention", "full_attention"]), "attention sinks"),
     "gpt-oss (sliding)": ("GptOssForCausalLM", "GptOssConfig",
                           dict(head_dim=16, intermediate_size=64, num_local_experts=4,
-                               num_experts_per_tok=2, sliding_window=WINDOW,
+                               num_experts_per_tok=2, sliding_window=WINDOW, rope_parameters=ROPE,
                                layer_types=["sliding_attention", "full_attention"]),
                           "sinks + sliding window"),
     "Phi-3": ("Phi3ForCausalLM", "Phi3Config", dict(pad_token_id=0, eos_token_id=1),
@@ -78,15 +85,12 @@ def config(arch: str, attn: str):
     _, cfg_name, options, _ = ZOO[arch]
     sizes = {} if arch == "GPT-2" else dict(SMALL)
     cfg = getattr(transformers, cfg_name)(**{**sizes, **options})
-    if arch.startswith("gpt-oss"):  # a plain RoPE at this length (YaRN needs the real ones)
-        cfg.rope_parameters = {"rope_type": "default", "rope_theta": 150000.0}
     cfg._attn_implementation = attn
     return cfg
 
 
 def build(arch: str, attn: str, state=None, cfg=None):
     """The model (eval mode) with ``state`` loaded, or the zoo's scaled random weights."""
-    import torch
     import transformers
 
     cfg = config(arch, attn) if cfg is None else cfg
@@ -107,7 +111,6 @@ def build(arch: str, attn: str, state=None, cfg=None):
 
 def batch():
     """A left-padded batch: 2 x 30 token ids and its attention mask."""
-    import torch
 
     ids = torch.randint(3, 96, (2, N_TOKENS), generator=torch.Generator().manual_seed(3))
     att = torch.ones_like(ids)
@@ -123,7 +126,6 @@ def relative(a, b, att) -> float:
 
 def run(model, ids, att):
     """Logits and 8 greedy tokens."""
-    import torch
 
     with torch.no_grad():
         logits = model(ids, attention_mask=att).logits
@@ -134,7 +136,6 @@ def run(model, ids, att):
 
 def compare(arch: str, attn: str) -> dict:
     """``eager`` against ``attn`` on the zoo's batch: the table row of lesson 11."""
-    import torch
 
     ids, att = batch()
     ref = build(arch, "eager")
@@ -151,7 +152,6 @@ def compare(arch: str, attn: str) -> dict:
 def feature_effect(arch: str) -> float:
     """How much ``eager``'s logits move when the architecture's feature is switched off
     (relative, as :func:`compare`); 0.0 where the zoo switches nothing off."""
-    import torch
 
     off = FEATURE_OFF.get(arch)
     if not off:
@@ -174,17 +174,13 @@ def feature_effect(arch: str) -> float:
     return relative(a, b, att)
 
 
-def sink_mass(arch: str = "gpt-oss"):
+def sink_mass(arch: str = "gpt-oss") -> np.ndarray:
     """The probability mass each head's sink takes, per layer (rows) and head (columns),
     averaged over the valid query rows of the zoo's batch: ``exp(sink - lse)`` with the
     LSE fa_lab computes inside the model (a recording attention function registered
     beside fa_lab's)."""
-    import numpy as np
-    import torch
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
-
-    from fa_lab.integrations.torch import attention as torch_attention
 
     if "sinks" not in ZOO[arch][3]:
         raise ValueError(f"arch must have attention sinks, got {arch!r}")

@@ -78,3 +78,22 @@ def block_table(table, lengths, page, num_blocks=None):
     ax_p.set_title(f"the page pool ({num_blocks} pages of {page} rows)", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def sink_mass(mass, arch="gpt-oss"):
+    """The probability mass each head's attention sink takes, per layer (``mass``: layers
+    x heads, from :func:`fa_lab.tools.zoo.sink_mass`)."""
+    layers, heads = mass.shape
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * heads, 3.2))
+    width = 0.8 / layers
+    for i in range(layers):
+        ax.bar(np.arange(heads) + (i - (layers - 1) / 2) * width, mass[i], width,
+               label=f"layer {i}")
+    ax.set_xticks(range(heads), [f"head {h}" for h in range(heads)])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("mean probability on the sink")
+    ax.set_title(f"{arch}: the share of each row's softmax its sink takes (adds nothing to "
+                 "the output)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
