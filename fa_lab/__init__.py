@@ -12,6 +12,8 @@ Public API (stable; later work builds on it):
 * :func:`merge_states` -- the exact merge of partial attentions over disjoint keys
 * :func:`cascade_attention` -- many sequences over one shared prefix (read once)
 * :mod:`fa_lab.distributed` -- ring attention across processes (``torch.distributed``)
+* :func:`flex_attention`, :func:`create_block_mask`, :func:`and_masks`, :func:`or_masks`
+  -- attention programmed with Python ``score_mod``/``mask_mod`` functions (FlexAttention)
 * :func:`plan` -- which kernel, tile sizes and key splits a call would use
 * :data:`KERNELS` -- the kernel registry (the ladder ``reference`` .. ``flash``)
 * :mod:`fa_lab.numerics.reference` -- the float64 NumPy source of truth
@@ -21,9 +23,11 @@ from fa_lab.api import KernelFallbackWarning, attention, choose_kernel, plan
 from fa_lab.features.backward import attention_backward, attention_grad
 from fa_lab.features.cascade import cascade_attention
 from fa_lab.features.decoding import KVCache, decode, rope
+from fa_lab.features.flex import flex_attention
 from fa_lab.features.int8 import attention_int8
 from fa_lab.features.kvcache import attention_with_kvcache
 from fa_lab.features.varlen import attention_varlen
+from fa_lab.numerics.flex import and_masks, create_block_mask, or_masks
 from fa_lab.numerics.merge import merge_states
 from fa_lab.numerics.quant import dequantize, quantize
 from fa_lab.registry import BACKWARD_KERNELS, INT8_KERNELS, KERNELS, Kernel, ladder
@@ -41,5 +45,6 @@ def __getattr__(name):
         return importlib.import_module("fa_lab.tools.presets")
     raise AttributeError(f"module 'fa_lab' has no attribute {name!r}")
 
-__all__ = ["attention", "merge_states", "cascade_attention", "attention_varlen", "attention_with_kvcache", "plan", "KVCache", "decode", "rope", "topk_attention", "presets", "attention_int8", "quantize", "dequantize", "INT8_KERNELS", "attention_backward", "attention_grad", "choose_kernel", "KERNELS",
+__all__ = ["attention", "merge_states", "cascade_attention", "flex_attention",
+           "create_block_mask", "and_masks", "or_masks", "attention_varlen", "attention_with_kvcache", "plan", "KVCache", "decode", "rope", "topk_attention", "presets", "attention_int8", "quantize", "dequantize", "INT8_KERNELS", "attention_backward", "attention_grad", "choose_kernel", "KERNELS",
            "BACKWARD_KERNELS", "Kernel", "KernelFallbackWarning", "ladder", "__version__"]

@@ -15,7 +15,8 @@ Every entry's ``run`` takes the canonical arguments built by :func:`fa_lab.api.p
     outputs: (out, lse) forward; (dq, dk, dv) backward
 
 Numba kernels get there through :class:`Runner`, the one adapter from this call to a
-jitted driver (:mod:`fa_lab.kernels` documents the drivers' signature).
+jitted driver (:mod:`fa_lab.kernels` documents the drivers' signature); :func:`flex_run`
+is the door to the programmable kernel (:func:`fa_lab.flex_attention`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from fa_lab.numerics.dropout import mix_seed
 from fa_lab.settings.machine import cuda_device
 from fa_lab.numerics.scoremod import NONE as NO_MODS
 from fa_lab.kernels.backward import naive as backward_naive, tiled as backward_tiled
+from fa_lab.kernels import flex
 from fa_lab.kernels.ladder import fa1, flash, naive, online, tiled, tiled_simd
 from fa_lab.kernels.lowprec import amx, int8, quantize, sage
 from fa_lab.kernels.layouts import paged, varlen
@@ -278,8 +280,7 @@ def ladder() -> list[Kernel]:
 
 
 def _int8_reference_run(arrays, bias, scale, alignment, block_q=None, block_kv=None, **_):
-    out, lse = reference.attention_int8(*arrays, causal=alignment or False, scale=scale,
-                                        mask=bias)
+    out, lse = reference.attention_int8(*arrays, causal=alignment or False, scale=scale, mask=bias)
     return out.astype(arrays[-1].dtype), lse.astype(arrays[-1].dtype)
 
 
@@ -332,10 +333,8 @@ BF16_KERNELS: dict[str, Kernel] = {
 
 @dataclass(frozen=True)
 class Quantizers:
-    """The compiled INT8 quantizers behind :func:`fa_lab.attention_int8` (the rules of
-    :mod:`fa_lab.numerics.quant`, parallel): ``smooth(k, out, mean)`` subtracts K's
-    per-channel mean; ``blocks(x, rows, x8, scales) -> (ok, nonfinite)`` quantizes
-    groups of ``rows`` rows."""
+    """The compiled INT8 quantizers of :func:`fa_lab.attention_int8` (:mod:`fa_lab.numerics.quant`'s
+    rules): ``smooth(k, out, mean)``; ``blocks(x, rows, x8, scales) -> (ok, nonfinite)``."""
 
     smooth: Callable
     blocks: Callable
@@ -345,18 +344,15 @@ INT8_QUANTIZERS = Quantizers(quantize.smooth, quantize.quantize_blocks)
 
 
 def _cuda_fa2_run(arrays, bias, scale, alignment, block_q=None, block_kv=None, **_):
-    """Imports the kernel on first use only: its module imports ``numba.cuda`` (the
-    optional ``gpu`` extra), and that import fixes whether numba's CUDA simulator is on,
-    so it must not happen when fa_lab is imported (docs/ARCHITECTURE.md, exceptions)."""
+    """Imports the kernel on first use only: importing ``numba.cuda`` (the ``gpu`` extra)
+    fixes whether its simulator is on (docs/ARCHITECTURE.md, exceptions)."""
     from fa_lab.kernels.gpu import cuda_fa2  # noqa: PLC0415  (documented exception)
-
     return cuda_fa2.run(*arrays, bias, scale, alignment)
 
 
 def _cuda_fa2_device_call(q, k, v):
     """:func:`fa_lab.kernels.gpu.cuda_fa2.device_call`, imported on first use (as above)."""
     from fa_lab.kernels.gpu import cuda_fa2  # noqa: PLC0415  (documented exception)
-
     return cuda_fa2.device_call(q, k, v)
 
 
@@ -383,8 +379,7 @@ def _varlen_reference_run(q, k, v, cu_q, cu_k, scale, alignment, block_q, block_
 
 def _varlen_flash_run(q, k, v, cu_q, cu_k, scale, alignment, block_q, block_kv, mods=None):
     flash.ensure_blas_threads()
-    out = np.empty(q.shape[:2] + v.shape[2:], q.dtype)  # d_v columns
-    lse = np.empty(q.shape[:2], q.dtype)
+    out, lse = np.empty(q.shape[:2] + v.shape[2:], q.dtype), np.empty(q.shape[:2], q.dtype)
     tasks = varlen.varlen_tasks(cu_q, q.shape[0], block_q)
     varlen.flash_varlen_forward(q, k, v, cu_q.astype(np.int64), cu_k.astype(np.int64), tasks,
                                 no_bias(q.dtype), q.dtype.type(scale), alignment is not None,
@@ -394,8 +389,7 @@ def _varlen_flash_run(q, k, v, cu_q, cu_k, scale, alignment, block_q, block_kv, 
 
 
 #: Packed variable-length kernels (:func:`fa_lab.attention_varlen`): ``run(q, k, v, cu_q,
-#: cu_k, scale, alignment, block_q, block_kv, mods) -> (out, lse)`` with q ``(H, total_q,
-#: d)``, k/v ``(H_kv, total_k, d)``, lse ``(H, total_q)``.
+#: cu_k, scale, alignment, block_q, block_kv, mods) -> (out, lse)``, q (H, total_q, d).
 VARLEN_KERNELS: dict[str, Kernel] = {
     k.name: k
     for k in [
@@ -418,9 +412,8 @@ def _paged_reference_run(q, k_pages, v_pages, block_table, lengths, scale, causa
 def _paged_flash_run(q, k_pages, v_pages, block_table, lengths, scale, causal, block_q,
                      block_kv, mods=None, splits=None):
     flash.ensure_blas_threads()
-    B, H, Nq, d = q.shape
-    out = np.empty((B, H, Nq, v_pages.shape[3]), q.dtype)  # d_v columns
-    lse = np.empty((B, H, Nq), q.dtype)
+    B, H, Nq, _ = q.shape
+    out, lse = np.empty((B, H, Nq, v_pages.shape[3]), q.dtype), np.empty((B, H, Nq), q.dtype)
     if splits is None:
         splits = flash.plan_splits(B, H, Nq, int(np.max(lengths, initial=0)), block_q,
                                    block_kv, num_threads())
@@ -432,9 +425,8 @@ def _paged_flash_run(q, k_pages, v_pages, block_table, lengths, scale, causal, b
 
 
 #: KV-cache kernels (:func:`fa_lab.attention_with_kvcache`): ``run(q, k_pages, v_pages,
-#: block_table, lengths, scale, causal, block_q, block_kv, mods, splits=None) -> (out,
-#: lse)`` (``splits``: Flash-Decoding key splits, planned when None); a
-#: contiguous cache is passed as pages of ``S_max`` rows with ``block_table[b] = [b]``.
+#: block_table, lengths, scale, causal, block_q, block_kv, mods, splits=None) -> (out, lse)``;
+#: a contiguous cache: pages of ``S_max`` rows, ``block_table[b] = [b]``.
 KVCACHE_KERNELS: dict[str, Kernel] = {
     k.name: k
     for k in [
@@ -446,3 +438,13 @@ KVCACHE_KERNELS: dict[str, Kernel] = {
                softcap=True, alibi=True, dv=True, blocks_setting="FLASH_BLOCKS"),
     ]
 }
+
+
+def flex_run(q, k, v, scale, score_mod, mask_mod, kinds, block_q, block_kv):
+    """:func:`fa_lab.kernels.flex.flex_forward`: ``(out, lse)`` (mods compiled or None)."""
+    flash.ensure_blas_threads()
+    out, lse = np.empty(q.shape[:3] + v.shape[3:], q.dtype), np.empty(q.shape[:3], q.dtype)
+    flex.flex_forward(q, k, v, q.dtype.type(scale), score_mod or flex.identity_score,
+                      score_mod is not None, mask_mod or flex.attend_all, kinds, block_q,
+                      block_kv, out, lse)
+    return out, lse
