@@ -201,3 +201,26 @@ def test_pytorch_flex_attention_agrees_on_the_same_functions():
     theirs = flex_attention(*(torch.from_numpy(x) for x in (q, k, v)), score_mod=t_alibi,
                             block_mask=tbm, enable_gqa=True).numpy()
     np.testing.assert_allclose(mine, theirs, atol=2e-5)
+
+
+# --- lesson 15's checked exercises: the solutions, and what a wrong attempt is told -----
+
+SOLUTIONS = {
+    "t5_bias": lambda score, b, h, q_idx, kv_idx: (score - 0.1 * (q_idx - kv_idx)
+                                                   if kv_idx <= q_idx else score),
+    "chunked_causal": lambda b, h, q_idx, kv_idx: (q_idx // 8 == kv_idx // 8
+                                                   and kv_idx <= q_idx),
+    "tanh_softcap": lambda score, b, h, q_idx, kv_idx: 5.0 * math.tanh(score / 5.0),
+}
+
+
+@pytest.mark.parametrize("name", list(SOLUTIONS))
+def test_the_exercises_accept_their_solutions_and_explain_a_wrong_attempt(name):
+    from fa_lab.lessons import flex_exercises
+
+    assert flex_exercises.check(name, SOLUTIONS[name]).startswith("correct")
+    arity = flex_exercises.EXERCISES[name][1]
+    wrong = (lambda s, b, h, i, j: s) if arity == 5 else (lambda b, h, i, j: j <= i)
+    said = flex_exercises.check(name, wrong)
+    assert said.startswith("not yet: ") and ("expected" in said or "differs" in said)
+    assert "not yet: " in flex_exercises.check(name, lambda: 0)  # wrong arity, explained

@@ -55,12 +55,29 @@ def test_parameters_cell_of_plain_literals_and_standard_kernel(path):
     assert {"quick", "results_dir"} <= names
 
 
+def _attention_mod(node) -> bool:
+    """A ``score_mod``/``mask_mod`` (FlexAttention's parameters, lesson 15): the
+    subject the lesson teaches, written where the learner reads it, not library code."""
+    if not isinstance(node, ast.FunctionDef):
+        return False
+    names = tuple(a.arg for a in node.args.args)
+    return names in (("score", "b", "h", "q_idx", "kv_idx"), ("b", "h", "q_idx", "kv_idx"))
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_imports_from_fa_lab_and_defines_no_library_code(path):
     nb = _load(path)
     code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
     assert f'setup("{path.stem}"' in code, "each lesson calls fa_lab.lessons.notebook.setup with its name"
     tree = ast.parse(code)
-    defs = [n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+    defs = [n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))
+            and not _attention_mod(n)]
     assert not defs, f"{path.name} defines {defs}: library code belongs in fa_lab"
     assert "http://" not in code and "https://" not in code, "notebooks need no network"
+
+
+def test_only_score_and_mask_functions_are_allowed_in_a_lesson():
+    tree = ast.parse("def causal(b, h, q_idx, kv_idx):\n    return q_idx >= kv_idx\n"
+                     "def helper(x):\n    return x\n")
+    kept = [n.name for n in tree.body if not _attention_mod(n)]
+    assert kept == ["helper"]

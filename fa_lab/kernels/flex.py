@@ -37,16 +37,17 @@ def _tile(Qi, Kj, Vj, b, h, i0, j0, partial, score_mod, has_score, mask_mod, sta
     br, bc = Qi.shape[0], Kj.shape[0]
     S = S_buf[:br * bc].reshape((br, bc))
     np.dot(Qi, Kj.T, S)
-    if has_score or partial:
+    if has_score:  # two separate loops: no branch on the flags inside either
         for r in range(br):
             Sr = S[r]
             for c in range(bc):
-                x = Sr[c]
-                if has_score:
-                    x = score_mod(x, b, h, i0 + r, j0 + c)
-                if partial and not mask_mod(b, h, i0 + r, j0 + c):
-                    x = NEG_INF
-                Sr[c] = x
+                Sr[c] = score_mod(Sr[c], b, h, i0 + r, j0 + c)
+    if partial:
+        for r in range(br):
+            Sr = S[r]
+            for c in range(bc):
+                if not mask_mod(b, h, i0 + r, j0 + c):
+                    Sr[c] = NEG_INF
     P = P_buf[:br * bc].reshape((br, bc))
     softmax_block(S, m, l, alpha, P)
     if partial and not all_finite(Vj):

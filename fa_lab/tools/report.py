@@ -50,6 +50,7 @@ NOTEBOOKS = [
     ("11_real_model", "retrieval"),
     ("12_gpu_kernel", "occupancy"),
     ("13_merging_states", "cascade_speedup"),
+    ("15_programmable_attention", "block_masks"),
 ]
 
 REPO = Path(__file__).resolve().parents[2]

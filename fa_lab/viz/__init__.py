@@ -7,7 +7,8 @@
   retrieval, INT8 error, peak memory);
 * :mod:`~fa_lab.viz.decoding`: pictures of RoPE, split-KV and the KV cache;
 * :mod:`~fa_lab.viz.features`: flash-attn's window, softcap and ALiBi as masks and biases,
-  a paged KV cache's block table, the probability mass attention sinks take;
+  a paged KV cache's block table, the probability mass attention sinks take, block masks
+  and time against the tiles they compute;
 * :mod:`~fa_lab.viz.distributed`: the ring's schedule and steps, causal work per rank,
   the shared-prefix speedup, when a network hides a ring step.
 
@@ -24,13 +25,13 @@ from fa_lab.viz.perf import (plot_ladder, plot_throughput, plot_breakdown, plot_
                              plot_k_histograms, plot_error_vs_length, plot_memory_sweep,
                              plot_sage_breakdown)
 from fa_lab.viz.decoding import (plot_rope, plot_split_kv, plot_kv_cache)
-from fa_lab.viz.features import (block_table, score_mods, sink_mass)
+from fa_lab.viz.features import (block_table, score_mods, sink_mass, block_masks, time_vs_tiles)
 from fa_lab.viz.distributed import (ring_schedule, causal_work_bars, ring_steps,
                                     cascade_speedup, hide_thresholds)
 
 __all__ = ['allocations', 'attention_matrix', 'bandwidth_curve', 'bars', 'block_table',
            'cascade_speedup', 'causal_masks', 'causal_work_bars', 'hide_thresholds',
-           'ring_schedule', 'ring_steps', 'sink_mass',
+           'ring_schedule', 'ring_steps', 'sink_mass', 'block_masks', 'time_vs_tiles',
            'decode_floor', 'footer', 'heatmap', 'keep_mask', 'peak_memory_vs_n',
            'plot_breakdown', 'plot_decode', 'plot_decode_latency', 'plot_error_vs_length',
            'plot_generation', 'plot_k_histograms', 'plot_kv_cache', 'plot_ladder',

@@ -97,3 +97,47 @@ def sink_mass(mass, arch="gpt-oss"):
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def block_masks(masks: dict):
+    """Block masks side by side (``{title: BlockMask}``): the element mask in grey, each
+    tile outlined by kind (empty: nothing, partial: orange, full: blue)."""
+    fig, axes = plt.subplots(1, len(masks), figsize=(3.3 * len(masks), 3.6), squeeze=False)
+    for ax, (title, bm) in zip(axes[0], masks.items()):
+        ax.imshow(bm.dense()[0, 0], cmap="Greys", vmin=0, vmax=2.2, interpolation="nearest")
+        bq, bk = bm.BLOCK_SIZE
+        for t in range(bm.shape[2]):
+            for u in range(bm.shape[3]):
+                kind = bm.kinds[0, 0, t, u]
+                if kind:
+                    color = "tab:blue" if kind == 2 else "tab:orange"
+                    ax.add_patch(plt.Rectangle((u * bk - 0.5, t * bq - 0.5), bk, bq, fill=False,
+                                               lw=0.8, ec=color))
+        c = bm.counts()
+        ax.set_title(f"{title}\n{c['full']} full, {c['partial']} partial, {c['empty']} empty",
+                     fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+def time_vs_tiles(df):
+    """Measured time against the fraction of tiles computed, one point per mask, with
+    the proportional line through the dense call."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.errorbar(df["tiles_computed"], df["median_ms"],
+                yerr=[df["median_ms"] - df["q25_ms"], df["q75_ms"] - df["median_ms"]],
+                fmt="o", capsize=3)
+    for _, r in df.iterrows():
+        ax.annotate(r["mask"], (r["tiles_computed"], r["median_ms"]), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")
+    dense = df.loc[df["tiles_computed"].idxmax()]
+    x = np.linspace(0, 1, 11)
+    ax.plot(x, x * dense["median_ms"] / dense["tiles_computed"], "--", color="gray",
+            label="proportional to the tiles computed")
+    ax.set_xlabel("fraction of tiles computed")
+    ax.set_ylabel("ms per call")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
