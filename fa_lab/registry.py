@@ -440,11 +440,11 @@ KVCACHE_KERNELS: dict[str, Kernel] = {
 }
 
 
-def flex_run(q, k, v, scale, score_mod, mask_mod, kinds, block_q, block_kv):
+def flex_run(q, k, v, scale, score_mod, mask_mod, kinds, index, stored, block_q, block_kv):
     """:func:`fa_lab.kernels.flex.flex_forward`: ``(out, lse)`` (mods compiled or None)."""
     flash.ensure_blas_threads()
     out, lse = np.empty(q.shape[:3] + v.shape[3:], q.dtype), np.empty(q.shape[:3], q.dtype)
     flex.flex_forward(q, k, v, q.dtype.type(scale), score_mod or flex.identity_score,
-                      score_mod is not None, mask_mod or flex.attend_all, kinds, block_q,
-                      block_kv, out, lse)
+                      score_mod is not None, mask_mod or flex.attend_all, kinds, index, stored,
+                      block_q, block_kv, out, lse)
     return out, lse

@@ -68,8 +68,9 @@ def _name(case):
     return "-".join(getattr(f, "__name__", "none") for f in case)
 
 
-@pytest.mark.parametrize("case", CASES, ids=_name)
-@pytest.mark.parametrize("block", [16, (8, 32)])
+@pytest.mark.parametrize("case, block", [(c, 16) for c in CASES] + [(CASES[7], (8, 32))],
+                         ids=lambda x: _name(x) if isinstance(x, tuple) and len(x) == 2 and
+                         not isinstance(x[0], int) else str(x))
 def test_flex_matches_the_float64_reference(case, block):
     score_mod, mask_mod = case
     q, k, v = _inputs()
@@ -224,3 +225,21 @@ def test_the_exercises_accept_their_solutions_and_explain_a_wrong_attempt(name):
     said = flex_exercises.check(name, wrong)
     assert said.startswith("not yet: ") and ("expected" in said or "differs" in said)
     assert "not yet: " in flex_exercises.check(name, lambda: 0)  # wrong arity, explained
+
+
+def test_stored_partial_tiles_and_per_element_calls_agree(monkeypatch):
+    import dataclasses
+
+    from fa_lab.numerics import flex as nflex
+
+    q, k, v = _inputs()
+    stored = fa_lab.create_block_mask(documents, None, None, N, N, BLOCK_SIZE=16)
+    assert stored.partial_masks.shape[0] == stored.counts()["partial"] > 0
+    monkeypatch.setattr(nflex, "STORED_MASK_BYTES", 0)  # too big to store: call mask_mod
+    called = fa_lab.create_block_mask(documents, None, None, N, N, BLOCK_SIZE=16)
+    assert called.partial_masks.shape[0] == 0 and np.all(called.partial_index == -1)
+    bare = dataclasses.replace(stored, partial_masks=None, partial_index=None)
+    outs = [fa_lab.flex_attention(q, k, v, score_mod=alibi, block_mask=m, enable_gqa=True)
+            for m in (stored, called, bare)]
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[0], outs[2])

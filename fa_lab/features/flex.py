@@ -26,6 +26,7 @@ from fa_lab.numerics.flex import FULL, BlockMask, compile_mod, index_errors
 from fa_lab.registry import flex_run
 from fa_lab.settings import config
 
+_NO_MASKS = np.zeros((0, 1, 1), np.bool_)
 #: Compiled score_mods by function object (compiling again is the expensive part).
 _COMPILED: dict = {}
 
@@ -84,7 +85,7 @@ def flex_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, score_mod=None,
     if block_mask is None:
         bq, bk = (min(b, max(n, 1)) for b, n in zip(config.FLASH_BLOCKS, (Nq, Nk)))
         kinds = np.full((1, 1, -(-Nq // bq), -(-Nk // bk)), FULL, np.int8)
-        mask_fn = None
+        mask_fn, index, stored = None, np.full(kinds.shape, -1, np.int32), _NO_MASKS
     else:
         if not isinstance(block_mask, BlockMask):
             raise TypeError(f"block_mask must come from fa_lab.create_block_mask, got "
@@ -97,13 +98,17 @@ def flex_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, score_mod=None,
             raise ValueError(f"block_mask was made for B={Bm}, H={Hm}; q has B={B}, H={H} "
                              f"(use None for a dimension the mask does not depend on)")
         (bq, bk), kinds, mask_fn = block_mask.BLOCK_SIZE, block_mask.kinds, block_mask.mask_mod
+        index, stored = block_mask.partial_index, block_mask.partial_masks
+        if index is None or stored is None:  # a mask built without its stored tiles
+            index, stored = np.full(kinds.shape, -1, np.int32), _NO_MASKS
     if B * H * Nq == 0 or Nk == 0:
         out = np.zeros(q.shape[:3] + v.shape[3:], q.dtype)
         lse = np.full(q.shape[:3], -np.inf, q.dtype)
     else:
         with index_errors("score_mod or mask_mod"):
             out, lse = flex_run(np.ascontiguousarray(q), np.ascontiguousarray(k),
-                                np.ascontiguousarray(v), scale, score_fn, mask_fn, kinds, bq, bk)
+                                np.ascontiguousarray(v), scale, score_fn, mask_fn, kinds, index,
+                                stored, bq, bk)
     return (out, lse) if return_lse else out
 
 

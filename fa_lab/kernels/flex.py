@@ -31,7 +31,8 @@ def attend_all(b, h, q_idx, kv_idx):
 
 
 @njit(nogil=True, error_model="numpy")
-def _tile(Qi, Kj, Vj, b, h, i0, j0, partial, score_mod, has_score, mask_mod, state, scratch):
+def _tile(Qi, Kj, Vj, b, h, i0, j0, partial, score_mod, has_score, mask_mod, stored, state,
+          scratch):
     m, l, alpha, acc = state
     S_buf, P_buf, PV = scratch
     br, bc = Qi.shape[0], Kj.shape[0]
@@ -42,7 +43,12 @@ def _tile(Qi, Kj, Vj, b, h, i0, j0, partial, score_mod, has_score, mask_mod, sta
             Sr = S[r]
             for c in range(bc):
                 Sr[c] = score_mod(Sr[c], b, h, i0 + r, j0 + c)
-    if partial:
+    if partial and stored.shape[0] > 0:  # the tile's mask, evaluated once
+        for r in range(br):
+            Sr, Mr = S[r], stored[r]
+            for c in range(bc):
+                Sr[c] = Sr[c] if Mr[c] else NEG_INF
+    elif partial:
         for r in range(br):
             Sr = S[r]
             for c in range(bc):
@@ -58,10 +64,12 @@ def _tile(Qi, Kj, Vj, b, h, i0, j0, partial, score_mod, has_score, mask_mod, sta
 
 
 @njit(parallel=True, nogil=True, error_model="numpy")
-def flex_forward(q, k, v, scale, score_mod, has_score, mask_mod, kinds, block_q, block_kv,
-                 out, lse):
+def flex_forward(q, k, v, scale, score_mod, has_score, mask_mod, kinds, index, stored,
+                 block_q, block_kv, out, lse):
     """q (B, H, Nq, d), k (B, H_kv, Nk, d), v (B, H_kv, Nk, d_v); ``kinds`` (B or 1, H
-    or 1, Tq, Tk) int8: 0 empty (skipped), 1 partial (``mask_mod`` per element), 2 full.
+    or 1, Tq, Tk) int8: 0 empty (skipped), 1 partial, 2 full. A partial tile reads its
+    stored mask ``stored[index[...]]`` when ``index >= 0``, else calls ``mask_mod`` per
+    element.
     """
     B, H, Nq, _ = q.shape
     Nk = k.shape[2]
@@ -76,15 +84,19 @@ def flex_forward(q, k, v, scale, score_mod, has_score, mask_mod, kinds, block_q,
         Qi = q[b, h, i0:i1] * scale
         K, V = k[b, h // group], v[b, h // group]
         state, scratch = row_state(br, V.shape[1], Qi, block_kv)
-        row = kinds[0 if Bm == 1 else b, 0 if Hm == 1 else h, i0 // block_q]
+        bb, hh = 0 if Bm == 1 else b, 0 if Hm == 1 else h
+        row = kinds[bb, hh, i0 // block_q]
+        prow = index[bb, hh, i0 // block_q]
         for u in range(Tk):
             kind = row[u]
             if kind == 0:
                 continue
             j0 = u * block_kv
             j1 = min(j0 + block_kv, Nk)
+            p = prow[u]
+            tile_mask = stored[max(p, 0)] if p >= 0 else stored[:0, 0]
             _tile(Qi, K[j0:j1], V[j0:j1], b, h, i0, j0, kind == 1, score_mod, has_score,
-                  mask_mod, state, scratch)
+                  mask_mod, tile_mask, state, scratch)
         m, l, _, acc = state
         for r in range(br):
             lse[b, h, i0 + r] = finalize_row(acc[r], m[r], l[r], out[b, h, i0 + r])

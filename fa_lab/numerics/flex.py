@@ -90,6 +90,12 @@ class BlockMask:
     KV_LEN: int
     BLOCK_SIZE: tuple
     mask_mod: object
+    #: the partial tiles' element masks, evaluated once (``(n_partial, bq, bk)`` bool) and
+    #: ``partial_index`` (``kinds``' shape, int32, -1 elsewhere) pointing into them; the
+    #: kernel then reads a tile's mask instead of calling ``mask_mod`` per element, head
+    #: and call. Empty (``(0, bq, bk)``) when they would exceed :data:`STORED_MASK_BYTES`.
+    partial_masks: np.ndarray = None
+    partial_index: np.ndarray = None
 
     @property
     def shape(self) -> tuple:
@@ -167,7 +173,36 @@ def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, BLOCK_SIZE=128) -> BlockMas
     kinds = np.zeros((Bm, Hm, math.ceil(Nq / bq), math.ceil(Nk / bk)), np.int8)
     with index_errors("mask_mod"):
         _classify(fn, Bm, Hm, Nq, Nk, bq, bk, kinds)
-    return BlockMask(kinds, Nq, Nk, (bq, bk), fn)
+    index = np.full(kinds.shape, -1, np.int32)
+    n_partial = int(np.sum(kinds == PARTIAL))
+    if n_partial * bq * bk <= STORED_MASK_BYTES:
+        index[kinds == PARTIAL] = np.arange(n_partial, dtype=np.int32)
+        stored = np.zeros((n_partial, bq, bk), np.bool_)
+        with index_errors("mask_mod"):
+            _store(fn, index, Nq, Nk, bq, bk, stored)
+    else:
+        stored = np.zeros((0, bq, bk), np.bool_)
+        index[:] = -1
+    return BlockMask(kinds, Nq, Nk, (bq, bk), fn, stored, index)
+
+
+#: Largest total size of the stored partial-tile masks (bytes); above it, partial tiles
+#: call ``mask_mod`` per element instead.
+STORED_MASK_BYTES = 256 * 2**20
+
+
+@njit(parallel=True)
+def _store(mask_mod, index, Nq, Nk, bq, bk, stored):
+    Bm, Hm, Tq, Tk = index.shape
+    for task in prange(Bm * Hm * Tq):
+        b, h, t = task // (Hm * Tq), (task // Tq) % Hm, task % Tq
+        for u in range(Tk):
+            p = index[b, h, t, u]
+            if p < 0:
+                continue
+            for i in range(t * bq, min(t * bq + bq, Nq)):
+                for j in range(u * bk, min(u * bk + bk, Nk)):
+                    stored[p, i - t * bq, j - u * bk] = mask_mod(b, h, i, j)
 
 
 @contextmanager

@@ -187,7 +187,7 @@ def time_per_token(models: dict, ids, attention_mask, *, steps=16, repeats=3):
     return pd.DataFrame(rows), first
 
 
-def decode_call_costs(B=2, H=4, H_kv=2, Nk=40, d=32, repeats=9) -> "pd.DataFrame":
+def decode_call_costs(B=2, H=4, H_kv=2, Nk=40, d=32, repeats=9):
     """One decode step's attention call (``Nq = 1``, a padding mask) three ways, timed
     side by side: PyTorch's SDPA, fa_lab through the torch adapter, and
     ``fa_lab.attention`` on NumPy arrays; microseconds per call (median, quartiles).
