@@ -13,7 +13,6 @@ import math
 import warnings
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 from numpy.typing import ArrayLike
 
@@ -182,16 +181,8 @@ class Call:
         if self.mods.active:
             extra["mods"] = self.mods
         arrays = (self.q4, self.k4, self.v4) if arrays is None else arrays
-        threads = num_threads()
-        small = 4 * self.B * self.H * self.Nq * self.Nk * self.d < config.SMALL_CALL_FLOPS
-        if small and chosen.parallel and threads > 1:  # the caller's thread alone
-            numba.set_num_threads(1)
-        try:
-            out, lse = chosen.run(arrays, self.bias, self.scale, self.alignment, bq, bk,
-                                  **extra, **options)
-        finally:
-            if numba.get_num_threads() != threads:
-                numba.set_num_threads(threads)
+        out, lse = chosen.run(arrays, self.bias, self.scale, self.alignment, bq, bk, **extra,
+                              **options)
         if self.sinks is not None and with_sinks and stage == Stage.FULL:
             out, lse = apply_sinks(out, lse, self.sinks[:, :, None])
         return out.reshape(self.out_shape), lse.reshape(self.q.shape[:-1])

@@ -52,12 +52,6 @@ AMX_BLOCKS = (64, 256)
 #: tasks per thread before splitting the keys (load balance) ...
 SPLIT_TASKS_PER_THREAD = 2
 
-#: Calls with fewer FLOPs than this (``4 B H Nq Nk d``) run on the caller's thread only
-#: (:meth:`fa_lab.api.Call.run`): waking numba's other threads costs more than they save,
-#: and inside a model torch's OpenMP workers may still be spinning on the other cores.
-#: Measured (Intel Xeon, 2 cores, flash, decode shapes): 0.04 MFLOP 56 us on 1 thread vs
-#: 63 us on 2; 0.5 MFLOP 80 vs 69 us; 2.1 MFLOP 305 vs 179 us. 0 turns it off.
-SMALL_CALL_FLOPS = 250_000
 #: ... and never split into ranges shorter than this many keys (each split pays a merge).
 SPLIT_MIN_KEYS = 512
 
