@@ -221,23 +221,22 @@ def index_errors(name: str):
 
 def and_masks(*mask_mods):
     """A ``mask_mod`` that attends where every one of ``mask_mods`` does."""
-    fns = [compile_mod("mask_mods", m, 4) for m in mask_mods]
-    if not fns:
-        raise ValueError("and_masks needs at least one mask_mod")
-    out = fns[0]
-    for nxt in fns[1:]:
-        out = _and(out, nxt)
-    return out
+    return _fold("and_masks", mask_mods, _and)
 
 
 def or_masks(*mask_mods):
     """A ``mask_mod`` that attends where any one of ``mask_mods`` does."""
+    return _fold("or_masks", mask_mods, _or)
+
+
+def _fold(name, mask_mods, pair):
+    """Compile each mask function and combine them left to right with ``pair``."""
     fns = [compile_mod("mask_mods", m, 4) for m in mask_mods]
     if not fns:
-        raise ValueError("or_masks needs at least one mask_mod")
+        raise ValueError(f"{name} needs at least one mask_mod")
     out = fns[0]
     for nxt in fns[1:]:
-        out = _or(out, nxt)
+        out = pair(out, nxt)
     return out
 
 
