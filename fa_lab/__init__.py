@@ -8,6 +8,7 @@ Public API (stable; later work builds on it):
 * :class:`KVCache`, :func:`decode`, :func:`rope` -- incremental decoding
 * :func:`attention_varlen` -- packed variable-length batches (flash-attn's varlen)
 * :func:`attention_with_kvcache` -- a contiguous or paged KV cache with ragged lengths
+* :func:`quantize_kv`, :func:`dequantize_kv` -- int8 and int4 KV caches (read in place)
 * :func:`topk_attention` -- attention as top-K retrieval; :mod:`fa_lab.tools.presets`
 * :func:`merge_states` -- the exact merge of partial attentions over disjoint keys
 * :func:`cascade_attention` -- many sequences over one shared prefix (read once)
@@ -28,6 +29,7 @@ from fa_lab.features.int8 import attention_int8
 from fa_lab.features.kvcache import attention_with_kvcache
 from fa_lab.features.varlen import attention_varlen
 from fa_lab.numerics.flex import and_masks, create_block_mask, or_masks
+from fa_lab.numerics.kvquant import dequantize_kv, quantize_kv
 from fa_lab.numerics.merge import merge_states
 from fa_lab.numerics.quant import dequantize, quantize
 from fa_lab.registry import BACKWARD_KERNELS, INT8_KERNELS, KERNELS, Kernel, ladder
@@ -46,5 +48,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'fa_lab' has no attribute {name!r}")
 
 __all__ = ["attention", "merge_states", "cascade_attention", "flex_attention",
-           "create_block_mask", "and_masks", "or_masks", "attention_varlen", "attention_with_kvcache", "plan", "KVCache", "decode", "rope", "topk_attention", "presets", "attention_int8", "quantize", "dequantize", "INT8_KERNELS", "attention_backward", "attention_grad", "choose_kernel", "KERNELS",
+           "create_block_mask", "and_masks", "or_masks", "attention_varlen", "attention_with_kvcache", "quantize_kv", "dequantize_kv", "plan", "KVCache", "decode", "rope", "topk_attention", "presets", "attention_int8", "quantize", "dequantize", "INT8_KERNELS", "attention_backward", "attention_grad", "choose_kernel", "KERNELS",
            "BACKWARD_KERNELS", "Kernel", "KernelFallbackWarning", "ladder", "__version__"]

@@ -36,7 +36,7 @@ from fa_lab.kernels.backward import naive as backward_naive, tiled as backward_t
 from fa_lab.kernels import flex
 from fa_lab.kernels.ladder import fa1, flash, naive, online, tiled, tiled_simd
 from fa_lab.kernels.lowprec import amx, int8, quantize, sage
-from fa_lab.kernels.layouts import paged, varlen
+from fa_lab.kernels.layouts import paged, quantized, varlen
 from fa_lab.kernels.common import Stage, no_bias
 from fa_lab.kernels.ladder.flash import flash_forward, flash_splitkv_forward
 
@@ -55,6 +55,7 @@ class Request:
     softcap: bool = False
     alibi: bool = False
     dv: bool = False  # a value head dimension d_v != d (MLA)
+    kv_format: str = "float"  # a KV cache's format: "float", "int8" or "int4"
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class Kernel:
     softcap: bool = False
     alibi: bool = False
     dv: bool = False  # v's head dimension may differ from q's and k's
+    kv_formats: tuple = ("float",)  # KV-cache formats read (fa_lab.numerics.kvquant)
     # the config setting naming its (Br, Bc), read at call time; None: config.BLOCK_Q/KV
     blocks_setting: str | None = None
     scratch: Callable | None = None  # byte model of the kernel's own allocations
@@ -109,6 +111,8 @@ class Kernel:
         if req.dv and not self.dv:
             return (f"kernel {self.name!r} does not support a value head dimension d_v "
                     "different from d")
+        if req.kv_format not in self.kv_formats:
+            return f"kernel {self.name!r} does not read an {req.kv_format} KV cache"
         if req.blocks and not self.tiled:
             return (f"kernel {self.name!r} is not tiled: block_q/block_kv are not options "
                     "of it")
@@ -403,39 +407,26 @@ VARLEN_KERNELS: dict[str, Kernel] = {
 }
 
 
-def _paged_reference_run(q, k_pages, v_pages, block_table, lengths, scale, causal, block_q,
-                         block_kv, mods=None, splits=None):
-    return reference.attention_paged(q, k_pages, v_pages, block_table, lengths, scale=scale,
-                                     causal=causal, **(mods or NO_MODS).reference_kwargs())
-
-
-def _paged_flash_run(q, k_pages, v_pages, block_table, lengths, scale, causal, block_q,
-                     block_kv, mods=None, splits=None):
-    flash.ensure_blas_threads()
-    B, H, Nq, _ = q.shape
-    out, lse = np.empty((B, H, Nq, v_pages.shape[3]), q.dtype), np.empty((B, H, Nq), q.dtype)
-    if splits is None:
-        splits = flash.plan_splits(B, H, Nq, int(np.max(lengths, initial=0)), block_q,
-                                   block_kv, num_threads())
-    paged.paged_forward(q, k_pages, v_pages, block_table.astype(np.int64),
-                        lengths.astype(np.int64), no_bias(q.dtype), q.dtype.type(scale),
-                        bool(causal), block_q, block_kv, int(splits), out, lse,
-                        *(mods or NO_MODS).kernel_args(q.dtype))
-    return out, lse
-
-
 #: KV-cache kernels (:func:`fa_lab.attention_with_kvcache`): ``run(q, k_pages, v_pages,
-#: block_table, lengths, scale, causal, block_q, block_kv, mods, splits=None) -> (out, lse)``;
-#: a contiguous cache: pages of ``S_max`` rows, ``block_table[b] = [b]``.
+#: block_table, lengths, scale, causal, block_q, block_kv, mods, splits=None, k_scale=None,
+#: v_scale=None) -> (out, lse)``; a contiguous cache: pages of ``S_max`` rows,
+#: ``block_table[b] = [b]``; int8 / int4 caches carry their scales (fa_lab.quantize_kv).
 KVCACHE_KERNELS: dict[str, Kernel] = {
     k.name: k
     for k in [
         Kernel("reference", 0, "gathers each sequence's pages, float64 NumPy",
-               _paged_reference_run, mask=False, window=True, softcap=True, alibi=True, dv=True),
+               paged.reference_run, mask=False, window=True, softcap=True, alibi=True, dv=True,
+               kv_formats=("float", "int8", "int4")),
         Kernel("flash", 5, "flash's tiles read in place through the block table (a tile "
-               "never crosses a page), split-KV for long caches", _paged_flash_run,
+               "never crosses a page), split-KV for long caches", paged.run,
                paged.paged_forward, tiled=True, parallel=True, mask=False, window=True,
                softcap=True, alibi=True, dv=True, blocks_setting="FLASH_BLOCKS"),
+        # below flash, so float caches keep flash under "auto"; the one for int8 / int4
+        Kernel("quantized", 4, "one task per (sequence, kv head, key split): the GQA group's "
+               "rows share each cached row, dequantized in the inner loop (float32, int8, "
+               "int4); split-KV", quantized.run, quantized.quantized_forward, tiled=True,
+               parallel=True, mask=False, dtypes=(np.float32,), dv=True,
+               kv_formats=("float", "int8", "int4")),
     ]
 }
 

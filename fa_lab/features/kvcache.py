@@ -25,6 +25,7 @@ from numpy.typing import ArrayLike
 from fa_lab.api import choose_kernel, effective_blocks
 from fa_lab.numerics.checks import (as_float_array, check_block, check_bool, check_scale,
                                     int_array)
+from fa_lab.numerics.kvquant import FORMATS, channels, format_of, quantize_rows
 from fa_lab.numerics.merge import apply_sinks, check_sinks
 from fa_lab.registry import KVCACHE_KERNELS, Request
 from fa_lab.numerics.scoremod import check_mods
@@ -43,29 +44,66 @@ def _seqlens(cache_seqlens, B) -> np.ndarray:
     return lens
 
 
-def _check_caches(q, k_cache, v_cache, writing):
-    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if writing and not isinstance(x, np.ndarray):
+def _check_caches(q, k_cache, v_cache, k_scale, v_scale, writing):
+    """The caches (and the scales of an int8 / int4 cache), checked; returns ``(kc, vc,
+    ks, vs, kv_format)``."""
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache), ("k_scale", k_scale),
+                    ("v_scale", v_scale)):
+        if writing and x is not None and not isinstance(x, np.ndarray):
             raise TypeError(f"{name} must be a numpy array to be written in place, got "
                             f"{type(x).__name__}")
-    kc, vc = as_float_array("k_cache", k_cache), as_float_array("v_cache", v_cache)
     if q.ndim != 4:
         raise ValueError(f"q must have shape (B, H, Nq, d), got {q.shape}")
-    if kc.ndim != 4 or vc.ndim != 4 or vc.shape[:3] != kc.shape[:3] or vc.shape[3] == 0:
+    quantized = k_scale is not None or v_scale is not None or (
+        isinstance(k_cache, np.ndarray) and k_cache.dtype in (np.int8, np.uint8))
+    if quantized:
+        kc, vc, ks, vs, fmt = _check_quantized(q, k_cache, v_cache, k_scale, v_scale)
+    else:
+        kc, vc = as_float_array("k_cache", k_cache), as_float_array("v_cache", v_cache)
+        ks = vs = None
+        fmt = "float"
+        if kc.dtype != q.dtype or vc.dtype != q.dtype:
+            raise TypeError(f"the caches must have q's dtype {q.dtype}, got {kc.dtype}")
+    d_k, d_v = channels(kc) if quantized else kc.shape[-1], \
+        channels(vc) if quantized else vc.shape[-1]
+    if kc.ndim != 4 or vc.ndim != 4 or vc.shape[:3] != kc.shape[:3] or d_v == 0:
         raise ValueError(f"k_cache and v_cache must be 4-D with one shape except v's head "
                          f"dimension d_v >= 1, got {kc.shape} and {vc.shape}")
-    if kc.dtype != q.dtype or vc.dtype != q.dtype:
-        raise TypeError(f"the caches must have q's dtype {q.dtype}, got {kc.dtype}")
     H, d, H_kv = q.shape[1], q.shape[3], kc.shape[1]
-    if kc.shape[3] != d or d == 0:
-        raise ValueError(f"k_cache must have the head dimension d={d} >= 1 of q, got "
-                         f"{kc.shape}")
+    if d_k != d or d == 0:
+        raise ValueError(f"k_cache must hold the head dimension d={d} >= 1 of q, got "
+                         f"{kc.shape} ({kc.dtype})")
     if H_kv == 0 or H % H_kv:
         raise ValueError(f"the heads of q (H={H}) must be a multiple of the caches' heads "
                          f"(H_kv={H_kv})")
-    if writing and not (kc.flags.writeable and vc.flags.writeable):
-        raise ValueError("k_cache and v_cache must be writable to append k and v")
-    return kc, vc
+    if writing and not all(x.flags.writeable for x in (kc, vc, ks, vs) if x is not None):
+        raise ValueError("k_cache and v_cache (and their scales) must be writable to "
+                         "append k and v")
+    return kc, vc, ks, vs, fmt
+
+
+def _check_quantized(q, k_cache, v_cache, k_scale, v_scale):
+    kc, vc = np.asarray(k_cache), np.asarray(v_cache)
+    fmt = format_of(kc, k_scale)
+    if format_of(vc, v_scale) != fmt:
+        raise TypeError(f"k_cache and v_cache must have one format, got {kc.dtype} and "
+                        f"{vc.dtype}")
+    if q.dtype != np.float32:
+        raise TypeError(f"an {fmt} cache takes float32 queries, got q of dtype {q.dtype}")
+    scales = []
+    for name, x, sc in (("k_scale", kc, k_scale), ("v_scale", vc, v_scale)):
+        sc = np.asarray(sc)
+        if sc.dtype != np.float32:
+            raise TypeError(f"{name} must be float32 (as fa_lab.quantize_kv returns), got "
+                            f"{sc.dtype}")
+        G = sc.shape[-1] if sc.ndim == 4 else 0
+        if sc.shape[:-1] != x.shape[:-1] or G == 0 or channels(x) % G or (
+                fmt == "int4" and (channels(x) // G) % 2):
+            raise ValueError(f"{name} must have shape {x.shape[:-1]} + (groups,), groups "
+                             f"dividing d={channels(x)} into {'even ' if fmt == 'int4' else ''}"
+                             f"groups, got {sc.shape}")
+        scales.append(sc)
+    return kc, vc, scales[0], scales[1], fmt
 
 
 def _table(block_table, B, num_blocks, k_cache) -> np.ndarray:
@@ -82,6 +120,7 @@ def _table(block_table, B, num_blocks, k_cache) -> np.ndarray:
 
 
 def _check_new(k, v, B, H_kv, d, d_v, dtype):
+    """The new tokens (float, q's dtype; quantized on write into an int8 / int4 cache)."""
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (or neither)")
     if k is None:
@@ -104,7 +143,8 @@ def attention_with_kvcache(q: ArrayLike, k_cache: np.ndarray, v_cache: np.ndarra
                            alibi_slopes: ArrayLike | None = None, return_lse: bool = False,
                            kernel: str = "auto", block_q: int | None = None,
                            block_kv: int | None = None, splits: int | None = None,
-                           sinks: ArrayLike | None = None
+                           sinks: ArrayLike | None = None, k_scale: ArrayLike | None = None,
+                           v_scale: ArrayLike | None = None
                            ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Attend ``q`` to each sequence's cached keys (after appending ``k``, ``v``).
 
@@ -114,7 +154,13 @@ def attention_with_kvcache(q: ArrayLike, k_cache: np.ndarray, v_cache: np.ndarra
     k_cache, v_cache : contiguous ``(B, H_kv, S_max, d)``, or paged ``(num_blocks, H_kv,
         block_size, d)`` with ``block_table``; q's dtype (``v_cache`` may have its own head
         dimension ``d_v``). Written in place when ``k`` is
-        given (so they must be writable NumPy arrays).
+        given (so they must be writable NumPy arrays). Or a quantized cache (int8, or
+        packed int4 as uint8 with ``d // 2`` bytes a row: :func:`fa_lab.quantize_kv`'s
+        layout) with its scales ``k_scale``, ``v_scale`` (float32, ``k_cache.shape[:3] +
+        (groups,)``): read in place and dequantized in the kernel's inner loop, never
+        into a float copy; new ``k``, ``v`` are quantized on write (same bits, same
+        groups) and their scales written too. Quantized caches take float32 ``q`` and
+        no window, softcap or ALiBi (kernel ``"quantized"``).
     cache_seqlens : int or integer array (B,): valid tokens per sequence before the append
     k, v : (B, H_kv, Nnew, d), optional: written at ``cache_seqlens[b] ...`` first
         (through the block table when paged). A write past a sequence's capacity
@@ -125,10 +171,13 @@ def attention_with_kvcache(q: ArrayLike, k_cache: np.ndarray, v_cache: np.ndarra
         query ``i`` sees keys ``j <= L_b - Nq + i`` (bottom-right). Queries stand at
         ``L_b - Nq + i`` for the window and ALiBi too.
     scale, window, softcap, alibi_slopes : as in :func:`fa_lab.attention`
-    kernel : "auto" or a name in :data:`fa_lab.registry.KVCACHE_KERNELS`
+    kernel : "auto" or a name in :data:`fa_lab.registry.KVCACHE_KERNELS` ("auto" reads an
+        int8 / int4 cache with ``"quantized"``, and refuses what that kernel cannot do
+        rather than fall back to the float64 reference)
     block_q, block_kv : positive ints, optional: the tiles (a key tile never crosses a page)
     splits : positive int, optional: Flash-Decoding key splits per (sequence, head, query
         block), merged exactly; by default planned for the threads (``plan()``)
+    k_scale, v_scale : float32 arrays, the scales of an int8 / int4 cache (see above)
 
     Returns
     -------
@@ -138,12 +187,13 @@ def attention_with_kvcache(q: ArrayLike, k_cache: np.ndarray, v_cache: np.ndarra
     """
     q = as_float_array("q", q)
     writing = k is not None or v is not None
-    kc, vc = _check_caches(q, k_cache, v_cache, writing)
+    kc, vc, ks, vs, fmt = _check_caches(q, k_cache, v_cache, k_scale, v_scale, writing)
     B, H, Nq, d = q.shape
     num_blocks, H_kv, page = kc.shape[:3]
     lens = _seqlens(cache_seqlens, B)
     table = _table(block_table, B, num_blocks, kc)
-    k_new, v_new, n_new = _check_new(k, v, B, H_kv, d, vc.shape[3], q.dtype)
+    k_new, v_new, n_new = _check_new(k, v, B, H_kv, d, channels(vc) if ks is not None
+                                     else vc.shape[3], q.dtype)
     causal = check_bool("causal", causal)
     scale = check_scale(scale, d)
     return_lse = check_bool("return_lse", return_lse)
@@ -163,18 +213,30 @@ def attention_with_kvcache(q: ArrayLike, k_cache: np.ndarray, v_cache: np.ndarra
                              f"{used.tolist()}; nothing was written")
     req = Request(dtype=q.dtype, causal=causal, gqa=H != H_kv,
                   blocks=block_q is not None or block_kv is not None, window=mods.window,
-                  softcap=mods.softcap > 0, alibi=mods.slopes is not None, dv=vc.shape[3] != d)
+                  softcap=mods.softcap > 0, alibi=mods.slopes is not None,
+                  dv=(channels(vc) if ks is not None else vc.shape[3]) != d, kv_format=fmt)
     splits = check_block("splits", splits)
+    if fmt != "float" and kernel == "auto":  # never the float64 reference by fallback
+        kernel = "quantized"
     chosen, _ = choose_kernel(kernel, req, KVCACHE_KERNELS)
-    if n_new:
+    if n_new and ks is not None:
+        bits = FORMATS[fmt][0]
+        kq, kqs = quantize_rows(k_new, bits, d // ks.shape[3], "k")
+        vq, vqs = quantize_rows(v_new, bits, channels(vc) // vs.shape[3], "v")
+        _write(kc, vc, table, lens, kq, vq)
+        _write(k_scale, v_scale, table, lens, kqs, vqs)
+    elif n_new:
         _write(kc, vc, table, lens, k_new, v_new)
     bq, bk = effective_blocks(Nq, max(page, 1), block_q, block_kv, chosen.default_blocks)
     if Nq == 0 or B == 0:
-        out, lse = np.zeros(q.shape[:3] + vc.shape[3:], q.dtype), np.zeros(q.shape[:3], q.dtype)
+        d_v = channels(vc) if ks is not None else vc.shape[3]
+        out, lse = np.zeros(q.shape[:3] + (d_v,), q.dtype), np.zeros(q.shape[:3], q.dtype)
     else:
         kr, vr = np.ascontiguousarray(kc), np.ascontiguousarray(vc)  # no copy when contiguous
+        scales = {} if ks is None else {"k_scale": np.ascontiguousarray(ks),
+                                        "v_scale": np.ascontiguousarray(vs)}
         out, lse = chosen.run(np.ascontiguousarray(q), kr, vr, table, lengths, scale, causal,
-                              bq, bk, mods, splits=splits)
+                              bq, bk, mods, splits=splits, **scales)
         if sinks is not None:
             out, lse = apply_sinks(out, lse, sinks[:, :, None])
     return (out, lse) if return_lse else out

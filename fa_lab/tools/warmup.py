@@ -17,8 +17,9 @@ from fa_lab.features.int8 import attention_int8
 from fa_lab.features.kvcache import attention_with_kvcache
 from fa_lab.features.retrieval import topk_attention
 from fa_lab.features.varlen import attention_varlen
+from fa_lab.numerics.kvquant import quantize_kv
 from fa_lab.registry import (BACKWARD_KERNELS, BF16_KERNELS, INT8_KERNELS, KERNELS,
-                             KVCACHE_KERNELS, VARLEN_KERNELS)
+                             KVCACHE_KERNELS, VARLEN_KERNELS, Request)
 from fa_lab.tools import hierarchy
 
 
@@ -46,9 +47,16 @@ def _steps(dtype):
 
     def layouts():  # a KV cache (decode runs through it) and packed varlen batches
         cache = rng.standard_normal((2, 1, 8, 3)).astype(dtype)
-        for kernel in KVCACHE_KERNELS:
-            attention_with_kvcache(q[:, :, :1].repeat(2, axis=0), cache, cache.copy(),
-                                   cache_seqlens=5, kernel=kernel)
+        for kernel, kern in KVCACHE_KERNELS.items():
+            if kern.unsupported(Request(dtype=np.dtype(dtype), causal=True, gqa=True)) is None:
+                attention_with_kvcache(q[:, :, :1].repeat(2, axis=0), cache, cache.copy(),
+                                       cache_seqlens=5, kernel=kernel)
+        if dtype == np.float32:  # int8 and int4 caches (one compilation per format)
+            c4 = rng.standard_normal((2, 1, 8, 32)).astype(dtype)
+            for bits in (8, 4):
+                kq, ks, vq, vs = quantize_kv(c4, c4, bits=bits)
+                attention_with_kvcache(c4[:, :, :1].repeat(2, axis=1), kq, vq, cache_seqlens=5,
+                                       k_scale=ks, v_scale=vs)
         packed = rng.standard_normal((7, 2, 3)).astype(dtype)
         cu = np.array([0, 3, 7], np.int32)
         for kernel in VARLEN_KERNELS:

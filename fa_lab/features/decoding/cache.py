@@ -19,6 +19,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from fa_lab.features.kvcache import attention_with_kvcache
+from fa_lab.numerics.kvquant import FORMATS, check_group, dequantize_kv, quantize_rows
 from fa_lab.numerics.merge import check_sinks
 from fa_lab.numerics.checks import check_block, check_bool, check_scale, refuse_masked
 from fa_lab.settings import config
@@ -31,7 +32,15 @@ class KVCache:
     Parameters
     ----------
     B, H_kv, max_len, d : positive ints (``max_len`` may be 0 only for an empty cache)
-    dtype : float32 (default) or float64
+    dtype : float32 (default) or float64: the queries', outputs' and (by default) the
+        cache's dtype
+    kv_dtype : None (store ``dtype``), ``"float32"``, ``"float64"``, ``"int8"`` or
+        ``"int4"`` (keyword only). A quantized cache (float32 ``dtype`` only) holds
+        :func:`fa_lab.quantize_kv`'s values and scales: each appended token is quantized
+        per token (and per ``group`` channels) when it is written; :func:`decode` reads it
+        in place (kernel ``"quantized"``).
+    group : channels per scale of a quantized cache (a divisor of ``d``; even for int4),
+        or None (one scale per token)
 
     ``append`` accepts ``k_new``/``v_new`` of the cache's dtype, or of a dtype that casts
     to it without loss (``np.can_cast(..., "safe")``: float16 or float32 into a float64
@@ -39,7 +48,7 @@ class KVCache:
     1e300 would become inf) raises ``TypeError``.
     """
 
-    def __init__(self, B, H_kv, max_len, d, dtype=np.float32):
+    def __init__(self, B, H_kv, max_len, d, dtype=np.float32, *, kv_dtype=None, group=None):
         for name, value, low in (("B", B, 1), ("H_kv", H_kv, 1), ("max_len", max_len, 0),
                                  ("d", d, 1)):
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
@@ -52,49 +61,80 @@ class KVCache:
             raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
         if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-        self.k = np.zeros((B, H_kv, max_len, d), dtype)
-        self.v = np.zeros((B, H_kv, max_len, d), dtype)
+        kv_dtype = dtype.name if kv_dtype is None else kv_dtype
+        if kv_dtype not in ("float32", "float64", "int8", "int4"):
+            raise ValueError(f"kv_dtype must be None, 'float32', 'float64', 'int8' or "
+                             f"'int4', got {kv_dtype!r}")
+        if kv_dtype.startswith("float") and kv_dtype != dtype.name:
+            raise ValueError(f"kv_dtype={kv_dtype!r} does not match dtype={dtype.name}")
+        if kv_dtype.startswith("int") and dtype != np.float32:
+            raise ValueError(f"a quantized cache (kv_dtype={kv_dtype!r}) takes float32 "
+                             f"queries: dtype must be float32, got {dtype.name}")
+        if group is not None and not kv_dtype.startswith("int"):
+            raise ValueError("group applies only to kv_dtype='int8' or 'int4'")
+        self.dtype, self.kv_dtype = dtype, kv_dtype
+        if kv_dtype.startswith("int"):
+            bits, store, _ = FORMATS[kv_dtype]
+            g = check_group(group, d, bits)
+            row = d // 2 if bits == 4 else d
+            self.k, self.v = (np.zeros((B, H_kv, max_len, row), store) for _ in range(2))
+            self.k_scale, self.v_scale = (np.ones((B, H_kv, max_len, d // g), np.float32)
+                                          for _ in range(2))
+            self.group = g
+        else:
+            self.k = np.zeros((B, H_kv, max_len, d), dtype)
+            self.v = np.zeros((B, H_kv, max_len, d), dtype)
+            self.k_scale = self.v_scale = self.group = None
+        self._d = d
         self.length = 0
 
     @property
     def shape(self):
-        """``(B, H_kv, max_len, d)``."""
-        return self.k.shape
+        """``(B, H_kv, max_len, d)`` (``d`` in channels, whatever the storage)."""
+        return self.k.shape[:3] + (self._d,)
 
     @property
     def max_len(self) -> int:
         return self.k.shape[2]
 
-    @property
-    def keys(self) -> np.ndarray:
-        """The filled keys, a read-only view ``(B, H_kv, length, d)``."""
-        view = self.k[:, :, :self.length]
+    def _filled(self, x, scale):
+        if scale is None:
+            view = x[:, :, :self.length]
+        else:  # a float32 copy: the cache holds integers
+            view = dequantize_kv(x[:, :, :self.length], scale[:, :, :self.length])
         view.flags.writeable = False
         return view
+
+    @property
+    def keys(self) -> np.ndarray:
+        """The filled keys ``(B, H_kv, length, d)``: a read-only view, or for a quantized
+        cache a read-only dequantized float32 copy."""
+        return self._filled(self.k, self.k_scale)
 
     @property
     def values(self) -> np.ndarray:
-        """The filled values, a read-only view ``(B, H_kv, length, d)``."""
-        view = self.v[:, :, :self.length]
-        view.flags.writeable = False
-        return view
+        """The filled values ``(B, H_kv, length, d)`` (as :attr:`keys`)."""
+        return self._filled(self.v, self.v_scale)
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        """Bytes the cache holds (values, and scales for a quantized cache)."""
+        scales = 0 if self.k_scale is None else self.k_scale.nbytes + self.v_scale.nbytes
+        return self.k.nbytes + self.v.nbytes + scales
 
     def append(self, k_new: ArrayLike, v_new: ArrayLike) -> int:
-        """Write ``T`` new tokens ``(B, H_kv, T, d)`` after the filled part; returns the
-        new length. Raises ``ValueError`` (nothing written) if ``length + T > max_len``."""
-        B, H_kv, _, d = self.k.shape
+        """Write ``T`` new tokens ``(B, H_kv, T, d)`` after the filled part (quantized on
+        the way into an int8 / int4 cache); returns the new length. Raises ``ValueError``
+        (nothing written) if ``length + T > max_len``."""
+        B, H_kv, _, d = self.shape
         for name, x in (("k_new", k_new), ("v_new", v_new)):
             refuse_masked(name, x)
             x = np.asarray(x)
             if x.dtype.kind != "f":
                 raise TypeError(f"{name} must be a float array, got dtype {x.dtype}")
-            if not np.can_cast(x.dtype, self.k.dtype, "safe"):
+            if not np.can_cast(x.dtype, self.dtype, "safe"):
                 raise TypeError(f"{name} has dtype {x.dtype}, which does not fit the cache's "
-                                f"{self.k.dtype} without loss: cast it first (or use a "
+                                f"{self.dtype} without loss: cast it first (or use a "
                                 f"{x.dtype} cache)")
             if x.ndim != 4 or x.shape[:2] != (B, H_kv) or x.shape[3] != d:
                 raise ValueError(f"{name} must have shape (B={B}, H_kv={H_kv}, T, d={d}), "
@@ -107,8 +147,15 @@ class KVCache:
         if self.length + T > self.max_len:
             raise ValueError(f"KV cache overflow: {self.length} cached + {T} new tokens > "
                              f"max_len={self.max_len}")
-        self.k[:, :, self.length:self.length + T] = k_new
-        self.v[:, :, self.length:self.length + T] = v_new
+        at = slice(self.length, self.length + T)
+        if self.k_scale is None:
+            self.k[:, :, at], self.v[:, :, at] = k_new, v_new
+        else:
+            bits = FORMATS[self.kv_dtype][0]
+            kq, ks = quantize_rows(k_new, bits, self.group, "k_new")
+            vq, vs = quantize_rows(v_new, bits, self.group, "v_new")
+            self.k[:, :, at], self.k_scale[:, :, at] = kq, ks
+            self.v[:, :, at], self.v_scale[:, :, at] = vq, vs
         self.length += T
         return self.length
 
@@ -118,8 +165,9 @@ class KVCache:
 
     def __repr__(self) -> str:
         B, H_kv, max_len, d = self.shape
+        group = "" if self.group is None else f", group={self.group}"
         return (f"KVCache(B={B}, H_kv={H_kv}, length={self.length}/{max_len}, d={d}, "
-                f"dtype={self.k.dtype.name})")
+                f"kv_dtype={self.kv_dtype}{group})")
 
 
 def decode(q: ArrayLike, cache: KVCache, *, scale: float | None = None,
@@ -144,8 +192,8 @@ def decode(q: ArrayLike, cache: KVCache, *, scale: float | None = None,
     return_lse = check_bool("return_lse", return_lse)
     q = np.asarray(q)
     B, H_kv, _, d = cache.shape
-    if q.dtype != cache.k.dtype:
-        raise TypeError(f"q must have the cache's dtype {cache.k.dtype}, got {q.dtype}")
+    if q.dtype != cache.dtype:
+        raise TypeError(f"q must have the cache's dtype {cache.dtype}, got {q.dtype}")
     if q.ndim != 4 or q.shape[0] != B or q.shape[3] != d:
         raise ValueError(f"q must have shape (B={B}, H, Tq, d={d}), got {q.shape}")
     H, Tq = q.shape[1], q.shape[2]
@@ -161,6 +209,12 @@ def decode(q: ArrayLike, cache: KVCache, *, scale: float | None = None,
         check_sinks(sinks, (B,), H, q.dtype)
         out, lse = np.zeros(q.shape, q.dtype), np.zeros(q.shape[:-1], q.dtype)
         return (out, lse) if return_lse else out
+    if cache.k_scale is not None:  # int8 / int4: the quantized kernel, its own tiles
+        return attention_with_kvcache(q, cache.k, cache.v, cache_seqlens=L, causal=True,
+                                      scale=scale, return_lse=return_lse, kernel="quantized",
+                                      block_kv=block_kv and min(block_kv, L), splits=splits,
+                                      sinks=sinks, k_scale=cache.k_scale,
+                                      v_scale=cache.v_scale)
     tuned = tuned_blocks("flash", Tq)
     bq = min(tuned[0] if tuned else config.FLASH_BLOCKS[0], Tq)
     bk = min(block_kv or (tuned[1] if tuned else config.FLASH_BLOCKS[1]), L)

@@ -18,10 +18,14 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from fa_lab.settings.config import CACHE
-from fa_lab.kernels.common import finalize_row, task_coords, window_keys
+from fa_lab.settings.config import CACHE, num_threads
+from fa_lab.kernels.common import finalize_row, no_bias, task_coords, window_keys
+from fa_lab.kernels.ladder import flash
 from fa_lab.kernels.ladder.flash import kv_tile, row_state
+from fa_lab.numerics import reference
+from fa_lab.numerics.kvquant import dequantize_kv
 from fa_lab.numerics.merge import merge_splits
+from fa_lab.numerics.scoremod import NONE as NO_MODS
 
 
 @njit(cache=CACHE)
@@ -72,3 +76,28 @@ def paged_forward(q, k_pages, v_pages, block_table, lengths, bias, scale, causal
                        Lk, block_kv, bias, part_o[s, b, h, i0:i1], part_lse[s, b, h, i0:i1],
                        left, right, softcap, slopes, has_alibi)
     merge_splits(part_o, part_lse, out, lse)
+
+
+def reference_run(q, k_pages, v_pages, block_table, lengths, scale, causal, block_q,
+                  block_kv, mods=None, splits=None, k_scale=None, v_scale=None):
+    """The float64 reference (``KVCACHE_KERNELS["reference"]``); an int8 / int4 cache is
+    dequantized first (:func:`fa_lab.numerics.kvquant.dequantize_kv`)."""
+    if k_scale is not None:
+        k_pages, v_pages = dequantize_kv(k_pages, k_scale), dequantize_kv(v_pages, v_scale)
+    return reference.attention_paged(q, k_pages, v_pages, block_table, lengths, scale=scale,
+                                     causal=causal, **(mods or NO_MODS).reference_kwargs())
+
+
+def run(q, k_pages, v_pages, block_table, lengths, scale, causal, block_q, block_kv,
+        mods=None, splits=None):
+    """:func:`paged_forward` (``KVCACHE_KERNELS["flash"]``): ``(out, lse)``."""
+    flash.ensure_blas_threads()
+    B, H, Nq, _ = q.shape
+    out, lse = np.empty((B, H, Nq, v_pages.shape[3]), q.dtype), np.empty((B, H, Nq), q.dtype)
+    if splits is None:
+        splits = flash.plan_splits(B, H, Nq, int(np.max(lengths, initial=0)), block_q,
+                                   block_kv, num_threads())
+    paged_forward(q, k_pages, v_pages, block_table.astype(np.int64), lengths.astype(np.int64),
+                  no_bias(q.dtype), q.dtype.type(scale), bool(causal), block_q, block_kv,
+                  int(splits), out, lse, *(mods or NO_MODS).kernel_args(q.dtype))
+    return out, lse

@@ -102,6 +102,40 @@ def vload_i32(typingctx, arr, idx):
 
 
 @intrinsic
+def vload_bytes(typingctx, arr, idx):
+    """16 bytes from ``arr[idx]`` (a 1-D int8 or uint8 array) widened to 16 int32 lanes:
+    sign-extended for int8 (``vpmovsxbd``), zero-extended for uint8 (``vpmovzxbd``)."""
+    if not _is_1d(arr) or arr.dtype not in (types.int8, types.uint8):
+        return None
+    signed = arr.dtype == types.int8
+
+    def codegen(context, builder, sig, args):
+        v = builder.load(_addr(context, builder, sig.args[0], args[0], args[1],
+                               ir.VectorType(ir.IntType(8), 16)), align=1)
+        return builder.sext(v, _VI32) if signed else builder.zext(v, _VI32)
+
+    return i32x16(arr, idx), codegen
+
+
+def _nibble(shift):
+    """The signed 4-bit value at bit ``shift`` of each byte lane (``shl`` then ``sar``)."""
+    def typer(typingctx, x):
+        if x != i32x16:
+            return None
+
+        def codegen(context, builder, sig, args):
+            up = builder.shl(args[0], ir.Constant(_VI32, [28 - shift] * 16))
+            return builder.ashr(up, ir.Constant(_VI32, [28] * 16))
+        return i32x16(x), codegen
+    return typer
+
+
+#: The signed low / high nibble of each zero-extended byte lane (int4 caches).
+vnib_lo = intrinsic(_nibble(0))
+vnib_hi = intrinsic(_nibble(4))
+
+
+@intrinsic
 def vload_f32(typingctx, arr, idx):
     """16 float32 from ``arr[idx]`` (a 1-D float32 array)."""
     if not _is_1d(arr) or arr.dtype != types.float32:

@@ -1,0 +1,370 @@
+"""Decoding against a KV cache stored as float32, int8 or packed int4, read in place.
+
+A decode step reads the whole cache once, so its time is the cache's bytes over the
+memory bandwidth. This kernel keeps that true for every format:
+
+* one task per (sequence, kv head, key split): the ``H / H_kv`` query heads that share a
+  kv head (GQA) and their ``Nq`` queries are the task's rows, so each cached row is read
+  from memory once, not once per query head;
+* each tile of key or value rows is dequantized into a ``(block_kv, d)`` float buffer that
+  stays in L1
+  (:func:`load_tile`, chosen by the cache's dtype when numba compiles: float32 is used as
+  it is, int8 is ``x * scale`` per group, int4 unpacks two nibbles per byte into the two
+  halves of its group; :mod:`fa_lab.numerics.kvquant` holds the layout and the NumPy
+  twin), then meets every row of the task: scores, ``flash``'s vectorized online softmax
+  (:func:`~fa_lab.kernels.ladder.flash.softmax_block`), ``P V``; never a float copy of
+  the cache;
+* pages through a block table (a contiguous cache is one page per sequence), ragged
+  lengths, bottom-right causal queries, and key splits merged exactly
+  (:func:`fa_lab.numerics.merge.merge_splits`).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+from fa_lab.settings.config import CACHE, FASTMATH, num_threads
+from fa_lab.kernels.common import NEG_INF, finalize_row
+from fa_lab.kernels.ladder.flash import softmax_block
+from fa_lab.kernels.lowprec.zmm import (hsum_f32, vcvt_f32, vfma, vload_bytes, vload_f32,
+                                        vmul, vnib_hi, vnib_lo, vsplat_f32, vstore,
+                                        vzero_f32)
+from fa_lab.numerics.merge import merge_splits
+
+
+def load_tile(x, s, buf):
+    """The float32 rows ``x * s`` of one tile (``x`` ``(bc, row bytes)`` cached rows, ``s``
+    ``(bc, groups)`` their scales) in ``buf`` ``(>= bc, d)``, or ``x`` itself for a float32
+    cache (compiled per dtype, see the module docstring)."""
+
+
+@njit(cache=CACHE, fastmath=FASTMATH, error_model="numpy")
+def _load_int8(x, s, buf):
+    bc, G = s.shape
+    g = buf.shape[1] // G
+    for t in range(bc):
+        xt, st, bt = x[t], s[t], buf[t]
+        for k in range(G):  # row views indexed from 0: unit stride, no gathers
+            sk, src, dst = st[k], xt[k * g:k * g + g], bt[k * g:k * g + g]
+            for c in range(g):
+                dst[c] = np.float32(src[c]) * sk
+    return buf[:bc]
+
+
+@njit(cache=CACHE, fastmath=FASTMATH, error_model="numpy")
+def _load_int4(x, s, buf):
+    bc, G = s.shape
+    g = buf.shape[1] // G
+    half = g // 2
+    for t in range(bc):
+        xt, st, bt = x[t], s[t], buf[t]
+        for k in range(G):
+            sk = st[k]
+            lo, hi, src = bt[k * g:k * g + half], bt[k * g + half:k * g + g], \
+                xt[k * half:k * half + half]
+            for j in range(half):
+                v = np.int32(src[j])
+                lo[j] = np.float32(((v & 15) ^ 8) - 8) * sk
+                hi[j] = np.float32(((v >> 4) ^ 8) - 8) * sk
+    return buf[:bc]
+
+
+@overload(load_tile, jit_options={"cache": CACHE})
+def _load_tile_overload(x, s, buf):
+    if x.dtype == types.int8:
+        return lambda x, s, buf: _load_int8(x, s, buf)
+    if x.dtype == types.uint8:
+        return lambda x, s, buf: _load_int4(x, s, buf)
+    return lambda x, s, buf: x
+
+
+@njit(cache=CACHE, fastmath=FASTMATH, error_model="numpy")
+def _scores(Q, K, S):
+    """``S[r, t] = Q[r] . K[t]`` (``S`` ``(R, bc)``)."""
+    for r in range(Q.shape[0]):
+        Qr, Sr = Q[r], S[r]
+        for t in range(K.shape[0]):
+            Kt = K[t]
+            acc = np.float32(0)
+            for c in range(Kt.shape[0]):
+                acc += Qr[c] * Kt[c]
+            Sr[t] = acc
+
+
+@njit(cache=CACHE, fastmath=FASTMATH, error_model="numpy")
+def _accumulate(acc, alpha, P, V):
+    """``acc[r] = alpha[r] acc[r] + sum_t P[r, t] V[t]`` (no branch in the loop: a test
+    for ``P == 0`` there cost 4x, the vectorized loop then ran scalar)."""
+    for r in range(acc.shape[0]):
+        a, Pr = acc[r], P[r]
+        ar = alpha[r]
+        for c in range(a.shape[0]):
+            a[c] *= ar
+        for t in range(V.shape[0]):
+            p, Vt = Pr[t], V[t]
+            for c in range(a.shape[0]):
+                a[c] += p * Vt[c]
+
+
+# ---------------------------------------------------------------- explicit 512-bit vectors
+
+def chunk(x, sk, c, b, hi):
+    """f32x16: channels ``c .. c + 15`` of the flat cached row ``x``, dequantized with
+    their group's scale ``sk``: float32 reads ``x[c]``; int8 the 16 bytes at ``c``; int4 the
+    low (``hi`` False) or high nibbles of the 16 bytes at ``b`` (compiled per dtype like
+    :func:`load_tile`; the caller keeps group arithmetic, and its divisions, out of the
+    inner loops)."""
+
+
+@njit(cache=CACHE, inline="always")
+def _chunk_f32(x, sk, c, b, hi):
+    return vload_f32(x, c)
+
+
+@njit(cache=CACHE, inline="always")
+def _chunk_int8(x, sk, c, b, hi):
+    return vmul(vcvt_f32(vload_bytes(x, c)), vsplat_f32(sk))
+
+
+@njit(cache=CACHE, inline="always")
+def _chunk_int4(x, sk, c, b, hi):
+    v = vload_bytes(x, b)
+    return vmul(vcvt_f32(vnib_hi(v) if hi else vnib_lo(v)), vsplat_f32(sk))
+
+
+@overload(chunk, jit_options={"cache": CACHE})
+def _chunk_overload(x, sk, c, b, hi):
+    if x.dtype == types.int8:
+        return lambda x, sk, c, b, hi: _chunk_int8(x, sk, c, b, hi)
+    if x.dtype == types.uint8:
+        return lambda x, sk, c, b, hi: _chunk_int4(x, sk, c, b, hi)
+    return lambda x, sk, c, b, hi: _chunk_f32(x, sk, c, b, hi)
+
+
+@njit(cache=CACHE, inline="always")
+def _where(c, g):
+    """Chunk ``c``'s group, its byte in an int4 row, and whether it is the high half."""
+    k = c // g
+    j, half = c - k * g, g // 2
+    hi = j >= half
+    return k, k * half + (j - half if hi else j), hi
+
+
+@njit(cache=CACHE, error_model="numpy")
+def _vscores(Qf, d, K, Ks, g, S):
+    """``S[r, t] = Q[r] . K[t]``: two keys by four rows at a time in eight zmm
+    accumulators (each key's chunk dequantized once, in a register; two keys give the
+    FMA chains room: one key's four chains ran at half the speed), then the rest."""
+    R, bc = S.shape
+    R4, bc2 = R - R % 4, bc - bc % 2
+    G, half = d // g, g // 2
+    for t in range(0, bc2, 2):
+        x, s, y, u = K[t], Ks[t], K[t + 1], Ks[t + 1]
+        for r0 in range(0, R4, 4):
+            a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = vzero_f32()
+            for k in range(G):
+                sk, uk = s[k], u[k]
+                for j in range(0, g, 16):
+                    c, hi = k * g + j, j >= half
+                    bj = k * half + (j - half if hi else j)
+                    kx, ky = chunk(x, sk, c, bj, hi), chunk(y, uk, c, bj, hi)
+                    q = vload_f32(Qf, r0 * d + c)
+                    a0, b0 = vfma(a0, q, kx), vfma(b0, q, ky)
+                    q = vload_f32(Qf, (r0 + 1) * d + c)
+                    a1, b1 = vfma(a1, q, kx), vfma(b1, q, ky)
+                    q = vload_f32(Qf, (r0 + 2) * d + c)
+                    a2, b2 = vfma(a2, q, kx), vfma(b2, q, ky)
+                    q = vload_f32(Qf, (r0 + 3) * d + c)
+                    a3, b3 = vfma(a3, q, kx), vfma(b3, q, ky)
+            S[r0, t], S[r0 + 1, t] = hsum_f32(a0), hsum_f32(a1)
+            S[r0 + 2, t], S[r0 + 3, t] = hsum_f32(a2), hsum_f32(a3)
+            S[r0, t + 1], S[r0 + 1, t + 1] = hsum_f32(b0), hsum_f32(b1)
+            S[r0 + 2, t + 1], S[r0 + 3, t + 1] = hsum_f32(b2), hsum_f32(b3)
+    for t in range(bc):
+        x, s = K[t], Ks[t]
+        for r in range(0 if t >= bc2 else R4, R):
+            a0 = vzero_f32()
+            for k in range(G):
+                sk = s[k]
+                for j in range(0, g, 16):
+                    c, hi = k * g + j, j >= half
+                    kv = chunk(x, sk, c, k * half + (j - half if hi else j), hi)
+                    a0 = vfma(a0, vload_f32(Qf, r * d + c), kv)
+            S[r, t] = hsum_f32(a0)
+
+
+@njit(cache=CACHE, error_model="numpy")
+def _vaccumulate(accf, d_v, alpha, P, V, Vs, g):
+    """``acc[r] = alpha[r] acc[r] + sum_t P[r, t] V[t]``, 32 channels of four rows (eight
+    zmm accumulators) held in registers across the tile's keys, the rest row by row."""
+    R, bc = P.shape
+    R4 = R - R % 4
+    for c0 in range(0, d_v, 32):
+        ka, ba, ha = _where(c0, g)
+        kb, bb, hb = _where(c0 + 16, g)
+        for r0 in range(0, R4, 4):
+            o0, o1, o2, o3 = r0 * d_v + c0, (r0 + 1) * d_v + c0, (r0 + 2) * d_v + c0, \
+                (r0 + 3) * d_v + c0
+            s0, s1 = vsplat_f32(alpha[r0]), vsplat_f32(alpha[r0 + 1])
+            s2, s3 = vsplat_f32(alpha[r0 + 2]), vsplat_f32(alpha[r0 + 3])
+            x0, y0 = vmul(vload_f32(accf, o0), s0), vmul(vload_f32(accf, o0 + 16), s0)
+            x1, y1 = vmul(vload_f32(accf, o1), s1), vmul(vload_f32(accf, o1 + 16), s1)
+            x2, y2 = vmul(vload_f32(accf, o2), s2), vmul(vload_f32(accf, o2 + 16), s2)
+            x3, y3 = vmul(vload_f32(accf, o3), s3), vmul(vload_f32(accf, o3 + 16), s3)
+            for t in range(bc):
+                x, s = V[t], Vs[t]
+                va, vb = chunk(x, s[ka], c0, ba, ha), chunk(x, s[kb], c0 + 16, bb, hb)
+                p = vsplat_f32(P[r0, t])
+                x0, y0 = vfma(x0, p, va), vfma(y0, p, vb)
+                p = vsplat_f32(P[r0 + 1, t])
+                x1, y1 = vfma(x1, p, va), vfma(y1, p, vb)
+                p = vsplat_f32(P[r0 + 2, t])
+                x2, y2 = vfma(x2, p, va), vfma(y2, p, vb)
+                p = vsplat_f32(P[r0 + 3, t])
+                x3, y3 = vfma(x3, p, va), vfma(y3, p, vb)
+            vstore(accf, o0, x0)
+            vstore(accf, o0 + 16, y0)
+            vstore(accf, o1, x1)
+            vstore(accf, o1 + 16, y1)
+            vstore(accf, o2, x2)
+            vstore(accf, o2 + 16, y2)
+            vstore(accf, o3, x3)
+            vstore(accf, o3 + 16, y3)
+        for r in range(R4, R):
+            o = r * d_v + c0
+            sr = vsplat_f32(alpha[r])
+            x0, y0 = vmul(vload_f32(accf, o), sr), vmul(vload_f32(accf, o + 16), sr)
+            for t in range(bc):
+                x, s = V[t], Vs[t]
+                p = vsplat_f32(P[r, t])
+                x0 = vfma(x0, p, chunk(x, s[ka], c0, ba, ha))
+                y0 = vfma(y0, p, chunk(x, s[kb], c0 + 16, bb, hb))
+            vstore(accf, o, x0)
+            vstore(accf, o + 16, y0)
+
+
+@njit(cache=CACHE, fastmath=FASTMATH, error_model="numpy")
+def _task(Q, k_pages, k_scale, v_pages, v_scale, table_b, hk, Lk, Nq, causal, j_begin, j_end,
+          block_kv, d, d_v, vector, out_rows, lse_rows):
+    """One (sequence, kv head, key split): rows ``r = head_in_group * Nq + i``. ``vector``:
+    the explicit-vector products (:func:`_vscores`, :func:`_vaccumulate`), else plain
+    loops on a dequantized tile."""
+    R = Q.shape[0]
+    page = k_pages.shape[2]
+    one = k_scale.shape[0] == 1 and k_scale.shape[2] == 1  # float cache: scales unused
+    ones = np.ones((block_kv, 1), np.float32)  # its scale rows, never read
+    S = np.empty((R, block_kv), np.float32)
+    P = np.empty((R, block_kv), np.float32)
+    acc = np.zeros((R, d_v), np.float32)
+    m = np.full(R, NEG_INF, np.float32)
+    l = np.zeros(R, np.float32)
+    alpha = np.empty(R, np.float32)
+    kbuf, vbuf = np.empty((block_kv, d), np.float32), np.empty((block_kv, d_v), np.float32)
+    Qf, accf = Q.ravel(), acc.ravel()
+    gk, gv = d // k_scale.shape[3], d_v // v_scale.shape[3]
+    j0 = j_begin
+    while j0 < j_end:
+        p, o = table_b[j0 // page], j0 % page
+        bc = min(block_kv, j_end - j0, page - o)
+        Sb, Pb = S[:, :bc], P[:, :bc]
+        ks = ones[:bc] if one else k_scale[p, hk, o:o + bc]
+        if vector:
+            _vscores(Qf, d, k_pages[p, hk, o:o + bc], ks, gk, Sb)
+        else:
+            _scores(Q, load_tile(k_pages[p, hk, o:o + bc], ks, kbuf), Sb)
+        if causal:  # query i stands at Lk - Nq + i
+            for r in range(R):
+                first = Lk - Nq + r % Nq + 1 - j0
+                for t in range(max(first, 0), bc):
+                    Sb[r, t] = NEG_INF
+        softmax_block(Sb, m, l, alpha, Pb)
+        vs = ones[:bc] if one else v_scale[p, hk, o:o + bc]
+        if vector:
+            _vaccumulate(accf, d_v, alpha, Pb, v_pages[p, hk, o:o + bc], vs, gv)
+        else:
+            _accumulate(acc, alpha, Pb, load_tile(v_pages[p, hk, o:o + bc], vs, vbuf))
+        j0 += bc
+    for r in range(R):
+        lse_rows[r] = finalize_row(acc[r], m[r], l[r], out_rows[r])
+
+
+@njit(cache=CACHE, parallel=True, nogil=True)
+def quantized_forward(q, k_pages, k_scale, v_pages, v_scale, block_table, lengths, scale,
+                      causal, block_kv, splits, vector, out, lse):
+    """prange over (b, kv head, key split) tasks, then the exact merge of the splits.
+
+    q (B, H, Nq, d) float32; pages (num_blocks, H_kv, page, row bytes) of one format with
+    scales (num_blocks, H_kv, page, groups) (a (1, 1, 1, 1) placeholder for float32);
+    block_table (B, max_blocks); lengths (B,).
+    """
+    B, H, Nq, d = q.shape
+    H_kv, d_v = k_pages.shape[1], out.shape[3]
+    gh = H // H_kv
+    part_o = np.empty((splits, B, H, Nq, d_v), np.float32)
+    part_lse = np.empty((splits, B, H, Nq), np.float32)
+    for task in prange(B * H_kv * splits):
+        s = task % splits
+        b, hk = task // (splits * H_kv), (task // splits) % H_kv
+        Lk = lengths[b]
+        per = ((Lk + block_kv - 1) // block_kv + splits - 1) // splits * block_kv
+        Q = np.empty((gh * Nq, d), np.float32)
+        for g in range(gh):
+            for i in range(Nq):
+                for c in range(d):
+                    Q[g * Nq + i, c] = q[b, hk * gh + g, i, c] * scale
+        o_rows = np.empty((gh * Nq, d_v), np.float32)
+        l_rows = np.empty(gh * Nq, np.float32)
+        _task(Q, k_pages, k_scale, v_pages, v_scale, block_table[b], hk, Lk, Nq, causal,
+              min(s * per, Lk), min((s + 1) * per, Lk), block_kv, d, d_v, vector, o_rows,
+              l_rows)
+        for g in range(gh):
+            h = hk * gh + g
+            for i in range(Nq):
+                part_o[s, b, h, i] = o_rows[g * Nq + i]
+                part_lse[s, b, h, i] = l_rows[g * Nq + i]
+    merge_splits(part_o, part_lse, out, lse)
+
+
+_FLOAT_SCALE = np.ones((1, 1, 1, 1), np.float32)
+_FLOAT_SCALE.flags.writeable = False
+
+
+#: Whether the explicit-vector products run where their shapes allow (a lesson or test may
+#: turn them off to compare with the plain loops).
+VECTORS = True
+
+
+def vector_ok(dtype, d, k_scale, d_v, v_scale) -> bool:
+    """The explicit-vector path needs whole 16-lane chunks: ``d % 16 == 0``, ``d_v % 32
+    == 0`` and channel groups of a multiple of 16 (int8) or 32 (int4, two halves)."""
+    if numba.config.DISABLE_JIT:  # intrinsics exist only compiled
+        return False
+    unit = {np.dtype(np.int8): 16, np.dtype(np.uint8): 32}.get(np.dtype(dtype), 16)
+    groups = [] if k_scale is None else [d // k_scale.shape[3], d_v // v_scale.shape[3]]
+    return d % 16 == 0 and d_v % 32 == 0 and all(g % unit == 0 for g in groups)
+
+
+def run(q, k_pages, v_pages, block_table, lengths, scale, causal, block_q, block_kv,
+        mods=None, splits=None, k_scale=None, v_scale=None):
+    """The registry's call for this kernel (``KVCACHE_KERNELS``): ``(out, lse)``.
+
+    ``splits`` None: enough key splits for two tasks per thread, each at least two key
+    tiles long."""
+    B, H, Nq, _ = q.shape
+    threads = num_threads()
+    H_kv = k_pages.shape[1]
+    if splits is None:
+        tiles = -(-int(np.max(lengths, initial=0)) // block_kv)
+        splits = max(1, min(-(-2 * threads // (B * H_kv)), tiles // 2))
+    d, d_v = q.shape[3], v_pages.shape[3] * (2 if v_pages.dtype == np.uint8 else 1)
+    out = np.empty((B, H, Nq, d_v), np.float32)
+    lse = np.empty((B, H, Nq), np.float32)
+    quantized_forward(q, k_pages, _FLOAT_SCALE if k_scale is None else k_scale, v_pages,
+                      _FLOAT_SCALE if v_scale is None else v_scale,
+                      block_table.astype(np.int64), lengths.astype(np.int64),
+                      np.float32(scale), bool(causal), int(block_kv), int(splits),
+                      vector_ok(k_pages.dtype, d, k_scale, d_v, v_scale) and VECTORS, out, lse)
+    return out, lse
