@@ -339,7 +339,8 @@ def test_attention_with_kvcache_refuses_bad_quantized_input(case, exc, match):
     (dict(kv_dtype="int2"), ValueError, "kv_dtype"),
     (dict(kv_dtype="int8", dtype=np.float64), ValueError, "float32"),
     (dict(kv_dtype="float64"), ValueError, "does not match"),
-    (dict(group=8), ValueError, "group applies"),
+    (dict(group=8), ValueError, "group and smooth_k apply"),
+    (dict(smooth_k=True), ValueError, "group and smooth_k apply"),
     (dict(kv_dtype="int4", group=3), ValueError, "group"),
     (dict(kv_dtype="int8", bogus=1), TypeError, "bogus")])
 def test_kvcache_refuses_bad_formats(kwargs, exc, match):
@@ -354,3 +355,60 @@ def test_kvcache_quantized_append_refuses_non_finite_tokens_and_writes_nothing()
     with pytest.raises(ValueError, match="k_new must be finite"):
         cache.append(k, np.ones_like(k))
     assert cache.length == 0 and not cache.k.any()
+
+
+# ---------------------------------------------------------------- smoothed keys
+
+def test_smoothed_keys_give_the_same_attention_and_lse():
+    rng = np.random.default_rng(11)
+    k, v = _kv((2, 2, 60, 32), seed=12, offset=3.0)
+    q = rng.standard_normal((2, 4, 2, 32)).astype(np.float32)
+    kq, ks, vq, vs, km = quantize_kv(k, v, bits=4, group=16, smooth_k=True)
+    assert km.shape == (2, 2, 32) and km.dtype == np.float32
+    np.testing.assert_allclose(km, k.mean(axis=2), atol=1e-5)
+    kd, vd = dequantize_kv(kq, ks) + km[:, :, None], dequantize_kv(vq, vs)
+    lens = np.array([60, 17])
+    (exp, base) = _expected(q, kd, vd, lens, True)
+    out, lse = fa_lab.attention_with_kvcache(q, kq, vq, cache_seqlens=lens, k_scale=ks,
+                                             v_scale=vs, k_mean=km, return_lse=True)
+    _check(out, lse, exp, base, q, kd, vd)
+    # smoothing is what makes int4 usable on keys with per-channel offsets
+    plain = quantize_kv(k, v, bits=4, group=16)
+    kp = dequantize_kv(plain[0], plain[1])
+    err = [np.abs(x - k).mean() for x in (kp, kd)]
+    assert err[1] < err[0] / 2
+
+
+def test_kvcache_smooth_k_keeps_the_prompt_mean_until_reset():
+    cache = fa_lab.KVCache(1, 2, 30, 16, kv_dtype="int4", group=8, smooth_k=True)
+    k, v = _kv((1, 2, 25, 16), seed=5, offset=2.0)
+    cache.append(k[:, :, :20], v[:, :, :20])
+    mean = cache.k_mean.copy()
+    np.testing.assert_allclose(mean, k[:, :, :20].mean(axis=2), atol=1e-5)
+    cache.append(k[:, :, 20:], v[:, :, 20:])
+    np.testing.assert_array_equal(cache.k_mean, mean)
+    q = np.random.default_rng(1).standard_normal((1, 4, 1, 16)).astype(np.float32)
+    out, lse = fa_lab.decode(q, cache, return_lse=True)
+    r, rl = reference.attention(q[0], cache.keys[0], cache.values[0], causal="bottom_right")
+    np.testing.assert_allclose(out[0], r, atol=2e-6)
+    np.testing.assert_allclose(lse[0], rl, atol=2e-5)
+    assert np.abs(cache.keys - k).max() < 0.5 and "smooth_k=True" in repr(cache)
+    cache.reset()
+    assert cache.k_mean is None
+
+
+@pytest.mark.parametrize("case,match", [("float", "only to a quantized"),
+                                        ("shape", "k_mean must be float32 of shape"),
+                                        ("nan", "finite")])
+def test_k_mean_refuses_bad_input(case, match):
+    q, kq, ks, vq, vs = _cache()
+    mean = np.zeros((1, 2, 16), np.float32)
+    kw = dict(k_scale=ks, v_scale=vs)
+    if case == "float":
+        kq, vq, kw = dequantize_kv(kq, ks), dequantize_kv(vq, vs), {}
+    elif case == "shape":
+        mean = mean[:, :1]
+    else:
+        mean[0, 1, 3] = np.nan
+    with pytest.raises(ValueError, match=match):
+        fa_lab.attention_with_kvcache(q, kq, vq, cache_seqlens=4, k_mean=mean, **kw)

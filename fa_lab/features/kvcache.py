@@ -24,7 +24,7 @@ from numpy.typing import ArrayLike
 
 from fa_lab.api import choose_kernel, effective_blocks
 from fa_lab.numerics.checks import (as_float_array, check_block, check_bool, check_scale,
-                                    int_array)
+                                    int_array, refuse_masked)
 from fa_lab.numerics.kvquant import FORMATS, channels, format_of, quantize_rows
 from fa_lab.numerics.merge import apply_sinks, check_sinks
 from fa_lab.registry import KVCACHE_KERNELS, Request
@@ -106,6 +106,21 @@ def _check_quantized(q, k_cache, v_cache, k_scale, v_scale):
     return kc, vc, scales[0], scales[1], fmt
 
 
+def _check_mean(k_mean, ks, B, H_kv, d):
+    if k_mean is None:
+        return None
+    if ks is None:
+        raise ValueError("k_mean applies only to a quantized (int8 / int4) cache")
+    refuse_masked("k_mean", k_mean)
+    m = np.asarray(k_mean)
+    if m.dtype != np.float32 or m.shape != (B, H_kv, d):
+        raise ValueError(f"k_mean must be float32 of shape ({B}, {H_kv}, {d}), got "
+                         f"{m.dtype} {m.shape}")
+    if not np.isfinite(m).all():
+        raise ValueError("k_mean must be finite")
+    return m
+
+
 def _table(block_table, B, num_blocks, k_cache) -> np.ndarray:
     """The block table, or ``[[0], [1], ...]`` for a contiguous cache (one page per row)."""
     if block_table is None:
@@ -144,7 +159,7 @@ def attention_with_kvcache(q: ArrayLike, k_cache: np.ndarray, v_cache: np.ndarra
                            kernel: str = "auto", block_q: int | None = None,
                            block_kv: int | None = None, splits: int | None = None,
                            sinks: ArrayLike | None = None, k_scale: ArrayLike | None = None,
-                           v_scale: ArrayLike | None = None
+                           v_scale: ArrayLike | None = None, k_mean: ArrayLike | None = None
                            ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Attend ``q`` to each sequence's cached keys (after appending ``k``, ``v``).
 
@@ -178,6 +193,11 @@ def attention_with_kvcache(q: ArrayLike, k_cache: np.ndarray, v_cache: np.ndarra
     splits : positive int, optional: Flash-Decoding key splits per (sequence, head, query
         block), merged exactly; by default planned for the threads (``plan()``)
     k_scale, v_scale : float32 arrays, the scales of an int8 / int4 cache (see above)
+    k_mean : float32 ``(B, H_kv, d)``, optional, with a quantized cache: the per-channel
+        key offsets its keys were stored without (``k - k_mean`` quantized, as
+        :func:`fa_lab.quantize_kv` does with ``smooth_k=True``; new ``k`` are written the
+        same way). Scores then lose ``q . k_mean``, the same for every key of a query, so
+        the output is unchanged; the LSE (and sinks, merged through it) gets it back.
 
     Returns
     -------
@@ -199,6 +219,7 @@ def attention_with_kvcache(q: ArrayLike, k_cache: np.ndarray, v_cache: np.ndarra
     return_lse = check_bool("return_lse", return_lse)
     mods = check_mods(window, softcap, alibi_slopes, (B,), H, q.dtype)
     sinks = check_sinks(sinks, (B,), H, q.dtype)
+    k_mean = _check_mean(k_mean, ks, B, H_kv, d)
     lengths = lens + n_new
     capacity = table.shape[1] * page
     if np.any(lengths > capacity):
@@ -221,7 +242,8 @@ def attention_with_kvcache(q: ArrayLike, k_cache: np.ndarray, v_cache: np.ndarra
     chosen, _ = choose_kernel(kernel, req, KVCACHE_KERNELS)
     if n_new and ks is not None:
         bits = FORMATS[fmt][0]
-        kq, kqs = quantize_rows(k_new, bits, d // ks.shape[3], "k")
+        shifted = k_new if k_mean is None else k_new - k_mean[:, :, None, :]
+        kq, kqs = quantize_rows(shifted, bits, d // ks.shape[3], "k")
         vq, vqs = quantize_rows(v_new, bits, channels(vc) // vs.shape[3], "v")
         _write(kc, vc, table, lens, kq, vq)
         _write(k_scale, v_scale, table, lens, kqs, vqs)
@@ -237,6 +259,9 @@ def attention_with_kvcache(q: ArrayLike, k_cache: np.ndarray, v_cache: np.ndarra
                                         "v_scale": np.ascontiguousarray(vs)}
         out, lse = chosen.run(np.ascontiguousarray(q), kr, vr, table, lengths, scale, causal,
                               bq, bk, mods, splits=splits, **scales)
+        if k_mean is not None:  # scores lost q . k_mean (scaled): the LSE gets it back
+            km = np.repeat(k_mean, H // H_kv, axis=1).astype(np.float64)
+            lse = (lse + scale * np.einsum("bhnd,bhd->bhn", q, km)).astype(lse.dtype)
         if sinks is not None:
             out, lse = apply_sinks(out, lse, sinks[:, :, None])
     return (out, lse) if return_lse else out

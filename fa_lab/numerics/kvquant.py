@@ -90,9 +90,10 @@ def quantize_rows(x: ArrayLike, bits: int, group: int | None, name: str = "x"
     return np.ascontiguousarray(q.reshape(x.shape[:-1] + (d * bits // 8,))), scale
 
 
-def quantize_kv(k: ArrayLike, v: ArrayLike, *, bits: int = 8, group: int | None = None
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``(k_q, k_scale, v_q, v_scale)``: keys and values in the int8 or int4 format.
+def quantize_kv(k: ArrayLike, v: ArrayLike, *, bits: int = 8, group: int | None = None,
+                smooth_k: bool = False) -> tuple:
+    """``(k_q, k_scale, v_q, v_scale)``: keys and values in the int8 or int4 format;
+    with ``smooth_k``, ``(k_q, k_scale, v_q, v_scale, k_mean)``.
 
     Parameters
     ----------
@@ -101,17 +102,33 @@ def quantize_kv(k: ArrayLike, v: ArrayLike, *, bits: int = 8, group: int | None 
     bits : 8 (int8 ``(..., N, d)``) or 4 (uint8 ``(..., N, d // 2)``, two values a byte)
     group : channels per scale (a divisor of ``d`` and ``d_v``, even for int4), or None
         for one scale per token
+    smooth_k : subtract each channel's mean over the tokens from the keys first
+        (SageAttention's smoothing): ``k_mean`` float32 ``k.shape[:-2] + (d,)``. A key
+        channel with a large offset (common in real models) otherwise sets every token's
+        scale and drowns the other channels; removing it is exact for attention (each
+        query's scores all lose ``q . k_mean``, which softmax ignores); pass ``k_mean`` to
+        :func:`fa_lab.attention_with_kvcache` to get the LSE back.
 
     See the module docstring for the layout. ``ValueError``/``TypeError`` name the
     argument for bad bits, groups, shapes, dtypes or non-finite input.
     """
     bits = check_bits(bits)
+    if not isinstance(smooth_k, (bool, np.bool_)):
+        raise TypeError(f"smooth_k must be a bool, got {smooth_k!r}")
+    k_mean = None
+    if smooth_k:
+        kk = np.asarray(k)
+        if kk.dtype.kind == "f" and kk.ndim >= 2 and kk.shape[-2] > 0:
+            k_mean = kk.mean(axis=-2, dtype=np.float64).astype(np.float32)
+            k = kk - k_mean[..., None, :]
+        elif kk.ndim >= 2:
+            k_mean = np.zeros(kk.shape[:-2] + kk.shape[-1:], np.float32)
     kq, ks = quantize_rows(k, bits, group, "k")
     vq, vs = quantize_rows(v, bits, group, "v")
     if kq.shape[:-1] != vq.shape[:-1]:
         raise ValueError(f"k and v must have the same leading shape (..., N), got "
                          f"{np.shape(k)} and {np.shape(v)}")
-    return kq, ks, vq, vs
+    return (kq, ks, vq, vs) if k_mean is None else (kq, ks, vq, vs, k_mean)
 
 
 def format_of(x_q: np.ndarray, scale: np.ndarray | None) -> str:

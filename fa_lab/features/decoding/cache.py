@@ -41,6 +41,10 @@ class KVCache:
         in place (kernel ``"quantized"``).
     group : channels per scale of a quantized cache (a divisor of ``d``; even for int4),
         or None (one scale per token)
+    smooth_k : a quantized cache stores keys minus their per-channel mean (``k_mean``,
+        taken from the first append, the prompt, and kept until :meth:`reset`): see
+        :func:`fa_lab.quantize_kv`'s ``smooth_k``; exact for attention, and it keeps a
+        few large key channels from setting every token's scale
 
     ``append`` accepts ``k_new``/``v_new`` of the cache's dtype, or of a dtype that casts
     to it without loss (``np.can_cast(..., "safe")``: float16 or float32 into a float64
@@ -48,7 +52,8 @@ class KVCache:
     1e300 would become inf) raises ``TypeError``.
     """
 
-    def __init__(self, B, H_kv, max_len, d, dtype=np.float32, *, kv_dtype=None, group=None):
+    def __init__(self, B, H_kv, max_len, d, dtype=np.float32, *, kv_dtype=None, group=None,
+                 smooth_k=False):
         for name, value, low in (("B", B, 1), ("H_kv", H_kv, 1), ("max_len", max_len, 0),
                                  ("d", d, 1)):
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
@@ -70,8 +75,11 @@ class KVCache:
         if kv_dtype.startswith("int") and dtype != np.float32:
             raise ValueError(f"a quantized cache (kv_dtype={kv_dtype!r}) takes float32 "
                              f"queries: dtype must be float32, got {dtype.name}")
-        if group is not None and not kv_dtype.startswith("int"):
-            raise ValueError("group applies only to kv_dtype='int8' or 'int4'")
+        if (group is not None or smooth_k) and not kv_dtype.startswith("int"):
+            raise ValueError("group and smooth_k apply only to kv_dtype='int8' or 'int4'")
+        if not isinstance(smooth_k, (bool, np.bool_)):
+            raise TypeError(f"smooth_k must be a bool, got {smooth_k!r}")
+        self.smooth_k, self.k_mean = bool(smooth_k), None
         self.dtype, self.kv_dtype = dtype, kv_dtype
         if kv_dtype.startswith("int"):
             bits, store, _ = FORMATS[kv_dtype]
@@ -97,11 +105,13 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[2]
 
-    def _filled(self, x, scale):
+    def _filled(self, x, scale, mean=None):
         if scale is None:
             view = x[:, :, :self.length]
         else:  # a float32 copy: the cache holds integers
             view = dequantize_kv(x[:, :, :self.length], scale[:, :, :self.length])
+            if mean is not None:
+                view += mean[:, :, None]
         view.flags.writeable = False
         return view
 
@@ -109,7 +119,7 @@ class KVCache:
     def keys(self) -> np.ndarray:
         """The filled keys ``(B, H_kv, length, d)``: a read-only view, or for a quantized
         cache a read-only dequantized float32 copy."""
-        return self._filled(self.k, self.k_scale)
+        return self._filled(self.k, self.k_scale, self.k_mean)
 
     @property
     def values(self) -> np.ndarray:
@@ -152,20 +162,27 @@ class KVCache:
             self.k[:, :, at], self.v[:, :, at] = k_new, v_new
         else:
             bits = FORMATS[self.kv_dtype][0]
-            kq, ks = quantize_rows(k_new, bits, self.group, "k_new")
-            vq, vs = quantize_rows(v_new, bits, self.group, "v_new")
+            vq, vs = quantize_rows(v_new, bits, self.group, "v_new")  # checks finiteness
+            if self.smooth_k and self.k_mean is None and T:
+                quantize_rows(k_new, bits, self.group, "k_new")
+                self.k_mean = k_new.mean(axis=2, dtype=np.float64).astype(np.float32)
+            shifted = k_new if self.k_mean is None else k_new - self.k_mean[:, :, None]
+            kq, ks = quantize_rows(shifted, bits, self.group, "k_new")
             self.k[:, :, at], self.k_scale[:, :, at] = kq, ks
             self.v[:, :, at], self.v_scale[:, :, at] = vq, vs
         self.length += T
         return self.length
 
     def reset(self) -> None:
-        """Forget every token (the buffers are kept)."""
+        """Forget every token (the buffers are kept; a smoothed cache takes a new key mean
+        from the next append)."""
         self.length = 0
+        self.k_mean = None
 
     def __repr__(self) -> str:
         B, H_kv, max_len, d = self.shape
-        group = "" if self.group is None else f", group={self.group}"
+        group = ("" if self.group is None else f", group={self.group}") + (
+            ", smooth_k=True" if self.smooth_k else "")
         return (f"KVCache(B={B}, H_kv={H_kv}, length={self.length}/{max_len}, d={d}, "
                 f"kv_dtype={self.kv_dtype}{group})")
 
@@ -214,7 +231,7 @@ def decode(q: ArrayLike, cache: KVCache, *, scale: float | None = None,
                                       scale=scale, return_lse=return_lse, kernel="quantized",
                                       block_kv=block_kv and min(block_kv, L), splits=splits,
                                       sinks=sinks, k_scale=cache.k_scale,
-                                      v_scale=cache.v_scale)
+                                      v_scale=cache.v_scale, k_mean=cache.k_mean)
     tuned = tuned_blocks("flash", Tq)
     bq = min(tuned[0] if tuned else config.FLASH_BLOCKS[0], Tq)
     bk = min(block_kv or (tuned[1] if tuned else config.FLASH_BLOCKS[1]), L)

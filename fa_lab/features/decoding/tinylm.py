@@ -76,27 +76,28 @@ class TinyLM:
             x = x + (0.5 * u * (1 + np.tanh(0.7978845608 * (u + 0.044715 * u ** 3)))) @ blk["w2"]
         return self._norm(x) @ self.out
 
-    def new_caches(self, max_len, B=1, kv_dtype=None, group=None):
-        """One :class:`KVCache` per layer (``kv_dtype``, ``group``: as KVCache takes them)."""
-        return [KVCache(B, self.kv_heads, max_len, self.head_dim, self.dtype,
-                        kv_dtype=kv_dtype, group=group) for _ in range(self.layers)]
+    def new_caches(self, max_len, B=1, **fmt):
+        """One :class:`KVCache` per layer (``fmt``: KVCache's ``kv_dtype``, ``group``,
+        ``smooth_k``)."""
+        return [KVCache(B, self.kv_heads, max_len, self.head_dim, self.dtype, **fmt)
+                for _ in range(self.layers)]
 
-    def generate(self, prompt, steps, *, use_cache=True, kv_dtype=None, group=None):
+    def generate(self, prompt, steps, *, use_cache=True, **fmt):
         """Greedy decoding: ``(tokens, logits per generated step)``.
 
         ``use_cache=True``: one prefill pass over the prompt, then one token per step
         through the caches. ``False``: every step recomputes the whole sequence with full
-        causal attention (the reference the cache must reproduce). ``kv_dtype``,
-        ``group``: the caches' format (``"int8"``, ``"int4"``: quantized caches).
+        causal attention (the reference the cache must reproduce). ``fmt``: the caches'
+        format (``kv_dtype="int8"`` or ``"int4"``, ``group``, ``smooth_k``: as
+        :class:`KVCache` takes them).
         """
         tokens = [int(t) for t in prompt]
         if not tokens:
             raise ValueError("prompt must hold at least one token")
         logits_out = []
-        if not use_cache and (kv_dtype is not None or group is not None):
-            raise ValueError("kv_dtype and group need use_cache=True")
-        caches = self.new_caches(len(tokens) + steps, kv_dtype=kv_dtype,
-                                 group=group) if use_cache else None
+        if not use_cache and fmt:
+            raise ValueError(f"{sorted(fmt)} need use_cache=True")
+        caches = self.new_caches(len(tokens) + steps, **fmt) if use_cache else None
         if use_cache:
             logits = self.forward(tokens, 0, caches)[-1]
         for step in range(steps):
