@@ -50,6 +50,7 @@ NOTEBOOKS = [
     ("11_real_model", "retrieval"),
     ("12_gpu_kernel", "occupancy"),
     ("13_merging_states", "cascade_speedup"),
+    ("14_kv_cache_quantization", "formats"),
     ("15_programmable_attention", "block_masks"),
 ]
 

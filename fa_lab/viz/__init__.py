@@ -5,7 +5,8 @@
   the memory hierarchy);
 * :mod:`~fa_lab.viz.perf`: measurements (ladder, throughput, breakdown, decoding,
   retrieval, INT8 error, peak memory);
-* :mod:`~fa_lab.viz.decoding`: pictures of RoPE, split-KV and the KV cache;
+* :mod:`~fa_lab.viz.decoding`: pictures of RoPE, split-KV and the KV cache; quantized
+  caches' bytes, accuracy and time against their floors;
 * :mod:`~fa_lab.viz.features`: flash-attn's window, softcap and ALiBi as masks and biases,
   a paged KV cache's block table, the probability mass attention sinks take, block masks
   and time against the tiles they compute;
@@ -24,7 +25,8 @@ from fa_lab.viz.perf import (plot_ladder, plot_throughput, plot_breakdown, plot_
                              plot_generation, plot_decode_latency, plot_retrieval,
                              plot_k_histograms, plot_error_vs_length, plot_memory_sweep,
                              plot_sage_breakdown)
-from fa_lab.viz.decoding import (plot_rope, plot_split_kv, plot_kv_cache)
+from fa_lab.viz.decoding import (plot_rope, plot_split_kv, plot_kv_cache, kv_formats,
+                                 kv_time_vs_context)
 from fa_lab.viz.features import (block_table, score_mods, sink_mass, block_masks, time_vs_tiles)
 from fa_lab.viz.distributed import (ring_schedule, causal_work_bars, ring_steps,
                                     cascade_speedup, hide_thresholds)
@@ -34,7 +36,8 @@ __all__ = ['allocations', 'attention_matrix', 'bandwidth_curve', 'bars', 'block_
            'ring_schedule', 'ring_steps', 'sink_mass', 'block_masks', 'time_vs_tiles',
            'decode_floor', 'footer', 'heatmap', 'keep_mask', 'peak_memory_vs_n',
            'plot_breakdown', 'plot_decode', 'plot_decode_latency', 'plot_error_vs_length',
-           'plot_generation', 'plot_k_histograms', 'plot_kv_cache', 'plot_ladder',
+           'plot_generation', 'plot_k_histograms', 'plot_kv_cache', 'kv_formats',
+           'kv_time_vs_context', 'plot_ladder',
            'plot_memory_sweep', 'plot_retrieval', 'plot_rope', 'plot_sage_breakdown', 'plot_split_kv',
            'plot_throughput', 'roofline', 'running_state', 'score_mods', 'speedup_bars', 'tile_schedule',
            'tile_schedules', 'traffic_bars']

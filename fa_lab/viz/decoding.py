@@ -100,3 +100,51 @@ def plot_kv_cache(prompt=6, generated=3, max_len=12):
     fig.tight_layout()
     return fig
 
+
+
+def kv_formats(bytes_df, accuracy_df):
+    """Left: bytes per token and kv head per format. Right: ``1 - cosine`` against
+    float64 per format and dataset (log scale: lower is better)."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    a.barh(bytes_df["format"], bytes_df["bytes_per_token_head"], color="#4c72b0")
+    for y, (n, r) in enumerate(zip(bytes_df["bytes_per_token_head"], bytes_df["vs_float32"])):
+        a.annotate(f"{n:.0f} B ({r:.1f}x smaller)" if r > 1 else f"{n:.0f} B", (n, y),
+                   xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
+    a.invert_yaxis()
+    a.set_xlabel("bytes per token and kv head (K + V + scales)")
+    a.set_xlim(0, bytes_df["bytes_per_token_head"].max() * 1.6)
+    pivot = accuracy_df.pivot(index="format", columns="data", values="cosine")
+    pivot = pivot.reindex([f for f in bytes_df["format"] if f in pivot.index])
+    pivot = pivot.drop(index="float32", errors="ignore")
+    x = np.arange(len(pivot.index))
+    w = 0.8 / max(len(pivot.columns), 1)
+    for i, col in enumerate(pivot.columns):
+        b.bar(x + i * w, np.maximum(1 - pivot[col], 1e-7), w, label=col)
+    for level, text in ((1e-3, "cosine 0.999"), (1e-2, "cosine 0.99")):
+        b.axhline(level, ls="--", color="gray", lw=0.8)
+        b.annotate(text, (x[-1] + 0.8, level), fontsize=7, va="bottom", ha="right")
+    b.set_xticks(x + w * (len(pivot.columns) - 1) / 2, pivot.index, fontsize=8)
+    b.set_yscale("log")
+    b.set_ylabel("1 - cosine to float64 (lower is better)")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def kv_time_vs_context(df):
+    """Decode time per format against the context length, each with its floor (dashed:
+    bytes read / the read bandwidth measured at that cache size)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (fmt, g) in enumerate(df.groupby("format", sort=False)):
+        color = f"C{i}"
+        ax.errorbar(g["Nk"], g["median_ms"], yerr=[g["median_ms"] - g["q25_ms"],
+                                                   g["q75_ms"] - g["median_ms"]],
+                    fmt="o-", color=color, capsize=3, label=f"{fmt} (measured)")
+        ax.plot(g["Nk"], g["floor_ms"], "--", color=color, label=f"{fmt} floor")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context length (tokens in the cache)")
+    ax.set_ylabel("ms per decode step")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
