@@ -426,7 +426,7 @@ KVCACHE_KERNELS: dict[str, Kernel] = {
                "rows share each cached row, dequantized in the inner loop (float32, int8, "
                "int4); split-KV", quantized.run, quantized.quantized_forward, tiled=True,
                parallel=True, mask=False, dtypes=(np.float32,), dv=True,
-               kv_formats=("float", "int8", "int4")),
+               kv_formats=("float", "int8", "int4"), blocks_setting="QUANTIZED_BLOCKS"),
     ]
 }
 

@@ -102,6 +102,27 @@ def vload_i32(typingctx, arr, idx):
 
 
 @intrinsic
+def prefetch(typingctx, arr, idx):
+    """Hint that the cache line of ``arr.flat[idx]`` will be read soon (``prefetcht0``;
+    ``arr`` C-contiguous, ``idx`` in elements from its start, and may lie past the end:
+    a prefetch never faults)."""
+    if not (isinstance(arr, types.Array) and arr.layout == "C"):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = builder.bitcast(builder.gep(a.data, [args[1]], inbounds=False),
+                              ir.PointerType(ir.IntType(8)))
+        i32 = ir.IntType(32)
+        _call(builder, "llvm.prefetch.p0", ir.VoidType(),
+              [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)],
+              [ptr.type, i32, i32, i32])
+        return context.get_dummy_value()
+
+    return types.none(arr, idx), codegen
+
+
+@intrinsic
 def vload_bytes(typingctx, arr, idx):
     """16 bytes from ``arr[idx]`` (a 1-D int8 or uint8 array) widened to 16 int32 lanes:
     sign-extended for int8 (``vpmovsxbd``), zero-extended for uint8 (``vpmovzxbd``)."""
@@ -365,6 +386,31 @@ def hsum_f32(typingctx, x):
         return builder.extract_element(v, ir.Constant(_I32, 0))
 
     return types.float32(x), codegen
+
+
+@intrinsic
+def hsum4(typingctx, a, b, c, d):
+    """The lane sums of four float32 zmm at once, as a 4-tuple: three halving steps of
+    shuffles shared by the four (11 shuffles and adds instead of 4 x 8)."""
+    if (a, b, c, d) != (f32x16,) * 4:
+        return None
+    sig = types.UniTuple(types.float32, 4)(a, b, c, d)
+
+    def codegen(context, builder, sig, args):
+        def shuf(x, y, idx):
+            return builder.shuffle_vector(x, y, ir.Constant(ir.VectorType(_I32, 16), idx))
+
+        lo8, hi8 = list(range(8)) + list(range(16, 24)), list(range(8, 16)) + list(range(24, 32))
+        t0 = builder.fadd(shuf(args[0], args[1], lo8), shuf(args[0], args[1], hi8))
+        t1 = builder.fadd(shuf(args[2], args[3], lo8), shuf(args[2], args[3], hi8))
+        lo4 = [i + j for i in (0, 8, 16, 24) for j in range(4)]
+        u = builder.fadd(shuf(t0, t1, lo4), shuf(t0, t1, [i + 4 for i in lo4]))
+        v = builder.fadd(u, shuf(u, u, [i ^ 2 for i in range(16)]))
+        w = builder.fadd(v, shuf(v, v, [i ^ 1 for i in range(16)]))
+        vals = [builder.extract_element(w, ir.Constant(_I32, 4 * i)) for i in range(4)]
+        return context.make_tuple(builder, sig.return_type, vals)
+
+    return sig, codegen
 
 
 # ---------------------------------------------------------------- 64-byte alignment
