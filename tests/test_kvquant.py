@@ -412,3 +412,51 @@ def test_k_mean_refuses_bad_input(case, match):
         mean[0, 1, 3] = np.nan
     with pytest.raises(ValueError, match=match):
         fa_lab.attention_with_kvcache(q, kq, vq, cache_seqlens=4, k_mean=mean, **kw)
+
+
+# ---------------------------------------------------------------- code generation
+
+@pytest.mark.parametrize("fmt,expect", [
+    ("int8", ("vpmovsxbd", "vcvtdq2ps", "vfmadd", "prefetcht0")),
+    ("int4", ("vpmovzxbd", "vpsll", "vpsrad", "vcvtdq2ps", "vfmadd", "prefetcht0"))])
+def test_the_vector_scores_dequantize_in_registers(fmt, expect):
+    """The int8 / int4 rows are widened, converted and multiplied in zmm registers (no
+    float copy of the tile), and the next rows are prefetched."""
+    from fa_lab.kernels.probes.assembly import assembly
+
+    k, v = _kv((1, 1, 8, 32))
+    kq, ks, vq, vs = quantize_kv(k, v, bits=8 if fmt == "int8" else 4)
+    Qf = np.ones(4 * 32, np.float32)
+    S = np.zeros((4, 8), np.float32)
+    asm = assembly(quantized._vscores, args=(Qf, 32, kq[0, 0], ks[0, 0], 32, S, vq[0, 0]))
+    missing = [op for op in expect if op not in asm]
+    assert not missing, f"{fmt}: {missing} not in the assembly"
+    assert "zmm" in asm or "ymm" in asm
+
+
+# ---------------------------------------------------------------- lesson 14's exercises
+
+def test_the_exercises_accept_the_solutions_and_read_wrong_answers():
+    from fa_lab.lessons import kv_exercises as ex
+
+    assert ex.check("cache_gib", None).startswith("not yet")
+    assert ex.check("cache_gib", 32 * 8 * 131072 * 264 / 2**30).startswith("right")
+    assert "scales" in ex.check("cache_gib", 8.0)
+    assert "factor" in ex.check("cache_gib", 16.5)
+    assert ex.check("int4_byte", ((1, -2.0), (5, -3.5))).startswith("right")
+    assert "channels" in ex.check("int4_byte", ((1, -2.0), (2, -3.5)))
+    assert "values" in ex.check("int4_byte", ((1, 6.0), (5, 4.5)))
+    assert "answer" in ex.check("int4_byte", 3)
+    with pytest.raises(ValueError, match="name"):
+        ex.check("nope", 1)
+
+
+def test_the_lessons_byte_tables_are_counted_from_the_format():
+    from fa_lab.tools import kvquant as kvq
+
+    table = kvq.format_table(d=128).set_index("format")
+    assert table.loc["float32", "bytes_per_token_head"] == 1024
+    assert table.loc["int8", "bytes_per_token_head"] == 264
+    assert table.loc["int4 g32", "bytes_per_token_head"] == 128 + 4 * 4 * 2
+    sizes = kvq.model_cache_sizes(contexts=(131072,)).set_index("format")
+    assert sizes.loc["float32", "128k tokens (GiB)"] == 32.0
