@@ -427,6 +427,12 @@ KVCACHE_KERNELS: dict[str, Kernel] = {
                "int4); split-KV", quantized.run, quantized.quantized_forward, tiled=True,
                parallel=True, mask=False, dtypes=(np.float32,), dv=True,
                kv_formats=("float", "int8", "int4"), blocks_setting="QUANTIZED_BLOCKS"),
+        # by name only (queries quantized: not exact to float rounding, as the others are)
+        Kernel("quantized_vnni", 3, "quantized, with each query row in int8 against the int8 "
+               "keys (vpdpbusd, 64 products an instruction); one scale per token, d % 64 == 0",
+               quantized.run_vnni, quantized.quantized_forward, tiled=True, parallel=True,
+               mask=False, dtypes=(np.float32,), dv=True, kv_formats=("int8",),
+               blocks_setting="QUANTIZED_BLOCKS", available=quantized.vnni_unavailable),
     ]
 }
 

@@ -460,3 +460,59 @@ def test_the_lessons_byte_tables_are_counted_from_the_format():
     assert table.loc["int4 g32", "bytes_per_token_head"] == 128 + 4 * 4 * 2
     sizes = kvq.model_cache_sizes(contexts=(131072,)).set_index("format")
     assert sizes.loc["float32", "128k tokens (GiB)"] == 32.0
+
+
+# ---------------------------------------------------------------- the VNNI variant
+
+VNNI = quantized.vnni_unavailable()
+
+
+@pytest.mark.skipif(VNNI is not None, reason=str(VNNI))
+@pytest.mark.parametrize("H,H_kv,Nq,d", [(8, 2, 1, 128), (3, 1, 2, 64), (6, 2, 3, 64)])
+def test_vnni_variant_matches_float64(H, H_kv, Nq, d):
+    """Queries quantized per row: not exact, so judged by cosine (as the INT8 kernels)."""
+    k, v = _kv((2, H_kv, 200, d), seed=d)
+    q = np.random.default_rng(H).standard_normal((2, H, Nq, d)).astype(np.float32)
+    kq, ks, vq, vs = quantize_kv(k, v)
+    lens = np.array([200, 71])
+    exp, _ = _expected(q, dequantize_kv(kq, ks), dequantize_kv(vq, vs), lens, True)
+    for splits in (None, 3):
+        out, lse = fa_lab.attention_with_kvcache(q, kq, vq, cache_seqlens=lens, k_scale=ks,
+                                                 v_scale=vs, kernel="quantized_vnni",
+                                                 splits=splits, return_lse=True)
+        a, b = out.ravel().astype(np.float64), exp[0].ravel()
+        assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.9999
+        np.testing.assert_allclose(lse, exp[1], atol=0.05)
+
+
+@pytest.mark.skipif(VNNI is not None, reason=str(VNNI))
+@pytest.mark.parametrize("case,match", [("int4", "does not read an int4"), ("groups", "one scale per token"),
+                                        ("d", "d % 64"), ("dv", "d_v % 32")])
+def test_vnni_variant_refuses_what_it_cannot_read(case, match):
+    d, d_v, bits, group = 64, 64, 8, None
+    if case == "int4":
+        bits = 4
+    elif case == "groups":
+        group = 32
+    elif case == "d":
+        d = d_v = 48
+    else:
+        d_v = 40
+    k, v = _kv((1, 1, 20, d), d_v=d_v)
+    kq, ks, vq, vs = quantize_kv(k, v, bits=bits, group=group)
+    q = np.ones((1, 2, 1, d), np.float32)
+    with pytest.raises(NotImplementedError, match=match):
+        fa_lab.attention_with_kvcache(q, kq, vq, cache_seqlens=20, k_scale=ks, v_scale=vs,
+                                      kernel="quantized_vnni")
+
+
+def test_vnni_variant_is_refused_without_vnni():
+    """The choice logic, on any CPU: with VNNI removed the kernel says why."""
+    from fa_lab.settings import cpu_features
+
+    kq, ks, vq, vs = quantize_kv(*_kv((1, 1, 20, 64)))
+    with cpu_features.forced(vnni=False):
+        with pytest.raises(NotImplementedError, match="VNNI"):
+            fa_lab.attention_with_kvcache(np.ones((1, 1, 1, 64), np.float32), kq, vq,
+                                          cache_seqlens=20, k_scale=ks, v_scale=vs,
+                                          kernel="quantized_vnni")

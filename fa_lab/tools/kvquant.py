@@ -26,6 +26,7 @@ from fa_lab.features.minilm import load_captured
 from fa_lab.numerics import reference
 from fa_lab.numerics.kvquant import bytes_per_token, dequantize_kv, quantize_kv
 from fa_lab.numerics.verdict import quartiles, ratio_range
+from fa_lab.registry import KVCACHE_KERNELS
 from fa_lab.tools import hierarchy
 from fa_lab.tools.bench.contenders import torch_module
 from fa_lab.tools.bench.harness import Contender, time_calls
@@ -204,11 +205,15 @@ def kvcache_call(fmt="int8", B=1, H=32, H_kv=8, Nk=32768, d=128, kernel="quantiz
         ref = attention_with_kvcache(q, k, v, cache_seqlens=Nk, kernel="quantized")
     else:
         k, v, extra = _cache(fmt, B, H_kv, Nk, d, seed)
-        kern = kernel if fmt == "float32" else "quantized"
+        kern = kernel if fmt == "float32" or kernel == "quantized_vnni" else "quantized"
 
         def fn():
             return attention_with_kvcache(q, k, v, cache_seqlens=Nk, kernel=kern, **extra)
         ref = attention_with_kvcache(q, k, v, cache_seqlens=Nk, kernel="reference", **extra)
+    if kernel == "quantized_vnni":  # int8 queries: not exact, judged by cosine
+        if not _cosine(fn(), ref) >= 0.9999:
+            raise AssertionError(f"{fmt} ({kernel}): cosine {_cosine(fn(), ref):.6f} < 0.9999")
+        return fn
     err = float(np.abs(fn() - ref).max())
     if not err < 1e-4:
         raise AssertionError(f"{fmt}: {err:.3g} from the reference of its own cache")
@@ -252,9 +257,10 @@ def time_vs_context(contexts=(2048, 8192, 32768), formats=("float32", "int8", "i
     return pd.DataFrame(rows)
 
 
-def targets(B=1, H=32, H_kv=8, Nk=32768, d=128, rounds=5, calls=3, torch=True):
-    """The benchmark: ``float32`` (the quantized kernel and ``flash``), ``int8``, ``int4
-    g32`` and PyTorch's SDPA (float32, same data), each in its own process, alternating
+def targets(B=1, H=32, H_kv=8, Nk=32768, d=128, rounds=5, calls=3, torch=True, vnni=None):
+    """The benchmark: ``float32`` (the quantized kernel and ``flash``), ``int8`` (and
+    ``int8 vnni``, the int8-query variant, where the CPU has VNNI and ``vnni`` is not
+    False), ``int4 g32`` and PyTorch's SDPA (float32, same data), each in its own process, alternating
     rounds; floors from the read bandwidth at each cache's size. Ratios are speeds
     against ``float32`` (the same kernel reading float32) and against ``torch_sdpa``,
     with quartile ranges (:func:`fa_lab.numerics.verdict.ratio_range`)."""
@@ -266,11 +272,14 @@ def targets(B=1, H=32, H_kv=8, Nk=32768, d=128, rounds=5, calls=3, torch=True):
              "float32 flash": (factory, {"fmt": "float32", "kernel": "flash", **shape}),
              "int8": (factory, {"fmt": "int8", **shape}),
              "int4 g32": (factory, {"fmt": "int4 g32", **shape})}
+    if vnni is not False and KVCACHE_KERNELS["quantized_vnni"].available() is None \
+            and d % 64 == 0:
+        specs["int8 vnni"] = (factory, {"fmt": "int8", "kernel": "quantized_vnni", **shape})
     if torch and torch_module() is not None:
         specs["torch_sdpa"] = (factory, {"fmt": "torch_sdpa", **shape})
     times = time_isolated(specs, rounds=rounds, calls=calls)
     fmts = {"float32": "float32", "float32 flash": "float32", "int8": "int8",
-            "int4 g32": "int4 g32", "torch_sdpa": "float32"}
+            "int8 vnni": "int8", "int4 g32": "int4 g32", "torch_sdpa": "float32"}
     sizes = {name: cache_bytes(fmts[name], B, H_kv, Nk, d) for name in specs}
     bw = read_bandwidth(sizes.values())
     rows = []

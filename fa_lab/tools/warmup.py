@@ -57,6 +57,11 @@ def _steps(dtype):
                 kq, ks, vq, vs = quantize_kv(c4, c4, bits=bits)
                 attention_with_kvcache(c4[:, :, :1].repeat(2, axis=1), kq, vq, cache_seqlens=5,
                                        k_scale=ks, v_scale=vs)
+            if KVCACHE_KERNELS["quantized_vnni"].available() is None:  # int8 queries: VNNI
+                c64 = rng.standard_normal((2, 1, 8, 64)).astype(dtype)
+                kq, ks, vq, vs = quantize_kv(c64, c64)
+                attention_with_kvcache(c64[:, :, :1].repeat(2, axis=1), kq, vq, cache_seqlens=5,
+                                       k_scale=ks, v_scale=vs, kernel="quantized_vnni")
         packed = rng.standard_normal((7, 2, 3)).astype(dtype)
         cu = np.array([0, 3, 7], np.int32)
         for kernel in VARLEN_KERNELS:

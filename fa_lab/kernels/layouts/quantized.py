@@ -26,10 +26,12 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
+from fa_lab.settings import cpu_features
 from fa_lab.settings.config import CACHE, FASTMATH, num_threads
 from fa_lab.kernels.common import NEG_INF, finalize_row
 from fa_lab.kernels.ladder.flash import softmax_block
-from fa_lab.kernels.lowprec.zmm import (hsum4, hsum_f32, prefetch, vcvt_f32, vfma, vload_bytes, vload_f32,
+from fa_lab.kernels.lowprec.zmm import (dpbusd, hsum4, hsum_f32, prefetch, vbcast32,
+                                        vload_i32, vxor_i32, vzero_i32, vcvt_f32, vfma, vload_bytes, vload_f32,
                                         vmul, vnib_hi, vnib_lo, vsplat_f32, vstore,
                                         vzero_f32)
 from fa_lab.numerics.merge import merge_splits
@@ -207,6 +209,58 @@ def _vscores(Qf, d, K, Ks, g, S, V):
             S[r, t] = hsum_f32(a0)
 
 
+#: Four bytes of 0x80: ``k ^ 0x80`` is ``k + 128`` as an unsigned byte (vpdpbusd's left
+#: operand).
+_FLIP = np.full(4, 0x80, np.uint8)
+
+
+@njit(cache=CACHE, error_model="numpy")
+def _vscores_vnni(Q8, qsc, corr, d, K, Ks, S, V):
+    """``S[r, t]`` from int8 dot products (``vpdpbusd``, 64 per instruction): keys as
+    ``k + 128`` (unsigned), queries quantized per row (``Q8``, scale ``qsc``); ``corr[r] =
+    128 sum_c Q8[r, c]`` removes the offset; ``S = (dot - corr) qsc[r] Ks[t]``. One scale
+    per key (``Ks`` ``(bc, 1)``), ``d % 64 == 0``."""
+    R, bc = S.shape
+    R4 = R - R % 4
+    flip = vbcast32(_FLIP, 0)
+    for t in range(bc):
+        x, st = K[t], Ks[t, 0]
+        _prefetch_rows(K, t + 16, 1)
+        _prefetch_rows(V, t, 1)
+        for r0 in range(0, R4, 4):
+            a0 = a1 = a2 = a3 = vzero_i32()
+            for c in range(0, d, 64):
+                kv = vxor_i32(vload_i32(x, c), flip)
+                a0 = dpbusd(a0, kv, vload_i32(Q8, r0 * d + c))
+                a1 = dpbusd(a1, kv, vload_i32(Q8, (r0 + 1) * d + c))
+                a2 = dpbusd(a2, kv, vload_i32(Q8, (r0 + 2) * d + c))
+                a3 = dpbusd(a3, kv, vload_i32(Q8, (r0 + 3) * d + c))
+            s0, s1, s2, s3 = hsum4(vcvt_f32(a0), vcvt_f32(a1), vcvt_f32(a2), vcvt_f32(a3))
+            S[r0, t] = (s0 - corr[r0]) * qsc[r0] * st
+            S[r0 + 1, t] = (s1 - corr[r0 + 1]) * qsc[r0 + 1] * st
+            S[r0 + 2, t] = (s2 - corr[r0 + 2]) * qsc[r0 + 2] * st
+            S[r0 + 3, t] = (s3 - corr[r0 + 3]) * qsc[r0 + 3] * st
+        for r in range(R4, R):
+            a0 = vzero_i32()
+            for c in range(0, d, 64):
+                a0 = dpbusd(a0, vxor_i32(vload_i32(x, c), flip), vload_i32(Q8, r * d + c))
+            S[r, t] = (hsum_f32(vcvt_f32(a0)) - corr[r]) * qsc[r] * st
+
+
+def scores_tile(Qf, Q8, qsc, corr, d, K, Ks, g, S, V):
+    """The scores of one tile on the explicit-vector path: fp32 FMAs on dequantized
+    chunks (``Q8`` a float32 placeholder), or int8 dot products (``Q8`` the int8
+    queries: the VNNI variant, compiled only when called so)."""
+
+
+@overload(scores_tile, jit_options={"cache": CACHE})
+def _scores_tile_overload(Qf, Q8, qsc, corr, d, K, Ks, g, S, V):
+    if Q8.dtype == types.int8:
+        return lambda Qf, Q8, qsc, corr, d, K, Ks, g, S, V: _vscores_vnni(
+            Q8, qsc, corr, d, K, Ks, S, V)
+    return lambda Qf, Q8, qsc, corr, d, K, Ks, g, S, V: _vscores(Qf, d, K, Ks, g, S, V)
+
+
 @njit(cache=CACHE, error_model="numpy")
 def _vaccumulate(accf, d_v, alpha, P, V, Vs, g):
     """``acc[r] = alpha[r] acc[r] + sum_t P[r, t] V[t]``, 32 channels of four rows (eight
@@ -258,8 +312,8 @@ def _vaccumulate(accf, d_v, alpha, P, V, Vs, g):
 
 
 @njit(cache=CACHE, fastmath=FASTMATH, error_model="numpy")
-def _task(Q, k_pages, k_scale, v_pages, v_scale, table_b, hk, Lk, Nq, causal, j_begin, j_end,
-          block_kv, d, d_v, vector, out_rows, lse_rows):
+def _task(Q, Q8, qsc, corr, k_pages, k_scale, v_pages, v_scale, table_b, hk, Lk, Nq, causal,
+          j_begin, j_end, block_kv, d, d_v, vector, out_rows, lse_rows):
     """One (sequence, kv head, key split): rows ``r = head_in_group * Nq + i``. ``vector``:
     the explicit-vector products (:func:`_vscores`, :func:`_vaccumulate`), else plain
     loops on a dequantized tile."""
@@ -283,7 +337,8 @@ def _task(Q, k_pages, k_scale, v_pages, v_scale, table_b, hk, Lk, Nq, causal, j_
         Sb, Pb = S[:R * bc].reshape(R, bc), P[:R * bc].reshape(R, bc)
         ks = ones[:bc] if one else k_scale[p, hk, o:o + bc]
         if vector:
-            _vscores(Qf, d, k_pages[p, hk, o:o + bc], ks, gk, Sb, v_pages[p, hk, o:o + bc])
+            scores_tile(Qf, Q8, qsc, corr, d, k_pages[p, hk, o:o + bc], ks, gk, Sb,
+                        v_pages[p, hk, o:o + bc])
         else:
             _scores(Q, load_tile(k_pages[p, hk, o:o + bc], ks, kbuf), Sb)
         if causal:  # query i stands at Lk - Nq + i
@@ -302,9 +357,48 @@ def _task(Q, k_pages, k_scale, v_pages, v_scale, table_b, hk, Lk, Nq, causal, j_
         lse_rows[r] = finalize_row(acc[r], m[r], l[r], out_rows[r])
 
 
+@njit(cache=CACHE, error_model="numpy")
+def _quantize_rows_int8(Q):
+    """Each row of ``Q`` as int8 (flat), its scale ``max|row| / 127`` and ``128 sum(row)``."""
+    R, d = Q.shape
+    Q8 = np.empty(R * d, np.int8)
+    qsc = np.ones(R, np.float32)
+    corr = np.zeros(R, np.float32)
+    for r in range(R):
+        top = np.float32(0)
+        for c in range(d):
+            top = max(top, abs(Q[r, c]))
+        s = top / np.float32(127) if top > 0 else np.float32(1)
+        total = 0
+        for c in range(d):
+            v = np.int8(np.rint(Q[r, c] / s))
+            Q8[r * d + c] = v
+            total += np.int32(v)
+        qsc[r], corr[r] = s, np.float32(128 * total)
+    return Q8, qsc, corr
+
+
+@njit(cache=CACHE)
+def _no_int8_rows(Q):
+    one = np.ones(1, np.float32)
+    return np.zeros(1, np.float32), one, one
+
+
+def quantize_queries(Q, q8_like):
+    """``(Q8, qsc, corr)`` for the VNNI variant (``q8_like`` int8), or float32
+    placeholders for the fp32 path (compiled per ``q8_like``'s dtype)."""
+
+
+@overload(quantize_queries, jit_options={"cache": CACHE})
+def _quantize_queries_overload(Q, q8_like):
+    if q8_like.dtype == types.int8:
+        return lambda Q, q8_like: _quantize_rows_int8(Q)
+    return lambda Q, q8_like: _no_int8_rows(Q)
+
+
 @njit(cache=CACHE, parallel=True, nogil=True)
 def quantized_forward(q, k_pages, k_scale, v_pages, v_scale, block_table, lengths, scale,
-                      causal, block_kv, splits, vector, out, lse):
+                      causal, block_kv, splits, vector, q8_like, out, lse):
     """prange over (b, kv head, key split) tasks, then the exact merge of the splits.
 
     q (B, H, Nq, d) float32; pages (num_blocks, H_kv, page, row bytes) of one format with
@@ -326,9 +420,11 @@ def quantized_forward(q, k_pages, k_scale, v_pages, v_scale, block_table, length
             for i in range(Nq):
                 for c in range(d):
                     Q[g * Nq + i, c] = q[b, hk * gh + g, i, c] * scale
+        Q8, qsc, corr = quantize_queries(Q, q8_like)
         o_rows = np.empty((gh * Nq, d_v), np.float32)
         l_rows = np.empty(gh * Nq, np.float32)
-        _task(Q, k_pages, k_scale, v_pages, v_scale, block_table[b], hk, Lk, Nq, causal,
+        _task(Q, Q8, qsc, corr, k_pages, k_scale, v_pages, v_scale, block_table[b], hk, Lk,
+              Nq, causal,
               min(s * per, Lk), min((s + 1) * per, Lk), block_kv, d, d_v, vector, o_rows,
               l_rows)
         for g in range(gh):
@@ -358,8 +454,37 @@ def vector_ok(dtype, d, k_scale, d_v, v_scale) -> bool:
     return d % 16 == 0 and d_v % 32 == 0 and all(g % unit == 0 for g in groups)
 
 
+_Q8_FP32, _Q8_VNNI = np.zeros(1, np.float32), np.zeros(1, np.int8)
+
+
+def vnni_refusal(k_pages, d, k_scale, channels_v, v_scale) -> str | None:
+    """Why the VNNI variant cannot read this cache (None if it can)."""
+    if k_pages.dtype != np.int8:
+        return f"kernel 'quantized_vnni' reads int8 caches, got {k_pages.dtype}"
+    if k_scale is None or k_scale.shape[3] != 1:
+        return "kernel 'quantized_vnni' reads int8 keys with one scale per token (group=None)"
+    if d % 64 or numba.config.DISABLE_JIT:
+        return f"kernel 'quantized_vnni' needs d % 64 == 0 (and the JIT), got d={d}"
+    if not vector_ok(k_pages.dtype, d, k_scale, channels_v, v_scale):
+        return (f"kernel 'quantized_vnni' needs d_v % 32 == 0 and value groups of a "
+                f"multiple of 16 channels, got d_v={channels_v}")
+    return None
+
+
+def vnni_unavailable() -> str | None:
+    """Why this CPU cannot run the VNNI variant (the registry's check), or None."""
+    f = cpu_features.detect()
+    return None if f.vnni and f.avx512bw else ("kernel 'quantized_vnni' needs AVX512-VNNI: "
+                                               + f.note())
+
+
+def run_vnni(*args, **kwargs):
+    """:func:`run` with int8 query rows against the int8 keys (``vpdpbusd``)."""
+    return run(*args, **kwargs, vnni=True)
+
+
 def run(q, k_pages, v_pages, block_table, lengths, scale, causal, block_q, block_kv,
-        mods=None, splits=None, k_scale=None, v_scale=None):
+        mods=None, splits=None, k_scale=None, v_scale=None, vnni=False):
     """The registry's call for this kernel (``KVCACHE_KERNELS``): ``(out, lse)``.
 
     ``splits`` None: enough key splits for two tasks per thread, each at least two key
@@ -371,11 +496,15 @@ def run(q, k_pages, v_pages, block_table, lengths, scale, causal, block_q, block
         tiles = -(-int(np.max(lengths, initial=0)) // block_kv)
         splits = max(1, min(-(-2 * threads // (B * H_kv)), tiles // 2))
     d, d_v = q.shape[3], v_pages.shape[3] * (2 if v_pages.dtype == np.uint8 else 1)
+    why = vnni_refusal(k_pages, d, k_scale, d_v, v_scale) if vnni else None
+    if why:
+        raise NotImplementedError(why)
     out = np.empty((B, H, Nq, d_v), np.float32)
     lse = np.empty((B, H, Nq), np.float32)
     quantized_forward(q, k_pages, _FLOAT_SCALE if k_scale is None else k_scale, v_pages,
                       _FLOAT_SCALE if v_scale is None else v_scale,
                       block_table.astype(np.int64), lengths.astype(np.int64),
                       np.float32(scale), bool(causal), int(block_kv), int(splits),
-                      vector_ok(k_pages.dtype, d, k_scale, d_v, v_scale) and VECTORS, out, lse)
+                      vnni or (vector_ok(k_pages.dtype, d, k_scale, d_v, v_scale) and VECTORS),
+                      _Q8_VNNI if vnni else _Q8_FP32, out, lse)
     return out, lse

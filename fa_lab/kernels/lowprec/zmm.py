@@ -353,6 +353,15 @@ def vorder_key(typingctx, x):
 
 
 @intrinsic
+def vxor_i32(typingctx, x, y):
+    """Lane-wise xor of two int32 zmm (``vpxord``): ``x ^ 0x80808080`` turns 64 signed
+    bytes into unsigned ones offset by 128."""
+    if (x, y) != (i32x16, i32x16):
+        return None
+    return i32x16(x, y), lambda c, b, s, a: b.xor(a[0], a[1])
+
+
+@intrinsic
 def vmax_i32(typingctx, x, y):
     """Lane-wise signed int32 maximum (``vpmaxsd``)."""
     if (x, y) != (i32x16, i32x16):
