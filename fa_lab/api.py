@@ -23,7 +23,7 @@ from fa_lab.numerics.checks import (HALF_DTYPES, as_array, as_float_array, bias_
 from fa_lab.settings.config import num_threads
 from fa_lab.numerics.dropout import check_dropout
 from fa_lab.kernels.ladder.flash import plan_splits
-from fa_lab.kernels.lowprec.amx_pack import round_bf16
+from fa_lab.kernels.lowprec.amx_pack import round_bf16, widen_bf16
 from fa_lab.numerics.masks import causal_alignment
 from fa_lab.numerics.merge import apply_sinks, check_sinks
 from fa_lab.registry import BF16_KERNELS, CUDA_KERNELS, KERNELS, Kernel, Request, Stage
@@ -346,26 +346,38 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = 
         if isinstance(mask, np.ndarray) and mask.dtype == half:
             mask = mask.astype(np.float32)
         if half.name == "bfloat16" and (kernel == "auto" or kernel in BF16_KERNELS):
-            res = _attention_bf16(np.asarray(q).astype(np.float32), widen("k", k, half),
-                                  widen("v", v, half), kernel, causal=causal, scale=scale,
-                                  mask=mask, block_q=block_q, block_kv=block_kv,
+            res = _attention_bf16(*_same(half, q=q, k=k, v=v), kernel, causal=causal,
+                                  scale=scale, mask=mask, block_q=block_q, block_kv=block_kv,
                                   dropout_p=dropout_p, seed=seed, window=window,
                                   softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
             if res is not None:
                 out, lse = (_to_bf16(x, half) for x in res)
                 return (out, lse) if check_bool("return_lse", return_lse) else out
-        res = attention(np.asarray(q).astype(np.float32), widen("k", k, half),
-                        widen("v", v, half), causal=causal, scale=scale, mask=mask,
+        res = attention(_wide("q", q, half), _wide("k", k, half),
+                        _wide("v", v, half), causal=causal, scale=scale, mask=mask,
                         kernel=kernel, block_q=block_q, block_kv=block_kv,
                         return_lse=return_lse, dropout_p=dropout_p, seed=seed,
                         window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
-        return tuple(x.astype(half) for x in res) if return_lse else res.astype(half)
+        narrow = ((lambda x: _to_bf16(x, half)) if half.name == "bfloat16"  # in parallel
+                  else (lambda x: x.astype(half)))
+        return tuple(narrow(x) for x in res) if return_lse else narrow(res)
     call = prepare(q, k, v, causal=causal, scale=scale, mask=mask, block_q=block_q,
                    block_kv=block_kv, dropout_p=dropout_p, seed=seed, window=window,
                    softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
     return_lse = check_bool("return_lse", return_lse)
     out, lse = call.run(kernel)
     return (out, lse) if return_lse else out
+
+
+def _wide(name, x, half):
+    """A half-precision input as float32 (:func:`widen`'s checks and messages); bfloat16
+    exactly and in parallel (:func:`widen_bf16`)."""
+    x = as_array(name, x)
+    if x.dtype != half or half.name != "bfloat16":
+        return widen(name, x, half)  # float16, or a dtype mismatch (raises, naming it)
+    out = np.empty(x.shape, np.uint32)
+    widen_bf16(np.ascontiguousarray(x).view(np.uint16).reshape(-1), out.reshape(-1))
+    return out.view(np.float32)
 
 
 def _to_bf16(x, bf16):
@@ -375,19 +387,32 @@ def _to_bf16(x, bf16):
     return out.view(bf16)
 
 
+def _same(half, **arrays):
+    """The arrays, checked to share q's half-precision dtype (:func:`widen`'s message)."""
+    out = []
+    for name, x in arrays.items():
+        x = as_array(name, x)
+        out.append(x if x.dtype == half else widen(name, x, half))  # widen raises
+    return out
+
+
 def _attention_bf16(q, k, v, kernel, **options):
-    """bfloat16 inputs (widened to float32, exactly) on a kernel of
-    :data:`fa_lab.registry.BF16_KERNELS` (both products in bf16, fp32 softmax and
-    accumulation): ``(out, lse)`` in float32, or None when ``kernel="auto"`` finds none
-    that serves the call (the caller then computes in float32)."""
-    call = prepare(q, k, v, **options)
+    """bfloat16 inputs on a kernel of :data:`fa_lab.registry.BF16_KERNELS` (both products
+    in bf16, fp32 softmax and accumulation), fed their bits (uint16; the kernel packs them
+    as they are, nothing is widened): ``(out, lse)`` in float32, or None when
+    ``kernel="auto"`` finds none that serves the call (the caller then computes in
+    float32). :func:`prepare` checks the shapes and options on untouched float32
+    stand-ins (``np.empty``: no memory is written)."""
+    call = prepare(*(np.empty(x.shape, np.float32) for x in (q, k, v)), **options)
     try:
         chosen, _ = choose_kernel(kernel, call.request, BF16_KERNELS)
     except NotImplementedError:
         if kernel != "auto":
             raise
         return None
-    return call.run(chosen.name, table=BF16_KERNELS, warn=False)
+    bits = tuple(np.ascontiguousarray(x).view(np.uint16).reshape(y.shape)
+                 for x, y in ((q, call.q4), (k, call.k4), (v, call.v4)))
+    return call.run(chosen.name, table=BF16_KERNELS, arrays=bits, warn=False)
 
 
 def plan(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = False,

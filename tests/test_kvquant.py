@@ -10,7 +10,7 @@ import pytest
 import fa_lab
 from fa_lab.features.decoding.tinylm import TinyLM
 from fa_lab.features.kvcache import paginate
-from fa_lab.kernels.layouts import quantized
+from fa_lab.kernels.layouts import kvtiles, quantized
 from fa_lab.numerics import quant, reference
 from fa_lab.numerics.kvquant import bytes_per_token, dequantize_kv, quantize_kv
 from fa_lab.numerics.testing import assert_close, lse_magnitude
@@ -428,7 +428,7 @@ def test_the_vector_scores_dequantize_in_registers(fmt, expect):
     kq, ks, vq, vs = quantize_kv(k, v, bits=8 if fmt == "int8" else 4)
     Qf = np.ones(4 * 32, np.float32)
     S = np.zeros((4, 8), np.float32)
-    asm = assembly(quantized._vscores, args=(Qf, 32, kq[0, 0], ks[0, 0], 32, S, vq[0, 0]))
+    asm = assembly(kvtiles.vscores, args=(Qf, 32, kq[0, 0], ks[0, 0], 32, S, vq[0, 0]))
     missing = [op for op in expect if op not in asm]
     assert not missing, f"{fmt}: {missing} not in the assembly"
     assert "zmm" in asm or "ymm" in asm

@@ -39,7 +39,8 @@ Nothing here may be compiled on a CPU without AMX (LLVM aborts):
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from fa_lab.settings import cpu_features
 from fa_lab.settings import config
@@ -128,7 +129,18 @@ def _pv_visible(S, P, ld, br, bc, v, j0, alpha, acc, dv):
                 continue
             p = bits_f32(np.int32(P[r * ld + c]) << np.int32(16))
             for t in range(d):
-                a[t] += p * v[j0 + c, t]
+                a[t] += p * f32_of(v[j0 + c, t])
+
+
+def f32_of(x):
+    """A value of V as float32: itself, or the float of its bf16 bits (uint16)."""
+
+
+@overload(f32_of, jit_options={"cache": CACHE})
+def _f32_of_overload(x):
+    if x == types.uint16:
+        return lambda x: bits_f32(np.int32(x) << np.int32(16))
+    return lambda x: x
 
 
 @njit(cache=CACHE, nogil=True, error_model="numpy")
@@ -278,7 +290,8 @@ def run_int8(arrays, bias, scale, alignment, block_q=None, block_kv=None, *,
 
 
 def run_bf16(arrays, bias, scale, alignment, block_q=None, block_kv=None, *, stage=Stage.FULL):
-    """The registry's bf16 runner (``arrays = (q, k, v)`` float32, rounded to bf16)."""
+    """The registry's bf16 runner (``arrays = (q, k, v)``: float32, rounded to bf16, or
+    bf16 bits in uint16 arrays, packed as they are)."""
     _ready()
     q, k, v = arrays
     ones_q = np.ones(q.shape[:3], np.float32)

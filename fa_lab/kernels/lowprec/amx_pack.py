@@ -14,7 +14,8 @@ Nothing here uses a tile instruction: it compiles on any CPU.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from fa_lab.settings.config import CACHE
 from fa_lab.kernels.lowprec.amx_softmax import bf16_of
@@ -25,9 +26,33 @@ def _up(x, m):
     return -(-x // m) * m
 
 
+def bits16(x):
+    """The bf16 bits (uint16) of ``x``: float32 rounded to nearest even, or a uint16
+    already holding bf16 bits (bfloat16 inputs, packed as they are)."""
+
+
+@overload(bits16, jit_options={"cache": CACHE})
+def _bits16_overload(x):
+    if x == types.uint16:
+        return lambda x: x
+    return lambda x: bf16_of(x)
+
+
+def nonfinite(x):
+    """Whether ``x`` (float32, or bf16 bits in a uint16) is NaN or infinite."""
+
+
+@overload(nonfinite, jit_options={"cache": CACHE})
+def _nonfinite_overload(x):
+    if x == types.uint16:
+        return lambda x: (x & np.uint16(0x7F80)) == np.uint16(0x7F80)
+    return lambda x: (abs(x) == np.inf) | (x != x)
+
+
 @njit(cache=CACHE, parallel=True, nogil=True, error_model="numpy")
 def pack_q(q, rowscale, scale, Qp, rs, Nqp):
-    """Q (B, H, Nq, dq) int8 (copied) or float32 (rounded to bf16 bits, uint16 ``Qp``) ->
+    """Q (B, H, Nq, dq) int8 (copied), float32 (rounded to bf16 bits, uint16 ``Qp``) or
+    uint16 bf16 bits (copied) ->
     ``Qp`` (B*H*Nqp*dq) flat, rows past Nq zero; ``rs`` (B*H*Nqp) = ``rowscale * scale``
     (0 for pad rows)."""
     B, H, Nq, dq = q.shape
@@ -40,19 +65,20 @@ def pack_q(q, rowscale, scale, Qp, rs, Nqp):
             rs[bh * Nqp + i] = np.float32(rowscale[b, h, i] * scale)
             row, dst = q[b, h, i], Qp[base + i * dq:base + (i + 1) * dq]
             for t in range(dq):
-                dst[t] = bf16_of(row[t]) if Qp.itemsize == 2 else row[t]
+                dst[t] = bits16(row[t]) if Qp.itemsize == 2 else row[t]
 
 
 @njit(cache=CACHE, error_model="numpy", inline="always")
 def _pair(x0, x1):
-    """Two float32 as one uint32 of bf16 bits: ``x0`` low, ``x1`` high."""
-    return np.uint32(bf16_of(x0)) | (np.uint32(bf16_of(x1)) << np.uint32(16))
+    """Two float32 (or bf16 bits) as one uint32 of bf16 bits: ``x0`` low, ``x1`` high."""
+    return np.uint32(bits16(x0)) | (np.uint32(bits16(x1)) << np.uint32(16))
 
 
 @njit(cache=CACHE, parallel=True, nogil=True, error_model="numpy")
 def pack_k(k, keyscale, Kw, skp, Nkp):
     """K (B, Hkv, Nk, dq) into B tiles, by 4-byte words (``Kw``: the packed array viewed
-    as uint32): word ``p`` of key ``16 g + c`` (4 int8, or a bf16 pair of float32 ``k``)
+    as uint32): word ``p`` of key ``16 g + c`` (4 int8, 2 bf16 bits, or a bf16 pair of
+    float32 ``k``)
     goes to word ``(p // 16) 256 + (p % 16) 16 + c`` of group ``g``'s ``dq / 16`` tiles;
     ``skp`` (B*Hkv*Nkp) the key scales (0 for pad keys)."""
     B, Hkv, Nk, dq = k.shape
@@ -68,10 +94,10 @@ def pack_k(k, keyscale, Kw, skp, Nkp):
             if n >= Nk:
                 continue
             row = k[b, hk, n]
-            roww = row.view(np.uint32)  # 4 int8 per word (the int8 path)
+            roww = row.view(np.uint32)  # 4 int8 or 2 bf16 per word: copied as they are
             for p in range(words):
                 o = (p // 16) * 256 + (p % 16) * 16 + c
-                if k.itemsize == 1:
+                if k.itemsize < 4:
                     kw[o] = roww[p]
                 else:
                     kw[o] = _pair(row[2 * p], row[2 * p + 1])
@@ -79,7 +105,7 @@ def pack_k(k, keyscale, Kw, skp, Nkp):
 
 @njit(cache=CACHE, parallel=True, nogil=True, error_model="numpy")
 def pack_v(v, Vw, vfin, Nkp):
-    """V (B, Hkv, Nk, dv) float32 -> bf16 B tiles of 32 keys x 16 channels (``Vw``: the
+    """V (B, Hkv, Nk, dv) float32 (or bf16 bits, uint16) -> bf16 B tiles of 32 keys x 16 channels (``Vw``: the
     packed array viewed as uint32, one word = a pair of keys): pair ``r`` of chunk ``kc``,
     channel ``16 g + c`` at word ``g 256 + r 16 + c`` of the chunk's ``dv / 16`` tiles;
     zeros past Nk. ``vfin[bhk]`` False when the head's V holds NaN or inf."""
@@ -98,12 +124,12 @@ def pack_v(v, Vw, vfin, Nkp):
                     vw[g * 256 + r * 16:g * 256 + r * 16 + 16] = 0
                 continue
             x0 = v[b, hk, k0]
-            x1 = v[b, hk, k0 + 1] if k0 + 1 < Nk else np.zeros(dv, np.float32)
+            x1 = v[b, hk, k0 + 1] if k0 + 1 < Nk else np.zeros(dv, v.dtype)
             for g in range(dv // 16):
                 for c in range(16):
                     a, z = x0[16 * g + c], x1[16 * g + c]
                     vw[g * 256 + r * 16 + c] = _pair(a, z)
-                    nbad += (abs(a) == np.inf) | (a != a) | (abs(z) == np.inf) | (z != z)
+                    nbad += nonfinite(a) | nonfinite(z)
         bad[task] = nbad
     for bhk in range(B * Hkv):
         vfin[bhk] = bad[bhk * KC:(bhk + 1) * KC].sum() == 0
@@ -121,6 +147,18 @@ def round_bf16(x, out):
             out[i] = bf16_of(x[i])
 
 
+@njit(cache=CACHE, parallel=True, nogil=True, error_model="numpy")
+def widen_bf16(bits, out):
+    """``out`` (uint32, flat) = the float32 bits of the bf16 values ``bits`` (uint16,
+    flat): a 16-bit shift, exact, in parallel (the NumPy cast of an ``ml_dtypes``
+    bfloat16 array runs on one thread and cost about a millisecond per million values)."""
+    n = bits.shape[0]
+    chunk = 1 << 14
+    for c in prange((n + chunk - 1) // chunk):
+        for i in range(c * chunk, min(n, (c + 1) * chunk)):
+            out[i] = np.uint32(bits[i]) << np.uint32(16)
+
+
 def _padded(x, d):
     """``x`` with its last axis zero-padded to ``d`` (``x`` itself when it is already)."""
     if x.shape[-1] == d:
@@ -132,8 +170,8 @@ def _padded(x, d):
 
 def pack(q, rowscale, k, keyscale, v, scale, block_kv):
     """Q, K, V in the tile layouts (module docstring): int8 ``q``/``k`` for the INT8 path,
-    float32 for bf16 (``d`` zero-padded to a whole number of 64-byte tile rows). Returns
-    the driver's first six arguments."""
+    float32 or uint16 bf16 bits for bf16 (``d`` zero-padded to a whole number of 64-byte
+    tile rows). Returns the driver's first six arguments."""
     B, H, Nq, d = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     bf16 = q.dtype != np.int8
