@@ -486,7 +486,8 @@ def test_vnni_variant_matches_float64(H, H_kv, Nq, d):
 
 
 @pytest.mark.skipif(VNNI is not None, reason=str(VNNI))
-@pytest.mark.parametrize("case,match", [("int4", "does not read an int4"), ("groups", "one scale per token"),
+@pytest.mark.parametrize("case,match", [("int4", "does not read an int4"),
+                                        ("groups", "one scale per token"),
                                         ("d", "d % 64"), ("dv", "d_v % 32")])
 def test_vnni_variant_refuses_what_it_cannot_read(case, match):
     d, d_v, bits, group = 64, 64, 8, None

@@ -50,7 +50,8 @@ def check(name: str, answer) -> str:
         if not isinstance(answer, numbers.Real):
             return f"not yet: answer a number of GiB, got {answer!r}"
         if abs(answer - want) <= 1e-3 * want:
-            return f"right: {want:.3f} GiB (float32 would take {4 * 128 * 2 * 8 * 32 * 131072 / 2**30:.0f})"
+            f32 = 32 * 8 * 131072 * bytes_per_token(128) / 2**30
+            return f"right: {want:.3f} GiB (float32 would take {f32:.0f})"
         no_scales = 32 * 8 * 131072 * 256 / 2**30
         if abs(answer - no_scales) <= 1e-3 * no_scales:
             return "not yet: you left out the scales (one float32 per token, head and tensor)"

@@ -186,5 +186,6 @@ def bytes_per_token(d: int, d_v: int | None = None, *, kv_dtype: str = "float32"
     return total
 
 
-__all__ = ["FORMATS", "quantize_kv", "quantize_rows", "dequantize_kv", "bytes_per_token", "format_of",
+__all__ = ["FORMATS", "quantize_kv", "quantize_rows", "dequantize_kv", "bytes_per_token",
+           "format_of",
            "channels", "check_bits", "check_group"]

@@ -260,8 +260,8 @@ def time_vs_context(contexts=(2048, 8192, 32768), formats=("float32", "int8", "i
 def targets(B=1, H=32, H_kv=8, Nk=32768, d=128, rounds=5, calls=3, torch=True, vnni=None):
     """The benchmark: ``float32`` (the quantized kernel and ``flash``), ``int8`` (and
     ``int8 vnni``, the int8-query variant, where the CPU has VNNI and ``vnni`` is not
-    False), ``int4 g32`` and PyTorch's SDPA (float32, same data), each in its own process, alternating
-    rounds; floors from the read bandwidth at each cache's size. Ratios are speeds
+    False), ``int4 g32`` and PyTorch's SDPA (float32, same data), each in its own
+    process, alternating rounds; floors from the read bandwidth at each cache's size. Ratios are speeds
     against ``float32`` (the same kernel reading float32) and against ``torch_sdpa``,
     with quartile ranges (:func:`fa_lab.numerics.verdict.ratio_range`)."""
     import pandas as pd

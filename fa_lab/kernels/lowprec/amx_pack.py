@@ -105,10 +105,10 @@ def pack_k(k, keyscale, Kw, skp, Nkp):
 
 @njit(cache=CACHE, parallel=True, nogil=True, error_model="numpy")
 def pack_v(v, Vw, vfin, Nkp):
-    """V (B, Hkv, Nk, dv) float32 (or bf16 bits, uint16) -> bf16 B tiles of 32 keys x 16 channels (``Vw``: the
-    packed array viewed as uint32, one word = a pair of keys): pair ``r`` of chunk ``kc``,
-    channel ``16 g + c`` at word ``g 256 + r 16 + c`` of the chunk's ``dv / 16`` tiles;
-    zeros past Nk. ``vfin[bhk]`` False when the head's V holds NaN or inf."""
+    """V (B, Hkv, Nk, dv) float32 (or bf16 bits, uint16) -> bf16 B tiles of 32 keys x 16
+    channels (``Vw``: the packed array viewed as uint32, one word = a pair of keys): pair
+    ``r`` of chunk ``kc``, channel ``16 g + c`` at word ``g 256 + r 16 + c`` of the
+    chunk's ``dv / 16`` tiles; zeros past Nk. ``vfin[bhk]`` False when the head's V holds NaN or inf."""
     B, Hkv, Nk, dv = v.shape
     KC = Nkp // 32
     bad = np.zeros(B * Hkv * KC, np.int64)
