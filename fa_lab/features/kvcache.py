@@ -46,7 +46,7 @@ def _seqlens(cache_seqlens, B) -> np.ndarray:
 
 def _check_caches(q, k_cache, v_cache, k_scale, v_scale, writing):
     """The caches (and the scales of an int8 / int4 cache), checked; returns ``(kc, vc,
-    ks, vs, kv_format)``."""
+    ks, vs, kv_format, d_v)``."""
     for name, x in (("k_cache", k_cache), ("v_cache", v_cache), ("k_scale", k_scale),
                     ("v_scale", v_scale)):
         if writing and x is not None and not isinstance(x, np.ndarray):
@@ -64,12 +64,11 @@ def _check_caches(q, k_cache, v_cache, k_scale, v_scale, writing):
         fmt = "float"
         if kc.dtype != q.dtype or vc.dtype != q.dtype:
             raise TypeError(f"the caches must have q's dtype {q.dtype}, got {kc.dtype}")
-    d_k, d_v = channels(kc) if quantized else kc.shape[-1], \
-        channels(vc) if quantized else vc.shape[-1]
-    if kc.ndim != 4 or vc.ndim != 4 or vc.shape[:3] != kc.shape[:3] or d_v == 0:
+    if kc.ndim != 4 or vc.ndim != 4 or vc.shape[:3] != kc.shape[:3] or vc.shape[3] == 0:
         raise ValueError(f"k_cache and v_cache must be 4-D with one shape except v's head "
                          f"dimension d_v >= 1, got {kc.shape} and {vc.shape}")
     H, d, H_kv = q.shape[1], q.shape[3], kc.shape[1]
+    d_k, d_v = channels(kc), channels(vc)  # int4: two channels a byte
     if d_k != d or d == 0:
         raise ValueError(f"k_cache must hold the head dimension d={d} >= 1 of q, got "
                          f"{kc.shape} ({kc.dtype})")
@@ -79,7 +78,7 @@ def _check_caches(q, k_cache, v_cache, k_scale, v_scale, writing):
     if writing and not all(x.flags.writeable for x in (kc, vc, ks, vs) if x is not None):
         raise ValueError("k_cache and v_cache (and their scales) must be writable to "
                          "append k and v")
-    return kc, vc, ks, vs, fmt
+    return kc, vc, ks, vs, fmt, d_v
 
 
 def _check_quantized(q, k_cache, v_cache, k_scale, v_scale):
@@ -207,13 +206,12 @@ def attention_with_kvcache(q: ArrayLike, k_cache: np.ndarray, v_cache: np.ndarra
     """
     q = as_float_array("q", q)
     writing = k is not None or v is not None
-    kc, vc, ks, vs, fmt = _check_caches(q, k_cache, v_cache, k_scale, v_scale, writing)
+    kc, vc, ks, vs, fmt, d_v = _check_caches(q, k_cache, v_cache, k_scale, v_scale, writing)
     B, H, Nq, d = q.shape
     num_blocks, H_kv, page = kc.shape[:3]
     lens = _seqlens(cache_seqlens, B)
     table = _table(block_table, B, num_blocks, kc)
-    k_new, v_new, n_new = _check_new(k, v, B, H_kv, d, channels(vc) if ks is not None
-                                     else vc.shape[3], q.dtype)
+    k_new, v_new, n_new = _check_new(k, v, B, H_kv, d, d_v, q.dtype)
     causal = check_bool("causal", causal)
     scale = check_scale(scale, d)
     return_lse = check_bool("return_lse", return_lse)
@@ -234,8 +232,8 @@ def attention_with_kvcache(q: ArrayLike, k_cache: np.ndarray, v_cache: np.ndarra
                              f"{used.tolist()}; nothing was written")
     req = Request(dtype=q.dtype, causal=causal, gqa=H != H_kv,
                   blocks=block_q is not None or block_kv is not None, window=mods.window,
-                  softcap=mods.softcap > 0, alibi=mods.slopes is not None,
-                  dv=(channels(vc) if ks is not None else vc.shape[3]) != d, kv_format=fmt)
+                  softcap=mods.softcap > 0, alibi=mods.slopes is not None, dv=d_v != d,
+                  kv_format=fmt)
     splits = check_block("splits", splits)
     if fmt != "float" and kernel == "auto":  # never the float64 reference by fallback
         kernel = "quantized"
@@ -244,14 +242,13 @@ def attention_with_kvcache(q: ArrayLike, k_cache: np.ndarray, v_cache: np.ndarra
         bits = FORMATS[fmt][0]
         shifted = k_new if k_mean is None else k_new - k_mean[:, :, None, :]
         kq, kqs = quantize_rows(shifted, bits, d // ks.shape[3], "k")
-        vq, vqs = quantize_rows(v_new, bits, channels(vc) // vs.shape[3], "v")
+        vq, vqs = quantize_rows(v_new, bits, d_v // vs.shape[3], "v")
         _write(kc, vc, table, lens, kq, vq)
         _write(k_scale, v_scale, table, lens, kqs, vqs)
     elif n_new:
         _write(kc, vc, table, lens, k_new, v_new)
     bq, bk = effective_blocks(Nq, max(page, 1), block_q, block_kv, chosen.default_blocks)
     if Nq == 0 or B == 0:
-        d_v = channels(vc) if ks is not None else vc.shape[3]
         out, lse = np.zeros(q.shape[:3] + (d_v,), q.dtype), np.zeros(q.shape[:3], q.dtype)
     else:
         kr, vr = np.ascontiguousarray(kc), np.ascontiguousarray(vc)  # no copy when contiguous
