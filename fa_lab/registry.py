@@ -112,7 +112,7 @@ class Kernel:
             return (f"kernel {self.name!r} does not support a value head dimension d_v "
                     "different from d")
         if req.kv_format not in self.kv_formats:
-            return f"kernel {self.name!r} does not read an {req.kv_format} KV cache"
+            return f"kernel {self.name!r} does not read a KV cache of format {req.kv_format!r}"
         if req.blocks and not self.tiled:
             return (f"kernel {self.name!r} is not tiled: block_q/block_kv are not options "
                     "of it")

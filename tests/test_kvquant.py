@@ -304,7 +304,7 @@ def _cache():
     ("scale_f64", TypeError, "k_scale must be float32"),
     ("scale_shape", ValueError, "v_scale must have shape"),
     ("window", NotImplementedError, "window"),
-    ("flash", NotImplementedError, "does not read an int8"),
+    ("flash", NotImplementedError, "format 'int8'"),
     ("readonly", ValueError, "writable"),
 ])
 def test_attention_with_kvcache_refuses_bad_quantized_input(case, exc, match):
@@ -486,7 +486,7 @@ def test_vnni_variant_matches_float64(H, H_kv, Nq, d):
 
 
 @pytest.mark.skipif(VNNI is not None, reason=str(VNNI))
-@pytest.mark.parametrize("case,match", [("int4", "does not read an int4"),
+@pytest.mark.parametrize("case,match", [("int4", "format 'int4'"),
                                         ("groups", "one scale per token"),
                                         ("d", "d % 64"), ("dv", "d_v % 32")])
 def test_vnni_variant_refuses_what_it_cannot_read(case, match):
@@ -517,3 +517,43 @@ def test_vnni_variant_is_refused_without_vnni():
             fa_lab.attention_with_kvcache(np.ones((1, 1, 1, 64), np.float32), kq, vq,
                                           cache_seqlens=20, k_scale=ks, v_scale=vs,
                                           kernel="quantized_vnni")
+
+
+@pytest.mark.parametrize("bits,group", [(8, None), (8, 16), (4, None)])
+def test_a_one_token_cache_reads_its_scales(bits, group):
+    """Scales of shape (1, H_kv, 1, G) (B = 1, one token) are real scales, not the float
+    cache's placeholder."""
+    k, v = _kv((1, 2, 1, 32), seed=3)
+    q = np.random.default_rng(3).standard_normal((1, 4, 1, 32)).astype(np.float32)
+    kq, ks, vq, vs = quantize_kv(k, v, bits=bits, group=group)
+    ref = fa_lab.attention_with_kvcache(q, kq, vq, cache_seqlens=1, k_scale=ks, v_scale=vs,
+                                        kernel="reference")
+    out = fa_lab.attention_with_kvcache(q, kq, vq, cache_seqlens=1, k_scale=ks, v_scale=vs)
+    np.testing.assert_allclose(out, ref, atol=2e-6)
+    cache = fa_lab.KVCache(1, 2, 1, 32, kv_dtype=f"int{bits}", group=group)
+    cache.append(k, v)
+    np.testing.assert_allclose(fa_lab.decode(q, cache), ref, atol=2e-6)
+
+
+def test_bad_blocks_are_refused_before_anything_is_written():
+    kq, ks, vq, vs = quantize_kv(*_kv((1, 1, 8, 16)))
+    snap = [x.copy() for x in (kq, ks, vq, vs)]
+    kn, vn = _kv((1, 1, 1, 16))
+    for bad in ("a", -1, 2.5):
+        with pytest.raises((TypeError, ValueError), match="block_kv"):
+            fa_lab.attention_with_kvcache(np.ones((1, 1, 1, 16), np.float32), kq, vq,
+                                          cache_seqlens=3, k=kn, v=vn, k_scale=ks, v_scale=vs,
+                                          block_kv=bad)
+    for a, b in zip((kq, ks, vq, vs), snap):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_tokens_too_small_for_a_float32_scale_are_stored_as_zeros():
+    k = np.full((1, 2, 8), 1e-44, np.float32)
+    kq, ks, _, _ = quantize_kv(k, k)
+    assert np.all(kq == 0) and np.all(ks == 1)
+    cache = fa_lab.KVCache(1, 1, 2, 8, kv_dtype="int8")  # 1e-44 / 127 underflows float32
+    cache.append(k[None], k[None])
+    assert cache.length == 2 and np.all(cache.keys == 0)
+    with pytest.raises(ValueError, match="overflows float32"):
+        quantize_kv(np.full((1, 8), 1e300), np.ones((1, 8)))

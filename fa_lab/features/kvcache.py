@@ -98,9 +98,9 @@ def _check_quantized(q, k_cache, v_cache, k_scale, v_scale):
         G = sc.shape[-1] if sc.ndim == 4 else 0
         if sc.shape[:-1] != x.shape[:-1] or G == 0 or channels(x) % G or (
                 fmt == "int4" and (channels(x) // G) % 2):
-            raise ValueError(f"{name} must have shape {x.shape[:-1]} + (groups,), groups "
-                             f"dividing d={channels(x)} into {'even ' if fmt == 'int4' else ''}"
-                             f"groups, got {sc.shape}")
+            even = " (an even number of channels each, for int4)" if fmt == "int4" else ""
+            raise ValueError(f"{name} must have shape {x.shape[:-1]} + (groups,), the "
+                             f"groups dividing d={channels(x)}{even}, got {sc.shape}")
         scales.append(sc)
     return kc, vc, scales[0], scales[1], fmt
 
@@ -171,8 +171,10 @@ def attention_with_kvcache(q: ArrayLike, k_cache: np.ndarray, v_cache: np.ndarra
         given (so they must be writable NumPy arrays). Or a quantized cache (int8, or
         packed int4 as uint8 with ``d // 2`` bytes a row: :func:`fa_lab.quantize_kv`'s
         layout) with its scales ``k_scale``, ``v_scale`` (float32, ``k_cache.shape[:3] +
-        (groups,)``): read in place and dequantized in the kernel's inner loop, never
-        into a float copy; new ``k``, ``v`` are quantized on write (same bits, same
+        (groups,)``, finite and positive as quantize_kv returns them: not checked at each
+        step, which would read them all): read in place (a C-contiguous cache; any other
+        is copied for the call, as for float caches) and dequantized in the kernel's
+        inner loop, never into a float copy; new ``k``, ``v`` are quantized on write (same bits, same
         groups) and their scales written too. Quantized caches take float32 ``q`` and
         no window, softcap or ALiBi (kernel ``"quantized"``).
     cache_seqlens : int or integer array (B,): valid tokens per sequence before the append
@@ -235,6 +237,7 @@ def attention_with_kvcache(q: ArrayLike, k_cache: np.ndarray, v_cache: np.ndarra
                   softcap=mods.softcap > 0, alibi=mods.slopes is not None, dv=d_v != d,
                   kv_format=fmt)
     splits = check_block("splits", splits)
+    block_q, block_kv = check_block("block_q", block_q), check_block("block_kv", block_kv)
     if fmt != "float" and kernel == "auto":  # never the float64 reference by fallback
         kernel = "quantized"
     chosen, _ = choose_kernel(kernel, req, KVCACHE_KERNELS)

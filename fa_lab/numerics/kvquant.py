@@ -42,17 +42,17 @@ def check_bits(bits) -> int:
     return int(bits)
 
 
-def check_group(group, d: int, bits: int) -> int:
+def check_group(group, d: int, bits: int, what: str = "d") -> int:
     """The channels per scale: ``d`` for ``None``; else a positive divisor of ``d`` (even
-    for int4, whose bytes pair channels inside a group)."""
+    for int4, whose bytes pair channels inside a group); ``what`` names ``d`` in errors."""
     if group is None:
         group = d
     elif isinstance(group, (bool, np.bool_)) or not isinstance(group, numbers.Integral):
         raise TypeError(f"group must be a positive int or None, got {group!r}")
     group = int(group)
     if group <= 0 or d % group:
-        raise ValueError(f"group must be a positive divisor of the head dimension d={d}, "
-                         f"got {group}")
+        raise ValueError(f"group must be a positive divisor of the head dimension "
+                         f"{what}={d}, got {group}")
     if bits == 4 and group % 2:
         raise ValueError(f"int4 packs two channels of a group per byte: group (and d) must "
                          f"be even, got group={group}")
@@ -74,14 +74,17 @@ def quantize_rows(x: ArrayLike, bits: int, group: int | None, name: str = "x"
     if not np.isfinite(x).all():
         raise ValueError(f"{name} must be finite to quantize (integers have no NaN or inf)")
     d = x.shape[-1]
-    g = check_group(group, d, bits)
+    g = check_group(group, d, bits, f"{name}.shape[-1]")
     qmax = FORMATS[f"int{bits}"][2]
     xs = x.astype(np.float64).reshape(x.shape[:-1] + (d // g, g))
     amax = np.abs(xs).max(axis=-1)
     with np.errstate(over="ignore", under="ignore"):
         scale = (amax / qmax).astype(np.float32)
-    if np.any((amax > 0) & ((scale == 0) | ~np.isfinite(scale))):
-        raise ValueError(f"{name}: a group's scale max|x|/{qmax} does not fit float32")
+    if not np.isfinite(scale).all():
+        raise ValueError(f"{name}: a group's scale max|x|/{qmax} overflows float32 (a "
+                         f"float64 input beyond float32's range): rescale {name}")
+    # a group of zeros, or of values so small that max|x|/qmax underflows float32: scale
+    # 1, values 0 (the error is at most max|x|, below 1e-41)
     scale = np.where(scale > 0, scale, np.float32(1.0))
     q = np.clip(np.rint(xs / scale[..., None]), -qmax, qmax).astype(np.int8)
     if bits == 4:  # group halves into the low and high nibbles of one byte
@@ -136,8 +139,8 @@ def format_of(x_q: np.ndarray, scale: np.ndarray | None) -> str:
     kind = {np.dtype(np.int8): "int8", np.dtype(np.uint8): "int4"}.get(x_q.dtype)
     if kind is None:
         if scale is not None:
-            raise TypeError(f"scales are given for a {x_q.dtype} cache: only int8 and "
-                            f"packed int4 (uint8) caches take k_scale/v_scale")
+            raise TypeError(f"scales are given for a cache of dtype {x_q.dtype}: only "
+                            f"int8 and packed int4 (uint8) caches take k_scale/v_scale")
         return "float32" if x_q.dtype == np.float32 else x_q.dtype.name
     if scale is None:
         raise ValueError(f"an {kind} cache needs its scales (k_scale/v_scale from "
@@ -158,9 +161,11 @@ def dequantize_kv(x_q: ArrayLike, scale: ArrayLike) -> np.ndarray:
         raise TypeError(f"x_q must be int8 or packed int4 (uint8), got dtype {x_q.dtype}")
     d = channels(x_q)
     G = scale.shape[-1] if scale.ndim else 0
-    if scale.shape[:-1] != x_q.shape[:-1] or G == 0 or d % G:
+    if scale.shape[:-1] != x_q.shape[:-1] or G == 0 or d % G or (
+            x_q.dtype == np.uint8 and (d // G) % 2):
         raise ValueError(f"scale must have shape {x_q.shape[:-1]} + (groups,) with groups "
-                         f"dividing d={d}, got {scale.shape}")
+                         f"dividing d={d} (an even number of channels each for int4), got "
+                         f"{scale.shape}")
     g = d // G
     if x_q.dtype == np.uint8:
         b = x_q.reshape(x_q.shape[:-1] + (G, g // 2)).astype(np.int16)

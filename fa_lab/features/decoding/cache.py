@@ -75,10 +75,10 @@ class KVCache:
         if kv_dtype.startswith("int") and dtype != np.float32:
             raise ValueError(f"a quantized cache (kv_dtype={kv_dtype!r}) takes float32 "
                              f"queries: dtype must be float32, got {dtype.name}")
-        if (group is not None or smooth_k) and not kv_dtype.startswith("int"):
-            raise ValueError("group and smooth_k apply only to kv_dtype='int8' or 'int4'")
         if not isinstance(smooth_k, (bool, np.bool_)):
             raise TypeError(f"smooth_k must be a bool, got {smooth_k!r}")
+        if (group is not None or smooth_k) and not kv_dtype.startswith("int"):
+            raise ValueError("group and smooth_k apply only to kv_dtype='int8' or 'int4'")
         self.smooth_k, self.k_mean = bool(smooth_k), None
         self.dtype, self.kv_dtype = dtype, kv_dtype
         if kv_dtype.startswith("int"):
@@ -143,9 +143,10 @@ class KVCache:
             if x.dtype.kind != "f":
                 raise TypeError(f"{name} must be a float array, got dtype {x.dtype}")
             if not np.can_cast(x.dtype, self.dtype, "safe"):
+                other = ("" if self.k_scale is not None
+                         else f" (or use a {x.dtype} cache)")
                 raise TypeError(f"{name} has dtype {x.dtype}, which does not fit the cache's "
-                                f"{self.dtype} without loss: cast it first (or use a "
-                                f"{x.dtype} cache)")
+                                f"{self.dtype} without loss: cast it first{other}")
             if x.ndim != 4 or x.shape[:2] != (B, H_kv) or x.shape[3] != d:
                 raise ValueError(f"{name} must have shape (B={B}, H_kv={H_kv}, T, d={d}), "
                                  f"got {x.shape}")
@@ -195,11 +196,12 @@ def decode(q: ArrayLike, cache: KVCache, *, scale: float | None = None,
 
     Bottom-right causal (see the module docstring): append the new tokens' k and v to
     the cache first. ``H`` must be a multiple of the cache's ``H_kv`` (GQA). Runs the
-    ``flash`` kernel on the cache buffers without copying them; ``block_kv`` and
-    ``splits`` override the tuned/default key tile and the split-KV plan: ``block_kv`` a
-    positive int (clamped to the cache length), ``splits`` a positive int, clamped to the
-    number of key blocks (more splits than blocks would only add empty ones). ``sinks``:
-    attention sinks, as :func:`fa_lab.attention` takes them.
+    ``flash`` kernel on a float cache's buffers without copying them (the ``quantized``
+    kernel on an int8 / int4 cache, reading it in place); ``block_kv`` and ``splits``
+    override the tuned/default key tile and the split-KV plan: ``block_kv`` a positive int
+    (clamped to the cache length), ``splits`` a positive int (for a float cache clamped to
+    the number of key blocks: more splits than blocks would only add empty ones).
+    ``sinks``: attention sinks, as :func:`fa_lab.attention` takes them.
     """
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a fa_lab.KVCache, got {type(cache).__name__}")

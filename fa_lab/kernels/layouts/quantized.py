@@ -113,11 +113,11 @@ def _accumulate(acc, alpha, P, V):
 def _task(Q, Q8, qsc, corr, k_pages, k_scale, v_pages, v_scale, table_b, hk, Lk, Nq, causal,
           j_begin, j_end, block_kv, d, d_v, vector, out_rows, lse_rows):
     """One (sequence, kv head, key split): rows ``r = head_in_group * Nq + i``. ``vector``:
-    the explicit-vector products (:func:`_vscores`, :func:`_vaccumulate`), else plain
-    loops on a dequantized tile."""
+    the explicit-vector products (:func:`~.kvtiles.vscores`, :func:`~.kvtiles.vaccumulate`),
+    else plain loops on a dequantized tile."""
     R = Q.shape[0]
     page = k_pages.shape[2]
-    one = k_scale.shape[0] == 1 and k_scale.shape[2] == 1  # float cache: scales unused
+    one = k_pages.itemsize == 4  # a float32 cache (by dtype): its scales are placeholders
     ones = np.ones((block_kv, 1), np.float32)  # its scale rows, never read
     S = np.empty(R * block_kv, np.float32)  # (R, bc) C-contiguous views per tile
     P = np.empty(R * block_kv, np.float32)
