@@ -47,22 +47,34 @@ def check(name: str, answer) -> str:
         return "not yet: replace None with your answer"
     want = _expected(name)
     if name == "cache_gib":
-        if not isinstance(answer, numbers.Real):
+        if isinstance(answer, (bool, np.bool_)) or not isinstance(answer, numbers.Real):
             return f"not yet: answer a number of GiB, got {answer!r}"
-        if abs(answer - want) <= 1e-3 * want:
+        if abs(answer - want) <= 0.01 * want:
             f32 = 32 * 8 * 131072 * bytes_per_token(128) / 2**30
             return f"right: {want:.3f} GiB (float32 would take {f32:.0f})"
         no_scales = 32 * 8 * 131072 * 256 / 2**30
-        if abs(answer - no_scales) <= 1e-3 * no_scales:
+        if abs(answer - no_scales) <= 0.01 * no_scales:
             return "not yet: you left out the scales (one float32 per token, head and tensor)"
+        readings = {0.5: "only K or only V (count both)", 2**30 / 1e9: "GB (10^9), not GiB (2^30)",
+                    1 / 32: "one layer (there are 32)", 1 / 8: "one kv head (there are 8)",
+                    0.25: "32k tokens, not 131072"}
+        for factor, why in readings.items():
+            if abs(answer / want - factor) <= 0.01 * factor:
+                return f"not yet: that is {why}"
         return f"not yet: {answer} is off by a factor {answer / want:.3g}"
     try:
         (c0, v0), (c1, v1) = answer
     except (TypeError, ValueError):
         return f"not yet: answer ((channel, value), (channel, value)), got {answer!r}"
     if (c0, c1) != (want[0][0], want[1][0]):
-        return (f"not yet: the channels are wrong ({c0}, {c1}); byte 1 of a group of 8 "
-                f"does not hold neighbouring channels")
+        if (c1, c0) == (want[0][0], want[1][0]):
+            return "not yet: the right channels, but give the low nibble's channel first"
+        if (c0, c1) == (want[0][0] + 1, want[1][0] + 1):
+            return "not yet: channels count from 0"
+        if c1 == c0 + 1:
+            return ("not yet: the channels are wrong; byte j of a group of 8 holds channels "
+                    "j and j + 4, not neighbours")
+        return f"not yet: the channels are wrong ({c0}, {c1})"
     if (float(v0), float(v1)) != (want[0][1], want[1][1]):
         return (f"not yet: the values are wrong ({v0}, {v1}); read each nibble as a signed "
                 f"4-bit number, then multiply by the scale")

@@ -147,8 +147,8 @@ def kivi_table(fmt="int4", **kw):
 
 
 def greedy_divergence(steps=32, formats=None, prompt=(3, 14, 15, 92, 65, 35, 89, 79)):
-    """TinyLM's greedy tokens with each cache format: the first generated step that
-    differs from the float32 cache's (None: all ``steps`` agree)."""
+    """TinyLM's greedy tokens with each cache format: how many generated tokens equal the
+    float32 cache's, and the first step (1-based) that differs (``"none"``)."""
     import pandas as pd
 
     model = TinyLM()
@@ -160,9 +160,9 @@ def greedy_divergence(steps=32, formats=None, prompt=(3, 14, 15, 92, 65, 35, 89,
                                          "smooth_k": kw.get("smooth_k", False)}
         tokens, _ = model.generate(list(prompt), steps, **fmt_kw)
         diff = np.nonzero(tokens != base)[0]
-        rows.append({"format": fmt, "same_tokens": int(diff[0] - len(prompt)) if len(diff)
-                     else steps, "first_divergence": int(diff[0] - len(prompt)) if len(diff)
-                     else None})
+        same = int(diff[0] - len(prompt)) if len(diff) else steps
+        rows.append({"format": fmt, "same_tokens": same,  # then the first different one
+                     "first_different_step": same + 1 if same < steps else "none"})
     return pd.DataFrame(rows)
 
 
