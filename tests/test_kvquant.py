@@ -557,3 +557,12 @@ def test_tokens_too_small_for_a_float32_scale_are_stored_as_zeros():
     assert cache.length == 2 and np.all(cache.keys == 0)
     with pytest.raises(ValueError, match="overflows float32"):
         quantize_kv(np.full((1, 8), 1e300), np.ones((1, 8)))
+
+
+def test_a_refused_first_append_leaves_a_smoothed_cache_unchanged():
+    cache = fa_lab.KVCache(1, 1, 4, 8, kv_dtype="int8", smooth_k=True)
+    k = np.ones((1, 1, 2, 8), np.float32)
+    k[0, 0, 1, 2] = np.inf
+    with pytest.raises(ValueError, match="k_new must be finite"):
+        cache.append(k, np.ones_like(k))
+    assert cache.length == 0 and cache.k_mean is None

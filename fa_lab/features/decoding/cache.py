@@ -164,11 +164,13 @@ class KVCache:
         else:
             bits = FORMATS[self.kv_dtype][0]
             vq, vs = quantize_rows(v_new, bits, self.group, "v_new")  # checks finiteness
-            if self.smooth_k and self.k_mean is None and T:
-                quantize_rows(k_new, bits, self.group, "k_new")
-                self.k_mean = k_new.mean(axis=2, dtype=np.float64).astype(np.float32)
-            shifted = k_new if self.k_mean is None else k_new - self.k_mean[:, :, None]
+            mean = self.k_mean
+            if self.smooth_k and mean is None and T:  # the prompt's mean, kept once written
+                with np.errstate(invalid="ignore", over="ignore"):  # non-finite: refused below
+                    mean = k_new.mean(axis=2, dtype=np.float64).astype(np.float32)
+            shifted = k_new if mean is None else k_new - mean[:, :, None]
             kq, ks = quantize_rows(shifted, bits, self.group, "k_new")
+            self.k_mean = mean
             self.k[:, :, at], self.k_scale[:, :, at] = kq, ks
             self.v[:, :, at], self.v_scale[:, :, at] = vq, vs
         self.length += T
