@@ -338,13 +338,14 @@ BF16_KERNELS: dict[str, Kernel] = {
 @dataclass(frozen=True)
 class Quantizers:
     """The compiled INT8 quantizers of :func:`fa_lab.attention_int8` (:mod:`fa_lab.numerics.quant`'s
-    rules): ``smooth(k, out, mean)``; ``blocks(x, rows, x8, scales) -> (ok, nonfinite)``."""
+    rules): ``mean(k, out)`` (per-channel means); ``blocks(x, rows, x8, scales, mean) ->
+    (underflow, nonfinite)`` (``mean`` (R, d) subtracted first, or (0, d))."""
 
-    smooth: Callable
+    mean: Callable
     blocks: Callable
 
 
-INT8_QUANTIZERS = Quantizers(quantize.smooth, quantize.quantize_blocks)
+INT8_QUANTIZERS = Quantizers(quantize.channel_mean, quantize.quantize_blocks)
 
 
 def _cuda_fa2_run(arrays, bias, scale, alignment, block_q=None, block_kv=None, **_):

@@ -85,6 +85,25 @@ def test_compiled_quantization_equals_numpy_exactly(dtype, granularity, block):
     np.testing.assert_array_equal(sq, np.broadcast_to(s, x.shape[:-1] + (1,))[..., 0])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("granularity,block", [("per_token", 1), ("per_block", 7),
+                                               ("per_block", 300)])
+def test_compiled_smoothing_equals_numpy_exactly(dtype, granularity, block):
+    """The compiled quantizer subtracts K's channel mean group by group (no smoothed
+    copy): its keys, scales and mean must be NumPy's ``smooth_k`` then ``quantize``, up to
+    the mean's last bit (summed in another order), so compare against that same mean."""
+    rng = np.random.default_rng(block + 1)
+    k = (rng.standard_normal((2, 3, 301, 24)) * 3 + 5).astype(dtype)
+    _, _, k8, sk, mean = quantize_inputs(k, k, granularity, block, block, True)
+    assert mean.shape == (2, 3, 1, 24) and mean.dtype == dtype
+    np.testing.assert_allclose(mean, quant.smooth_k(k)[1], rtol=1e-6)
+    kq, s = quant.quantize((k - mean).astype(dtype), granularity,
+                           None if granularity == "per_token" else block,
+                           scale_dtype=np.float64)
+    np.testing.assert_array_equal(k8, kq)
+    np.testing.assert_array_equal(sk, np.broadcast_to(s, k.shape[:-1] + (1,))[..., 0])
+
+
 def test_compiled_quantization_of_subnormal_scales_divides():
     """A group whose scale is subnormal has no finite reciprocal: the compiled path must
     divide (NumPy's integers), not multiply by infinity."""

@@ -24,7 +24,7 @@ from numpy.typing import ArrayLike
 
 from fa_lab.settings import cpu_features
 from fa_lab.numerics import quant
-from fa_lab.numerics.buffers import aligned
+from fa_lab.numerics.buffers import aligned, empty64
 from fa_lab.api import effective_blocks, prepare
 from fa_lab.numerics.merge import apply_sinks
 from fa_lab.numerics.checks import check_bool, check_choice
@@ -51,26 +51,28 @@ def quantize_inputs(q4, k4, granularity, block_q, block_kv, smooth):
     for name, x in (("q", q4), ("k", k4)):
         if not compiled or not x.size:
             finite(name, x)
-    mean, k_in = None, k4
+    mean, k_in, k_mean = None, k4, None
     if smooth:
         if k4.shape[2] == 0:  # no key: nothing to smooth (and no mean of nothing)
             mean = np.zeros(k4.shape[:2] + (1, k4.shape[3]), k4.dtype)
         elif granularity == "per_tensor":
             k4, mean = quant.smooth_k(k4)
-        else:
+        else:  # the compiled quantizer subtracts the mean group by group
             B, Hk, Nk, d = k4.shape
-            ks, m = np.empty_like(k4), np.empty((B * Hk, d), k4.dtype)
-            INT8_QUANTIZERS.smooth(k4.reshape(B * Hk, Nk, d), ks.reshape(B * Hk, Nk, d), m)
-            k4, mean = ks, m.reshape(B, Hk, 1, d)
+            k4 = np.ascontiguousarray(k4)
+            k_mean = np.empty((B * Hk, d), k4.dtype)
+            INT8_QUANTIZERS.mean(k4.reshape(B * Hk, Nk, d), k_mean)
+            mean = k_mean.reshape(B, Hk, 1, d)
     out = []
     for name, x, block in (("q", q4, block_q), ("k", k4, block_kv)):
         if granularity != "per_tensor" and x.size:
             B, Hx, N, d = x.shape
-            xq, s = aligned(np.empty(x.shape, np.int8)), np.empty((B, Hx, N))
+            xq, s = empty64(x.size, np.int8).reshape(x.shape), np.empty((B, Hx, N))
             rows = 1 if granularity == "per_token" else int(min(block, N))
+            sub = k_mean if name == "k" and k_mean is not None else np.empty((0, d), x.dtype)
             under, bad = INT8_QUANTIZERS.blocks(np.ascontiguousarray(x).reshape(B * Hx, N, d),
                                                 rows, xq.reshape(B * Hx, N, d),
-                                                s.reshape(B * Hx, N))
+                                                s.reshape(B * Hx, N), sub)
             if bad:
                 finite(name, q4 if name == "q" else k_in)
                 raise ValueError("k: overflows to infinity once its mean is subtracted; "
@@ -78,6 +80,8 @@ def quantize_inputs(q4, k4, granularity, block_q, block_kv, smooth):
             if not under:
                 out += [xq, s]
                 continue  # else: the NumPy path below raises the scale error
+            if sub.size:
+                x = (x - mean).astype(x.dtype)
         try:
             xq, s = quant.quantize(x, granularity,
                                    block if granularity == "per_block" else None,

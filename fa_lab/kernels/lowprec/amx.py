@@ -199,6 +199,8 @@ def amx_forward(Qp, rs, Kp, skp, Vp, vfin, v, bias, has_bias, causal, offset, bl
             if stage < 1:
                 continue
             bc = min(block_kv, Nk - j0)
+            if causal:  # keys past the block's last diagonal: no row sees them
+                bc = min(bc, i0 + offset + br - j0)
             bcp = -(-bc // 32) * 32
             diagonal = causal and j0 + bc > i0 + offset + 1
             masked = has_bias or diagonal

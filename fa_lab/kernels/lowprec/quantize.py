@@ -7,7 +7,8 @@ INT8 kernel's whole budget at that size. These compute the same values: per grou
 ``block`` rows, ``scale = max|x| / 127`` in float64 (1 for an all-zero group), ``xq =
 clip(rint(x / scale), -127, 127)`` (by the reciprocal, division only near a tie:
 :func:`_quantize_group`; 0.5 -> 0.22 ms per tensor above), and a flag for inf/NaN (so the
-caller needs no separate ``isfinite`` pass); the smoothed K is ``k - mean`` with the per-channel
+caller needs no separate ``isfinite`` pass); the smoothed K is ``k - mean`` (formed group by
+group inside the quantizer, never as a whole copy) with the per-channel
 mean over the tokens accumulated in float64 and rounded to k's dtype, as
 :func:`fa_lab.numerics.quant.smooth_k` (the sum is taken in another order, so the mean may differ
 from NumPy's pairwise sum in the last bit).
@@ -87,31 +88,51 @@ def _quantize_group(x, xq):
 
 
 @njit(cache=CACHE, parallel=True, error_model="numpy")
-def quantize_blocks(x, block, xq, s):
+def quantize_blocks(x, block, xq, s, mean):
     """``x`` (R, N, d) C-contiguous -> ``xq`` int8 (R, N, d) and per-row float64 scales
-    ``s`` (R, N), one scale per ``block`` consecutive rows. Returns ``(underflow,
-    nonfinite)``: how many groups need a scale float64 cannot hold (the caller then
-    raises) and how many hold inf or NaN (the caller raises; nothing else is valid)."""
+    ``s`` (R, N), one scale per ``block`` consecutive rows. ``mean`` (R, d), or (0, d) for
+    none: quantize ``x - mean`` (rounded to x's dtype, as :func:`channel_mean`'s caller
+    would subtract it), computed group by group in a scratch that stays in cache instead
+    of a smoothed copy of ``x``. Returns ``(underflow, nonfinite)``: how many groups need a
+    scale float64 cannot hold (the caller then raises) and how many hold inf or NaN (the
+    caller raises; nothing else is valid)."""
     R, N, d = x.shape
     rows = max(block, -(-128 // block) * block)  # rows per task: whole groups, >= 128
     nt = -(-N // rows)
     xf, qf = x.reshape(R, N * d), xq.reshape(R, N * d)
+    smoothed = mean.shape[0] > 0
     under, bad = 0, 0
     for task in prange(R * nt):
         r, i0 = task // nt, (task % nt) * rows
+        scratch = np.empty(block * d if smoothed else 0, x.dtype)
         for g0 in range(i0, min(i0 + rows, N), block):
             g1 = min(g0 + block, N)
-            sc, u, nf = _quantize_group(xf[r, g0 * d:g1 * d], qf[r, g0 * d:g1 * d])
+            src = xf[r, g0 * d:g1 * d]
+            if smoothed:
+                src = _minus(src, mean[r], scratch[:(g1 - g0) * d])
+            sc, u, nf = _quantize_group(src, qf[r, g0 * d:g1 * d])
             s[r, g0:g1] = sc
             under += u
             bad += nf
     return under, bad
 
 
+@njit(cache=CACHE, error_model="numpy", inline="always")
+def _minus(x, m, out):
+    """``out`` = rows of ``x`` (flat, ``len(m)`` per row) minus ``m``, in x's dtype."""
+    d = m.shape[0]
+    for i in range(x.shape[0] // d):
+        xi, oi = x[i * d:(i + 1) * d], out[i * d:(i + 1) * d]
+        for t in range(d):
+            oi[t] = xi[t] - m[t]
+    return out
+
+
 @njit(cache=CACHE, parallel=True, error_model="numpy")
-def smooth(k, ks, mean):
-    """``ks = k - mean`` with ``mean`` (R, d) the per-channel mean of ``k`` (R, N, d) over
-    N, summed in float64 and rounded to k's dtype (as :func:`fa_lab.numerics.quant.smooth_k`)."""
+def channel_mean(k, mean):
+    """``mean`` (R, d) = the per-channel mean of ``k`` (R, N, d) over N, summed in float64
+    and rounded to k's dtype (as :func:`fa_lab.numerics.quant.smooth_k`); the smoothed
+    keys ``k - mean`` are formed by :func:`quantize_blocks` group by group."""
     R, N, d = k.shape
     for r in prange(R):
         acc = np.zeros(d, np.float64)
@@ -121,8 +142,3 @@ def smooth(k, ks, mean):
                 acc[t] += ki[t]
         for t in range(d):
             mean[r, t] = acc[t] / max(N, 1)
-        mr = mean[r]
-        for i in range(N):
-            ki, ksi = k[r, i], ks[r, i]
-            for t in range(d):
-                ksi[t] = ki[t] - mr[t]
