@@ -370,3 +370,53 @@ def test_breakdown_parts_are_the_stage_differences(monkeypatch, path):
     half = flops(1, 2, 300, 300, 64, True) / 2
     assert rates["Q K^T (tiles)"] == pytest.approx(half / 5e-3 / 1e9)
     assert rates["P V (tiles)"] == pytest.approx(half / 9e-3 / 1e9)
+
+
+@needs_amx
+@pytest.mark.parametrize("path", ["int8", "bf16"])
+def test_ablations_remove_their_pass_and_nothing_else(monkeypatch, path):
+    """Each ablation stage changes the output (its pass really is skipped: a plumbing
+    that ignored it would time the whole kernel twice), FULL is the attention, and the
+    table's savings are relative to the whole kernel's median."""
+    if path == "bf16" and BF16 is None:
+        pytest.skip("ml_dtypes (bfloat16 arrays) not installed")
+    from fa_lab.kernels.common import Stage
+    from fa_lab.registry import BF16_KERNELS, INT8_KERNELS
+    from fa_lab.settings.machine import Load
+    from fa_lab.tools.bench.harness import Timings
+    from fa_lab.tools.lowprec import amx as amx_bench
+
+    case = Case(B=1, H=2, Nq=150, Nk=300, d=64, causal=True)
+    q, k, v = case.inputs(seed=5)
+    call = prepare(q, k, v, causal=True)
+    kernel = INT8_KERNELS["amx"] if path == "int8" else BF16_KERNELS["amx"]
+    if path == "int8":
+        arrays = (*quantize_inputs(call.q4, call.k4, "per_block", 64, 256, True)[:4], call.v4)
+        extra = {"pv_dtype": "bfloat16"}
+    else:
+        arrays, extra = (call.q4, call.k4, call.v4), {}
+    outs = {st: kernel.run(arrays, call.bias, call.scale, call.alignment, 64, 256, stage=st,
+                           **extra)[0] for st in (Stage.FULL, Stage.NO_EXP, Stage.NO_MAX,
+                                                  Stage.NO_SOFTMAX)}
+    full = outs.pop(Stage.FULL)
+    exact = reference.attention(q, k, v, causal=True)[0]
+    assert np.abs(full - exact).max() < 0.05
+    for st, out in outs.items():
+        assert not np.allclose(out, full, atol=1e-3, equal_nan=True), st.name
+
+    known = {"whole kernel": 10.0, "without the exp pass": 6.0, "without the max pass": 9.0,
+             "without the softmax": 4.0}
+
+    def fake_time_calls(cs, args, **kw):
+        times = Timings()
+        for c in cs:
+            c.fn(*args)
+            times[c.name] = [known[c.name] / 1e3]
+        times.load = Load(0.0, 0.0, 0.0, 0.0, 0.0)
+        return times
+
+    monkeypatch.setattr(amx_bench, "time_calls", fake_time_calls)
+    df = amx_bench.ablation(N=300, H=2, d=64, causal=True, path=path, repeats=1)
+    assert list(df["variant"]) == [name for name, _ in amx_bench.ABLATIONS]
+    np.testing.assert_allclose(df["ms"], [10, 6, 9, 4])
+    np.testing.assert_allclose(df["saved"], [0, 0.4, 0.1, 0.6])

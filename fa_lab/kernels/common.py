@@ -43,13 +43,19 @@ class Stage(IntEnum):
     (the output is then not attention): after the packing only (``PACK``, kernels that
     pack their operands), the loops (``LOOPS``), the scores and masks (``SCORES``), the
     softmax (``SOFTMAX``), or never (``FULL``, the whole kernel). The jitted code
-    compares plain ints in this order."""
+    compares plain ints in this order. Past ``FULL``, ablations (the AMX kernel only):
+    the whole kernel without the softmax's exp pass (``NO_EXP``: P is not written), its
+    max pass (``NO_MAX``: each row keeps its previous max), or both (``NO_SOFTMAX``):
+    what each pass costs where the CPU may overlap it with the tile products."""
 
     PACK = -1
     LOOPS = 0
     SCORES = 1
     SOFTMAX = 2
     FULL = 3
+    NO_EXP = 4
+    NO_MAX = 5
+    NO_SOFTMAX = 6
 
 
 #: What the loop kernels store in place of the probability of a *hidden* key (score

@@ -28,9 +28,12 @@ Why this shape (lesson 10 measures each part on the reader's machine with
 :func:`fa_lab.tools.lowprec.amx.breakdown`): packing goes by 4-byte words; the softmax
 works on the raw int32 products (no fp32 score tile is written; the row max is a
 ``vpmaxsd``), the causal diagonal fused in, because with both products on the matrix
-engine the exponentials are the wall. Two ways to hide them were measured slower and
-are not used: interleaving the previous block's ``P V`` tile steps with the exp rows,
-and FlashAttention-4's lazy rescaling (one pass per row against a running max).
+engine the exponentials are the largest part left (the ablations of
+:class:`~fa_lab.kernels.common.Stage`, ``NO_EXP`` ..., time the kernel without each
+pass). Two ways to hide them were measured slower and are not used: interleaving the
+previous block's ``P V`` tile steps with the exp rows, and FlashAttention-4's lazy
+rescaling (one pass per row against a running max). On the causal diagonal, a block's
+keys stop at its last row's diagonal (no tile is computed for keys no row sees).
 
 Nothing here may be compiled on a CPU without AMX (LLVM aborts):
 :func:`fa_lab.settings.cpu_features.amx_unavailable` first; the registry does.
@@ -145,7 +148,7 @@ def _f32_of_overload(x):
 
 @njit(cache=CACHE, nogil=True, error_model="numpy")
 def _block_softmax(Sraw, S, P, ld, br, bc, bcp, sk, rs, m, l, alpha, general, bias, has_bias,
-                   b, h, i0, j0, diagonal, offset):
+                   b, h, i0, j0, diagonal, offset, skip):
     """The softmax of one block (:mod:`.amx_softmax`): fused, or (``general``, or keys
     with different scales) dequantize + mask + sage's softmax."""
     ks = sk[0]
@@ -153,7 +156,7 @@ def _block_softmax(Sraw, S, P, ld, br, bc, bcp, sk, rs, m, l, alpha, general, bi
         general |= sk[c] != ks
     if not general:
         first = i0 + offset + 1 - j0 if diagonal else bc
-        softmax_fused(Sraw, ld, br, bc, bcp, ks, rs, first, m, l, alpha, P)
+        softmax_fused(Sraw, ld, br, bc, bcp, ks, rs, first, m, l, alpha, P, skip)
         return
     dequantize(Sraw, ld, br, bc, sk, rs, S)
     if has_bias or diagonal:
@@ -209,12 +212,15 @@ def amx_forward(Qp, rs, Kp, skp, Vp, vfin, v, bias, has_bias, causal, offset, bl
                 continue
             hidden_nan = masked and not vfin[bhk]  # needs the masked fp32 scores
             general = has_bias or hidden_nan or not positive_scale
-            if bf16:
+            skip = stage - 3 if stage > 3 else 0  # an ablation (Stage.NO_EXP ...)
+            if skip == 3:
+                pass
+            elif bf16:
                 _block_softmax(Sf, S, P, ld, br, bc, bcp, skb[j0:], rsb, m, l, alpha, general,
-                               bias, has_bias, b, h, i0, j0, diagonal, offset)
+                               bias, has_bias, b, h, i0, j0, diagonal, offset, skip)
             else:
                 _block_softmax(Sraw, S, P, ld, br, bc, bcp, skb[j0:], rsb, m, l, alpha,
-                               general, bias, has_bias, b, h, i0, j0, diagonal, offset)
+                               general, bias, has_bias, b, h, i0, j0, diagonal, offset, skip)
             if stage < 3:
                 continue
             if hidden_nan:

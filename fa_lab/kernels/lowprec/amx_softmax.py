@@ -157,18 +157,23 @@ def new_max(x, m_old):
 
 
 @njit(cache=CACHE, error_model="numpy")
-def softmax_fused(Sraw, ld, br, bc, nz, ks, rs, first_hidden, m, l, alpha, P):
+def softmax_fused(Sraw, ld, br, bc, nz, ks, rs, first_hidden, m, l, alpha, P, skip=0):
     """The fused path (module docstring) over rows ``r < br`` of stride ``ld``: key scale
     ``ks`` for the whole block; row ``r`` sees keys ``c < min(bc, first_hidden + r)``
     (``first_hidden`` large when there is no causal cut) and gets P = 0 up to ``nz``. All
-    rows' maxima first, then their exponentials (no row waits on its own reduction)."""
+    rows' maxima first, then their exponentials (no row waits on its own reduction).
+    ``skip`` (timing ablations only, the result is then not a softmax): 1 no exp pass,
+    2 no max pass (a row's first score stands in for its max)."""
     for r in range(br):
         n = max(0, min(bc, first_hidden + r))
-        x = row_max(Sraw[r * ld:r * ld + n], n)
+        if skip == 2:
+            x = np.float32(Sraw[r * ld]) if n > 0 else np.float32(NEG_INF)
+        else:
+            x = row_max(Sraw[r * ld:r * ld + n], n)
         mx, al = new_max(x * (rs[r] * ks) if n > 0 else x, m[r])
         m[r], alpha[r] = mx, al
         l[r] *= al
-    for r in range(br):
+    for r in range(br if skip != 1 else 0):
         n = max(0, min(bc, first_hidden + r))
         m_use = m[r] if m[r] != NEG_INF else np.float32(0)
         l[r] += row_exp(Sraw[r * ld:r * ld + nz], n, nz, rs[r] * ks * LOG2E, m_use * LOG2E,

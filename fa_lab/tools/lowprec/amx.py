@@ -177,6 +177,46 @@ print(json.dumps({"samples": dict(times), "bf16_error": err,
 """
 
 
+#: The ablations of :func:`ablation`: (name, stage), the stage as the kernel's plain int
+#: (:class:`~fa_lab.kernels.common.Stage`: FULL, NO_EXP, NO_MAX, NO_SOFTMAX).
+ABLATIONS = [("whole kernel", 3), ("without the exp pass", 4), ("without the max pass", 5),
+             ("without the softmax", 6)]
+
+
+def ablation(N=2048, H=8, B=1, d=64, *, causal=False, path="int8", repeats=7, seed=1):
+    """Is the softmax's arithmetic the wall? The whole kernel (packed once, inputs
+    prepared) timed interleaved with itself minus the exp pass, minus the max pass, and
+    minus both (outputs then invalid: timing only). A stage difference (:func:`breakdown`)
+    charges the softmax with everything that happens while it runs, such as waiting
+    for the tile-stored scores; removing one pass at a time shows what the arithmetic
+    itself costs. Rows: ``path, causal, variant, ms`` (median), ``q25_ms, q75_ms``,
+    ``saved`` (the fraction of the whole kernel's median the variant saves) and the
+    load."""
+    import pandas as pd
+
+    q, k, v = _inputs(B, H, N, d, seed)
+    call = prepare(q, k, v, causal=causal)
+    kernel = INT8_KERNELS["amx"] if path == "int8" else BF16_KERNELS["amx"]
+    bq, bk = kernel.default_blocks
+    if path == "int8":
+        arrays, extra = (*quantize_inputs(call.q4, call.k4, "per_block", bq, bk, True)[:4],
+                         call.v4), {"pv_dtype": "bfloat16"}
+    else:
+        arrays, extra = tuple(x.astype(_bf16()).astype(np.float32) for x in (q, k, v)), {}
+    cs = [Contender(name, lambda st=st: kernel.run(arrays, call.bias, call.scale,
+                                                   call.alignment, bq, bk, stage=st, **extra),
+                    "kernel") for name, st in ABLATIONS]
+    times = time_calls(cs, (), repeats=repeats, warmup=1, cooldown=0)
+    med = {c.name: float(np.median(times[c.name])) for c in cs}
+    whole = med["whole kernel"]
+    return pd.DataFrame([{"path": path, "causal": bool(causal), "variant": name,
+                          "ms": med[name] * 1e3,
+                          "q25_ms": float(np.percentile(times[name], 25)) * 1e3,
+                          "q75_ms": float(np.percentile(times[name], 75)) * 1e3,
+                          "saved": 1 - med[name] / whole, **times.load.columns()}
+                         for name, _ in ABLATIONS])
+
+
 def torch_times(B, H, N, d, causal, repeats=7, seed=1) -> dict | None:
     """Torch SDPA (bf16 and fp32) timed in a fresh process (its default threads; inputs
     from the same seed as :func:`speed`'s): ``{"samples": {name: [s]}, "bf16_error":
