@@ -1,5 +1,7 @@
 """The report entry point: runs notebooks, writes HTML and an index, reports failures."""
 
+import html
+import json
 import re
 
 import nbformat
@@ -120,7 +122,7 @@ def test_only_updates_the_index_instead_of_replacing_it(lessons, tmp_path):
                show_progress=False)
     index = (out / "index.html").read_text()
     assert "deliberate failure" in index  # the lesson not re-run keeps its row
-    assert index.count("<tr><td>ok</td>") == 1 and index.count("<tr><td>broken</td>") == 1
+    assert index.count("<small>ok</small>") == 1 and index.count("<small>broken</small>") == 1
 
 
 def test_a_stale_status_file_is_not_read_as_this_runs(tmp_path):
@@ -131,3 +133,88 @@ def test_a_stale_status_file_is_not_read_as_this_runs(tmp_path):
     os.utime(path, (1e9, 1e9))  # written long ago
     assert report._read_status(path, newer_than=2e9) is None
     assert report._read_status(path)["verdicts"]
+
+
+# ---------------------------------------------------------------- the syllabus
+
+def test_every_lesson_has_a_syllabus_entry_in_course_order():
+    from fa_lab.tools import syllabus
+
+    order = [name for name, _ in report.NOTEBOOKS]
+    assert [lesson.name for lesson in syllabus.LESSONS] == order
+    for lesson in syllabus.LESSONS:
+        assert lesson.aim and lesson.paths and set(lesson.paths) <= set(syllabus.PATHS)
+        for need in lesson.needs:  # what to read first comes first
+            assert order.index(need) < order.index(lesson.name), (lesson.name, need)
+        assert (report.REPO / "notebooks" / f"{lesson.name}.ipynb").exists()
+    assert syllabus.path_lessons("core")[0] == "00_tour"
+    with pytest.raises(ValueError, match="path"):
+        syllabus.path_lessons("fast")
+
+
+def test_titles_reading_time_and_neighbours(tmp_path):
+    from fa_lab.tools import syllabus
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# 07 · The backward pass\n\n" + "word " * 354),
+                nbformat.v4.new_code_cell("x = 1"), nbformat.v4.new_code_cell("y = 2")]
+    nbformat.write(nb, tmp_path / "07_x.ipynb")
+    assert syllabus.title(tmp_path / "07_x.ipynb") == "The backward pass"
+    assert syllabus.reading_minutes(tmp_path / "07_x.ipynb") == 3  # 360 words (the heading's 6 too): 2.0 + 2 x 0.5
+    assert syllabus.neighbours("b", ["a", "b", "c"]) == ("a", "c")
+    assert syllabus.neighbours("a", ["a", "b"]) == (None, "b")
+    assert syllabus.neighbours("z", ["a"]) == (None, None)
+
+
+def test_pages_link_their_neighbours_and_the_index_keeps_run_times_per_mode(lessons, tmp_path):
+    out, res = tmp_path / "reports", tmp_path / "res"
+    _notebook(lessons / "third.ipynb", "print('three')")
+    report.run(out=out, notebooks=["ok", "third"], params={"quick": True}, results_dir=res,
+               nb_dir=lessons, show_progress=False)
+    page = (out / "ok.html").read_text()
+    assert page.count('class="fa-lab-nav"') == 2  # above and below the lesson
+    assert 'href="third.html"' in page and 'href="index.html"' in page
+    third = (out / "third.html").read_text()
+    assert 'href="ok.html"' in third and "→" not in third.split("fa-lab-nav")[1]  # last: no next
+    index = (out / "index.html").read_text()
+    assert "quick: " in index and "full: not run yet" in index
+    assert "Two paths through the course" in index and "reading" in index
+    report.run(out=out, notebooks=["third"], params={"quick": False}, results_dir=res,
+               nb_dir=lessons, show_progress=False)
+    rows = {r["name"]: r for r in json.loads((out / report.RESULTS_JSON).read_text())}
+    assert set(rows["third"]["times"]) == {"quick", "full"}  # both modes, each measured here
+    assert set(rows["ok"]["times"]) == {"quick"}
+
+
+def test_the_real_index_reads_as_a_syllabus(tmp_path):
+    """The index of the real lessons (rendered from a fake run, nothing executed): every
+    lesson's aim and reading time, both paths, links to what to read first."""
+    from fa_lab.tools import syllabus
+
+    nb_dir = report.REPO / "notebooks"
+    results = [report.Result(n, "ok", 1.0, times={"full": 12.0}) for n, _ in report.NOTEBOOKS]
+    course = {n: {"title": syllabus.title(nb_dir / f"{n}.ipynb"), "aim": syllabus.describe(n).aim,
+                  "needs": syllabus.describe(n).needs,
+                  "read_min": syllabus.reading_minutes(nb_dir / f"{n}.ipynb")}
+              for n, _ in report.NOTEBOOKS}
+    index = report.index_html(results, {"cpu": "x"}, {"quick": False}, {}, course)
+    for lesson in syllabus.LESSONS:
+        assert html.escape(lesson.aim) in index
+    assert index.count("<ol>") == len(syllabus.PATHS)
+    assert 'href="01_online_softmax.html">01 · Online softmax' in index
+    assert "full: 12 s" in index and "quick: not run yet" in index
+
+
+def test_the_readme_states_the_syllabus():
+    """README's lesson table and paths are the syllabus's (one source, checked here)."""
+    import re
+
+    from fa_lab.tools import syllabus
+
+    readme = (report.REPO / "README.md").read_text()
+    for path in syllabus.PATHS:
+        assert " → ".join(n[:2] for n in syllabus.path_lessons(path)) in readme, path
+    rows = dict(re.findall(r"^\| `(\d\d_\w+)` \| ([^|]+) \|", readme, re.M))
+    assert set(rows) == set(syllabus.BY_NAME)
+    for lesson in syllabus.LESSONS:
+        assert rows[lesson.name].strip() == (", ".join(n[:2] for n in lesson.needs) or "-")

@@ -33,6 +33,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fa_lab.settings.machine import machine
+from fa_lab.numerics.consistency import is_suspicious
+from fa_lab.tools import syllabus
 
 #: (notebook stem, key figure stem shown on the index page): one line per lesson.
 NOTEBOOKS = [
@@ -90,6 +92,7 @@ class Result:
     cell: int | None = None  # index of the failing cell in the source notebook (0-based)
     prompt: int | None = None  # its ``In [n]`` in the executed notebook / HTML
     lesson: dict | None = None  # the lesson's own status file (verdicts, load), if any
+    times: dict | None = None  # seconds of the last clean run here, per mode (quick, full)
 
     @property
     def verdicts(self) -> str:
@@ -143,7 +146,7 @@ def _atomic_write(path: Path, text: str) -> None:
 _EXTERNAL_SCRIPT = re.compile(r"<script[^>]*\bsrc=[\"']https?://[^>]*>\s*</script>", re.I)
 
 
-def to_html(nb) -> str:
+def to_html(nb, nav: str = "") -> str:
     """Self-contained HTML of an executed notebook: images embedded, no network needed.
 
     nbconvert's template loads MathJax and require.js from a CDN; the lessons need
@@ -154,11 +157,17 @@ def to_html(nb) -> str:
 
     exporter = HTMLExporter(template_name="lab", embed_images=True)
     body, _ = exporter.from_notebook_node(nb)
-    return _EXTERNAL_SCRIPT.sub("", body)
+    body = _EXTERNAL_SCRIPT.sub("", body)
+    if nav:  # the previous / next bar, above and below the lesson
+        body = re.sub(r"(<body[^>]*>)", lambda m: m.group(1) + nav, body, count=1)
+        body = body.replace("</body>", nav + "</body>", 1)
+    return body
 
 
-def run_notebook(path: Path, out_dir: Path, params: dict, timeout: int | None) -> Result:
-    """Execute one notebook; write ``<name>.ipynb`` and ``<name>.html`` atomically."""
+def run_notebook(path: Path, out_dir: Path, params: dict, timeout: int | None,
+                 nav: str = "") -> Result:
+    """Execute one notebook; write ``<name>.ipynb`` and ``<name>.html`` (with the ``nav``
+    bar) atomically."""
     import nbformat
     import papermill as pm
 
@@ -182,7 +191,7 @@ def run_notebook(path: Path, out_dir: Path, params: dict, timeout: int | None) -
             nb = nbformat.read(tmp_nb, as_version=4)
             if result.status == "failed":
                 result.cell, result.prompt = _error_cell(nb)
-            _atomic_write(out_dir / f"{name}.html", to_html(nb))
+            _atomic_write(out_dir / f"{name}.html", to_html(nb, nav))
             os.replace(tmp_nb, out_dir / f"{name}.ipynb")
     finally:  # Ctrl-C or SIGTERM: the previous pages stay, no temporary file is left
         tmp_nb.unlink(missing_ok=True)
@@ -216,12 +225,24 @@ figure img{max-width:100%;border:1px solid #ddd}figcaption{font-size:.85em;color
 """
 
 
-def index_html(results: list[Result], machine: dict, params: dict, key: dict) -> str:
-    """The report's front page: machine, one row per notebook, key figures inlined."""
+def index_html(results: list[Result], machine: dict, params: dict, key: dict,
+               course: dict | None = None) -> str:
+    """The report's front page, a syllabus: the paths through the course, one row per
+    lesson (aim, what to read first, reading time, run times measured here, this run's
+    status and verdicts), the machine, and the key figures inlined. ``course``: ``{name:
+    {"title", "aim", "needs", "read_min"}}`` (:mod:`fa_lab.tools.syllabus`)."""
     esc = html.escape
+    course = course or {}
     n_ok = sum(r.status == "ok" for r in results)
+    mode = "quick" if params.get("quick") else "full"
+
+    def lesson_link(n):
+        info = course.get(n, {})
+        return f'<a href="{n}.html">{esc(n[:2])} · {esc(info.get("title", n))}</a>'
+
     rows = []
     for r in results:
+        info = course.get(r.name, {})
         links = " ".join(f'<a href="{r.name}.{ext}">{ext}</a>' for ext in ("html", "ipynb"))
         err = ""
         if r.status != "ok":
@@ -229,9 +250,21 @@ def index_html(results: list[Result], machine: dict, params: dict, key: dict) ->
         load = esc(r.load)
         if r.busy:
             load = f'<span class="failed">{load}</span>'
-        rows.append(f'<tr><td>{esc(r.name)}</td><td class="{r.status}">{r.status}</td>'
-                    f"<td>{r.seconds:.1f} s</td><td>{esc(r.verdicts)}</td><td>{load}</td>"
-                    f"<td>{links}</td><td>{err}</td></tr>")
+        times = r.times or {}
+        run_t = "<br>".join(f"{m}: {times[m]:.0f} s" if m in times else f"{m}: not run yet"
+                            for m in ("quick", "full"))
+        needs = ", ".join(lesson_link(n) for n in info.get("needs", ())) or "-"
+        read = f"{info['read_min']} min" if "read_min" in info else ""
+        rows.append(f'<tr><td>{lesson_link(r.name)}<br><small>{esc(r.name)}</small></td>'
+                    f'<td>{esc(info.get("aim", ""))}</td><td>{needs}</td><td>{read}</td>'
+                    f'<td>{run_t}</td><td class="{r.status}">{r.status}</td>'
+                    f"<td>{esc(r.verdicts)}</td><td>{load}</td><td>{links}</td><td>{err}</td></tr>")
+    paths = []
+    for path, what in syllabus.PATHS.items():
+        steps = [n for n in syllabus.path_lessons(path) if n in course]
+        if steps:
+            paths.append(f"<p><b>{esc(path)}</b>: {esc(what)}</p><ol>"
+                         + "".join(f"<li>{lesson_link(n)}</li>" for n in steps) + "</ol>")
     figs = []
     busy = [r.name for r in results if r.busy]
     warn = ""
@@ -246,20 +279,36 @@ def index_html(results: list[Result], machine: dict, params: dict, key: dict) ->
             figs.append(f'<figure><img alt="{esc(path.name)}" src="data:image/png;base64,'
                         f'{data}"><figcaption>{esc(r.name)}: {esc(path.name)}</figcaption>'
                         "</figure>")
+    fired = [(r.name, v) for r in results for v in (r.lesson or {}).get("verdicts", [])
+             if is_suspicious(v)]
+    checks = ("<ul>" + "".join(f'<li><a href="{esc(n)}.html">{esc(n)}</a>: {esc(v["what"])}: '
+                               f'{esc(v["detail"])}</li>' for n, v in fired) + "</ul>"
+              if fired else "<p>none fired: no two numbers of this run contradict each "
+              "other where a lesson checks them.</p>")
     mrows = "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>"
                     for k, v in machine.items())
     prm = esc(", ".join(f"{k}={v!r}" for k, v in params.items()) or "(notebook defaults)")
     return f"""<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">
-<title>fa_lab report</title><style>{_CSS}</style></head><body>
-<h1>fa_lab report</h1>
-<p>{n_ok} of {len(results)} notebooks ran cleanly. Generated {time.strftime('%Y-%m-%d %H:%M')}
-with parameters: {prm}. Every number in these pages was measured on this machine:</p>
-<table>{mrows}</table>
-<h2>Notebooks</h2>{warn}
-<table><tr><th>notebook</th><th>status</th><th>run time</th><th>verdicts</th>
-<th>load during its timings</th><th>pages</th><th>error</th></tr>
+<title>fa_lab: the course</title><style>{_CSS}</style></head><body>
+<h1>fa_lab: FlashAttention on the CPU, a course</h1>
+<p>{n_ok} of {len(results)} lessons ran cleanly ({esc(mode)} mode). Generated
+{time.strftime('%Y-%m-%d %H:%M')} with parameters: {prm}. Every number in these pages was
+measured on the machine described at the end of this page; on another CPU a verdict may
+read the opposite. Reading times are counted from each lesson's prose; run times are this
+machine's, per mode, from the last clean run in that mode.</p>
+<h2>Two paths through the course</h2>{''.join(paths) or '<p>none</p>'}
+<h2>Lessons</h2>{warn}
+<table><tr><th>lesson</th><th>aim</th><th>read first</th><th>reading</th>
+<th>run time here</th><th>status</th><th>verdicts</th><th>load during its timings</th>
+<th>pages</th><th>error</th></tr>
 {''.join(rows)}</table>
+<h2>Consistency checks that fired</h2>
+<p>Numbers of one run that cannot all be right (a rate above its peak, a time below its
+floor, one configuration measured far apart, a baseline slower than a rung it should beat,
+a planner's choice beaten in its own table): each lesson checks its own and says
+<i>suspicious</i> with both numbers.</p>{checks}
 <h2>Key figures</h2>{''.join(figs) or '<p>none</p>'}
+<h2>The machine</h2><table>{mrows}</table>
 </body></html>"""
 
 
@@ -282,7 +331,12 @@ def run(out="reports", notebooks=None, params=None, results_dir=None, nb_dir=Non
         if not (nb_dir / f"{name}.ipynb").exists():
             raise FileNotFoundError(f"notebook {name!r} not found in {nb_dir}")
     results = []
-    previous = _load_results(out) if notebooks else {}
+    before = _load_results(out)  # earlier runs: their run times per mode
+    previous = before if notebooks else {}
+    mode = "quick" if params.get("quick") else "full"
+    present = [n for n in list(known) + names if (nb_dir / f"{n}.ipynb").exists()]
+    titles = {n: syllabus.title(nb_dir / f"{n}.ipynb") for n in present}
+    course_order = [n for n in known if n in titles]
     # The kernels inherit the environment: the lessons' override (nbval's temporary
     # folder, see fa_lab.lessons.notebook) must not send their results elsewhere than here.
     saved = os.environ.get("FA_LAB_RESULTS_DIR")
@@ -292,14 +346,21 @@ def run(out="reports", notebooks=None, params=None, results_dir=None, nb_dir=Non
             status_file = results_dir / "data" / f"{name}_status.json"
             started = time.time()
             missing = missing_requirements(name)
+            times = dict((before[name].times or {}) if name in before else {})
             if missing:
-                result = Result(name, "skipped", error=f"needs {', '.join(missing)} (not installed)")
+                result = Result(name, "skipped", error=f"needs {', '.join(missing)} (not installed)",
+                                times=times)
                 results.append(result)
                 if show_progress:
                     print(f"[{i}/{len(names)}] {_line(result)}", flush=True)
                 continue
-            result = run_notebook(nb_dir / f"{name}.ipynb", out, params, timeout)
+            nav = syllabus.nav_html(name, course_order if name in course_order else names,
+                                    titles)
+            result = run_notebook(nb_dir / f"{name}.ipynb", out, params, timeout, nav)
             result.lesson = _read_status(status_file, newer_than=started)
+            if result.status == "ok":
+                times[mode] = round(result.seconds, 1)
+            result.times = times
             results.append(result)
             if show_progress:
                 print(f"[{i}/{len(names)}] {_line(result)}", flush=True)
@@ -314,7 +375,11 @@ def run(out="reports", notebooks=None, params=None, results_dir=None, nb_dir=Non
     order = list(known) + list(previous)  # the lessons' order, then earlier runs' order
     listed.sort(key=lambda r: order.index(r.name) if r.name in order else len(order))
     _atomic_write(out / RESULTS_JSON, json.dumps([asdict(r) for r in listed], indent=1))
-    _atomic_write(out / "index.html", index_html(listed, machine(), params, key))
+    course = {n: {"title": titles[n], "aim": syllabus.describe(n).aim,
+                  "needs": syllabus.describe(n).needs,
+                  "read_min": syllabus.reading_minutes(nb_dir / f"{n}.ipynb")}
+              for n in titles}
+    _atomic_write(out / "index.html", index_html(listed, machine(), params, key, course))
     return results
 
 
