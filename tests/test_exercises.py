@@ -46,15 +46,69 @@ MISTAKES = [
 ]
 
 
+# ---------------------------------------------------------------- lessons 00, 02, 05, 06, 11, 12
+
+GF = 4 * 8 * 2048 * 2048 * 64 / 1e9  # two products of 2 N^2 d per head
+ANSWERS.update({
+    "gflop": GF,
+    "scores_mib": 8192 * 8192 * 4 / 2**20,  # 256 MiB
+    "tiles": (16 * 16, 16 * 17 // 2),  # ceil(1000 / 64) = 16 per side
+    "growth": (4, 2),
+    "min_mib": (8 * 4096 * 64 + 8 * 4096) * 4 / 2**20,
+    "rate": GF / 0.025,
+    "causal_rate": GF / 2 / 0.014,
+    "head_dim": 32,
+    "gqa": (4, 4),
+    "smem_kib": 3 * 64 * 64 * 4 / 1024,  # Q, K and V tiles: 48 KiB
+    "blocks_per_sm": 4,  # 228 // 48
+})
+MISTAKES += [
+    ("gflop", GF / 2, "one product"),
+    ("gflop", GF / 8, "one head"),
+    ("scores_mib", 8192 * 8192 * 4 / 1e6, "MB"),
+    ("scores_mib", 8192 * 8192 * 8 / 2**20, "4 bytes"),
+    ("tiles", (225, 120), "partial"),
+    ("tiles", (256, 128), "diagonal"),
+    ("growth", (2, 2), "quadruples"),
+    ("growth", (4, 4), "doubles"),
+    ("min_mib", 8.0, "LSE"),
+    ("min_mib", 4 * (8 * 4096 * 64 + 8 * 4096) * 4 / 2**20, "inputs"),
+    ("rate", GF / 25, "seconds"),
+    ("causal_rate", GF / 0.014, "half"),
+    ("head_dim", 64, "layers"),
+    ("head_dim", 384, "slice"),
+    ("gqa", (8, 4), "kv heads"),
+    ("gqa", (4, 8), "smaller"),
+    ("smem_kib", 32.0, "V tile"),
+    ("smem_kib", 64.0, "registers"),
+    ("blocks_per_sm", 16, "thread limit"),
+    ("blocks_per_sm", 228 / 48, "whole"),
+]
+
+
 def test_every_exercise_has_an_answer_here_and_accepts_it():
     assert set(ANSWERS) == set(exercises.EXERCISES)
     for name, answer in ANSWERS.items():
         assert exercises.check(name, answer).startswith("right"), name
 
 
-def test_two_exercises_per_lesson():
-    for lesson in {e.lesson for e in exercises.EXERCISES.values()}:
-        assert len(exercises.names(lesson)) >= 2, lesson
+def test_every_lesson_has_two_checked_exercises_and_its_notebook_asks_them():
+    """Puzzles, the lessons' own exercise modules and these: at least two per lesson;
+    each exercise here appears, with its check, in its lesson's notebook."""
+    from collections import Counter
+
+    from fa_lab.lessons import flex_exercises, kv_exercises, puzzles
+    from fa_lab.tools import report
+
+    count = Counter(e.lesson for e in exercises.EXERCISES.values())
+    count.update(p.lesson for p in puzzles.PUZZLES.values())
+    count["14_kv_cache_quantization"] += len(kv_exercises.EXERCISES)
+    count["15_programmable_attention"] += len(flex_exercises.EXERCISES)
+    for lesson, _ in report.NOTEBOOKS:
+        assert count[lesson] >= 2, (lesson, count[lesson])
+    for name, e in exercises.EXERCISES.items():
+        source = (report.REPO / "notebooks" / f"{e.lesson}.ipynb").read_text()
+        assert f'exercises.check(\\"{name}\\", my_answer)' in source, (e.lesson, name)
 
 
 @pytest.mark.parametrize("name,answer,reading", MISTAKES)

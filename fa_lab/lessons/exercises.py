@@ -1,5 +1,5 @@
-"""Checked exercises of lessons 04, 08, 10 and 13: the learner works out a number by
-hand in a stub cell; :func:`check` says whether it is right and, when it is not, what
+"""The course's checked exercises (lessons 04, 08, 10 and 13 here, the others in
+:mod:`.exercises_more`): the learner works out a number by hand in a stub cell; :func:`check` says whether it is right and, when it is not, what
 the answer most likely missed (each exercise lists the common mistakes it recognises,
 as factors or values of the right answer), not only pass or fail.
 
@@ -13,41 +13,13 @@ mistake is recognised.
 from __future__ import annotations
 
 import math
-import numbers
-from dataclasses import dataclass, field
-from typing import Callable
-
 import numpy as np
 
 from fa_lab.features.decoding.rope import rope
 from fa_lab.numerics import quant
 from fa_lab.numerics.merge import merge_states
-
-
-@dataclass(frozen=True)
-class Exercise:
-    """A question (``task``), a ``hint``, the expected answer computed by the library
-    (``expected()``: a number or a tuple of numbers) and the mistakes it recognises:
-    ``mistakes(answer, want) -> str | None`` (a reading of a wrong answer)."""
-
-    lesson: str
-    task: str
-    hint: str
-    expected: Callable
-    mistakes: Callable = field(default=lambda answer, want: None)
-    rtol: float = 0.01
-
-
-def _close(a, b, rtol):
-    return abs(a - b) <= rtol * max(abs(b), 1e-12)
-
-
-def _factor_of(answer, want, readings: dict, rtol=0.01):
-    """The reading whose factor times ``want`` is ``answer`` (None if none)."""
-    for factor, why in readings.items():
-        if want != 0 and _close(answer, want * factor, rtol):
-            return why
-    return None
+from fa_lab.lessons.exercise_kit import Exercise, close, factor_of, judge
+from fa_lab.lessons.exercises_more import EXERCISES as MORE
 
 
 # ---------------------------------------------------------------- lesson 04: INT8
@@ -62,11 +34,11 @@ def _int8_row():
 
 def _int8_mistakes(answer, want):
     scale = answer[0]
-    if _close(scale, 2.54 / 128, 1e-3):
+    if close(scale, 2.54 / 128, 1e-3):
         return "the scale divides max|x| by 127 (the symmetric range is -127..127), not 128"
-    if _close(scale, 2 * 2.54 / 255, 1e-3):
+    if close(scale, 2 * 2.54 / 255, 1e-3):
         return "that is an asymmetric (zero-point) scale; this lesson's INT8 is symmetric"
-    if not _close(scale, want[0], 1e-3):
+    if not close(scale, want[0], 1e-3):
         return f"the scale is max|x| / 127 = {want[0]:.6g}; got {scale!r}"
     ints = tuple(answer[1:])
     if ints == tuple(int(v) for v in np.trunc(_ROW[0] / want[0])):
@@ -84,7 +56,7 @@ def _lse_shift():
 
 
 def _lse_mistakes(answer, want):
-    return _factor_of(answer, want, {
+    return factor_of(answer, want, {
         -1.0: "the sign is flipped: smoothed scores are lower by scale q . m, so the true "
               "LSE is the smoothed one plus scale q . m",
         math.sqrt(2.0): "the softmax scale 1 / sqrt(d) is missing",
@@ -99,7 +71,7 @@ def _decode_mib():
 
 
 def _decode_mistakes(answer, want):
-    return _factor_of(answer, want, {
+    return factor_of(answer, want, {
         0.5: "only K or only V: a step reads both",
         2**20 / 1e6: "MB (10^6 bytes), not MiB (2^20)",
         4.0: "H = 32 query heads read the cache once per kv head (8), not once per query head",
@@ -118,11 +90,11 @@ def _rope_angle():
 
 
 def _rope_mistakes(answer, want):
-    if _close(answer, 5.0, 1e-3):
+    if close(answer, 5.0, 1e-3):
         return "that is pair 0's angle (frequency 1); pair i turns at base^(-2i/d)"
-    if _close(answer, 5 * 10000 ** (-1 / 64), 1e-3):
+    if close(answer, 5 * 10000 ** (-1 / 64), 1e-3):
         return "the exponent is -2i/d (pairs), not -i/d"
-    if _close(answer, math.degrees(want), 1e-3):
+    if close(answer, math.degrees(want), 1e-3):
         return "that is in degrees; answer in radians"
     return None
 
@@ -156,9 +128,9 @@ def _bf16_value():
 
 
 def _bf16_mistakes(answer, want):
-    if _close(answer, 1.0, 1e-9):
+    if close(answer, 1.0, 1e-9):
         return "that truncates the mantissa; bf16 rounds to nearest even"
-    if _close(answer, _X_BF16, 1e-9):
+    if close(answer, _X_BF16, 1e-9):
         return "that keeps float32's mantissa; bf16 keeps 7 bits after the point"
     return None
 
@@ -173,13 +145,13 @@ def _merge():
 
 def _merge_mistakes(answer, want):
     o, lse = answer
-    if _close(lse, 3.0, 1e-4):
+    if close(lse, 3.0, 1e-4):
         return "the merged LSE is log(e^2 + e^3), more than the larger of the two"
-    if _close(lse, 5.0, 1e-4) or _close(lse, 2.5, 1e-4):
+    if close(lse, 5.0, 1e-4) or close(lse, 2.5, 1e-4):
         return "LSEs are logs of sums: add exp(lse), then take the log"
-    if _close(lse, want[1], 1e-3) and _close(o, 2.5, 1e-3):
+    if close(lse, want[1], 1e-3) and close(o, 2.5, 1e-3):
         return "the LSE is right; the outputs are weighted by exp(lse_i - lse), not averaged"
-    if _close(lse, want[1], 1e-3) and _close(o, (math.e**3 * 1 + math.e**2 * 4)
+    if close(lse, want[1], 1e-3) and close(o, (math.e**3 * 1 + math.e**2 * 4)
                                              / (math.e**2 + math.e**3), 1e-3):
         return "the weights are swapped: the part with the larger LSE weighs more"
     return None
@@ -257,15 +229,13 @@ EXERCISES = {
 }
 
 
+#: Every checked exercise of the course: these and :data:`.exercises_more.EXERCISES`.
+EXERCISES = {**EXERCISES, **MORE}
+
+
 def names(lesson: str | None = None) -> list[str]:
     """The exercises (of one lesson, by notebook stem)."""
     return [n for n, e in EXERCISES.items() if lesson is None or e.lesson == lesson]
-
-
-def show(name: str) -> None:
-    """Print the task and its hint."""
-    e = _get(name)
-    print(f"exercise {name!r}: {e.task}\n  hint: {e.hint}")
 
 
 def _get(name):
@@ -274,32 +244,12 @@ def _get(name):
     return EXERCISES[name]
 
 
-def _number(x):
-    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+def show(name: str) -> None:
+    """Print the task and its hint."""
+    e = _get(name)
+    print(f"exercise {name!r}: {e.task}\n  hint: {e.hint}")
 
 
 def check(name: str, answer) -> str:
     """A sentence: right, not yet answered (``None``), or what the answer misses."""
-    e = _get(name)
-    if answer is None:
-        return "not yet: replace None with your answer"
-    want = e.expected()
-    if isinstance(want, tuple):
-        try:
-            got = tuple(answer)
-        except TypeError:
-            got = None
-        if got is None or len(got) != len(want) or not all(_number(a) for a in got):
-            return f"not yet: answer {len(want)} numbers in a tuple, got {answer!r}"
-        if all(_close(a, w, e.rtol) if e.rtol else a == w for a, w in zip(got, want)):
-            return f"right: {want}"
-        why = e.mistakes(got, want)
-        return f"not yet: {why}" if why else f"not yet: {got} is not {len(want)} right numbers"
-    if not _number(answer):
-        return f"not yet: answer a number, got {answer!r}"
-    if _close(answer, want, e.rtol):
-        return f"right: {want:.6g}"
-    why = e.mistakes(answer, want)
-    return (f"not yet: {why}" if why else
-            f"not yet: {answer!r} is off by a factor {answer / want:.3g}" if want else
-            f"not yet: {answer!r} is not the answer")
+    return judge(_get(name), answer)

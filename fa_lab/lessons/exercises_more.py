@@ -1,0 +1,221 @@
+"""The checked exercises of lessons 00, 02, 05, 06, 11 and 12 (see :mod:`.exercises`,
+which serves them with the others through ``exercises.check``). Expected values come
+from the library where it has the quantity: the FLOP convention of the timings
+(:func:`fa_lab.numerics.reference.flops`), the tile classes
+(:func:`fa_lab.numerics.tiling.tile_classes`), the GPU kernel's shared-memory and
+occupancy budgets (:mod:`fa_lab.tools.gpu`); the rest is arithmetic on the shapes the
+task states."""
+
+from __future__ import annotations
+
+from fa_lab.lessons.exercise_kit import Exercise, close, factor_of
+from fa_lab.numerics import tiling
+from fa_lab.numerics.reference import flops
+from fa_lab.tools import gpu
+
+MB_PER_MIB = 2**20 / 1e6
+
+
+# ---------------------------------------------------------------- lesson 00
+
+def _gflop():
+    return flops(1, 8, 2048, 2048, 64, False) / 1e9
+
+
+def _gflop_mistakes(answer, want):
+    return factor_of(answer, want, {
+        0.5: "that is one product; attention has two (S = Q Kᵀ and O = P V)",
+        1 / 8: "that is one head; there are 8",
+        2.0: "a multiply-add counts as 2 FLOPs once, not twice"})
+
+
+def _scores_mib():
+    return 8192 * 8192 * 4 / 2**20
+
+
+def _scores_mistakes(answer, want):
+    return factor_of(answer, want, {
+        MB_PER_MIB: "MB (10^6 bytes), not MiB (2^20)",
+        2.0: "float32 is 4 bytes, not 8",
+        64 / 8192: "S is N x N, not N x d"})
+
+
+# ---------------------------------------------------------------- lesson 02
+
+def _tiles():
+    visited = [int((tiling.tile_classes(1000, 1000, 64, 64, causal=c) != tiling.SKIPPED).sum())
+               for c in (False, True)]
+    return tuple(visited)
+
+
+def _tiles_mistakes(answer, want):
+    if tuple(answer) == (225, 120):
+        return "1000 / 64 is 15.6: the last, partial tile is visited too (16 per side)"
+    if answer[0] == want[0] and answer[1] == want[0] // 2:
+        return ("half is the ideal; the diagonal tiles are visited whole (and masked "
+                "inside): 16 x 17 / 2")
+    return None
+
+
+# ---------------------------------------------------------------- lesson 05
+
+def _growth():
+    return (4, 2)  # the N x N scores; the O(N) rows of FlashAttention's output and state
+
+
+def _growth_mistakes(answer, want):
+    if tuple(answer) == (2, 2):
+        return "the standard algorithm stores N x N scores: doubling N quadruples them"
+    if tuple(answer) == (4, 4):
+        return "FlashAttention keeps tiles of fixed size and O(N) rows: it doubles"
+    return None
+
+
+def _min_mib():
+    B, H, N, d = 1, 8, 4096, 64
+    return (B * H * N * d + B * H * N) * 4 / 2**20  # O and the LSE, float32
+
+
+def _min_mistakes(answer, want):
+    if close(answer, 8.0, 1e-3):
+        return "the output alone; an exact attention that can be merged keeps its LSE too"
+    return factor_of(answer, want, {
+        MB_PER_MIB: "MB (10^6 bytes), not MiB (2^20)",
+        4.0: "Q, K and V are inputs: they are already there; count what is written"})
+
+
+# ---------------------------------------------------------------- lesson 06
+
+def _rate():
+    return flops(1, 8, 2048, 2048, 64, False) / 25e-3 / 1e9
+
+
+def _rate_mistakes(answer, want):
+    return factor_of(answer, want, {
+        1e-3: "25 ms is 0.025 s: divide by seconds", 0.5: "count both products"})
+
+
+def _causal_rate():
+    return flops(1, 8, 2048, 2048, 64, True) / 14e-3 / 1e9
+
+
+def _causal_mistakes(answer, want):
+    return factor_of(answer, want, {
+        2.0: "the convention counts half the FLOPs for causal (the scores above the "
+             "diagonal are never computed)", 1e-3: "14 ms is 0.014 s: divide by seconds"})
+
+
+# ---------------------------------------------------------------- lesson 11
+
+def _head_dim():
+    return 384 // 12
+
+
+def _head_dim_mistakes(answer, want):
+    if answer == 384 // 6:
+        return "the 6 is the number of layers; the hidden size is split over the 12 heads"
+    if answer == 384:
+        return "each head gets a slice of the hidden size"
+    return None
+
+
+def _gqa():
+    H, H_kv = 32, 8
+    return (H // H_kv, H // H_kv)
+
+
+def _gqa_mistakes(answer, want):
+    if answer[0] == 8:
+        return "8 is the number of kv heads; each is read by 32 / 8 query heads"
+    if answer[1] == 8:
+        return "the cache holds 8 kv heads instead of 32: 32 / 8 times smaller"
+    return None
+
+
+# ---------------------------------------------------------------- lesson 12
+
+def _smem_kib():
+    return gpu.shared_memory_budget(64, 64, 64)["total"] / 1024
+
+
+def _smem_mistakes(answer, want):
+    return factor_of(answer, want, {
+        2 / 3: "Q and K only: the V tile is in shared memory too",
+        1 / 3: "one tile; the kernel keeps Q, K and V tiles",
+        4 / 3: "the scores stay in registers, not in shared memory"})
+
+
+def _blocks():
+    return gpu.occupancy(128, gpu.shared_memory_budget(64, 64, 64)["total"])["blocks_per_sm"]
+
+
+def _blocks_mistakes(answer, want):
+    if answer == 2048 // 128:
+        return "that is the thread limit; shared memory allows fewer"
+    if close(answer, 228 * 1024 / gpu.shared_memory_budget(64, 64, 64)["total"], 1e-3):
+        return "blocks are whole: round down"
+    return None
+
+
+EXERCISES = {
+    "gflop": Exercise(
+        "00_tour",
+        "How many GFLOP (10^9) is one attention call with B = 1, H = 8, N = 2048, d = 64, "
+        "not causal, by the convention of the timings? Answer a number.",
+        "two matrix products of 2 N^2 d FLOPs per head (a multiply-add is 2 FLOPs)",
+        _gflop, _gflop_mistakes),
+    "scores_mib": Exercise(
+        "00_tour",
+        "How many MiB does one head's score matrix S take at N = 8192 in float32? "
+        "Answer a number.",
+        "S holds one score per (query, key) pair, 4 bytes each; 1 MiB = 2**20 bytes",
+        _scores_mib, _scores_mistakes),
+    "tiles": Exercise(
+        "02_tiling_and_simd",
+        "With Nq = Nk = 1000 and 64 x 64 tiles, how many tiles does a tiled kernel visit "
+        "without a mask, and with a (top-left) causal mask? Answer (not causal, causal).",
+        "count tiles per side with a partial last one; causal skips tiles wholly above "
+        "the diagonal", _tiles, _tiles_mistakes, rtol=0.0),
+    "growth": Exercise(
+        "05_memory_profiling",
+        "When N doubles, by what factor does standard attention's peak grow (its score "
+        "arrays dominate), and FlashAttention's extra memory? Answer (standard, flash).",
+        "N x N against O(N)", _growth, _growth_mistakes, rtol=0.0),
+    "min_mib": Exercise(
+        "05_memory_profiling",
+        "The least memory an exact attention call must write: its output and LSE, for "
+        "B = 1, H = 8, N = 4096, d = 64 in float32. How many MiB? Answer a number.",
+        "O is (B, H, N, d); the LSE one number per row", _min_mib, _min_mistakes),
+    "rate": Exercise(
+        "06_performance",
+        "A non-causal call with B = 1, H = 8, N = 2048, d = 64 took 25 ms. How many "
+        "GFLOP/s is that? Answer a number.",
+        "the FLOPs of exercise 'gflop' in lesson 00, over seconds", _rate, _rate_mistakes),
+    "causal_rate": Exercise(
+        "06_performance",
+        "The same shape with a causal mask took 14 ms. GFLOP/s, by the convention "
+        "FlashAttention's benchmarks use? Answer a number.",
+        "causal counts half the FLOPs", _causal_rate, _causal_mistakes),
+    "head_dim": Exercise(
+        "11_real_model",
+        "all-MiniLM-L6-v2 has a hidden size of 384, 12 attention heads and 6 layers. "
+        "What is each head's d? Answer a number.",
+        "the heads split the hidden size", _head_dim, _head_dim_mistakes, rtol=0.0),
+    "gqa": Exercise(
+        "11_real_model",
+        "A Llama-architecture decoder has 32 query heads and 8 kv heads (GQA). How many "
+        "query heads read each kv head, and how many times smaller is its KV cache than "
+        "with one kv head per query head? Answer (heads per kv head, factor).",
+        "the cache holds kv heads only", _gqa, _gqa_mistakes, rtol=0.0),
+    "smem_kib": Exercise(
+        "12_gpu_kernel",
+        "The cuda_fa2 kernel keeps its tiles in shared memory. With Br = Bc = 64, d = 64 "
+        "and float32, how many KiB does one thread block need? Answer a number.",
+        "which tiles of Q, K, V does a block hold at once?", _smem_kib, _smem_mistakes),
+    "blocks_per_sm": Exercise(
+        "12_gpu_kernel",
+        "An SM with 228 KiB of shared memory, 2048 threads and at most 32 blocks runs "
+        "those 128-thread blocks. How many can it keep resident? Answer a number.",
+        "the tightest of the three limits, in whole blocks", _blocks, _blocks_mistakes,
+        rtol=0.0),
+}
