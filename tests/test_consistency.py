@@ -66,3 +66,12 @@ def test_the_index_lists_the_checks_that_fired():
     assert "P V" not in section.split("<h2>")[0]
     clean = report.index_html(results[1:], {"cpu": "x"}, {}, {})
     assert "none fired" in clean
+
+
+def test_a_planner_beaten_within_the_spread_is_inconclusive_not_suspicious():
+    times = {"1 split": 1.2e-3, "2 splits": 1.0e-3}
+    overlap = {"1 split": (1.0e-3, 1.4e-3), "2 splits": (0.9e-3, 1.1e-3)}
+    apart = {"1 split": (1.15e-3, 1.25e-3), "2 splits": (0.95e-3, 1.05e-3)}
+    assert cc.planner_choice("p", "1 split", times, ranges=overlap).status == "inconclusive"
+    assert cc.planner_choice("p", "1 split", times, ranges=apart).status == cc.SUSPICIOUS
+    assert cc.planner_choice("p", "2 splits", times, ranges=overlap).status == cc.CONSISTENT

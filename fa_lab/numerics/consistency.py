@@ -103,9 +103,11 @@ def baseline_beats(what: str, baseline_seconds: float, rung_seconds: float, *,
 
 
 def planner_choice(what: str, chosen: str, seconds: dict, *, slack: float = CHOICE_SLACK,
-                   load: Load | None = None) -> Verdict:
+                   ranges: dict | None = None, load: Load | None = None) -> Verdict:
     """The planner's ``chosen`` option against every option timed in the same table
-    (``{option: seconds}``): suspicious when another is faster by more than ``slack``."""
+    (``{option: seconds}``, medians): suspicious when another is faster by more than
+    ``slack``, and, given ``ranges`` (``{option: (q25, q75)}``), their quartile ranges
+    do not overlap (an overlap reads ``inconclusive (spread)``)."""
     if chosen not in seconds:
         raise ValueError(f"chosen: {chosen!r} is not among the timed options "
                          f"{sorted(map(str, seconds))}")
@@ -113,11 +115,14 @@ def planner_choice(what: str, chosen: str, seconds: dict, *, slack: float = CHOI
     best = min(times, key=times.get)
     numbers = (f"chose {chosen} ({times[chosen] * 1e3:.3g} ms); fastest {best} "
                f"({times[best] * 1e3:.3g} ms)")
-    return _busy(what, load, numbers) or (
-        Verdict(what, SUSPICIOUS, f"suspicious (the choice is {times[chosen] / times[best]:.2f}x "
-                f"slower than an alternative): {numbers}")
-        if times[chosen] > slack * times[best] else Verdict(what, CONSISTENT,
-                                                            f"consistent: {numbers}"))
+    busy = _busy(what, load, numbers)
+    if busy or times[chosen] <= slack * times[best]:
+        return busy or Verdict(what, CONSISTENT, f"consistent: {numbers}")
+    if ranges is not None and ranges[chosen][0] <= ranges[best][1]:
+        return Verdict(what, INCONCLUSIVE, f"inconclusive (spread: the two quartile ranges "
+                       f"overlap); {numbers}")
+    return Verdict(what, SUSPICIOUS, f"suspicious (the choice is "
+                   f"{times[chosen] / times[best]:.2f}x slower than an alternative): {numbers}")
 
 
 def is_suspicious(row: dict) -> bool:
