@@ -19,6 +19,7 @@ os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 def pytest_configure(config):
     os.environ.setdefault("FA_LAB_QUICK", "1")
     os.environ.setdefault("FA_LAB_RESULTS_DIR", tempfile.mkdtemp(prefix="fa_lab_nbval_"))
+    os.environ.setdefault("FA_LAB_STATIC", "1")  # lessons' sliders draw once (no frontend)
     # The autotuner's choices go to a throwaway file: tests never read or change the
     # user's ~/.cache/fa_lab/tuned.json (which would change what kernel="auto" runs).
     os.environ["FA_LAB_TUNE_FILE"] = os.path.join(tempfile.mkdtemp(prefix="fa_lab_tune_"),

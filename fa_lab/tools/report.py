@@ -340,7 +340,9 @@ def run(out="reports", notebooks=None, params=None, results_dir=None, nb_dir=Non
     # The kernels inherit the environment: the lessons' override (nbval's temporary
     # folder, see fa_lab.lessons.notebook) must not send their results elsewhere than here.
     saved = os.environ.get("FA_LAB_RESULTS_DIR")
+    saved_static = os.environ.get("FA_LAB_STATIC")
     os.environ["FA_LAB_RESULTS_DIR"] = str(results_dir)
+    os.environ["FA_LAB_STATIC"] = "1"  # widgets draw once: the page gets a static figure
     try:
         for i, name in enumerate(names, 1):
             status_file = results_dir / "data" / f"{name}_status.json"
@@ -369,6 +371,10 @@ def run(out="reports", notebooks=None, params=None, results_dir=None, nb_dir=Non
             os.environ.pop("FA_LAB_RESULTS_DIR", None)
         else:
             os.environ["FA_LAB_RESULTS_DIR"] = saved
+        if saved_static is None:
+            os.environ.pop("FA_LAB_STATIC", None)
+        else:
+            os.environ["FA_LAB_STATIC"] = saved_static
     key = {n: results_dir / "figures" / f"{n}_{stem}.png" for n, stem in known.items()}
     ran = {r.name for r in results}
     listed = [r for n, r in previous.items() if n not in ran] + results
