@@ -383,7 +383,7 @@ def _wide(name, x, half):
 def _to_bf16(x, bf16):
     """float32 -> bfloat16 (nearest even) in parallel (NumPy's cast is one thread)."""
     out = np.empty(x.shape, np.uint16)
-    round_bf16(np.ascontiguousarray(x).reshape(-1), out.reshape(-1))
+    round_bf16(np.ascontiguousarray(x, dtype=np.float32).reshape(-1), out.reshape(-1))
     return out.view(bf16)
 
 

@@ -160,8 +160,8 @@ class Runner:
                  dropout_p=0.0, seed=0, splits=None, stage=Stage.FULL, kv_len=None, mods=None):
         if not self.staged and (stage != Stage.FULL or kv_len is not None):
             raise ValueError(f"stage and kv_len: {self.driver.__name__} runs whole calls only")
-        if stage < Stage.LOOPS:
-            raise ValueError(f"stage: {self.driver.__name__} packs nothing (Stage.PACK)")
+        if not Stage.LOOPS <= stage <= Stage.FULL:  # PACK, or an ablation (AMX only)
+            raise ValueError(f"stage: {self.driver.__name__} takes LOOPS..FULL, got {stage!r}")
         if self.split_driver is None and splits not in (None, 1):
             raise ValueError(f"splits: {self.driver.__name__} does not split the keys")
         if not self.mods and mods is not None and mods.active:

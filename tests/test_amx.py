@@ -283,6 +283,25 @@ def test_nan_value_hidden_by_causality_and_empty_keys():
     assert np.all(out == 0) and np.all(lse == -np.inf)
 
 
+@needs_amx
+@pytest.mark.parametrize("path", ["int8", "bf16"])
+def test_a_nan_past_a_one_row_blocks_diagonal_stays_hidden(path):
+    """A query block of one row stops at its diagonal: the keys up to the next 32 are then
+    real keys with P = 0, and a NaN value among them must not reach the row (0 x NaN)."""
+    if path == "bf16" and BF16 is None:
+        pytest.skip("ml_dtypes (bfloat16 arrays) not installed")
+    q, k, v = Case(B=1, H=1, Nq=65, Nk=200, d=64).inputs(seed=9)
+    v[0, 0, 70] = np.nan  # row 64 (alone in its block) sees keys 0..64 only
+    if path == "int8":
+        out = fa_lab.attention_int8(q, k, v, causal=True, kernel="amx", pv_dtype="bfloat16")
+    else:
+        out = fa_lab.attention(*(x.astype(BF16) for x in (q, k, v)), causal=True,
+                               kernel="amx").astype(np.float32)
+    exact = reference.attention(q, k, v, causal=True)[0]
+    assert np.isfinite(out).all()
+    assert np.abs(out - exact).max() < 0.05
+
+
 def _amx_call(seed):
     q, k, v = Case(B=1, H=2, Nq=130, Nk=130, d=64).inputs(seed=seed)
     return fa_lab.attention_int8(q, k, v, causal=True, kernel="amx", pv_dtype="bfloat16")

@@ -46,6 +46,11 @@ def test_the_numbers_that_disagree_are_in_the_text():
     (lambda: cc.baseline_beats("x", 1.0, 0.0, baseline="b", rung="r"), "rung_seconds"),
     (lambda: cc.planner_choice("x", "c", {"a": 1.0}), "chosen"),
     (lambda: cc.planner_choice("x", "a", {"a": 1.0, "b": 0.0}), "seconds"),
+    (lambda: cc.fraction_of_peak("x", float("nan"), 1.0), "rate"),
+    (lambda: cc.above_floor("x", float("nan"), 1.0), "seconds"),
+    (lambda: cc.same_configuration("x", 1.0, 1.0, where_a="a", where_b="b", apart=0.5), "apart"),
+    (lambda: cc.planner_choice("x", "a", {"a": 1.0}, slack=0.9), "slack"),
+    (lambda: cc.planner_choice("x", "a", {"a": 1.0, "b": 2.0}, ranges={"a": (1, 1)}), "ranges"),
 ])
 def test_bad_input_is_refused_by_name(call, match):
     with pytest.raises(ValueError, match=match):
@@ -65,7 +70,7 @@ def test_the_index_lists_the_checks_that_fired():
     assert "decode H=8 below its floor" in section and "08_decoding_and_retrieval" in section
     assert "P V" not in section.split("<h2>")[0]
     clean = report.index_html(results[1:], {"cpu": "x"}, {}, {})
-    assert "none fired" in clean
+    assert "none of the 1 checks that gave a verdict fired" in clean
 
 
 def test_a_planner_beaten_within_the_spread_is_inconclusive_not_suspicious():

@@ -21,7 +21,8 @@ ANSWERS = {
 
 MISTAKES = [
     ("int8_row", (2.54 / 128, 28, -127, 51, 2), "127"),
-    ("int8_row", (2 * 2.54 / 255, 28, -127, 51, 2), "asymmetric"),
+    ("int8_row", ((1.013 + 2.54) / 255, 40, -127, 51, 2), "asymmetric"),
+    ("int8_row", (2.54 / 127.5, 28, -127, 51, 2), "127.5"),
     ("int8_row", (2.54 / 127, 27, -127, 50, 1), "truncated"),
     ("smoothing_lse", 1.5 / math.sqrt(2), "sign"),
     ("smoothing_lse", -1.5, "sqrt"),
@@ -72,14 +73,16 @@ MISTAKES += [
     ("growth", (2, 2), "quadruples"),
     ("growth", (4, 4), "doubles"),
     ("min_mib", 8.0, "LSE"),
-    ("min_mib", 4 * (8 * 4096 * 64 + 8 * 4096) * 4 / 2**20, "inputs"),
+    ("min_mib", 4 * 8 * 4096 * 64 * 4 / 2**20, "inputs"),  # O, Q, K, V: 32 MiB
+    ("min_mib", (4 * 8 * 4096 * 64 + 8 * 4096) * 4 / 2**20, "inputs"),  # and the LSE
+    ("min_mib", (8 * 4096 * 64 + 8 * 4096) * 4 / 1e6, "MB"),
     ("rate", GF / 25, "seconds"),
     ("causal_rate", GF / 0.014, "half"),
     ("head_dim", 64, "layers"),
     ("head_dim", 384, "slice"),
     ("gqa", (8, 4), "kv heads"),
     ("gqa", (4, 8), "smaller"),
-    ("smem_kib", 32.0, "V tile"),
+    ("smem_kib", 32.0, "two tiles"),
     ("smem_kib", 64.0, "registers"),
     ("blocks_per_sm", 16, "thread limit"),
     ("blocks_per_sm", 228 / 48, "whole"),
@@ -130,3 +133,7 @@ def test_unanswered_and_malformed_answers(name, capsys):
 def test_unknown_exercise_is_refused_by_name():
     with pytest.raises(ValueError, match="name"):
         exercises.check("int9_row", 1.0)
+
+
+def test_a_rounded_bf16_answer_is_asked_for_every_digit():
+    assert "every digit" in exercises.check("bf16_round", 1.0078)

@@ -166,7 +166,8 @@ def test_titles_reading_time_and_neighbours(tmp_path):
     assert syllabus.neighbours("z", ["a"]) == (None, None)
 
 
-def test_pages_link_their_neighbours_and_the_index_keeps_run_times_per_mode(lessons, tmp_path):
+def test_pages_link_their_neighbours_and_the_index_keeps_run_times_per_mode(lessons, tmp_path,
+                                                                           monkeypatch):
     out, res = tmp_path / "reports", tmp_path / "res"
     _notebook(lessons / "third.ipynb", "print('three')")
     report.run(out=out, notebooks=["ok", "third"], params={"quick": True}, results_dir=res,
@@ -179,6 +180,7 @@ def test_pages_link_their_neighbours_and_the_index_keeps_run_times_per_mode(less
     index = (out / "index.html").read_text()
     assert "quick: " in index and "full: not run yet" in index
     assert "Two paths through the course" in index and "reading" in index
+    monkeypatch.delenv("FA_LAB_QUICK", raising=False)  # else the lessons' override says quick
     report.run(out=out, notebooks=["third"], params={"quick": False}, results_dir=res,
                nb_dir=lessons, show_progress=False)
     rows = {r["name"]: r for r in json.loads((out / report.RESULTS_JSON).read_text())}

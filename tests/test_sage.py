@@ -202,8 +202,11 @@ def test_a_kernel_option_it_does_not_have_is_refused():
     pre = quantize_inputs(c.q4, c.k4, "per_block", 64, 64, True)
     with pytest.raises(TypeError, match="pv_dtype: not an option of kernel 'simd'"):
         c.run("simd", table=fa_lab.INT8_KERNELS, arrays=(*pre[:4], c.v4), pv_dtype="float32")
-    with pytest.raises(ValueError, match="packs nothing"):
-        c.run("flash", stage=Stage.PACK)
+    for stage in (Stage.PACK, Stage.NO_EXP):  # flash packs nothing; ablations are AMX's
+        with pytest.raises(ValueError, match="stage: flash_forward takes LOOPS..FULL"):
+            c.run("flash", stage=stage)
+    with pytest.raises(ValueError, match="stage: sage stops after a stage"):
+        c.run("sage", table=fa_lab.INT8_KERNELS, arrays=(*pre[:4], c.v4), stage=Stage.NO_MAX)
 
 
 def test_breakdown_times_each_part_of_the_real_call(monkeypatch):

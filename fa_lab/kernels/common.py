@@ -45,8 +45,10 @@ class Stage(IntEnum):
     softmax (``SOFTMAX``), or never (``FULL``, the whole kernel). The jitted code
     compares plain ints in this order. Past ``FULL``, ablations (the AMX kernel only):
     the whole kernel without the softmax's exp pass (``NO_EXP``: P is not written), its
-    max pass (``NO_MAX``: each row keeps its previous max), or both (``NO_SOFTMAX``):
-    what each pass costs where the CPU may overlap it with the tile products."""
+    max pass (``NO_MAX``: a row's first score stands in for its block's max), or both
+    (``NO_SOFTMAX``): what each pass costs where the CPU may overlap it with the tile
+    products. They act on the fused softmax only (no mask, one key scale per block, a
+    positive scale); other kernels refuse them."""
 
     PACK = -1
     LOOPS = 0

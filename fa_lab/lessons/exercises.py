@@ -36,8 +36,10 @@ def _int8_mistakes(answer, want):
     scale = answer[0]
     if close(scale, 2.54 / 128, 1e-3):
         return "the scale divides max|x| by 127 (the symmetric range is -127..127), not 128"
-    if close(scale, 2 * 2.54 / 255, 1e-3):
-        return "that is an asymmetric (zero-point) scale; this lesson's INT8 is symmetric"
+    if close(scale, (1.013 + 2.54) / 255, 1e-3):
+        return "that is an asymmetric (zero-point) scale, (max - min) / 255; this lesson's INT8 is symmetric"
+    if close(scale, 2.54 / 127.5, 1e-3):
+        return "the scale divides max|x| by 127 (the symmetric range is -127..127), not 127.5"
     if not close(scale, want[0], 1e-3):
         return f"the scale is max|x| / 127 = {want[0]:.6g}; got {scale!r}"
     ints = tuple(answer[1:])
@@ -132,6 +134,8 @@ def _bf16_mistakes(answer, want):
         return "that truncates the mantissa; bf16 rounds to nearest even"
     if close(answer, _X_BF16, 1e-9):
         return "that keeps float32's mantissa; bf16 keeps 7 bits after the point"
+    if close(answer, want, 1e-3):
+        return "close: give every digit (a bf16 value near 1 is a multiple of 2**-7)"
     return None
 
 

@@ -94,7 +94,7 @@ class Lesson:
 
 _COLORS = {"met": "#1a7f37", "consistent": "#1a7f37", "not met": "#c62828",
            "overstated here": "#c62828", "understated": "#8a6d00", "inconclusive": "#8a6d00",
-           "suspicious": "#b35c00"}
+           "suspicious": "#b35c00", "agrees": "#1a7f37"}
 
 
 def _show_verdict(v: Verdict) -> None:

@@ -4,7 +4,7 @@ A budget's verdict (:mod:`fa_lab.numerics.verdict`) judges one number against a 
 these judge numbers against *each other*, and catch a measurement that went wrong
 (a noisy window, a cold cache, a stale tuning file, a wrong byte or FLOP count) before
 a learner reads a conclusion off it. Each returns a
-:class:`~fa_lab.numerics.verdict.Verdict`: ``consistent``, or ``suspicious`` with the
+:class:`~fa_lab.numerics.verdict.Verdict`: ``agrees``, or ``suspicious`` with the
 two numbers that disagree (``inconclusive`` when the timing window was busy: a busy
 machine explains the disagreement, and proves nothing). A lesson shows it with
 ``lesson.check(...)`` like any verdict, and the report's index lists every suspicious
@@ -27,7 +27,7 @@ from __future__ import annotations
 from fa_lab.numerics.verdict import INCONCLUSIVE, Verdict
 from fa_lab.settings.machine import Load
 
-CONSISTENT, SUSPICIOUS = "consistent", "suspicious"
+CONSISTENT, SUSPICIOUS = "agrees", "suspicious"
 
 #: A rate may read this far above its peak before it is suspicious (the noise of a
 #: difference of two medians).
@@ -47,8 +47,15 @@ def _busy(what: str, load: Load | None, numbers: str) -> Verdict | None:
 
 def _positive(name: str, x: float) -> float:
     x = float(x)
-    if not x > 0:
-        raise ValueError(f"{name}: must be a positive number, got {x!r}")
+    if not (x > 0 and x < float("inf")):
+        raise ValueError(f"{name}: must be a positive finite number, got {x!r}")
+    return x
+
+
+def _at_least_one(name: str, x: float) -> float:
+    x = float(x)
+    if not (x >= 1 and x < float("inf")):
+        raise ValueError(f"{name}: must be a finite factor >= 1, got {x!r}")
     return x
 
 
@@ -56,36 +63,36 @@ def fraction_of_peak(what: str, rate: float, peak: float, *, unit: str = "G op/s
                      load: Load | None = None) -> Verdict:
     """``rate`` against the measured ``peak`` of the same operations: suspicious above
     :data:`PEAK_SLACK` times the peak."""
-    rate, peak = float(rate), _positive("peak", peak)
+    rate, peak = _positive("rate", rate), _positive("peak", peak)
     numbers = f"{rate:,.0f} {unit} = {rate / peak:.0%} of the {peak:,.0f} {unit} peak"
     return _busy(what, load, numbers) or (
         Verdict(what, SUSPICIOUS, f"suspicious (above its ceiling): {numbers}")
-        if rate > PEAK_SLACK * peak else Verdict(what, CONSISTENT, f"consistent: {numbers}"))
+        if rate > PEAK_SLACK * peak else Verdict(what, CONSISTENT, f"agrees: {numbers}"))
 
 
 def above_floor(what: str, seconds: float, floor_seconds: float, *,
                 load: Load | None = None) -> Verdict:
     """A measured time against its floor (the least time the work allows, e.g. the bytes
     it must read at the measured bandwidth): suspicious below it."""
-    t, floor = float(seconds), _positive("floor_seconds", floor_seconds)
+    t, floor = _positive("seconds", seconds), _positive("floor_seconds", floor_seconds)
     numbers = f"{t * 1e3:.3g} ms measured, floor {floor * 1e3:.3g} ms ({t / floor:.2f}x)"
     return _busy(what, load, numbers) or (
         Verdict(what, SUSPICIOUS, f"suspicious (below its floor): {numbers}")
-        if t < floor else Verdict(what, CONSISTENT, f"consistent: {numbers}"))
+        if t < floor else Verdict(what, CONSISTENT, f"agrees: {numbers}"))
 
 
 def same_configuration(what: str, a: float, b: float, *, where_a: str, where_b: str,
                        apart: float = APART, load: Load | None = None) -> Verdict:
     """One configuration measured twice (``a`` at ``where_a``, ``b`` at ``where_b``, in
     seconds): suspicious when one is more than ``apart`` times the other."""
-    a, b = _positive("a", a), _positive("b", b)
+    a, b, apart = _positive("a", a), _positive("b", b), _at_least_one("apart", apart)
     factor = max(a, b) / min(a, b)
     numbers = (f"{a * 1e3:.3g} ms ({where_a}) and {b * 1e3:.3g} ms ({where_b}), "
                f"{factor:.2f}x apart")
     return _busy(what, load, numbers) or (
         Verdict(what, SUSPICIOUS, f"suspicious (the same configuration, more than "
                 f"{apart:.2f}x apart): {numbers}")
-        if factor > apart else Verdict(what, CONSISTENT, f"consistent: {numbers}"))
+        if factor > apart else Verdict(what, CONSISTENT, f"agrees: {numbers}"))
 
 
 def baseline_beats(what: str, baseline_seconds: float, rung_seconds: float, *,
@@ -99,7 +106,7 @@ def baseline_beats(what: str, baseline_seconds: float, rung_seconds: float, *,
     return _busy(what, load, numbers) or (
         Verdict(what, SUSPICIOUS, f"suspicious (the baseline is slower than {rung}): "
                 f"{numbers}")
-        if base > r else Verdict(what, CONSISTENT, f"consistent: {numbers}"))
+        if base > r else Verdict(what, CONSISTENT, f"agrees: {numbers}"))
 
 
 def planner_choice(what: str, chosen: str, seconds: dict, *, slack: float = CHOICE_SLACK,
@@ -112,12 +119,16 @@ def planner_choice(what: str, chosen: str, seconds: dict, *, slack: float = CHOI
         raise ValueError(f"chosen: {chosen!r} is not among the timed options "
                          f"{sorted(map(str, seconds))}")
     times = {k: _positive(f"seconds[{k!r}]", v) for k, v in seconds.items()}
+    slack = _at_least_one("slack", slack)
+    if ranges is not None and not set(times) <= set(ranges):
+        raise ValueError(f"ranges: needs (q25, q75) for every timed option, missing "
+                         f"{sorted(map(str, set(times) - set(ranges)))}")
     best = min(times, key=times.get)
     numbers = (f"chose {chosen} ({times[chosen] * 1e3:.3g} ms); fastest {best} "
                f"({times[best] * 1e3:.3g} ms)")
     busy = _busy(what, load, numbers)
     if busy or times[chosen] <= slack * times[best]:
-        return busy or Verdict(what, CONSISTENT, f"consistent: {numbers}")
+        return busy or Verdict(what, CONSISTENT, f"agrees: {numbers}")
     if ranges is not None and ranges[chosen][0] <= ranges[best][1]:
         return Verdict(what, INCONCLUSIVE, f"inconclusive (spread: the two quartile ranges "
                        f"overlap); {numbers}")

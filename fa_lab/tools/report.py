@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fa_lab.settings.machine import machine
-from fa_lab.numerics.consistency import is_suspicious
+from fa_lab.numerics.consistency import CONSISTENT, SUSPICIOUS, is_suspicious
 from fa_lab.tools import syllabus
 
 #: (notebook stem, key figure stem shown on the index page): one line per lesson.
@@ -234,7 +234,7 @@ def index_html(results: list[Result], machine: dict, params: dict, key: dict,
     esc = html.escape
     course = course or {}
     n_ok = sum(r.status == "ok" for r in results)
-    mode = "quick" if params.get("quick") else "full"
+    mode = _mode(params)
 
     def lesson_link(n):
         info = course.get(n, {})
@@ -279,12 +279,16 @@ def index_html(results: list[Result], machine: dict, params: dict, key: dict,
             figs.append(f'<figure><img alt="{esc(path.name)}" src="data:image/png;base64,'
                         f'{data}"><figcaption>{esc(r.name)}: {esc(path.name)}</figcaption>'
                         "</figure>")
-    fired = [(r.name, v) for r in results for v in (r.lesson or {}).get("verdicts", [])
-             if is_suspicious(v)]
+    ran = [(r.name, v) for r in results for v in (r.lesson or {}).get("verdicts", [])
+           if v.get("status") in (CONSISTENT, SUSPICIOUS)]
+    fired = [(n, v) for n, v in ran if is_suspicious(v)]
+    unread = [r.name for r in results if not r.lesson]
     checks = ("<ul>" + "".join(f'<li><a href="{esc(n)}.html">{esc(n)}</a>: {esc(v["what"])}: '
                                f'{esc(v["detail"])}</li>' for n, v in fired) + "</ul>"
-              if fired else "<p>none fired: no two numbers of this run contradict each "
-              "other where a lesson checks them.</p>")
+              if fired else f"<p>none of the {len(ran)} checks that gave a verdict fired.</p>")
+    if unread:
+        checks += (f"<p>No verdicts were read from: {esc(', '.join(unread))} (failed, "
+                   "skipped, or no status file).</p>")
     mrows = "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>"
                     for k, v in machine.items())
     prm = esc(", ".join(f"{k}={v!r}" for k, v in params.items()) or "(notebook defaults)")
@@ -333,7 +337,7 @@ def run(out="reports", notebooks=None, params=None, results_dir=None, nb_dir=Non
     results = []
     before = _load_results(out)  # earlier runs: their run times per mode
     previous = before if notebooks else {}
-    mode = "quick" if params.get("quick") else "full"
+    mode = _mode(params)
     present = [n for n in list(known) + names if (nb_dir / f"{n}.ipynb").exists()]
     titles = {n: syllabus.title(nb_dir / f"{n}.ipynb") for n in present}
     course_order = [n for n in known if n in titles]
@@ -387,6 +391,11 @@ def run(out="reports", notebooks=None, params=None, results_dir=None, nb_dir=Non
               for n in titles}
     _atomic_write(out / "index.html", index_html(listed, machine(), params, key, course))
     return results
+
+
+def _mode(params: dict) -> str:
+    """"quick" or "full": the parameter, or the lessons' ``FA_LAB_QUICK=1`` override."""
+    return "quick" if params.get("quick") or os.environ.get("FA_LAB_QUICK") == "1" else "full"
 
 
 #: The lessons' results of the last runs (``--only`` updates it and the index, lesson by

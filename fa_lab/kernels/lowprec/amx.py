@@ -201,16 +201,17 @@ def amx_forward(Qp, rs, Kp, skp, Vp, vfin, v, bias, has_bias, causal, offset, bl
         for j0 in range(0, visible_end(i0 + br - 1, Nk, causal, offset), block_kv):
             if stage < 1:
                 continue
-            bc = min(block_kv, Nk - j0)
-            if causal:  # keys past the block's last diagonal: no row sees them
-                bc = min(bc, i0 + offset + br - j0)
-            bcp = -(-bc // 32) * 32
+            full = min(block_kv, Nk - j0)
+            bc = min(full, i0 + offset + br - j0) if causal else full  # keys past the
+            bcp = -(-bc // 32) * 32  # block's last diagonal: no row sees them
             diagonal = causal and j0 + bc > i0 + offset + 1
             masked = has_bias or diagonal
             _scores(Qb, rowb, nch, Kb, j0 // 32, bcp, Sraw, ld, brp, bf16)
             if stage < 2:
                 continue
-            hidden_nan = masked and not vfin[bhk]  # needs the masked fp32 scores
+            # keys bc..bcp are real ones when the block was cut (not V's zero padding):
+            # P = 0 there must not meet a NaN or inf of V, so the visible-keys P V runs
+            hidden_nan = (masked or bc < full) and not vfin[bhk]
             general = has_bias or hidden_nan or not positive_scale
             skip = stage - 3 if stage > 3 else 0  # an ablation (Stage.NO_EXP ...)
             if skip == 3:

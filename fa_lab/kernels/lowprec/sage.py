@@ -434,6 +434,8 @@ def run(arrays, bias, scale, alignment, block_q=None, block_kv=None, *, pv_dtype
     pack for this CPU's paths, then :func:`sage_forward` (``stage``: :class:`Stage`;
     ``Stage.PACK`` stops after packing: zeros, ``lse = -inf``, as if no key were seen)."""
     stage = Stage(stage)
+    if stage > Stage.FULL:
+        raise ValueError(f"stage: sage stops after a stage (PACK..FULL), got {stage!r}")
     forward = packed_call(arrays, bias, scale, alignment, block_q, block_kv,
                           pv_dtype=pv_dtype)
     if stage == Stage.PACK:

@@ -22,6 +22,7 @@ import numpy as np
 from fa_lab.settings import cpu_features
 from fa_lab.tools.lowprec import study as int8_study
 from fa_lab.numerics import reference, verdict
+from fa_lab.numerics.checks import check_choice
 from fa_lab.tools.lowprec import speed as lowprec
 from fa_lab.tools.bench.harness import Contender, flops, time_calls
 from fa_lab.api import attention, prepare
@@ -35,6 +36,9 @@ from fa_lab.registry import BF16_KERNELS, INT8_KERNELS
 #: most this many times), INT8 vs torch bf16 and vs torch fp32; cosine as lesson 10.
 TARGET_BF16_VS_TORCH_BF16, TARGET_BF16_ERROR = 1.0, 2.0
 TARGET_INT8_VS_TORCH_BF16, TARGET_INT8_VS_TORCH_FP32 = 1.5, 4.0
+
+#: The two AMX paths of :func:`breakdown` and :func:`ablation`.
+PATHS = ("int8", "bf16")
 
 #: The parts of :func:`breakdown`, in the kernel's order.
 PARTS = ["prepare inputs", "pack Q, K, V", "loops, epilogue", "Q K^T (tiles)",
@@ -109,6 +113,7 @@ def breakdown(N=2048, H=8, B=1, d=64, *, causal=False, path="int8", repeats=7, s
     share, gops`` (the products: half of the call's operations each)."""
     import pandas as pd
 
+    check_choice("path", path, PATHS)
     q, k, v = _inputs(B, H, N, d, seed)
     call = prepare(q, k, v, causal=causal)
     kernel = INT8_KERNELS["amx"] if path == "int8" else BF16_KERNELS["amx"]
@@ -191,9 +196,10 @@ def ablation(N=2048, H=8, B=1, d=64, *, causal=False, path="int8", repeats=7, se
     for the tile-stored scores; removing one pass at a time shows what the arithmetic
     itself costs. Rows: ``path, causal, variant, ms`` (median), ``q25_ms, q75_ms``,
     ``saved`` (the fraction of the whole kernel's median the variant saves) and the
-    load."""
+    load. Validated first (cosine >= 0.999), as :func:`breakdown`."""
     import pandas as pd
 
+    check_choice("path", path, PATHS)
     q, k, v = _inputs(B, H, N, d, seed)
     call = prepare(q, k, v, causal=causal)
     kernel = INT8_KERNELS["amx"] if path == "int8" else BF16_KERNELS["amx"]
@@ -203,6 +209,10 @@ def ablation(N=2048, H=8, B=1, d=64, *, causal=False, path="int8", repeats=7, se
                          call.v4), {"pv_dtype": "bfloat16"}
     else:
         arrays, extra = tuple(x.astype(_bf16()).astype(np.float32) for x in (q, k, v)), {}
+    whole = kernel.run(arrays, call.bias, call.scale, call.alignment, bq, bk, **extra)[0]
+    cos = int8_study.metrics(whole, reference.attention(q, k, v, causal=causal)[0])
+    if not cos["cosine"] >= 0.999:
+        raise AssertionError(f"amx {path}: cosine {cos['cosine']:.6f} < 0.999, not timed")
     cs = [Contender(name, lambda st=st: kernel.run(arrays, call.bias, call.scale,
                                                    call.alignment, bq, bk, stage=st, **extra),
                     "kernel") for name, st in ABLATIONS]
