@@ -33,4 +33,5 @@ def test_every_drawing_cell_shows_its_figure_inline(tmp_path, monkeypatch):
         assert page.count("<img") >= len(drawing), f"{name}.html shows fewer images than cells draw"
         status = json.loads((tmp_path / "results" / "data" / f"{name}_status.json").read_text())
         assert status["verdicts"], f"{name}: its budget has no computed verdict"
-        assert all(v["status"] in {"met", "not met", "inconclusive"} for v in status["verdicts"])
+        assert all(v["status"] in {"met", "not met", "inconclusive", "agrees", "suspicious"}
+                   for v in status["verdicts"])  # budgets, and consistency checks
