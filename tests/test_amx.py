@@ -359,18 +359,11 @@ def test_the_amx_benchmark_refuses_without_amx():
                 fn()
 
 
-@needs_amx
-@pytest.mark.parametrize("path", ["int8", "bf16"])
-def test_breakdown_parts_are_the_stage_differences(monkeypatch, path):
-    # Known times (prepare 1 ms, stage s = -1..3: (s + 2)^2 ms) through a harness that
-    # runs each staged call once: the parts are the differences in the kernel's order.
-    if path == "bf16" and BF16 is None:
-        pytest.skip("ml_dtypes (bfloat16 arrays) not installed")
-    from fa_lab.tools.lowprec import amx as amx_bench
-    from fa_lab.tools.bench.harness import Timings, flops
+def _runs_once(known):
+    """A harness that runs each contender once (so each staged call really runs) and
+    reports ``known[name]`` milliseconds for it."""
     from fa_lab.settings.machine import Load
-
-    known = {"prepare": 1.0, **{f"stage{s}": (s + 2) ** 2 for s in range(-1, 4)}}
+    from fa_lab.tools.bench.harness import Timings
 
     def fake_time_calls(cs, args, **kw):
         times = Timings()
@@ -379,8 +372,21 @@ def test_breakdown_parts_are_the_stage_differences(monkeypatch, path):
             times[c.name] = [known[c.name] / 1e3]
         times.load = Load(0.0, 0.0, 0.0, 0.0, 0.0)
         return times
+    return fake_time_calls
 
-    monkeypatch.setattr(amx_bench, "time_calls", fake_time_calls)
+
+@needs_amx
+@pytest.mark.parametrize("path", ["int8", "bf16"])
+def test_breakdown_parts_are_the_stage_differences(monkeypatch, path):
+    # Known times (prepare 1 ms, stage s = -1..3: (s + 2)^2 ms) through a harness that
+    # runs each staged call once: the parts are the differences in the kernel's order.
+    if path == "bf16" and BF16 is None:
+        pytest.skip("ml_dtypes (bfloat16 arrays) not installed")
+    from fa_lab.tools.lowprec import amx as amx_bench
+    from fa_lab.tools.bench.harness import flops
+
+    known = {"prepare": 1.0, **{f"stage{s}": (s + 2) ** 2 for s in range(-1, 4)}}
+    monkeypatch.setattr(amx_bench, "time_calls", _runs_once(known))
     df = amx_bench.breakdown(N=300, H=2, d=64, causal=True, path=path, repeats=1)
     assert list(df["part"]) == amx_bench.PARTS
     np.testing.assert_allclose(df["ms"], [1, 1, 3, 5, 7, 9])
@@ -401,8 +407,6 @@ def test_ablations_remove_their_pass_and_nothing_else(monkeypatch, path):
         pytest.skip("ml_dtypes (bfloat16 arrays) not installed")
     from fa_lab.kernels.common import Stage
     from fa_lab.registry import BF16_KERNELS, INT8_KERNELS
-    from fa_lab.settings.machine import Load
-    from fa_lab.tools.bench.harness import Timings
     from fa_lab.tools.lowprec import amx as amx_bench
 
     case = Case(B=1, H=2, Nq=150, Nk=300, d=64, causal=True)
@@ -426,15 +430,7 @@ def test_ablations_remove_their_pass_and_nothing_else(monkeypatch, path):
     known = {"whole kernel": 10.0, "without the exp pass": 6.0, "without the max pass": 9.0,
              "without the softmax": 4.0}
 
-    def fake_time_calls(cs, args, **kw):
-        times = Timings()
-        for c in cs:
-            c.fn(*args)
-            times[c.name] = [known[c.name] / 1e3]
-        times.load = Load(0.0, 0.0, 0.0, 0.0, 0.0)
-        return times
-
-    monkeypatch.setattr(amx_bench, "time_calls", fake_time_calls)
+    monkeypatch.setattr(amx_bench, "time_calls", _runs_once(known))
     df = amx_bench.ablation(N=300, H=2, d=64, causal=True, path=path, repeats=1)
     assert list(df["variant"]) == [name for name, _ in amx_bench.ABLATIONS]
     np.testing.assert_allclose(df["ms"], [10, 6, 9, 4])

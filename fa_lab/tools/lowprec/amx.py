@@ -105,6 +105,36 @@ def _bf16():
     return ml_dtypes.bfloat16
 
 
+def _validated(path, N, H, B, d, causal, seed):
+    """One AMX path's call on :func:`_inputs`, packed once and checked against float64
+    (cosine >= 0.999, else nothing is timed): ``(staged, prep)``, ``staged(stage)`` the
+    registry's runner stopped at a :class:`~fa_lab.kernels.common.Stage` (as an int) and
+    ``prep()`` the preparation it skips (INT8: quantizing Q and K; bf16: widening)."""
+    check_choice("path", path, PATHS)
+    q, k, v = _inputs(B, H, N, d, seed)
+    call = prepare(q, k, v, causal=causal)
+    kernel = INT8_KERNELS["amx"] if path == "int8" else BF16_KERNELS["amx"]
+    bq, bk = kernel.default_blocks
+    if path == "int8":
+        def prep():
+            return quantize_inputs(call.q4, call.k4, "per_block", bq, bk, True)
+        arrays, extra = (*prep()[:4], call.v4), {"pv_dtype": "bfloat16"}
+    else:
+        wide = [x.astype(_bf16()) for x in (q, k, v)]
+
+        def prep():
+            return [x.astype(np.float32) for x in wide]
+        arrays, extra = tuple(prep()), {}
+
+    def staged(stage):
+        return kernel.run(arrays, call.bias, call.scale, call.alignment, bq, bk, stage=stage,
+                          **extra)
+    cos = int8_study.metrics(staged(3)[0], reference.attention(q, k, v, causal=causal)[0])
+    if not cos["cosine"] >= 0.999:
+        raise AssertionError(f"amx {path}: cosine {cos['cosine']:.6f} < 0.999, not timed")
+    return staged, prep
+
+
 def breakdown(N=2048, H=8, B=1, d=64, *, causal=False, path="int8", repeats=7, seed=1):
     """Where an AMX call's time goes (all threads): preparing the inputs (INT8: quantizing
     Q and K; bf16: widening the bf16 arrays), packing, then the driver stopped after each
@@ -113,30 +143,7 @@ def breakdown(N=2048, H=8, B=1, d=64, *, causal=False, path="int8", repeats=7, s
     share, gops`` (the products: half of the call's operations each)."""
     import pandas as pd
 
-    check_choice("path", path, PATHS)
-    q, k, v = _inputs(B, H, N, d, seed)
-    call = prepare(q, k, v, causal=causal)
-    kernel = INT8_KERNELS["amx"] if path == "int8" else BF16_KERNELS["amx"]
-    bq, bk = kernel.default_blocks
-    if path == "int8":
-        quantized = quantize_inputs(call.q4, call.k4, "per_block", bq, bk, True)
-        arrays, extra = (*quantized[:4], call.v4), {"pv_dtype": "bfloat16"}
-
-        def prep():
-            return quantize_inputs(call.q4, call.k4, "per_block", bq, bk, True)
-    else:
-        wide = [x.astype(_bf16()) for x in (q, k, v)]
-        arrays, extra = tuple(x.astype(np.float32) for x in wide), {}
-
-        def prep():
-            return [x.astype(np.float32) for x in wide]
-
-    def staged(s):
-        return kernel.run(arrays, call.bias, call.scale, call.alignment, bq, bk, stage=s,
-                          **extra)
-    cos = int8_study.metrics(staged(3)[0], reference.attention(q, k, v, causal=causal)[0])
-    if not cos["cosine"] >= 0.999:
-        raise AssertionError(f"amx {path}: cosine {cos['cosine']:.6f} < 0.999, not timed")
+    staged, prep = _validated(path, N, H, B, d, causal, seed)
     cs = [Contender("prepare", prep, "kernel")]
     cs += [Contender(f"stage{s}", lambda _s=s: staged(_s), "kernel") for s in range(-1, 4)]
     times = time_calls(cs, (), repeats=repeats, warmup=1, cooldown=0)
@@ -199,23 +206,8 @@ def ablation(N=2048, H=8, B=1, d=64, *, causal=False, path="int8", repeats=7, se
     load. Validated first (cosine >= 0.999), as :func:`breakdown`."""
     import pandas as pd
 
-    check_choice("path", path, PATHS)
-    q, k, v = _inputs(B, H, N, d, seed)
-    call = prepare(q, k, v, causal=causal)
-    kernel = INT8_KERNELS["amx"] if path == "int8" else BF16_KERNELS["amx"]
-    bq, bk = kernel.default_blocks
-    if path == "int8":
-        arrays, extra = (*quantize_inputs(call.q4, call.k4, "per_block", bq, bk, True)[:4],
-                         call.v4), {"pv_dtype": "bfloat16"}
-    else:
-        arrays, extra = tuple(x.astype(_bf16()).astype(np.float32) for x in (q, k, v)), {}
-    whole = kernel.run(arrays, call.bias, call.scale, call.alignment, bq, bk, **extra)[0]
-    cos = int8_study.metrics(whole, reference.attention(q, k, v, causal=causal)[0])
-    if not cos["cosine"] >= 0.999:
-        raise AssertionError(f"amx {path}: cosine {cos['cosine']:.6f} < 0.999, not timed")
-    cs = [Contender(name, lambda st=st: kernel.run(arrays, call.bias, call.scale,
-                                                   call.alignment, bq, bk, stage=st, **extra),
-                    "kernel") for name, st in ABLATIONS]
+    staged, _ = _validated(path, N, H, B, d, causal, seed)
+    cs = [Contender(name, lambda st=st: staged(st), "kernel") for name, st in ABLATIONS]
     times = time_calls(cs, (), repeats=repeats, warmup=1, cooldown=0)
     med = {c.name: float(np.median(times[c.name])) for c in cs}
     whole = med["whole kernel"]
