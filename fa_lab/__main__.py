@@ -232,6 +232,11 @@ def _tune(args) -> int:
                        progress=lambda m: print(f"[tune] {m}", file=sys.stderr, flush=True))
     print(df[["regime", "block_q", "block_kv", "median_s", "gflops", "chosen"]].to_string(
         index=False, float_format="%.4g"))
+    if not args.no_paths:
+        paths = tune.tune_paths(quick=args.quick, progress=lambda m: print(
+            f"[tune] {m}", file=sys.stderr, flush=True))
+        print(paths[["path", "label", "median_s", "q25_s", "q75_s", "chosen"]].to_string(
+            index=False, float_format="%.4g"))
     print(f"stored in {tune.tune_path()}; kernel='auto' now uses:")
     print(tune.choices_table().to_string(index=False))
     _write(df, args.csv)
@@ -323,12 +328,15 @@ def main(argv=None) -> int:
     b.add_argument("--png", type=_output_file, default=None, help="write the chart here")
     b.set_defaults(func=_bench)
 
-    t = sub.add_parser("tune", help="autotune block sizes; kernel='auto' then uses them")
+    t = sub.add_parser("tune", help="autotune block sizes and measure the decode and INT8 "
+                       "paths; kernel='auto' then uses them")
     t.add_argument("--kernel", default="flash")
     t.add_argument("--regimes", nargs="+", default=None, help="decode short long (default all)")
     t.add_argument("--quick", action="store_true", help="small shapes, 2 candidates per axis")
     t.add_argument("--repeats", type=_positive_int, default=3)
     t.add_argument("--csv", type=_output_file, default=None, help="also write the sweep here")
+    t.add_argument("--no-paths", action="store_true",
+                   help="skip measuring the decode and INT8 paths (tune.tune_paths)")
     t.set_defaults(func=_tune)
 
     mem = sub.add_parser("memory", help="measured peak memory vs the byte model, over N")

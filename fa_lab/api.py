@@ -27,9 +27,8 @@ from fa_lab.kernels.lowprec.amx_pack import round_bf16, widen_bf16
 from fa_lab.numerics.masks import causal_alignment
 from fa_lab.numerics.merge import apply_sinks, check_sinks
 from fa_lab.registry import BF16_KERNELS, CUDA_KERNELS, KERNELS, Kernel, Request, Stage
-from fa_lab.numerics.scoremod import NONE as NO_MODS
-from fa_lab.numerics.scoremod import ScoreMods, check_mods
-from fa_lab.settings.tuning_file import tuned_blocks
+from fa_lab.numerics.scoremod import NONE as NO_MODS, ScoreMods, check_mods
+from fa_lab.settings.tuning_file import measured_splits, tuned_blocks
 
 
 class KernelFallbackWarning(UserWarning):
@@ -149,6 +148,18 @@ class Call:
         bq, bk = effective_blocks(self.Nq, self.Nk, bq, bk, chosen.default_blocks)
         return bq, bk, source
 
+    def splits(self, kernel: str, chosen: Kernel, splits=None) -> tuple:
+        """``(splits, why)``: those given, those measured fastest here for ``flash``
+        decoding with ``kernel="auto"`` (:func:`fa_lab.settings.tuning_file.measured_splits`),
+        or ``None`` (the kernel's rule)."""
+        if splits is not None:
+            return splits, "given"
+        best = measured_splits(self.B, self.H, self.H_kv, self.Nq) if (
+            kernel == "auto" and chosen.name == "flash") else None
+        if best:
+            return best
+        return None, "the rule: split only when the (head, query block) tasks leave threads idle"
+
     def run(self, kernel="auto", *, table=None, arrays=None, block_q=None, block_kv=None,
             splits=None, stage=Stage.FULL, kv_len=None, warn=True, with_sinks=True,
             **options):
@@ -173,6 +184,7 @@ class Call:
         bq, bk, _ = self.blocks(kernel, chosen, block_q, block_kv)
         if not chosen.tiled:
             bq = bk = None
+        splits, _ = self.splits(kernel, chosen, splits)
         extra = {k: v for k, v in (("splits", splits), ("kv_len", kv_len)) if v is not None}
         if stage != Stage.FULL:
             extra["stage"] = Stage(stage)
@@ -191,11 +203,12 @@ class Call:
         """What :meth:`run` would do (see :func:`plan`)."""
         chosen, skipped = choose_kernel(kernel, self.request, KERNELS)
         bq, bk, source = self.blocks(kernel, chosen)
-        splits = 1
+        splits, why = 1, "n/a"
         if chosen.name == "flash" and not self.empty:
-            splits = plan_splits(self.B, self.H, self.Nq, self.Nk, bq, bk, num_threads())
+            splits, why = self.splits(kernel, chosen)
+            splits = splits or plan_splits(self.B, self.H, self.Nq, self.Nk, bq, bk, num_threads())
         return {"kernel": chosen.name, "block_q": bq, "block_kv": bk, "blocks_from": source,
-                "splits": splits, "skipped": skipped}
+                "splits": splits, "splits_from": why, "skipped": skipped}
 
 
 def prepare(q, k, v, *, causal=False, scale=None, mask=None, block_q=None, block_kv=None,
@@ -424,7 +437,8 @@ def plan(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = False
 
     Returns ``kernel``, ``block_q``, ``block_kv``, ``blocks_from`` (``"given"``,
     ``"tuned"``, ``"default"`` or ``"n/a"``), ``splits`` (key splits of the ``flash``
-    kernel's Flash-Decoding path, 1 = none) and ``skipped`` (why faster kernels could
+    kernel's Flash-Decoding path, 1 = none), ``splits_from`` (given, the rule, or the
+    times measured on this machine that chose them) and ``skipped`` (why faster kernels could
     not serve the call). Validates the arguments exactly as :func:`attention` does.
     """
     half = half_dtype(q)

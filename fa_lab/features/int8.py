@@ -29,6 +29,7 @@ from fa_lab.api import effective_blocks, prepare
 from fa_lab.numerics.merge import apply_sinks
 from fa_lab.numerics.checks import check_bool, check_choice
 from fa_lab.registry import INT8_KERNELS, INT8_QUANTIZERS
+from fa_lab.settings.tuning_file import measured_choice, measured_reason
 
 #: ``pv_dtype`` values of :func:`attention_int8`.
 PV_DTYPES = ("float32", "bfloat16")
@@ -95,8 +96,18 @@ def quantize_inputs(q4, k4, granularity, block_q, block_kv, smooth):
 
 
 def _choose_int8(kernel, call, pv_dtype):
-    """The INT8 kernel for this call; an explicit kernel without bf16 P V refuses
-    ``pv_dtype='bfloat16'`` (``NotImplementedError``)."""
+    """``(kernel, pv_dtype to run, why)`` for this call. An explicit kernel without
+    bf16 P V refuses ``pv_dtype='bfloat16'`` (``NotImplementedError``). ``"auto"`` with
+    ``pv_dtype='bfloat16'`` runs the INT8 kernel and ``P V`` precision measured fastest
+    on this machine (:func:`fa_lab.tools.tune.tune_paths`; fp32 ``P V`` is allowed, it
+    is the more accurate), else the rule (AMX tiles where the CPU has them)."""
+    why = "given" if kernel != "auto" else "the fastest kernel that serves the call"
+    if kernel == "auto" and pv_dtype == "bfloat16":
+        best = measured_choice("int8_pv")
+        if best and best["kernel"] in INT8_KERNELS and not (
+                INT8_KERNELS[best["kernel"]].unsupported(call.request)):
+            chosen = call.choose(best["kernel"], INT8_KERNELS)
+            return chosen, best["pv_dtype"], measured_reason("int8_pv", best)
     table = INT8_KERNELS
     if kernel == "auto" and pv_dtype == "float32":  # never a bf16-only P V unasked
         table = {n: k for n, k in INT8_KERNELS.items() if "bf16_pv" not in k.tags}
@@ -107,7 +118,7 @@ def _choose_int8(kernel, call, pv_dtype):
     if pv_dtype == "float32" and "bf16_pv" in chosen.tags:
         raise NotImplementedError(f"kernel {chosen.name!r} computes P V in bf16 only: "
                                   "pass pv_dtype='bfloat16'")
-    return chosen
+    return chosen, pv_dtype, why
 
 
 def plan_int8(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = False,
@@ -117,11 +128,12 @@ def plan_int8(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = 
     """What :func:`attention_int8` would run, without running it: the kernel, its
     tiles, the instruction paths this CPU gets (:mod:`fa_lab.settings.cpu_features`) and a note
     on any fallback (no VNNI: vpmaddwd; no AVX512-BF16: fp32 ``P V``; no AVX-512: the
-    plain-loop ``simd`` kernel)."""
+    plain-loop ``simd`` kernel) and ``why`` this kernel and ``pv_dtype`` (the one that
+    runs: ``"auto"`` may run fp32 ``P V`` where it was measured faster)."""
     check_choice("pv_dtype", pv_dtype, PV_DTYPES)
     call = prepare(q, k, v, causal=causal, scale=scale, mask=mask, block_q=block_q,
                    block_kv=block_kv)
-    chosen = _choose_int8(kernel, call, pv_dtype)
+    chosen, pv_dtype, why = _choose_int8(kernel, call, pv_dtype)
     bq, bk = effective_blocks(call.Nq, call.Nk, call.block_q, call.block_kv,
                               chosen.default_blocks)
     features = cpu_features.detect()
@@ -134,7 +146,7 @@ def plan_int8(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = 
         score, pv = "amx_int8", "amx_bf16"
         note = "Q K^T with tdpbssd, P V with tdpbf16ps (AMX tiles), the softmax in fp32 zmm"
     return {"kernel": chosen.name, "block_q": bq, "block_kv": bk, "score_path": score,
-            "pv_path": pv, "pv_dtype": pv_dtype, "note": note}
+            "pv_path": pv, "pv_dtype": pv_dtype, "note": note, "why": why}
 
 
 def attention_int8(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = False,
@@ -156,7 +168,9 @@ def attention_int8(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | s
         Subtract K's per-channel mean before quantizing (exact for the output; LSE
         corrected).
     kernel : "auto" or a name in :data:`fa_lab.INT8_KERNELS`
-        ``"auto"``: ``amx`` (AMX tiles) for ``pv_dtype="bfloat16"`` on a CPU with AMX,
+        ``"auto"``: for ``pv_dtype="bfloat16"``, the kernel and ``P V`` precision measured
+        fastest on this machine if ``python -m fa_lab tune`` ran here (fp32 ``P V`` where
+        bf16 is slower), else ``amx`` (AMX tiles) on a CPU with AMX,
         else ``sage`` (micro-kernels) for float32 on a CPU with AVX-512, else ``simd`` (a
         ``KernelFallbackWarning`` says why); :func:`plan_int8` tells.
     pv_dtype : "float32" (default) or "bfloat16"
@@ -175,7 +189,7 @@ def attention_int8(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | s
                    block_kv=block_kv, sinks=sinks)
     return_lse = check_bool("return_lse", return_lse)
     check_choice("pv_dtype", pv_dtype, PV_DTYPES)
-    chosen = _choose_int8(kernel, call, pv_dtype)
+    chosen, pv_dtype, _ = _choose_int8(kernel, call, pv_dtype)
     check_choice("granularity", granularity, quant.GRANULARITIES)
     smooth_k = check_bool("smooth_k", smooth_k)
     if call.empty:

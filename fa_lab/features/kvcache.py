@@ -28,6 +28,8 @@ from fa_lab.numerics.checks import (as_float_array, check_block, check_bool, che
 from fa_lab.numerics.kvquant import FORMATS, channels, format_of, quantize_rows
 from fa_lab.numerics.merge import apply_sinks, check_sinks
 from fa_lab.registry import KVCACHE_KERNELS, Request
+from fa_lab.settings.tuning_file import (alike, decode_path, measured_choice, measured_reason,
+                                        regime_for)
 from fa_lab.numerics.scoremod import check_mods
 
 
@@ -189,7 +191,9 @@ def attention_with_kvcache(q: ArrayLike, k_cache: np.ndarray, v_cache: np.ndarra
     scale, window, softcap, alibi_slopes : as in :func:`fa_lab.attention`
     kernel : "auto" or a name in :data:`fa_lab.registry.KVCACHE_KERNELS` ("auto" reads an
         int8 / int4 cache with ``"quantized"``, and refuses what that kernel cannot do
-        rather than fall back to the float64 reference)
+        rather than fall back to the float64 reference; a float cache, when decoding,
+        with the kernel and splits measured fastest on this machine if
+        ``python -m fa_lab tune`` ran here: :func:`plan_kvcache` tells)
     block_q, block_kv : positive ints, optional: the tiles (a key tile never crosses a page)
     splits : positive int, optional: Flash-Decoding key splits per (sequence, head, query
         block), merged exactly; by default planned for the threads (``plan()``)
@@ -238,9 +242,7 @@ def attention_with_kvcache(q: ArrayLike, k_cache: np.ndarray, v_cache: np.ndarra
                   kv_format=fmt)
     splits = check_block("splits", splits)
     block_q, block_kv = check_block("block_q", block_q), check_block("block_kv", block_kv)
-    if fmt != "float" and kernel == "auto":  # never the float64 reference by fallback
-        kernel = "quantized"
-    chosen, _ = choose_kernel(kernel, req, KVCACHE_KERNELS)
+    chosen, splits, _ = choose_decode(kernel, req, B, H, H_kv, Nq, splits)
     if n_new and ks is not None:
         bits = FORMATS[fmt][0]
         shifted = k_new if k_mean is None else k_new - k_mean[:, :, None, :]
@@ -265,6 +267,49 @@ def attention_with_kvcache(q: ArrayLike, k_cache: np.ndarray, v_cache: np.ndarra
         if sinks is not None:
             out, lse = apply_sinks(out, lse, sinks[:, :, None])
     return (out, lse) if return_lse else out
+
+
+def choose_decode(kernel, req, B, H, H_kv, Nq, splits=None) -> tuple:
+    """``(kernel, splits, why)`` for a cache call. ``"auto"`` reads an int8 / int4
+    cache with ``"quantized"`` (never the float64 reference by fallback); on a float
+    cache it runs the kernel and splits measured fastest on this machine for decoding
+    (``Nq`` in the decode regime, :func:`fa_lab.tools.tune.tune_paths` run here, the
+    kernel able to serve the call; the splits only for ``B * H`` like the measured
+    shape's), else the fastest kernel that serves it."""
+    why = "given" if kernel != "auto" else "the fastest kernel that serves the call"
+    if req.kv_format != "float" and kernel == "auto":
+        kernel, why = "quantized", "the kernel that reads int8 / int4 caches"
+    elif kernel == "auto" and regime_for(Nq).name == "decode":
+        path = decode_path(H, H_kv)
+        best = measured_choice(path, api="kvcache")
+        if best and best["kernel"] in KVCACHE_KERNELS and not (
+                KVCACHE_KERNELS[best["kernel"]].unsupported(req)):
+            kernel, why = best["kernel"], measured_reason(path, best, api="kvcache")
+            if splits is None and alike(path, B, H):
+                splits = best["splits"]
+    chosen, _ = choose_kernel(kernel, req, KVCACHE_KERNELS)
+    return chosen, splits, why
+
+
+def plan_kvcache(q: ArrayLike, k_cache: np.ndarray, v_cache: np.ndarray, *,
+                 kernel: str = "auto", causal: bool = True, splits: int | None = None,
+                 window: tuple[int, int] | None = None, softcap: float = 0.0,
+                 alibi_slopes: ArrayLike | None = None, k_scale: ArrayLike | None = None,
+                 v_scale: ArrayLike | None = None) -> dict:
+    """What :func:`attention_with_kvcache` would run for a ``q`` against these caches
+    (nothing is written or computed): ``kernel``, ``splits`` (None: the kernel plans
+    them from the lengths) and ``why`` (for a measured choice, the medians that made
+    it: :mod:`fa_lab.settings.tuning_file`)."""
+    q = as_float_array("q", q)
+    kc, vc, ks, vs, fmt, d_v = _check_caches(q, k_cache, v_cache, k_scale, v_scale, False)
+    B, H, Nq, d = q.shape
+    mods = check_mods(window, softcap, alibi_slopes, (B,), H, q.dtype)
+    req = Request(dtype=q.dtype, causal=check_bool("causal", causal), gqa=H != kc.shape[1],
+                  window=mods.window, softcap=mods.softcap > 0, alibi=mods.slopes is not None,
+                  dv=d_v != d, kv_format=fmt)
+    chosen, splits, why = choose_decode(kernel, req, B, H, kc.shape[1], Nq,
+                                        check_block("splits", splits))
+    return {"kernel": chosen.name, "splits": splits, "why": why}
 
 
 def _write(k_cache, v_cache, table, lens, k_new, v_new) -> None:

@@ -9,11 +9,18 @@ reused: :func:`tuned_blocks` compares the fingerprint.
 
 The file is validated when read (:func:`validate`): a JSON object with a
 ``fingerprint`` object, ``choices`` ``{kernel: {regime: {block_q, block_kv, ...}}}``
-with block sizes ints in ``1 ..`` :data:`MAX_BLOCK`, and optional ``sweeps`` of the same
-kind with finite, positive ``median_s``. A file that fails (bad JSON, a list, a negative
+with block sizes ints in ``1 ..`` :data:`MAX_BLOCK`, optional ``sweeps`` of the same
+kind with finite, positive ``median_s``, and optional measured ``paths`` (below). A file that fails (bad JSON, a list, a negative
 or huge block, a string where a number belongs) is ignored as a whole with **one**
 :class:`TuningFileWarning` naming the file and the first problem; the kernels' default
 blocks are then used, exactly as without a file.
+
+**Measured paths** (``paths``, written by :func:`fa_lab.tools.tune.tune_paths`): where a
+call has several ways to run, the tuner times each on a representative shape and
+stores them all, ``{name: {"shape": str, "candidates": [{"label": str, "median_s": s,
+"q25_s": s, "q75_s": s, ...options}]}}``. ``kernel="auto"`` then runs the fastest
+candidate that serves the call (:func:`measured_choice`), and the plans say which and
+why (:func:`measured_reason`). :data:`PATHS` names the entries and their shapes.
 """
 
 from __future__ import annotations
@@ -64,6 +71,22 @@ REGIMES = (
     Regime("long", None, 1, 8, 2048, 2048, 64, False, (128, 256, 512), (128, 256, 512),
            "long prefill (throughput)"),
 )
+
+#: Measured paths: ``name -> (what is chosen, the representative shape)``. Decode is
+#: measured twice, each kv head serving one query head (MHA) or four (GQA), because
+#: sharing a cached row across a group changes which kernel is fastest.
+PATHS = {
+    "decode_mha": ("decode kernel and key splits", dict(B=1, H=8, H_kv=8, Nq=1, Nk=4096, d=64)),
+    "decode_gqa": ("decode kernel and key splits", dict(B=1, H=32, H_kv=8, Nq=1, Nk=4096, d=64)),
+    "int8_pv": ("INT8 kernel and P V precision allowed by pv_dtype='bfloat16'",
+                dict(B=1, H=8, H_kv=8, Nq=1024, Nk=1024, d=64)),
+}
+
+
+def decode_path(H: int, H_kv: int) -> str:
+    """The measured decode entry a call with these heads reads (MHA or grouped)."""
+    return "decode_mha" if H == H_kv else "decode_gqa"
+
 
 def tune_path() -> Path:
     """Where tuned choices are stored (``$FA_LAB_TUNE_FILE`` or the user's cache)."""
@@ -134,6 +157,28 @@ def validate(data) -> str | None:
                     problem = _block_problem(where, e)
                     if problem:
                         return problem
+    return _paths_problem(data.get("paths", {}))
+
+
+def _paths_problem(paths) -> str | None:
+    if not isinstance(paths, dict):
+        return "'paths' must be an object"
+    for name, entry in paths.items():
+        cands = entry.get("candidates") if isinstance(entry, dict) else None
+        if not isinstance(cands, list) or not cands:
+            return f"paths.{name}.candidates must be a non-empty list"
+        for c in cands:
+            if not isinstance(c, dict) or not isinstance(c.get("label"), str):
+                return f"paths.{name}: every candidate must be an object with a 'label'"
+            for key in ("median_s", "q25_s", "q75_s"):
+                t = c.get(key)
+                if isinstance(t, bool) or not isinstance(t, numbers.Real) or not (
+                        math.isfinite(t) and t > 0):
+                    return f"paths.{name}.{c['label']}.{key} must be a positive number, got {t!r}"
+            splits = c.get("splits", 1)
+            if isinstance(splits, bool) or not isinstance(splits, numbers.Integral) or not (
+                    1 <= splits <= MAX_BLOCK):
+                return f"paths.{name}.{c['label']}.splits must be an int in 1..{MAX_BLOCK}"
     return None
 
 
@@ -176,6 +221,57 @@ def tuned_blocks(kernel: str, Nq: int) -> tuple[int, int] | None:
     return int(choice["block_q"]), int(choice["block_kv"])  # validated by load()
 
 
+def measured(name: str) -> dict | None:
+    """The stored measurement ``name`` of :data:`PATHS`, if made on this machine."""
+    stored = load()
+    if not stored or stored.get("fingerprint") != _fingerprint_cached():
+        return None
+    return stored.get("paths", {}).get(name)
+
+
+def measured_choice(name: str, **match) -> dict | None:
+    """The fastest stored candidate of ``name`` whose options equal ``match`` (e.g.
+    ``api="attention"``), or None when nothing was measured here."""
+    entry = measured(name)
+    if not entry:
+        return None
+    fits = [c for c in entry["candidates"] if all(c.get(k) == v for k, v in match.items())]
+    return min(fits, key=lambda c: c["median_s"]) if fits else None
+
+
+def measured_reason(name: str, chosen: dict, **match) -> str:
+    """Why ``chosen`` (a sentence with the measured medians of it and the runner-up)."""
+    entry = measured(name) or {"candidates": [chosen], "shape": "?"}
+    fits = sorted((c for c in entry["candidates"]
+                   if all(c.get(k) == v for k, v in match.items())),
+                  key=lambda c: c["median_s"])
+    others = [c for c in fits if c["label"] != chosen["label"]]
+    text = (f"measured on this machine ({entry.get('shape', '?')}): {chosen['label']} "
+            f"{chosen['median_s'] * 1e3:.3g} ms")
+    if others:
+        o = others[0]
+        text += f", next {o['label']} {o['median_s'] * 1e3:.3g} ms"
+    return text
+
+
+def alike(name: str, B: int, H: int) -> bool:
+    """Whether a call's ``B * H`` query heads are within a factor of 2 of the measured
+    shape's: key splits measured there keep the threads as busy here (a kernel choice
+    depends on the head grouping, not on this)."""
+    shape = PATHS[name][1]
+    return shape["B"] * shape["H"] / 2 <= B * H <= 2 * shape["B"] * shape["H"]
+
+
+def measured_splits(B: int, H: int, H_kv: int, Nq: int) -> tuple | None:
+    """``(splits, why)`` measured fastest here for ``flash`` decoding (``Nq`` in the
+    decode regime, heads :func:`alike` the measured shape's), or None."""
+    path = decode_path(H, H_kv)
+    if regime_for(Nq).name != "decode" or not alike(path, B, H):
+        return None
+    best = measured_choice(path, api="attention")
+    return (best["splits"], measured_reason(path, best, api="attention")) if best else None
+
+
 _FP: list = []
 
 
@@ -215,5 +311,7 @@ def write(data: dict, path=None) -> Path:
     return target
 
 
-__all__ = ["REGIMES", "Regime", "tuned_blocks", "tune_path", "fingerprint", "choices_table",
+__all__ = ["PATHS", "decode_path", "measured", "measured_choice", "measured_reason",
+           "measured_splits", "alike",
+           "REGIMES", "Regime", "tuned_blocks", "tune_path", "fingerprint", "choices_table",
            "regime_for", "load", "validate", "write", "TuningFileWarning", "MAX_BLOCK"]

@@ -9,19 +9,34 @@ measured on and the whole sweep. ``kernel="auto"`` then uses the stored blocks
 name keeps its documented defaults, so a named kernel behaves the same on every
 machine. ``fa_lab.api.plan`` tells which blocks a call will use and where they came from.
 
+:func:`tune_paths` measures the *paths* a call may take (which decode kernel and how
+many key splits; which INT8 kernel and ``P V`` precision ``pv_dtype="bfloat16"``
+allows) and stores every candidate's times in the same file; ``kernel="auto"`` then
+runs the fastest, and the plans (:func:`fa_lab.api.plan`,
+:func:`fa_lab.features.kvcache.plan_kvcache`, :func:`fa_lab.features.int8.plan_int8`)
+say which and why.
+
 The reader's names (``tuned_blocks``, ``load``, ``validate``, ``tune_path``, ...) are
 re-exported here for convenience.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
+from fa_lab.api import prepare
+from fa_lab.features.int8 import attention_int8
+from fa_lab.features.kvcache import attention_with_kvcache
+from fa_lab.numerics import reference
+from fa_lab.registry import INT8_KERNELS, KVCACHE_KERNELS
+from fa_lab.tools.bench.harness import Contender, time_calls
+from fa_lab.tools.bench.harness import validate as check_contender
 from fa_lab.tools.bench.sweeps import sweep_blocks
 from fa_lab.settings.machine import machine
 from fa_lab.registry import KERNELS
 from fa_lab.numerics.testing import Case
-from fa_lab.settings.tuning_file import (MAX_BLOCK, REGIMES, Regime, TuningFileWarning,  # noqa: F401
+from fa_lab.settings.tuning_file import (MAX_BLOCK, PATHS, REGIMES, Regime, TuningFileWarning,  # noqa: F401
                                 reset_cache, choices_table, fingerprint, load,
                                 regime_for, tune_path, tuned_blocks, validate, write)
 
@@ -78,10 +93,105 @@ def autotune(kernel="flash", regimes=None, *, quick=False, repeats=3, path=None,
             "block_q": int(row["block_q"]), "block_kv": int(row["block_kv"]),
             "median_s": float(row["median_s"]), "shape": f"Nq={row['Nq']}, Nk={row['Nk']}",
             "quick": bool(quick)}
-    write({"fingerprint": fingerprint(), "machine": machine(), "choices": choices,
+    write({**stored, "fingerprint": fingerprint(), "machine": machine(), "choices": choices,
            "sweeps": sweeps}, path)
     return sweep
 
 
-__all__ = ["REGIMES", "QUICK", "Regime", "autotune", "tuned_blocks", "tune_path", "fingerprint",
+#: Key splits tried for each decode kernel.
+DECODE_SPLITS = (1, 2, 4, 8)
+#: Quick shapes (CI and ``--quick``): the same head counts, shorter sequences.
+QUICK_PATHS = {"decode_mha": dict(Nk=1024), "decode_gqa": dict(Nk=1024),
+               "int8_pv": dict(Nq=256, Nk=256)}
+
+
+def _decode_candidates(case):
+    """``(options, fn(q, k, v))`` for every decode path: ``attention`` (flash) and
+    ``attention_with_kvcache`` (each float-cache kernel) at each number of splits."""
+    out = []
+    for s in DECODE_SPLITS:
+        out.append((dict(api="attention", kernel="flash", splits=s),
+                    lambda q, k, v, s=s: prepare(q, k, v, causal="bottom_right").run(
+                        "flash", splits=s)[0]))
+    for name, kern in KVCACHE_KERNELS.items():
+        if name == "reference" or "float" not in kern.kv_formats or kern.available and kern.available():
+            continue
+        for s in DECODE_SPLITS:
+            out.append((dict(api="kvcache", kernel=name, splits=s),
+                        lambda q, k, v, name=name, s=s: attention_with_kvcache(
+                            q, k, v, cache_seqlens=case["Nk"], kernel=name, splits=s)))
+    return out
+
+
+def _int8_candidates(case):
+    """``(options, fn)`` for each way ``pv_dtype="bfloat16"`` may run on this CPU: every
+    INT8 kernel with a bf16 ``P V`` that runs here, and ``sage`` with fp32 ``P V``."""
+    out = []
+    for name, kern in INT8_KERNELS.items():
+        if "pv_dtype" not in kern.tags or (kern.available and kern.available()):
+            continue
+        for pv in ("bfloat16",) if "bf16_pv" in kern.tags else ("bfloat16", "float32"):
+            out.append((dict(kernel=name, pv_dtype=pv),
+                        lambda q, k, v, name=name, pv=pv: attention_int8(
+                            q, k, v, kernel=name, pv_dtype=pv)))
+    return out
+
+
+def _label(opts):
+    if "api" in opts:
+        s = opts["splits"]
+        return f"{opts['api']} {opts['kernel']}, {s} split{'s' if s > 1 else ''}"
+    return f"{opts['kernel']}, {'bf16' if opts['pv_dtype'] == 'bfloat16' else 'fp32'} P V"
+
+
+def tune_paths(names=None, *, quick=False, repeats=20, path=None, progress=None):
+    """Time every candidate path of each measured entry (:data:`PATHS`; all by default)
+    on its representative shape, validated first, interleaved in rounds (back to back,
+    as a decoding loop calls), and store them all in the tuning file. Returns one row
+    per candidate (``chosen`` marks the fastest of each entry and API)."""
+    names = list(names or PATHS)
+    unknown = [n for n in names if n not in PATHS]
+    if unknown:
+        raise ValueError(f"names: unknown {unknown}; known: {list(PATHS)}")
+    rows, entries = [], {}
+    for name in names:
+        case = {**PATHS[name][1], **(QUICK_PATHS[name] if quick else {})}
+        q, k, v = Case(**case).inputs(np.float32)
+        decode = name.startswith("decode")
+        cands = (_decode_candidates if decode else _int8_candidates)(case)
+        if not cands:
+            continue
+        if progress:
+            progress(f"measure {name}: {len(cands)} candidates on {Case(**case).id}")
+        contenders = [Contender(_label(o), fn, "kernel") for o, fn in cands]
+        causal = "bottom_right" if decode else False
+        for c in contenders:
+            if decode:
+                check_contender(c, q, k, v, causal)
+            else:  # INT8 scores: judged by cosine, as lesson 10 does
+                out = c.fn(q, k, v).astype(np.float64).ravel()
+                ref = reference.attention(q, k, v)[0].ravel()
+                if not out @ ref / (np.linalg.norm(out) * np.linalg.norm(ref)) >= 0.999:
+                    raise AssertionError(f"{c.name}: cosine below 0.999 against float64")
+        times = time_calls(contenders, (q, k, v), repeats=repeats if decode else max(3, repeats // 4),
+                           warmup=2, cooldown=0 if decode else None)
+        shape = Case(**case).id
+        cand = [{"label": c.name, **o, **times.summary(c.name)} for c, (o, _) in zip(contenders, cands)]
+        keep = ("label", "api", "kernel", "splits", "pv_dtype", "median_s", "q25_s", "q75_s")
+        entries[name] = {"what": PATHS[name][0], "shape": shape, "quick": bool(quick),
+                         "candidates": [{k_: c[k_] for k_ in keep if k_ in c} for c in cand]}
+        df = pd.DataFrame([{"path": name, "shape": shape, **c} for c in cand])
+        group = df["api"] if "api" in df else pd.Series("", index=df.index)
+        df["chosen"] = df["median_s"] == df.groupby(group)["median_s"].transform("min")
+        rows.append(df)
+    stored = load(path) or {}
+    if stored.get("fingerprint") != fingerprint():
+        stored = {}
+    stored.setdefault("paths", {}).update(entries)
+    write({"choices": {}, "sweeps": {}, **stored, "fingerprint": fingerprint(),
+           "machine": machine()}, path)
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+
+
+__all__ = ["PATHS", "QUICK_PATHS", "DECODE_SPLITS", "tune_paths", "REGIMES", "QUICK", "Regime", "autotune", "tuned_blocks", "tune_path", "fingerprint",
            "choices_table", "regime_for", "load", "validate", "TuningFileWarning", "MAX_BLOCK"]

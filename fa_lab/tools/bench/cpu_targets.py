@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from fa_lab.features.int8 import plan_int8
+from fa_lab.features.kvcache import plan_kvcache
 from fa_lab.numerics import verdict
 from fa_lab.numerics.testing import Case
 from fa_lab.settings.machine import describe_machine
@@ -18,16 +19,19 @@ from fa_lab.tools.bench.isolated import TIMING, time_isolated
 FACTORY = "fa_lab.tools.bench.isolated:attention_call"
 
 #: ``(case, shape keywords, fa_lab's contender keywords, budget: fa_lab >= budget x torch)``;
-#: the low-precision rows run the fastest INT8 path this CPU has (``attention_int8``'s
-#: ``kernel="auto"`` with a bf16 ``P V``: AMX tiles where the CPU has them, else ``sage``).
+#: the decode rows run fa_lab's decode API (``attention_with_kvcache``, ``kernel="auto"``:
+#: the kernel and splits measured fastest here once ``python -m fa_lab tune`` ran); the
+#: low-precision rows the fastest INT8 path this CPU has (``attention_int8``'s
+#: ``kernel="auto"`` with a bf16 ``P V``: the measured choice, else AMX tiles where the
+#: CPU has them, else ``sage``).
 TARGETS = [
     ("H=8 N=512", dict(H=8, Nq=512), dict(kernel="flash"), 1.0),
     ("H=8 N=2048", dict(H=8, Nq=2048), dict(kernel="flash"), 1.0),
     ("H=8 N=2048 causal", dict(H=8, Nq=2048, causal=True), dict(kernel="flash"), 1.0),
     ("H=1 N=8192", dict(H=1, Nq=8192), dict(kernel="flash"), 1.0),
-    ("decode Nk=4096 H=8", dict(H=8, Nq=1, Nk=4096), dict(kernel="flash"), 1.0),
+    ("decode Nk=4096 H=8", dict(H=8, Nq=1, Nk=4096), dict(kernel="kvcache"), 1.0),
     ("decode Nk=4096 H=32, 8 kv heads", dict(H=32, H_kv=8, Nq=1, Nk=4096),
-     dict(kernel="flash"), 1.0),
+     dict(kernel="kvcache"), 1.0),
     ("low precision H=8 N=2048", dict(H=8, Nq=2048),
      dict(kernel="int8", pv_dtype="bfloat16"), 2.0),
     ("low precision H=8 N=2048 causal", dict(H=8, Nq=2048, causal=True),
@@ -53,9 +57,13 @@ def cpu_targets(*, cases=None, rounds=5, calls=3, gap_s=0.3, progress=None):
         low, mid, high = times.ratio("torch_sdpa", "fa_lab")
         name = mine["kernel"]
         if name == "int8":  # the kernel auto picks here, by name
-            chosen = plan_int8(*Case(B=1, H=1, Nq=8, d=8).inputs(np.float32),
-                               pv_dtype=mine["pv_dtype"])["kernel"]
-            name = f"int8 {chosen} ({mine['pv_dtype']} P V)"
+            p = plan_int8(*Case(B=1, H=1, Nq=8, d=8).inputs(np.float32),
+                          pv_dtype=mine["pv_dtype"])
+            name = f"int8 {p['kernel']} ({p['pv_dtype']} P V)"
+        elif name == "kvcache":
+            q, k, v = Case(B=1, **shape).inputs(np.float32)
+            p = plan_kvcache(q, k, v)
+            name = f"kvcache {p['kernel']}" + (f", {p['splits']} splits" if p["splits"] else "")
         v = verdict.judge(f"{case}: fa_lab {name} vs torch SDPA fp32", mid, budget, low=low,
                           high=high, load=times.load)
         verdicts.append(v)

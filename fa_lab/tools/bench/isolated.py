@@ -28,6 +28,7 @@ import numpy as np
 
 from fa_lab.api import attention
 from fa_lab.features.int8 import attention_int8
+from fa_lab.features.kvcache import attention_with_kvcache
 from fa_lab.numerics import reference
 from fa_lab.numerics.testing import Case
 from fa_lab.settings.machine import LoadMonitor
@@ -63,8 +64,9 @@ def attention_call(kernel="flash", B=1, H=8, H_kv=None, Nq=2048, Nk=None, d=64, 
     """A validated, ready-to-time call on fixed float32 inputs (the factory workers run):
     ``kernel`` a name of :data:`fa_lab.KERNELS`, ``"torch_sdpa"`` (PyTorch's CPU SDPA,
     float32), or ``"int8"`` / ``"int8:NAME"`` (``attention_int8`` with ``kernel="auto"``
-    or ``NAME``, and ``pv_dtype``). ``Nq = 1`` is a decode step (one query sees every key,
-    as bottom-right causal). Returns ``fn()``."""
+    or ``NAME``, and ``pv_dtype``), or ``"kvcache"`` / ``"kvcache:NAME"``
+    (``attention_with_kvcache``, k and v as a full contiguous cache). ``Nq = 1`` is a
+    decode step (one query sees every key, as bottom-right causal). Returns ``fn()``."""
     q, k, v = Case(B=B, H=H, H_kv=H_kv, Nq=Nq, Nk=Nk, d=d).inputs(np.float32, seed=seed)
     if kernel == "torch_sdpa":
         if torch_module() is None:
@@ -74,6 +76,11 @@ def attention_call(kernel="flash", B=1, H=8, H_kv=None, Nq=2048, Nk=None, d=64, 
         name = kernel.partition(":")[2] or "auto"
         c = Contender(kernel, lambda q, k, v: attention_int8(
             q, k, v, causal=causal, kernel=name, pv_dtype=pv_dtype or "float32"), "kernel")
+    elif kernel.split(":")[0] == "kvcache":
+        name = kernel.partition(":")[2] or "auto"
+        c = Contender(kernel, lambda q, k, v: attention_with_kvcache(
+            q, k, v, cache_seqlens=k.shape[2], causal=True, kernel=name), "kernel")
+        causal = "bottom_right"
     else:
         c = Contender(kernel, lambda q, k, v: attention(q, k, v, causal=causal, kernel=kernel),
                       "kernel")
