@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fa_lab.api import plan
 from fa_lab.features.int8 import plan_int8
 from fa_lab.features.kvcache import plan_kvcache
 from fa_lab.numerics import verdict
@@ -20,7 +21,8 @@ FACTORY = "fa_lab.tools.bench.isolated:attention_call"
 
 #: ``(case, shape keywords, fa_lab's contender keywords, budget: fa_lab >= budget x torch)``;
 #: the decode rows run fa_lab's decode API (``attention_with_kvcache``, ``kernel="auto"``:
-#: the kernel and splits measured fastest here once ``python -m fa_lab tune`` ran); the
+#: the kernel and splits measured fastest here once ``python -m fa_lab tune`` ran), and
+#: ``attention`` (``kernel="auto"``: ``flash`` with the measured key splits) beside it; the
 #: low-precision rows the fastest INT8 path this CPU has (``attention_int8``'s
 #: ``kernel="auto"`` with a bf16 ``P V``: the measured choice, else AMX tiles where the
 #: CPU has them, else ``sage``).
@@ -32,6 +34,9 @@ TARGETS = [
     ("decode Nk=4096 H=8", dict(H=8, Nq=1, Nk=4096), dict(kernel="kvcache"), 1.0),
     ("decode Nk=4096 H=32, 8 kv heads", dict(H=32, H_kv=8, Nq=1, Nk=4096),
      dict(kernel="kvcache"), 1.0),
+    ("decode Nk=4096 H=8, attention()", dict(H=8, Nq=1, Nk=4096), dict(kernel="auto"), 1.0),
+    ("decode Nk=4096 H=32, 8 kv heads, attention()", dict(H=32, H_kv=8, Nq=1, Nk=4096),
+     dict(kernel="auto"), 1.0),
     ("low precision H=8 N=2048", dict(H=8, Nq=2048),
      dict(kernel="int8", pv_dtype="bfloat16"), 2.0),
     ("low precision H=8 N=2048 causal", dict(H=8, Nq=2048, causal=True),
@@ -63,7 +68,12 @@ def cpu_targets(*, cases=None, rounds=5, calls=3, gap_s=0.3, progress=None):
         elif name == "kvcache":
             q, k, v = Case(B=1, **shape).inputs(np.float32)
             p = plan_kvcache(q, k, v)
-            name = f"kvcache {p['kernel']}" + (f", {p['splits']} splits" if p["splits"] else "")
+            s = p["splits"]
+            name = f"kvcache {p['kernel']}" + (f", {s} split{'s' if s > 1 else ''}" if s else "")
+        elif name == "auto":
+            q, k, v = Case(B=1, **shape).inputs(np.float32)
+            p = plan(q, k, v)
+            name = f"attention {p['kernel']}, {p['splits']} split{'s' if p['splits'] > 1 else ''}"
         v = verdict.judge(f"{case}: fa_lab {name} vs torch SDPA fp32", mid, budget, low=low,
                           high=high, load=times.load)
         verdicts.append(v)
