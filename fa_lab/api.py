@@ -359,7 +359,7 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = 
         if isinstance(mask, np.ndarray) and mask.dtype == half:
             mask = mask.astype(np.float32)
         if half.name == "bfloat16" and (kernel == "auto" or kernel in BF16_KERNELS):
-            res = _attention_bf16(*_same(half, q=q, k=k, v=v), kernel, causal=causal,
+            res = attention_bf16_bits(*_same(half, q=q, k=k, v=v), kernel, causal=causal,
                                   scale=scale, mask=mask, block_q=block_q, block_kv=block_kv,
                                   dropout_p=dropout_p, seed=seed, window=window,
                                   softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
@@ -409,9 +409,10 @@ def _same(half, **arrays):
     return out
 
 
-def _attention_bf16(q, k, v, kernel, **options):
+def attention_bf16_bits(q, k, v, kernel="auto", **options):
     """bfloat16 inputs on a kernel of :data:`fa_lab.registry.BF16_KERNELS` (both products
-    in bf16, fp32 softmax and accumulation), fed their bits (uint16; the kernel packs them
+    in bf16, fp32 softmax and accumulation), given as ``ml_dtypes.bfloat16`` arrays or as
+    their bits (any 2-byte dtype, e.g. a torch bf16 tensor's ``int16`` view; the kernel packs them
     as they are, nothing is widened): ``(out, lse)`` in float32, or None when
     ``kernel="auto"`` finds none that serves the call (the caller then computes in
     float32). :func:`prepare` checks the shapes and options on untouched float32

@@ -435,3 +435,43 @@ def test_ablations_remove_their_pass_and_nothing_else(monkeypatch, path):
     assert list(df["variant"]) == [name for name, _ in amx_bench.ABLATIONS]
     np.testing.assert_allclose(df["ms"], [10, 6, 9, 4])
     np.testing.assert_allclose(df["saved"], [0, 0.4, 0.1, 0.6])
+
+
+# ---------------------------------------------------------------- torch bf16 tensors
+@needs_amx
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[4]], ids=lambda c: c.id)
+def test_torch_bf16_inference_runs_on_the_tiles(case, monkeypatch):
+    """A torch bf16 call with no gradient goes to the AMX kernel, its tensors' bits shared
+    (no widening), and matches fa_lab's bfloat16 NumPy call bit for bit; with a gradient
+    it takes the float32 path (the backward needs it) and is close to float64 too. (The
+    cases have no fully masked row, where SDPA's NaN could not serve as the baseline.)"""
+    torch_ = pytest.importorskip("torch")
+    from fa_lab.integrations import torch as fa_torch
+    from fa_lab import api
+    from fa_lab.numerics.masks import causal_mask
+
+    q, k, v = (torch_.from_numpy(x).to(torch_.bfloat16) for x in case.inputs(seed=8))
+    seen = []
+    real = api.attention_bf16_bits
+    monkeypatch.setattr(fa_torch, "attention_bf16_bits",
+                        lambda *a, **kw: seen.append(a[0].dtype) or real(*a, **kw))
+    out, lse = fa_torch.attention(q, k, v, causal=case.causal, return_lse=True)
+    assert seen == [np.int16] and out.dtype == torch_.bfloat16 and lse.dtype == torch_.bfloat16
+    wide = [x.float().numpy().astype(np.float64) for x in (q, k, v)]
+    exact, _ = reference.attention(*wide, causal=case.causal)
+    if BF16 is not None:  # the NumPy bfloat16 call: the same kernel, the same bits
+        b = [x.float().numpy().astype(BF16) for x in (q, k, v)]
+        mine = fa_lab.attention(*b, causal=case.causal)
+        np.testing.assert_array_equal(out.view(torch_.int16).numpy(), mine.view(np.int16))
+    ref = torch_.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=False, enable_gqa=case.H_kv not in (None, case.H),
+        attn_mask=None if not case.causal else torch_.from_numpy(
+            causal_mask(case.Nq, case.Nk, case.causal)))
+    err, torch_err = (np.abs(x.float().numpy() - exact).max() for x in (out, ref))
+    assert err <= 2 * torch_err + 1e-6, (err, torch_err)
+    qg = q.clone().requires_grad_(True)
+    seen.clear()
+    out_g = fa_torch.attention(qg, k, v, causal=case.causal)
+    out_g.float().sum().backward()
+    assert seen == [] and qg.grad is not None
+    assert np.abs(out_g.detach().float().numpy() - exact).max() <= 2 * torch_err + 1e-2

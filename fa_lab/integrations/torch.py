@@ -6,7 +6,11 @@ with a seed, LSE) and takes and returns ``torch.Tensor``:
 
 * dtypes float32 and float64 are computed in their own precision; float16 and
   bfloat16 in float32, the result rounded back (as :func:`fa_lab.attention` does for
-  NumPy half types);
+  NumPy half types). Inference on bfloat16 (no input requires a gradient) on a CPU with
+  AMX runs both products in bf16 on the matrix engine instead, fed the tensors' bits
+  without a copy (:func:`fa_lab.api.attention_bf16_bits`; fp32 softmax and
+  accumulation, as PyTorch's bf16 SDPA), unless an option that path lacks (dropout,
+  window, softcap, ALiBi) or a named float kernel sends it to float32;
 * the tensors are shared with NumPy, not copied, where the layout allows
   (``Tensor.numpy()`` and ``torch.from_numpy`` are views): a contiguous float32 q
   costs no copy; a strided view (transformers hands q over as ``(B, N, H, d)``
@@ -27,6 +31,8 @@ import numpy as np
 import torch
 
 from fa_lab.api import attention as _attention
+from fa_lab.api import attention_bf16_bits
+from fa_lab.registry import BF16_KERNELS
 from fa_lab.features.backward import attention_backward
 
 #: torch dtype -> the NumPy dtype fa_lab computes in.
@@ -97,6 +103,17 @@ class _Attention(torch.autograd.Function):
                 torch.from_numpy(grads[2]).to(dtype), None, dsinks, None)
 
 
+def _bf16_tiles(q, k, v, mask, sinks, opts):
+    """bfloat16 tensors on the bf16 kernels (AMX), their bits shared with NumPy:
+    float32 ``(out, lse)``, or None when that path does not serve the call."""
+    if q.dtype != torch.bfloat16 or not (opts["kernel"] == "auto" or opts["kernel"] in BF16_KERNELS):
+        return None
+    bits = [x.detach().contiguous().view(torch.int16).numpy() for x in (q, k, v)]
+    return attention_bf16_bits(*bits, mask=_mask(mask, np.float32),
+                               sinks=None if sinks is None else to_numpy(sinks, np.float32),
+                               **opts)
+
+
 def attention(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto", block_q=None,
               block_kv=None, return_lse=False, dropout_p=0.0, seed=None, window=None,
               softcap=0.0, alibi_slopes=None, sinks=None):
@@ -126,6 +143,8 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, kernel="auto", bl
     tracked = (q, k, v) if sinks is None else (q, k, v, sinks)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
         out, lse = _Attention.apply(q, k, v, mask, sinks, opts)
+    elif (res := _bf16_tiles(q, k, v, mask, sinks, opts)) is not None:
+        out, lse = (torch.from_numpy(x).to(torch.bfloat16) for x in res)
     else:  # inference (decoding): no autograd node, nothing kept for a backward
         dtype = COMPUTE[q.dtype]
         out, lse = _attention(*(to_numpy(x, dtype) for x in (q, k, v)), mask=_mask(mask, dtype),
