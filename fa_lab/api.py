@@ -28,7 +28,7 @@ from fa_lab.numerics.masks import causal_alignment
 from fa_lab.numerics.merge import apply_sinks, check_sinks
 from fa_lab.registry import BF16_KERNELS, CUDA_KERNELS, KERNELS, Kernel, Request, Stage
 from fa_lab.numerics.scoremod import NONE as NO_MODS, ScoreMods, check_mods
-from fa_lab.settings.tuning_file import measured_splits, tuned_blocks
+from fa_lab.settings.tuning_file import measured_bf16_tiles, measured_splits, tuned_blocks
 
 
 class KernelFallbackWarning(UserWarning):
@@ -343,7 +343,8 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = 
     with AMX, ``bfloat16`` inputs instead run both products in bf16 on the matrix engine
     (fp32 softmax and accumulation, as PyTorch's bf16 SDPA; ``kernel="amx"`` asks for it,
     :data:`fa_lab.registry.BF16_KERNELS`) unless an option it lacks (dropout, window,
-    softcap, ALiBi) sends the call to the float32 kernels.
+    softcap, ALiBi) sends the call to the float32 kernels, or (``kernel="auto"``, a
+    decode step) the float32 path was measured faster here (``python -m fa_lab tune``).
     """
     if check_choice("layout", layout, LAYOUTS) == "bnhd":
         res = attention(*(_heads_first(n, x) for n, x in (("q", q), ("k", k), ("v", v))),
@@ -358,7 +359,9 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = 
     if half is not None:
         if isinstance(mask, np.ndarray) and mask.dtype == half:
             mask = mask.astype(np.float32)
-        if half.name == "bfloat16" and (kernel == "auto" or kernel in BF16_KERNELS):
+        tiles = measured_bf16_tiles(np.shape(q)[-2]) if kernel == "auto" else None
+        if half.name == "bfloat16" and (kernel in BF16_KERNELS or kernel == "auto" and (
+                tiles is None or tiles[0])):
             res = attention_bf16_bits(*_same(half, q=q, k=k, v=v), kernel, causal=causal,
                                   scale=scale, mask=mask, block_q=block_q, block_kv=block_kv,
                                   dropout_p=dropout_p, seed=seed, window=window,
@@ -395,18 +398,15 @@ def _wide(name, x, half):
 
 def _to_bf16(x, bf16):
     """float32 -> bfloat16 (nearest even) in parallel (NumPy's cast is one thread)."""
-    out = np.empty(x.shape, np.uint16)
-    round_bf16(np.ascontiguousarray(x, dtype=np.float32).reshape(-1), out.reshape(-1))
+    round_bf16(np.ascontiguousarray(x, dtype=np.float32).reshape(-1),
+               (out := np.empty(x.shape, np.uint16)).reshape(-1))
     return out.view(bf16)
 
 
 def _same(half, **arrays):
     """The arrays, checked to share q's half-precision dtype (:func:`widen`'s message)."""
-    out = []
-    for name, x in arrays.items():
-        x = as_array(name, x)
-        out.append(x if x.dtype == half else widen(name, x, half))  # widen raises
-    return out
+    xs = [(name, as_array(name, x)) for name, x in arrays.items()]
+    return [x if x.dtype == half else widen(name, x, half) for name, x in xs]  # widen raises
 
 
 def attention_bf16_bits(q, k, v, kernel="auto", **options):

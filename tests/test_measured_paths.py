@@ -178,3 +178,37 @@ def test_tune_paths_measures_validates_and_stores(tune_file):
     assert "decode_gqa" in tuning_file.load()["paths"]
     with pytest.raises(ValueError, match="names"):
         tune.tune_paths(["nope"])
+
+
+@pytest.mark.parametrize("fastest", ["amx", "float32"])
+def test_bf16_decode_runs_the_measured_path(tune_file, fastest):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from fa_lab.settings import cpu_features
+
+    if fastest == "amx" and cpu_features.amx_unavailable():
+        pytest.skip(f"AMX kernels skipped: {cpu_features.amx_unavailable()}")
+    planted = _planted()
+    planted["paths"]["decode_bf16"] = {"shape": "bf16 shape", "candidates": [
+        _cand("amx", 1.0 if fastest == "amx" else 2.0, kernel="amx"),
+        _cand("float32", 1.0 if fastest == "float32" else 2.0, kernel="float32")]}
+    tune_file.write_text(json.dumps(planted))
+    q, k, v = (x.astype(ml_dtypes.bfloat16) for x in _decode_inputs(8, 8, Nk=200))
+    auto = fa_lab.attention(q, k, v, causal="bottom_right")
+    named = fa_lab.attention(q, k, v, causal="bottom_right",
+                             kernel="amx" if fastest == "amx" else "flash")
+    np.testing.assert_array_equal(auto.view(np.uint16), named.view(np.uint16))
+    # prefill is not decoding: the measured decode choice does not apply there
+    qp = np.repeat(q, 40, axis=2)
+    if fastest == "float32" and not cpu_features.amx_unavailable():
+        wide = fa_lab.attention(qp, k, v, kernel="flash")
+        assert not np.array_equal(fa_lab.attention(qp, k, v).view(np.uint16), wide.view(np.uint16))
+
+
+def test_tune_paths_bf16_decode(tune_file):
+    pytest.importorskip("ml_dtypes")
+    from fa_lab.settings import cpu_features
+
+    if cpu_features.amx_unavailable():
+        pytest.skip(f"no bf16 kernel to compare: {cpu_features.amx_unavailable()}")
+    df = tune.tune_paths(["decode_bf16"], quick=True, repeats=2)
+    assert set(df["kernel"]) == {"amx", "float32"} and df["chosen"].sum() == 1

@@ -80,6 +80,8 @@ PATHS = {
     "decode_gqa": ("decode kernel and key splits", dict(B=1, H=32, H_kv=8, Nq=1, Nk=4096, d=64)),
     "int8_pv": ("INT8 kernel and P V precision allowed by pv_dtype='bfloat16'",
                 dict(B=1, H=8, H_kv=8, Nq=1024, Nk=1024, d=64)),
+    "decode_bf16": ("bfloat16 decode: the bf16 kernels (AMX tiles) or float32",
+                    dict(B=1, H=8, H_kv=8, Nq=1, Nk=4096, d=64)),
 }
 
 
@@ -262,6 +264,13 @@ def alike(name: str, B: int, H: int) -> bool:
     return shape["B"] * shape["H"] / 2 <= B * H <= 2 * shape["B"] * shape["H"]
 
 
+def measured_bf16_tiles(Nq: int) -> tuple | None:
+    """``(use the bf16 kernels?, why)`` measured here for bfloat16 decoding (``Nq`` in the
+    decode regime), or None when not measured on this machine."""
+    best = measured_choice("decode_bf16") if regime_for(Nq).name == "decode" else None
+    return (best["kernel"] != "float32", measured_reason("decode_bf16", best)) if best else None
+
+
 def measured_splits(B: int, H: int, H_kv: int, Nq: int) -> tuple | None:
     """``(splits, why)`` measured fastest here for ``flash`` decoding (``Nq`` in the
     decode regime, heads :func:`alike` the measured shape's), or None."""
@@ -312,6 +321,6 @@ def write(data: dict, path=None) -> Path:
 
 
 __all__ = ["PATHS", "decode_path", "measured", "measured_choice", "measured_reason",
-           "measured_splits", "alike",
+           "measured_splits", "measured_bf16_tiles", "alike",
            "REGIMES", "Regime", "tuned_blocks", "tune_path", "fingerprint", "choices_table",
            "regime_for", "load", "validate", "write", "TuningFileWarning", "MAX_BLOCK"]

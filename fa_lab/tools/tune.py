@@ -25,17 +25,17 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from fa_lab.api import prepare
+from fa_lab.api import attention, prepare
 from fa_lab.features.int8 import attention_int8
 from fa_lab.features.kvcache import attention_with_kvcache
 from fa_lab.numerics import reference
-from fa_lab.registry import INT8_KERNELS, KVCACHE_KERNELS
+from fa_lab.registry import BF16_KERNELS, INT8_KERNELS, KVCACHE_KERNELS
 from fa_lab.tools.bench.harness import Contender, time_calls
 from fa_lab.tools.bench.harness import validate as check_contender
 from fa_lab.tools.bench.sweeps import sweep_blocks
 from fa_lab.settings.machine import machine
 from fa_lab.registry import KERNELS
-from fa_lab.numerics.testing import Case
+from fa_lab.numerics.testing import Case, assert_close
 from fa_lab.settings.tuning_file import (MAX_BLOCK, PATHS, REGIMES, Regime, TuningFileWarning,  # noqa: F401
                                 reset_cache, choices_table, fingerprint, load,
                                 regime_for, tune_path, tuned_blocks, validate, write)
@@ -102,7 +102,7 @@ def autotune(kernel="flash", regimes=None, *, quick=False, repeats=3, path=None,
 DECODE_SPLITS = (1, 2, 4, 8)
 #: Quick shapes (CI and ``--quick``): the same head counts, shorter sequences.
 QUICK_PATHS = {"decode_mha": dict(Nk=1024), "decode_gqa": dict(Nk=1024),
-               "int8_pv": dict(Nq=256, Nk=256)}
+               "int8_pv": dict(Nq=256, Nk=256), "decode_bf16": dict(Nk=1024)}
 
 
 def _decode_candidates(case):
@@ -137,10 +137,49 @@ def _int8_candidates(case):
     return out
 
 
+def _bf16_candidates(case):
+    """``(options, fn)`` for a bfloat16 decode step: each bf16 kernel that runs here
+    (AMX tiles), and ``flash`` on the inputs widened to float32 (the result rounded
+    back); empty without a bf16 kernel. The calls take ``ml_dtypes.bfloat16`` arrays."""
+    names = [n for n, k in BF16_KERNELS.items() if not (k.available and k.available())]
+    if not names:
+        return []
+    out = [(dict(kernel=n), lambda q, k, v, n=n: attention(q, k, v, causal="bottom_right",
+                                                            kernel=n)) for n in names]
+    out.append((dict(kernel="float32"), lambda q, k, v: attention(
+        q, k, v, causal="bottom_right", kernel="flash")))
+    return out
+
+
+def _inputs(name, case):
+    """The entry's inputs (float32; bfloat16 for ``decode_bf16``, None without
+    ``ml_dtypes``, the ``models`` extra) and the check each candidate passes first."""
+    q, k, v = Case(**case).inputs(np.float32)
+    if name == "decode_bf16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            return None, None
+        b = tuple(x.astype(ml_dtypes.bfloat16) for x in (q, k, v))
+        exact = reference.attention(*(x.astype(np.float64) for x in b), causal="bottom_right")[0]
+        base = reference.attention_half(*b, dtype=ml_dtypes.bfloat16, causal="bottom_right")[0]
+        return b, lambda c: assert_close(c.fn(*b), exact, baseline=base, what=c.name)
+    if name.startswith("decode"):
+        return (q, k, v), lambda c: check_contender(c, q, k, v, "bottom_right")
+
+    def cosine(c):  # INT8 scores: judged by cosine, as lesson 10 does
+        out, ref = c.fn(q, k, v).astype(np.float64).ravel(), reference.attention(q, k, v)[0].ravel()
+        if not out @ ref / (np.linalg.norm(out) * np.linalg.norm(ref)) >= 0.999:
+            raise AssertionError(f"{c.name}: cosine below 0.999 against float64")
+    return (q, k, v), cosine
+
+
 def _label(opts):
     if "api" in opts:
         s = opts["splits"]
         return f"{opts['api']} {opts['kernel']}, {s} split{'s' if s > 1 else ''}"
+    if "pv_dtype" not in opts:
+        return f"bf16 inputs on {'the float32 flash' if opts['kernel'] == 'float32' else opts['kernel']}"
     return f"{opts['kernel']}, {'bf16' if opts['pv_dtype'] == 'bfloat16' else 'fp32'} P V"
 
 
@@ -156,24 +195,18 @@ def tune_paths(names=None, *, quick=False, repeats=20, path=None, progress=None)
     rows, entries = [], {}
     for name in names:
         case = {**PATHS[name][1], **(QUICK_PATHS[name] if quick else {})}
-        q, k, v = Case(**case).inputs(np.float32)
         decode = name.startswith("decode")
-        cands = (_decode_candidates if decode else _int8_candidates)(case)
-        if not cands:
+        cands = {"int8_pv": _int8_candidates, "decode_bf16": _bf16_candidates}.get(
+            name, _decode_candidates)(case)
+        args, check = _inputs(name, case)
+        if not cands or args is None:
             continue
         if progress:
             progress(f"measure {name}: {len(cands)} candidates on {Case(**case).id}")
         contenders = [Contender(_label(o), fn, "kernel") for o, fn in cands]
-        causal = "bottom_right" if decode else False
         for c in contenders:
-            if decode:
-                check_contender(c, q, k, v, causal)
-            else:  # INT8 scores: judged by cosine, as lesson 10 does
-                out = c.fn(q, k, v).astype(np.float64).ravel()
-                ref = reference.attention(q, k, v)[0].ravel()
-                if not out @ ref / (np.linalg.norm(out) * np.linalg.norm(ref)) >= 0.999:
-                    raise AssertionError(f"{c.name}: cosine below 0.999 against float64")
-        times = time_calls(contenders, (q, k, v), repeats=repeats if decode else max(3, repeats // 4),
+            check(c)
+        times = time_calls(contenders, args, repeats=repeats if decode else max(3, repeats // 4),
                            warmup=2, cooldown=0 if decode else None)
         shape = Case(**case).id
         cand = [{"label": c.name, **o, **times.summary(c.name)} for c, (o, _) in zip(contenders, cands)]
