@@ -121,9 +121,22 @@ def setup(name: str, quick: bool = False, results_dir: str = "../reports") -> Le
     lesson.data.mkdir(parents=True, exist_ok=True)
     lesson._log_start = lesson._fig_start = len(_machine.LOG)
     lesson._write_status()
+    _whole_tables()
     print(f"lesson {name}: quick={quick}, results in {root.resolve()}")
     print(f"machine: {lesson.machine}")
     return lesson
+
+
+def _whole_tables() -> None:
+    """Tables are shown whole: no row, column or cell text cut off by pandas' display
+    limits (a lesson's tables are small; a cut note or a hidden column misleads)."""
+    try:
+        import pandas as pd
+    except ImportError:  # the lab extra is not installed: no tables to show
+        return
+    for option, value in (("display.max_columns", None), ("display.max_colwidth", None),
+                          ("display.max_rows", 200), ("display.width", 200)):
+        pd.set_option(option, value)
 
 
 def show_source(obj) -> None:
