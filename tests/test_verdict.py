@@ -136,3 +136,29 @@ def test_lesson_records_verdicts_and_load_for_the_report(tmp_path, monkeypatch):
     assert r.busy and r.verdicts == "1 met"
     page = report.index_html([r], {"cpu": "x"}, {}, {})
     assert "Measured under load" in page and "99_demo" in page
+
+
+def test_a_lesson_reads_a_table_measured_earlier_in_the_same_run_only(tmp_path, monkeypatch):
+    """One measurement per fact: lesson B reads lesson A's table when A ran earlier in
+    this report run, in the same mode, at the same configuration; else B measures itself."""
+    import pandas as pd
+
+    monkeypatch.setenv("FA_LAB_RESULTS_DIR", str(tmp_path))
+    monkeypatch.setenv("FA_LAB_RUN", "run-1")
+    a = setup("98_first", quick=True)
+    a.save_table(pd.DataFrame({"name": ["flash", "naive"], "H": [8, 8], "Nq": [64, 64],
+                               "median_s": [0.1, 2.0]}), "ladder")
+    b = setup("99_second", quick=True)
+    got = b.from_run("98_first", "ladder", H=8, Nq=64)
+    assert list(got["name"]) == ["flash", "naive"] and list(got["median_s"]) == [0.1, 2.0]
+    assert b.from_run("98_first", "ladder", H=8, Nq=128) is None  # another shape
+    assert b.from_run("98_first", "ladder", Nk=64) is None  # a column it lacks
+    assert b.from_run("98_first", "other") is None  # a table it did not save
+    assert b.from_run("97_absent", "ladder") is None
+    full = setup("99_full", quick=False)
+    full.quick = False  # (the tests run in quick mode: FA_LAB_QUICK=1)
+    assert full.from_run("98_first", "ladder", H=8) is None  # another mode
+    monkeypatch.setenv("FA_LAB_RUN", "run-2")  # a later run: A's table is stale
+    assert b.from_run("98_first", "ladder", H=8) is None
+    monkeypatch.delenv("FA_LAB_RUN")  # outside a report (JupyterLab): always measure
+    assert b.from_run("98_first", "ladder", H=8) is None

@@ -67,6 +67,29 @@ class Lesson:
         df.to_csv(path, index=False)
         return path
 
+    def from_run(self, lesson: str, stem: str, **config):
+        """The table ``stem`` that ``lesson`` saved earlier in this report run (same
+        mode), if every row has ``config`` (column == value): one measurement per fact,
+        read instead of timed again. None otherwise, and always outside a report (a
+        lesson run alone in JupyterLab measures everything itself)."""
+        run = os.environ.get("FA_LAB_RUN")
+        table = self.data / f"{lesson}_{stem}.csv"
+        try:
+            status = json.loads((self.data / f"{lesson}_status.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if not run or status.get("run") != run or status.get("quick") != self.quick or (
+                not table.exists()):
+            return None
+        import pandas as pd
+
+        df = pd.read_csv(table)
+        if df.empty or any(k not in df or not (df[k] == v).all() for k, v in config.items()):
+            return None
+        print(f"Read from lesson {lesson} ('{stem}'), measured earlier in this run with the "
+              f"same {', '.join(f'{k}={v}' for k, v in config.items())}: one measurement per fact.")
+        return df
+
     def check(self, verdict: Verdict) -> Verdict:
         """Show a computed verdict under the budget it judges, and record it."""
         self.verdicts.append(verdict)
@@ -81,7 +104,7 @@ class Lesson:
     def _write_status(self) -> None:
         loads = self.loads()
         merged = Load.merge(loads)
-        status = {"lesson": self.name, "quick": self.quick,
+        status = {"lesson": self.name, "quick": self.quick, "run": os.environ.get("FA_LAB_RUN"),
                   "verdicts": [v.row() for v in self.verdicts],
                   "windows": len(loads), "busy_windows": sum(x.busy for x in loads),
                   "max_others_pct": 100 * merged.others if merged.known else None,

@@ -343,10 +343,12 @@ def run(out="reports", notebooks=None, params=None, results_dir=None, nb_dir=Non
     course_order = [n for n in known if n in titles]
     # The kernels inherit the environment: the lessons' override (nbval's temporary
     # folder, see fa_lab.lessons.notebook) must not send their results elsewhere than here.
-    saved = os.environ.get("FA_LAB_RESULTS_DIR")
-    saved_static = os.environ.get("FA_LAB_STATIC")
-    os.environ["FA_LAB_RESULTS_DIR"] = str(results_dir)
-    os.environ["FA_LAB_STATIC"] = "1"  # widgets draw once: the page gets a static figure
+    # FA_LAB_STATIC: widgets draw once (the page gets a static figure); FA_LAB_RUN: this
+    # run's id, so a lesson may read a table an earlier lesson measured in the same run.
+    env = {"FA_LAB_RESULTS_DIR": str(results_dir), "FA_LAB_STATIC": "1",
+           "FA_LAB_RUN": f"{os.getpid()}-{time.time_ns()}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         for i, name in enumerate(names, 1):
             status_file = results_dir / "data" / f"{name}_status.json"
@@ -371,14 +373,11 @@ def run(out="reports", notebooks=None, params=None, results_dir=None, nb_dir=Non
             if show_progress:
                 print(f"[{i}/{len(names)}] {_line(result)}", flush=True)
     finally:
-        if saved is None:
-            os.environ.pop("FA_LAB_RESULTS_DIR", None)
-        else:
-            os.environ["FA_LAB_RESULTS_DIR"] = saved
-        if saved_static is None:
-            os.environ.pop("FA_LAB_STATIC", None)
-        else:
-            os.environ["FA_LAB_STATIC"] = saved_static
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     key = {n: results_dir / "figures" / f"{n}_{stem}.png" for n, stem in known.items()}
     ran = {r.name for r in results}
     listed = [r for n, r in previous.items() if n not in ran] + results
