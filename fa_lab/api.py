@@ -23,7 +23,7 @@ from fa_lab.numerics.checks import (HALF_DTYPES, as_array, as_float_array, bias_
 from fa_lab.settings.config import num_threads
 from fa_lab.numerics.dropout import check_dropout
 from fa_lab.kernels.ladder.flash import plan_splits
-from fa_lab.kernels.lowprec.amx_pack import round_bf16, widen_bf16
+from fa_lab.kernels.lowprec.amx_pack import from_bf16, to_bf16
 from fa_lab.numerics.masks import causal_alignment
 from fa_lab.numerics.merge import apply_sinks, check_sinks
 from fa_lab.registry import BF16_KERNELS, CUDA_KERNELS, KERNELS, Kernel, Request, Stage
@@ -148,13 +148,13 @@ class Call:
         bq, bk = effective_blocks(self.Nq, self.Nk, bq, bk, chosen.default_blocks)
         return bq, bk, source
 
-    def splits(self, kernel: str, chosen: Kernel, splits=None) -> tuple:
+    def splits(self, kernel: str, chosen: Kernel, block_kv: int, splits=None) -> tuple:
         """``(splits, why)``: those given, those measured fastest here for ``flash``
         decoding with ``kernel="auto"`` (:func:`fa_lab.settings.tuning_file.measured_splits`),
         or ``None`` (the kernel's rule)."""
         if splits is not None:
             return splits, "given"
-        best = measured_splits(self.B, self.H, self.H_kv, self.Nq) if (
+        best = measured_splits(self.B, self.H, self.H_kv, self.Nq, self.Nk, block_kv) if (
             kernel == "auto" and chosen.name == "flash") else None
         if best:
             return best
@@ -184,7 +184,7 @@ class Call:
         bq, bk, _ = self.blocks(kernel, chosen, block_q, block_kv)
         if not chosen.tiled:
             bq = bk = None
-        splits, _ = self.splits(kernel, chosen, splits)
+        splits, _ = self.splits(kernel, chosen, bk, splits)
         extra = {k: v for k, v in (("splits", splits), ("kv_len", kv_len)) if v is not None}
         if stage != Stage.FULL:
             extra["stage"] = Stage(stage)
@@ -205,7 +205,7 @@ class Call:
         bq, bk, source = self.blocks(kernel, chosen)
         splits, why = 1, "n/a"
         if chosen.name == "flash" and not self.empty:
-            splits, why = self.splits(kernel, chosen)
+            splits, why = self.splits(kernel, chosen, bk)
             splits = splits or plan_splits(self.B, self.H, self.Nq, self.Nk, bq, bk, num_threads())
         return {"kernel": chosen.name, "block_q": bq, "block_kv": bk, "blocks_from": source,
                 "splits": splits, "splits_from": why, "skipped": skipped}
@@ -359,22 +359,20 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = 
     if half is not None:
         if isinstance(mask, np.ndarray) and mask.dtype == half:
             mask = mask.astype(np.float32)
-        tiles = measured_bf16_tiles(np.shape(q)[-2]) if kernel == "auto" else None
-        if half.name == "bfloat16" and (kernel in BF16_KERNELS or kernel == "auto" and (
-                tiles is None or tiles[0])):
+        if half.name == "bfloat16" and bf16_kernels_serve(kernel, q):
             res = attention_bf16_bits(*_same(half, q=q, k=k, v=v), kernel, causal=causal,
                                   scale=scale, mask=mask, block_q=block_q, block_kv=block_kv,
                                   dropout_p=dropout_p, seed=seed, window=window,
                                   softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
             if res is not None:
-                out, lse = (_to_bf16(x, half) for x in res)
+                out, lse = (to_bf16(x, half) for x in res)
                 return (out, lse) if check_bool("return_lse", return_lse) else out
         res = attention(_wide("q", q, half), _wide("k", k, half),
                         _wide("v", v, half), causal=causal, scale=scale, mask=mask,
                         kernel=kernel, block_q=block_q, block_kv=block_kv,
                         return_lse=return_lse, dropout_p=dropout_p, seed=seed,
                         window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
-        narrow = ((lambda x: _to_bf16(x, half)) if half.name == "bfloat16"  # in parallel
+        narrow = ((lambda x: to_bf16(x, half)) if half.name == "bfloat16"  # in parallel
                   else (lambda x: x.astype(half)))
         return tuple(narrow(x) for x in res) if return_lse else narrow(res)
     call = prepare(q, k, v, causal=causal, scale=scale, mask=mask, block_q=block_q,
@@ -387,26 +385,23 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = 
 
 def _wide(name, x, half):
     """A half-precision input as float32 (:func:`widen`'s checks and messages); bfloat16
-    exactly and in parallel (:func:`widen_bf16`)."""
-    x = as_array(name, x)
-    if x.dtype != half or half.name != "bfloat16":
-        return widen(name, x, half)  # float16, or a dtype mismatch (raises, naming it)
-    out = np.empty(x.shape, np.uint32)
-    widen_bf16(np.ascontiguousarray(x).view(np.uint16).reshape(-1), out.reshape(-1))
-    return out.view(np.float32)
-
-
-def _to_bf16(x, bf16):
-    """float32 -> bfloat16 (nearest even) in parallel (NumPy's cast is one thread)."""
-    round_bf16(np.ascontiguousarray(x, dtype=np.float32).reshape(-1),
-               (out := np.empty(x.shape, np.uint16)).reshape(-1))
-    return out.view(bf16)
+    exactly and in parallel (:func:`~fa_lab.kernels.lowprec.amx_pack.from_bf16`)."""
+    x = as_array(name, x)  # float16, or a dtype mismatch: widen (raises, naming it)
+    return from_bf16(x) if x.dtype == half and half.name == "bfloat16" else widen(name, x, half)
 
 
 def _same(half, **arrays):
     """The arrays, checked to share q's half-precision dtype (:func:`widen`'s message)."""
     xs = [(name, as_array(name, x)) for name, x in arrays.items()]
     return [x if x.dtype == half else widen(name, x, half) for name, x in xs]  # widen raises
+
+
+def bf16_kernels_serve(kernel: str, q) -> bool:
+    """Whether a bfloat16 call (``q`` or its shape) goes to the bf16 kernels: named, or
+    ``"auto"`` unless a decode step was measured faster in float32 on this machine."""
+    shape = q if isinstance(q, tuple) else np.shape(q)  # an array, or a shape
+    tiles = measured_bf16_tiles(shape[-2]) if kernel == "auto" and len(shape) >= 2 else None
+    return kernel in BF16_KERNELS if kernel != "auto" else tiles is None or tiles[0]
 
 
 def attention_bf16_bits(q, k, v, kernel="auto", **options):
@@ -417,6 +412,10 @@ def attention_bf16_bits(q, k, v, kernel="auto", **options):
     ``kernel="auto"`` finds none that serves the call (the caller then computes in
     float32). :func:`prepare` checks the shapes and options on untouched float32
     stand-ins (``np.empty``: no memory is written)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if np.dtype(getattr(x, "dtype", None)).name not in ("bfloat16", "int16", "uint16"):
+            raise TypeError(f"{name} must be bfloat16 (or its bits as int16 / uint16), got "
+                            f"{getattr(x, 'dtype', type(x).__name__)}")
     call = prepare(*(np.empty(x.shape, np.float32) for x in (q, k, v)), **options)
     try:
         chosen, _ = choose_kernel(kernel, call.request, BF16_KERNELS)
@@ -438,8 +437,8 @@ def plan(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = False
 
     Returns ``kernel``, ``block_q``, ``block_kv``, ``blocks_from`` (``"given"``,
     ``"tuned"``, ``"default"`` or ``"n/a"``), ``splits`` (key splits of the ``flash``
-    kernel's Flash-Decoding path, 1 = none), ``splits_from`` (given, the rule, or the
-    times measured on this machine that chose them) and ``skipped`` (why faster kernels could
+    kernel's Flash-Decoding path, 1 = none), ``splits_from`` (the rule, or the times
+    measured on this machine that chose them) and ``skipped`` (why faster kernels could
     not serve the call). Validates the arguments exactly as :func:`attention` does.
     """
     half = half_dtype(q)

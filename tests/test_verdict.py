@@ -160,5 +160,7 @@ def test_a_lesson_reads_a_table_measured_earlier_in_the_same_run_only(tmp_path, 
     assert full.from_run("98_first", "ladder", H=8) is None  # another mode
     monkeypatch.setenv("FA_LAB_RUN", "run-2")  # a later run: A's table is stale
     assert b.from_run("98_first", "ladder", H=8) is None
+    setup("98_first", quick=True)  # A runs again in run-2 but fails before saving it
+    assert b.from_run("98_first", "ladder", H=8) is None
     monkeypatch.delenv("FA_LAB_RUN")  # outside a report (JupyterLab): always measure
     assert b.from_run("98_first", "ladder", H=8) is None

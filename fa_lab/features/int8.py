@@ -103,11 +103,14 @@ def _choose_int8(kernel, call, pv_dtype):
     is the more accurate), else the rule (AMX tiles where the CPU has them)."""
     why = "given" if kernel != "auto" else "the fastest kernel that serves the call"
     if kernel == "auto" and pv_dtype == "bfloat16":
-        best = measured_choice("int8_pv")
-        if best and best["kernel"] in INT8_KERNELS and not (
-                INT8_KERNELS[best["kernel"]].unsupported(call.request)):
+        serves = lambda c: c["kernel"] in INT8_KERNELS and not (  # noqa: E731
+            INT8_KERNELS[c["kernel"]].unsupported(call.request)) and not (
+            c["pv_dtype"] == "float32" and "bf16_pv" in INT8_KERNELS[c["kernel"]].tags) and (
+            c["pv_dtype"] == "float32" or "pv_dtype" in INT8_KERNELS[c["kernel"]].tags)
+        best = measured_choice("int8_pv", serves)
+        if best:
             chosen = call.choose(best["kernel"], INT8_KERNELS)
-            return chosen, best["pv_dtype"], measured_reason("int8_pv", best)
+            return chosen, best["pv_dtype"], measured_reason("int8_pv", best, serves)
     table = INT8_KERNELS
     if kernel == "auto" and pv_dtype == "float32":  # never a bf16-only P V unasked
         table = {n: k for n, k in INT8_KERNELS.items() if "bf16_pv" not in k.tags}

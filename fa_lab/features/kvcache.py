@@ -28,8 +28,7 @@ from fa_lab.numerics.checks import (as_float_array, check_block, check_bool, che
 from fa_lab.numerics.kvquant import FORMATS, channels, format_of, quantize_rows
 from fa_lab.numerics.merge import apply_sinks, check_sinks
 from fa_lab.registry import KVCACHE_KERNELS, Request
-from fa_lab.settings.tuning_file import (alike, decode_path, measured_choice, measured_reason,
-                                        regime_for)
+from fa_lab.settings.tuning_file import alike, decode_path, measured_choice, measured_reason
 from fa_lab.numerics.scoremod import check_mods
 
 
@@ -272,20 +271,21 @@ def attention_with_kvcache(q: ArrayLike, k_cache: np.ndarray, v_cache: np.ndarra
 def choose_decode(kernel, req, B, H, H_kv, Nq, splits=None) -> tuple:
     """``(kernel, splits, why)`` for a cache call. ``"auto"`` reads an int8 / int4
     cache with ``"quantized"`` (never the float64 reference by fallback); on a float
-    cache it runs the kernel and splits measured fastest on this machine for decoding
-    (``Nq`` in the decode regime, :func:`fa_lab.tools.tune.tune_paths` run here, the
-    kernel able to serve the call; the splits only for ``B * H`` like the measured
-    shape's), else the fastest kernel that serves it."""
+    cache, for a decode step (``Nq = 1``), it runs the kernel measured fastest on this
+    machine among those that serve the call (:func:`fa_lab.tools.tune.tune_paths` run
+    here), with its splits where ``B * H`` is like the measured shape's; else the fastest
+    kernel that serves it."""
     why = "given" if kernel != "auto" else "the fastest kernel that serves the call"
     if req.kv_format != "float" and kernel == "auto":
         kernel, why = "quantized", "the kernel that reads int8 / int4 caches"
-    elif kernel == "auto" and regime_for(Nq).name == "decode":
+    elif kernel == "auto" and Nq == 1:  # a decode step, as measured
         path = decode_path(H, H_kv)
-        best = measured_choice(path, api="kvcache")
-        if best and best["kernel"] in KVCACHE_KERNELS and not (
-                KVCACHE_KERNELS[best["kernel"]].unsupported(req)):
-            kernel, why = best["kernel"], measured_reason(path, best, api="kvcache")
-            if splits is None and alike(path, B, H):
+        serves = lambda c: c["kernel"] in KVCACHE_KERNELS and not (  # noqa: E731
+            KVCACHE_KERNELS[c["kernel"]].unsupported(req))
+        best = measured_choice(path, serves, api="kvcache")
+        if best:
+            kernel, why = best["kernel"], measured_reason(path, best, serves, api="kvcache")
+            if splits is None and alike(path, B, H, Nq):
                 splits = best["splits"]
     chosen, _ = choose_kernel(kernel, req, KVCACHE_KERNELS)
     return chosen, splits, why

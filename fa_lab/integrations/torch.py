@@ -10,7 +10,8 @@ with a seed, LSE) and takes and returns ``torch.Tensor``:
   AMX runs both products in bf16 on the matrix engine instead, fed the tensors' bits
   without a copy (:func:`fa_lab.api.attention_bf16_bits`; fp32 softmax and
   accumulation, as PyTorch's bf16 SDPA), unless an option that path lacks (dropout,
-  window, softcap, ALiBi) or a named float kernel sends it to float32;
+  window, softcap, ALiBi), a named float kernel, or a decode step measured faster in
+  float32 on this machine (as :func:`fa_lab.attention` decides) sends it to float32;
 * the tensors are shared with NumPy, not copied, where the layout allows
   (``Tensor.numpy()`` and ``torch.from_numpy`` are views): a contiguous float32 q
   costs no copy; a strided view (transformers hands q over as ``(B, N, H, d)``
@@ -31,8 +32,7 @@ import numpy as np
 import torch
 
 from fa_lab.api import attention as _attention
-from fa_lab.api import attention_bf16_bits
-from fa_lab.registry import BF16_KERNELS
+from fa_lab.api import attention_bf16_bits, bf16_kernels_serve
 from fa_lab.features.backward import attention_backward
 
 #: torch dtype -> the NumPy dtype fa_lab computes in.
@@ -106,7 +106,7 @@ class _Attention(torch.autograd.Function):
 def _bf16_tiles(q, k, v, mask, sinks, opts):
     """bfloat16 tensors on the bf16 kernels (AMX), their bits shared with NumPy:
     float32 ``(out, lse)``, or None when that path does not serve the call."""
-    if q.dtype != torch.bfloat16 or not (opts["kernel"] == "auto" or opts["kernel"] in BF16_KERNELS):
+    if q.dtype != torch.bfloat16 or not bf16_kernels_serve(opts["kernel"], q.shape):
         return None
     bits = [x.detach().contiguous().view(torch.int16).numpy() for x in (q, k, v)]
     return attention_bf16_bits(*bits, mask=_mask(mask, np.float32),

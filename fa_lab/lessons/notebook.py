@@ -40,6 +40,7 @@ class Lesson:
     data: Path
     machine: str
     verdicts: list = field(default_factory=list)
+    tables: list = field(default_factory=list)  # stems saved by this run of the lesson
     _log_start: int = 0  # first window of machine.LOG that belongs to this lesson
     _fig_start: int = 0  # first window since the last saved figure
 
@@ -65,11 +66,15 @@ class Lesson:
         """Save a DataFrame as ``data/<lesson>_<stem>.csv``."""
         path = self.data / f"{self.name}_{stem}.csv"
         df.to_csv(path, index=False)
+        if stem not in self.tables:  # saved in this run (Lesson.from_run reads only those)
+            self.tables.append(stem)
+            self._write_status()
         return path
 
     def from_run(self, lesson: str, stem: str, **config):
         """The table ``stem`` that ``lesson`` saved earlier in this report run (same
-        mode), if every row has ``config`` (column == value): one measurement per fact,
+        mode; a table left by an earlier run is never read), if every row has ``config``
+        (column == value): one measurement per fact,
         read instead of timed again. None otherwise, and always outside a report (a
         lesson run alone in JupyterLab measures everything itself)."""
         run = os.environ.get("FA_LAB_RUN")
@@ -79,7 +84,7 @@ class Lesson:
         except (OSError, ValueError):
             return None
         if not run or status.get("run") != run or status.get("quick") != self.quick or (
-                not table.exists()):
+                stem not in status.get("tables", ())) or not table.exists():
             return None
         import pandas as pd
 
@@ -105,6 +110,7 @@ class Lesson:
         loads = self.loads()
         merged = Load.merge(loads)
         status = {"lesson": self.name, "quick": self.quick, "run": os.environ.get("FA_LAB_RUN"),
+                  "tables": self.tables,
                   "verdicts": [v.row() for v in self.verdicts],
                   "windows": len(loads), "busy_windows": sum(x.busy for x in loads),
                   "max_others_pct": 100 * merged.others if merged.known else None,
@@ -151,14 +157,16 @@ def setup(name: str, quick: bool = False, results_dir: str = "../reports") -> Le
 
 
 def _whole_tables() -> None:
-    """Tables are shown whole: no row, column or cell text cut off by pandas' display
-    limits (a lesson's tables are small; a cut note or a hidden column misleads)."""
+    """Tables are shown whole: no column or cell text cut off by pandas' display limits,
+    and every row up to 500 (a lesson's tables are smaller; a cut note or a hidden column
+    misleads)."""
     try:
         import pandas as pd
     except ImportError:  # the lab extra is not installed: no tables to show
         return
     for option, value in (("display.max_columns", None), ("display.max_colwidth", None),
-                          ("display.max_rows", 200), ("display.width", 200)):
+                          ("display.max_rows", 500), ("display.min_rows", 500),
+                          ("display.width", 200)):
         pd.set_option(option, value)
 
 

@@ -19,8 +19,11 @@ blocks are then used, exactly as without a file.
 call has several ways to run, the tuner times each on a representative shape and
 stores them all, ``{name: {"shape": str, "candidates": [{"label": str, "median_s": s,
 "q25_s": s, "q75_s": s, ...options}]}}``. ``kernel="auto"`` then runs the fastest
-candidate that serves the call (:func:`measured_choice`), and the plans say which and
-why (:func:`measured_reason`). :data:`PATHS` names the entries and their shapes.
+candidate that serves the call (:func:`measured_choice`), for calls like the measured
+one (a decode step: one query row; key splits only for a similar number of heads,
+:func:`alike`), and the plans say which and why (:func:`measured_reason`). :data:`PATHS`
+names the entries and their shapes; a candidate missing a field its entry needs makes
+the file invalid (one warning, the rules).
 """
 
 from __future__ import annotations
@@ -162,6 +165,34 @@ def validate(data) -> str | None:
     return _paths_problem(data.get("paths", {}))
 
 
+#: What each measured entry's candidates must hold besides a label and three times
+#: (key -> allowed values, or a type): the readers index these keys directly.
+_FIELDS = {"decode_mha": {"api": ("attention", "kvcache"), "kernel": str, "splits": int},
+           "decode_gqa": {"api": ("attention", "kvcache"), "kernel": str, "splits": int},
+           "int8_pv": {"kernel": str, "pv_dtype": ("float32", "bfloat16")},
+           "decode_bf16": {"kernel": str}}
+
+
+def _candidate_problem(where, c, fields) -> str | None:
+    if not isinstance(c, dict) or not isinstance(c.get("label"), str):
+        return f"{where}: every candidate must be an object with a 'label'"
+    for key in ("median_s", "q25_s", "q75_s"):
+        t = c.get(key)
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not (
+                math.isfinite(t) and t > 0):
+            return f"{where}.{c['label']}.{key} must be a positive number, got {t!r}"
+    for key, allowed in fields.items():
+        x = c.get(key)
+        if allowed is int:
+            if isinstance(x, bool) or not isinstance(x, numbers.Integral) or not (
+                    1 <= x <= MAX_BLOCK):
+                return f"{where}.{c['label']}.{key} must be an int in 1..{MAX_BLOCK}, got {x!r}"
+        elif not (isinstance(x, str) and (allowed is str or x in allowed)):
+            want = "a string" if allowed is str else f"one of {list(allowed)}"
+            return f"{where}.{c['label']}.{key} must be {want}, got {x!r}"
+    return None
+
+
 def _paths_problem(paths) -> str | None:
     if not isinstance(paths, dict):
         return "'paths' must be an object"
@@ -170,17 +201,9 @@ def _paths_problem(paths) -> str | None:
         if not isinstance(cands, list) or not cands:
             return f"paths.{name}.candidates must be a non-empty list"
         for c in cands:
-            if not isinstance(c, dict) or not isinstance(c.get("label"), str):
-                return f"paths.{name}: every candidate must be an object with a 'label'"
-            for key in ("median_s", "q25_s", "q75_s"):
-                t = c.get(key)
-                if isinstance(t, bool) or not isinstance(t, numbers.Real) or not (
-                        math.isfinite(t) and t > 0):
-                    return f"paths.{name}.{c['label']}.{key} must be a positive number, got {t!r}"
-            splits = c.get("splits", 1)
-            if isinstance(splits, bool) or not isinstance(splits, numbers.Integral) or not (
-                    1 <= splits <= MAX_BLOCK):
-                return f"paths.{name}.{c['label']}.splits must be an int in 1..{MAX_BLOCK}"
+            problem = _candidate_problem(f"paths.{name}", c, _FIELDS.get(name, {}))
+            if problem:
+                return problem
     return None
 
 
@@ -231,54 +254,58 @@ def measured(name: str) -> dict | None:
     return stored.get("paths", {}).get(name)
 
 
-def measured_choice(name: str, **match) -> dict | None:
+def measured_choice(name: str, serves=None, **match) -> dict | None:
     """The fastest stored candidate of ``name`` whose options equal ``match`` (e.g.
-    ``api="attention"``), or None when nothing was measured here."""
+    ``api="attention"``) and that ``serves(candidate)`` says can run this call, or None
+    when nothing fitting was measured on this machine."""
+    fits = _fitting(name, serves, match)
+    return fits[0] if fits else None
+
+
+def _fitting(name, serves, match) -> list:
     entry = measured(name)
-    if not entry:
-        return None
-    fits = [c for c in entry["candidates"] if all(c.get(k) == v for k, v in match.items())]
-    return min(fits, key=lambda c: c["median_s"]) if fits else None
+    fits = [c for c in (entry or {}).get("candidates", [])
+            if all(c.get(k) == v for k, v in match.items()) and (serves is None or serves(c))]
+    return sorted(fits, key=lambda c: c["median_s"])
 
 
-def measured_reason(name: str, chosen: dict, **match) -> str:
-    """Why ``chosen`` (a sentence with the measured medians of it and the runner-up)."""
-    entry = measured(name) or {"candidates": [chosen], "shape": "?"}
-    fits = sorted((c for c in entry["candidates"]
-                   if all(c.get(k) == v for k, v in match.items())),
-                  key=lambda c: c["median_s"])
-    others = [c for c in fits if c["label"] != chosen["label"]]
-    text = (f"measured on this machine ({entry.get('shape', '?')}): {chosen['label']} "
-            f"{chosen['median_s'] * 1e3:.3g} ms")
+def measured_reason(name: str, chosen: dict, serves=None, **match) -> str:
+    """Why ``chosen`` (a sentence with the measured medians of it and the runner-up
+    among the candidates that fit, as :func:`measured_choice` filters them)."""
+    others = [c for c in _fitting(name, serves, match) if c["label"] != chosen["label"]]
+    text = (f"measured on this machine ({(measured(name) or {}).get('shape', '?')}): "
+            f"{chosen['label']} {chosen['median_s'] * 1e3:.3g} ms")
     if others:
-        o = others[0]
-        text += f", next {o['label']} {o['median_s'] * 1e3:.3g} ms"
+        text += f", next {others[0]['label']} {others[0]['median_s'] * 1e3:.3g} ms"
     return text
 
 
-def alike(name: str, B: int, H: int) -> bool:
-    """Whether a call's ``B * H`` query heads are within a factor of 2 of the measured
-    shape's: key splits measured there keep the threads as busy here (a kernel choice
-    depends on the head grouping, not on this)."""
+def alike(name: str, B: int, H: int, Nq: int) -> bool:
+    """Whether a call is like the measured decode step: one query row (``Nq`` = 1) and
+    ``B * H`` query heads within a factor of 2 of the measured shape's (key splits
+    measured there keep the threads as busy here)."""
     shape = PATHS[name][1]
-    return shape["B"] * shape["H"] / 2 <= B * H <= 2 * shape["B"] * shape["H"]
+    return Nq == shape["Nq"] and shape["B"] * shape["H"] / 2 <= B * H <= 2 * shape["B"] * shape["H"]
 
 
 def measured_bf16_tiles(Nq: int) -> tuple | None:
-    """``(use the bf16 kernels?, why)`` measured here for bfloat16 decoding (``Nq`` in the
-    decode regime), or None when not measured on this machine."""
-    best = measured_choice("decode_bf16") if regime_for(Nq).name == "decode" else None
+    """``(use the bf16 kernels?, why)`` measured here for a bfloat16 decode step (one query
+    row, as measured), or None when not measured on this machine or not such a call."""
+    best = measured_choice("decode_bf16") if Nq == PATHS["decode_bf16"][1]["Nq"] else None
     return (best["kernel"] != "float32", measured_reason("decode_bf16", best)) if best else None
 
 
-def measured_splits(B: int, H: int, H_kv: int, Nq: int) -> tuple | None:
-    """``(splits, why)`` measured fastest here for ``flash`` decoding (``Nq`` in the
-    decode regime, heads :func:`alike` the measured shape's), or None."""
+def measured_splits(B: int, H: int, H_kv: int, Nq: int, Nk: int, block_kv: int) -> tuple | None:
+    """``(splits, why)`` measured fastest here for ``flash`` decoding a call :func:`alike`
+    the measured one, at most one split per key block of ``block_kv``; or None."""
     path = decode_path(H, H_kv)
-    if regime_for(Nq).name != "decode" or not alike(path, B, H):
+    if not alike(path, B, H, Nq):
         return None
     best = measured_choice(path, api="attention")
-    return (best["splits"], measured_reason(path, best, api="attention")) if best else None
+    if not best:
+        return None
+    return (min(best["splits"], max(1, -(-Nk // block_kv))),
+            measured_reason(path, best, api="attention"))
 
 
 _FP: list = []

@@ -191,6 +191,21 @@ def widen_bf16(bits, out):
         _widen(bits[a:b], out[a:b])
 
 
+def to_bf16(x, bf16):
+    """float32 ``x`` as a ``bf16`` array (an ``ml_dtypes.bfloat16`` dtype), rounded to
+    nearest even by :func:`round_bf16` (in parallel; NumPy's cast is one thread)."""
+    out = np.empty(x.shape, np.uint16)
+    round_bf16(np.ascontiguousarray(x, dtype=np.float32).reshape(-1), out.reshape(-1))
+    return out.view(bf16)
+
+
+def from_bf16(x):
+    """A bfloat16 array (any 2-byte bits) as float32, exactly, by :func:`widen_bf16`."""
+    out = np.empty(x.shape, np.uint32)
+    widen_bf16(np.ascontiguousarray(x).view(np.uint16).reshape(-1), out.reshape(-1))
+    return out.view(np.float32)
+
+
 def _padded(x, d):
     """``x`` with its last axis zero-padded to ``d`` (``x`` itself when it is already)."""
     if x.shape[-1] == d:
