@@ -77,3 +77,19 @@ def test_thread_scaling_restores_the_thread_count_and_divides_by_one_thread():
     slack = 1 + 1e-9  # rounding only
     assert ((df["speedup_low"] <= df["speedup_vs_1"] * slack)
             & (df["speedup_vs_1"] <= df["speedup_high"] * slack)).all()
+
+
+def test_time_apart_times_torch_in_rounds_of_its_own_after_the_others():
+    """Back-to-back timing never runs a contender right after torch's calls: torch's
+    rounds come after every other contender's, in a window of their own."""
+    from fa_lab.tools.bench.harness import Contender, time_apart
+
+    calls = []
+    cs = [Contender(n, (lambda n=n: calls.append(n)), "kernel")
+          for n in ("torch_sdpa", "flash", "sage")]
+    times = time_apart(cs, (), repeats=3, warmup=1, cooldown=0)
+    assert set(times) == {"torch_sdpa", "flash", "sage"}
+    assert all(len(t) == 3 for t in times.values()) and times.load is not None
+    first_torch = calls.index("torch_sdpa")
+    assert set(calls[:first_torch]) == {"flash", "sage"}
+    assert set(calls[first_torch:]) == {"torch_sdpa"}

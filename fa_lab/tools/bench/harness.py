@@ -109,6 +109,26 @@ def time_calls(contenders_, args, *, repeats=5, warmup=1, min_time=0.0, cooldown
     return times
 
 
+#: Contenders timed in a window of their own (:func:`time_apart`): PyTorch's OpenMP
+#: workers keep spinning after each call and take the cores from whatever runs next.
+APART = ("torch_sdpa",)
+
+
+def time_apart(contenders_, args, *, apart=APART, **kw) -> Timings:
+    """:func:`time_calls` for back-to-back timings (``cooldown=0``), with the contenders
+    named in ``apart`` timed in their own rounds after the others', so their runtime's
+    spinning threads never run beside another contender (interleaved, they once read a
+    decode step's time 1.8x slower). One :class:`Timings`, its load the worse window's."""
+    mine = [c for c in contenders_ if c.name not in apart]
+    theirs = [c for c in contenders_ if c.name in apart]
+    times = time_calls(mine, args, **kw) if mine else Timings()
+    if theirs:
+        other = time_calls(theirs, args, **kw)
+        times.update(other)
+        times.load = Load.merge([times.load, other.load])
+    return times
+
+
 def validate(contender: Contender, q, k, v, causal=False) -> dict:
     """Check one contender against the float64 reference on the benchmark's own inputs."""
     expected, _ = reference.attention(q, k, v, causal=causal)

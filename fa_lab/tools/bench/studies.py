@@ -15,7 +15,7 @@ from fa_lab.numerics import reference
 from fa_lab.api import attention, prepare
 from fa_lab.features.backward import attention_backward
 from fa_lab.tools.bench.contenders import torch_module
-from fa_lab.tools.bench.harness import Contender, flops, time_calls, validate
+from fa_lab.tools.bench.harness import Contender, flops, time_apart, time_calls, validate
 from fa_lab.features.decoding import KVCache, TinyLM, decode
 from fa_lab.registry import KERNELS
 from fa_lab.features.retrieval import numpy_topk, topk_attention
@@ -134,7 +134,8 @@ def time_generation(model: TinyLM, prompt_lengths, steps=16, repeats=3, seed=0):
 def decode_latency(context_lengths, *, H=8, H_kv=8, d=64, repeats=30, seed=0):
     """Median latency of one :func:`fa_lab.decode` step (one new token) against caches of
     several lengths, with torch SDPA on the same keys beside it when installed (the
-    benchmark harness, back-to-back calls, with the machine's load per row)."""
+    benchmark harness, back-to-back calls, torch in its own rounds, with the machine's
+    load per row)."""
     rng = np.random.default_rng(seed)
     torch = torch_module()
     rows = []
@@ -151,8 +152,9 @@ def decode_latency(context_lengths, *, H=8, H_kv=8, d=64, repeats=30, seed=0):
             fns["torch_sdpa"] = lambda: torch.nn.functional.scaled_dot_product_attention(
                 tq, tk, tv, enable_gqa=H != H_kv)
         cs = [Contender(n, f, "kernel") for n, f in fns.items()]
-        # Back to back, as in a decoding loop (a pause would add the threads' wake-up).
-        times = time_calls(cs, (), repeats=repeats, warmup=1, cooldown=0)
+        # Back to back, as in a decoding loop (a pause would add the threads' wake-up);
+        # torch in its own rounds (its spinning threads would slow fa_lab's next call).
+        times = time_apart(cs, (), repeats=repeats, warmup=1, cooldown=0)
         for c in cs:
             rows.append({"context": L, "name": c.name, "H": H, "H_kv": H_kv,
                          **times.ms(c.name)})

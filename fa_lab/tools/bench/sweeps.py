@@ -17,7 +17,7 @@ import pandas as pd
 from fa_lab.numerics import reference
 from fa_lab.api import attention, prepare
 from fa_lab.tools.bench.contenders import contenders
-from fa_lab.tools.bench.harness import Contender, flops, time_calls, validate
+from fa_lab.tools.bench.harness import Contender, flops, time_apart, time_calls, validate
 from fa_lab.settings.config import num_threads
 from fa_lab.kernels.probes.tiles import blas_tiles
 from fa_lab.settings.machine import machine
@@ -155,7 +155,8 @@ def matmul_peak(n=2048, *, repeats=5, dtype=np.float32, block=256):
 def decode_splits(B=1, H=8, H_kv=None, Nk=4096, d=64, splits=(1, 2, 4, 8), *,
                   dtype=np.float32, repeats=20, seed=0, with_torch=True):
     """Decode (``Nq = 1``, bottom-right causal) with the ``flash`` kernel forced to each
-    number of key splits (Flash-Decoding), torch SDPA beside it; validated first.
+    number of key splits (Flash-Decoding), torch SDPA beside it (timed in its own rounds,
+    :func:`~fa_lab.tools.bench.harness.time_apart`); validated first.
 
     Returns one row per contender: median ms, spread, and ``auto_splits`` (what
     ``plan()`` picks for this shape).
@@ -176,8 +177,9 @@ def decode_splits(B=1, H=8, H_kv=None, Nk=4096, d=64, splits=(1, 2, 4, 8), *,
         for c in cs[len(splits):]:
             validate(c, q, k, v, "bottom_right")
     # Back to back, as in a decoding loop: after a pause, the first call pays the wake-up
-    # of sleeping threads (4-12 ms here, 20-50x a decode step; see REWARM_BELOW_S).
-    times = time_calls(cs, (q, k, v), repeats=repeats, warmup=2, cooldown=0)
+    # of sleeping threads (4-12 ms here, 20-50x a decode step; see REWARM_BELOW_S). torch
+    # in its own rounds, after fa_lab's: its spinning threads would slow the next call.
+    times = time_apart(cs, (q, k, v), repeats=repeats, warmup=2, cooldown=0)
     auto = call.plan()["splits"]  # what kernel="auto" runs (measured splits where tuned)
     rows = []
     for c in cs:
