@@ -12,6 +12,18 @@ NUMBA_KERNELS = [n for n in KERNEL_NAMES if n != "reference"]
 DTYPES = [np.float32, np.float64]
 
 
+@pytest.fixture
+def tune_file(tmp_path, monkeypatch):
+    """A tuning file of the test's own (``FA_LAB_TUNE_FILE``), its reader's cache reset."""
+    from fa_lab.tools import tune
+
+    path = tmp_path / "tuned.json"
+    monkeypatch.setenv("FA_LAB_TUNE_FILE", str(path))
+    tune.reset_cache()
+    yield path
+    tune.reset_cache()
+
+
 @pytest.fixture(params=KERNEL_NAMES)
 def kernel(request):
     return request.param

@@ -20,15 +20,6 @@ from fa_lab.settings import tuning_file
 from fa_lab.tools import tune
 
 
-@pytest.fixture
-def tune_file(tmp_path, monkeypatch):
-    path = tmp_path / "tuned.json"
-    monkeypatch.setenv("FA_LAB_TUNE_FILE", str(path))
-    tune.reset_cache()
-    yield path
-    tune.reset_cache()
-
-
 def _cand(label, ms, **opts):
     t = ms / 1e3
     return {"label": label, "median_s": t, "q25_s": 0.9 * t, "q75_s": 1.1 * t, **opts}

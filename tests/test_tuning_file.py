@@ -14,15 +14,6 @@ from fa_lab.numerics import reference
 from fa_lab.settings.config import FLASH_BLOCKS
 
 
-@pytest.fixture
-def tune_file(tmp_path, monkeypatch):
-    path = tmp_path / "tuned.json"
-    monkeypatch.setenv("FA_LAB_TUNE_FILE", str(path))
-    tune.reset_cache()
-    yield path
-    tune.reset_cache()
-
-
 def _good(block_q=32, block_kv=48):
     entry = {"block_q": block_q, "block_kv": block_kv, "median_s": 0.01, "shape": "x"}
     return {"fingerprint": tune.fingerprint(), "choices": {"flash": {
