@@ -47,7 +47,7 @@ MISTAKES = [
 ]
 
 
-# ---------------------------------------------------------------- lessons 00, 02, 05, 06, 11, 12
+# ---------------------------------------------------------------- lessons 00, 02, 05, 06, 06b, 06c, 11, 12
 
 GF = 4 * 8 * 2048 * 2048 * 64 / 1e9  # two products of 2 N^2 d per head
 ANSWERS.update({
@@ -58,6 +58,10 @@ ANSWERS.update({
     "min_mib": (8 * 4096 * 64 + 8 * 4096) * 4 / 2**20,
     "rate": GF / 0.025,
     "causal_rate": GF / 2 / 0.014,
+    "decode_splits": (4, 2048),  # 8 threads / (1 x 2 heads); 8192 / 4
+    "tile_kib": 4 * (2 * 128 * 64 + 2 * 64 * 64 + 128 * 64 + 2 * 128) / 1024,  # 129 KiB
+    "claim_range": (110 / 33, 130 / 28),
+    "claim_window": (2 / 1.25, 4 * 1.25),
     "head_dim": 32,
     "gqa": (4, 4),
     "smem_kib": 3 * 64 * 64 * 4 / 1024,  # Q, K and V tiles: 48 KiB
@@ -78,6 +82,18 @@ MISTAKES += [
     ("min_mib", (8 * 4096 * 64 + 8 * 4096) * 4 / 1e6, "MB"),
     ("rate", GF / 25, "seconds"),
     ("causal_rate", GF / 0.014, "half"),
+    ("decode_splits", (8, 1024), "tasks already"),
+    ("decode_splits", (4, 1024), "not by the threads"),
+    ("decode_splits", (4, 4096), "8192 / splits"),
+    ("tile_kib", 128.0, "row state"),
+    ("tile_kib", 132096 / 1000, "KB"),
+    ("tile_kib", 129 / 2, "not 2"),
+    ("claim_range", (110 / 28, 130 / 33), "fastest quartile"),
+    ("claim_range", (33 / 110, 28 / 130), "over flash's"),
+    ("claim_range", (4.0, 4.0), "medians"),
+    ("claim_window", (2.5, 5.0), "divide it"),
+    ("claim_window", (1.75, 4.25), "not +0.25"),
+    ("claim_window", (1.5, 5.0), "x 0.8"),
     ("head_dim", 64, "layers"),
     ("head_dim", 384, "slice"),
     ("gqa", (8, 4), "kv heads"),

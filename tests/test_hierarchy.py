@@ -137,3 +137,30 @@ def test_cache_tiles_fit_their_level():
     assert (df["tile_bytes"] <= df["M_bytes"]).all()
     l1, l2 = df.set_index("level").loc["L1"], df.set_index("level").loc["L2"]
     assert l2["Br"] * l2["Bc"] > l1["Br"] * l1["Bc"]
+
+
+def test_decode_floor_reads_a_latency_table_and_divides_by_the_fitting_level(monkeypatch):
+    """decode_vs_floor times nothing: it reads lesson 08's decode latencies (one
+    measurement per fact) and places each against bytes(K, V) / bandwidth of its level."""
+    import pandas as pd
+
+    monkeypatch.setattr(hierarchy.numba, "get_num_threads", lambda: 2)
+    levels = {"L1": 48 * KiB, "L2": 2 * MiB, "L3": 32 * MiB}
+    bw = pd.DataFrame({"level": ["L2", "L3", "DRAM", "L2"], "threads": [2, 2, 2, 1],
+                       "gbps": [100.0, 50.0, 10.0, 999.0]})
+    lat = pd.DataFrame({"context": [1000, 1000, 100_000], "name": ["fa_lab.decode", "torch_sdpa",
+                                                                   "fa_lab.decode"],
+                        "H": 8, "H_kv": 2, "d": 64, "median_ms": [0.5, 0.1, 20.0],
+                        "q25_ms": [0.4, 0.1, 19.0], "q75_ms": [0.6, 0.1, 22.0],
+                        "others_pct": 0.5, "steal_pct": 0.0})
+    dec = hierarchy.decode_vs_floor(lat, bw, levels)
+    assert list(dec["tokens"]) == [1000, 100_000]  # torch's rows are not the kernel's
+    small, large = dec.iloc[0], dec.iloc[1]
+    assert small["kv_bytes"] == 2 * 2 * 1000 * 64 * 4 and small["level"] == "L2"
+    assert small["floor_s"] == pytest.approx(small["kv_bytes"] / 100e9)  # all-thread bandwidth
+    assert large["level"] == "DRAM" and large["floor_s"] == pytest.approx(large["kv_bytes"] / 10e9)
+    assert large["x_floor"] == pytest.approx(20e-3 / large["floor_s"])
+    assert large["x_floor_low"] == pytest.approx(19e-3 / large["floor_s"])
+    assert hierarchy.load_of(large) is not None and large["others_pct"] == 0.5
+    with pytest.raises(ValueError, match="latency"):
+        hierarchy.decode_vs_floor(lat[lat["name"] == "torch_sdpa"], bw, levels)

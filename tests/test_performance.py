@@ -192,6 +192,16 @@ def test_claims_check_judges_every_row_on_its_range(tmp_path):
     claims = __import__("pandas").read_csv(bench.SPEED_CLAIMS_CSV)
     assert len(df) == len(claims) and df["verdict"].str.len().min() > 0
     assert df["note"].str.contains("quick run").any()
+    assert list(df["claimed low"]) == list(claims["claimed_speedup_low"])
+    assert list(df["claimed high"]) == list(claims["claimed_speedup_high"])
+    from fa_lab import viz
+
+    fig = viz.plot_claims(df, 1.25)  # one row per claim: widened band, claimed band, measured
+    ax = fig.axes[0]
+    assert len(ax.get_yticks()) == len(df) and len(ax.patches) == 2 * len(df)
+    widened = ax.patches[0]
+    assert widened.get_x() == pytest.approx(df["claimed low"].iloc[0] / 1.25)
+    assert widened.get_x() + widened.get_width() == pytest.approx(df["claimed high"].iloc[0] * 1.25)
 
 
 def test_targets_table_logic():

@@ -215,8 +215,8 @@ def test_the_readme_states_the_syllabus():
 
     readme = (report.REPO / "README.md").read_text()
     for path in syllabus.PATHS:
-        assert " → ".join(n[:2] for n in syllabus.path_lessons(path)) in readme, path
-    rows = dict(re.findall(r"^\| `(\d\d_\w+)` \| ([^|]+) \|", readme, re.M))
+        assert " → ".join(syllabus.number(n) for n in syllabus.path_lessons(path)) in readme, path
+    rows = dict(re.findall(r"^\| `(\d\d[a-z]?_\w+)` \| ([^|]+) \|", readme, re.M))
     assert set(rows) == set(syllabus.BY_NAME)
     for lesson in syllabus.LESSONS:
-        assert rows[lesson.name].strip() == (", ".join(n[:2] for n in lesson.needs) or "-")
+        assert rows[lesson.name].strip() == (", ".join(syllabus.number(n) for n in lesson.needs) or "-")

@@ -138,7 +138,7 @@ def test_lesson_records_verdicts_and_load_for_the_report(tmp_path, monkeypatch):
     assert "Measured under load" in page and "99_demo" in page
 
 
-def test_a_lesson_reads_a_table_measured_earlier_in_the_same_run_only(tmp_path, monkeypatch):
+def test_a_lesson_reads_a_table_measured_earlier_in_the_same_run_only(tmp_path, monkeypatch, capsys):
     """One measurement per fact: lesson B reads lesson A's table when A ran earlier in
     this report run, in the same mode, at the same configuration; else B measures itself."""
     import pandas as pd
@@ -151,7 +151,13 @@ def test_a_lesson_reads_a_table_measured_earlier_in_the_same_run_only(tmp_path, 
     b = setup("99_second", quick=True)
     got = b.from_run("98_first", "ladder", H=8, Nq=64)
     assert list(got["name"]) == ["flash", "naive"] and list(got["median_s"]) == [0.1, 2.0]
+    assert "Read from lesson 98_first" in capsys.readouterr().out
+    assert b.from_run("98_first", "ladder", quiet=True, H=8) is not None  # a cross-check
+    assert capsys.readouterr().out == ""
     assert b.from_run("98_first", "ladder", H=8, Nq=128) is None  # another shape
+    assert b.from_run("98_first", "ladder", name=["naive", "flash"]) is not None  # exactly these
+    assert b.from_run("98_first", "ladder", name=["flash"]) is None  # not only these
+    assert b.from_run("98_first", "ladder", name=("flash", "naive", "tiled")) is None
     assert b.from_run("98_first", "ladder", Nk=64) is None  # a column it lacks
     assert b.from_run("98_first", "other") is None  # a table it did not save
     assert b.from_run("97_absent", "ladder") is None

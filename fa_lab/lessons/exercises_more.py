@@ -1,4 +1,4 @@
-"""The checked exercises of lessons 00, 02, 05, 06, 11 and 12 (see :mod:`.exercises`,
+"""The checked exercises of lessons 00, 02, 05, 06, 06b, 06c, 11 and 12 (see :mod:`.exercises`,
 which serves them with the others through ``exercises.check``). Expected values come
 from the library where it has the quantity: the FLOP convention of the timings
 (:func:`fa_lab.numerics.reference.flops`), the tile classes
@@ -11,7 +11,8 @@ from __future__ import annotations
 from fa_lab.lessons.exercise_kit import Exercise, close, factor_of
 from fa_lab.numerics import tiling
 from fa_lab.numerics.reference import flops
-from fa_lab.tools import gpu
+from fa_lab.numerics.verdict import CLAIM_SLACK
+from fa_lab.tools import gpu, traffic
 
 MB_PER_MIB = 2**20 / 1e6
 
@@ -105,6 +106,68 @@ def _causal_mistakes(answer, want):
              "diagonal are never computed)", 1e-3: "14 ms is 0.014 s: divide by seconds"})
 
 
+# ---------------------------------------------------------------- lesson 06b
+
+def _splits():
+    B, H, Nk, threads = 1, 2, 8192, 8
+    per_head = threads // (B * H)
+    return (per_head, Nk // per_head)
+
+
+def _splits_mistakes(answer, want):
+    if answer[0] == 8:
+        return "8 splits per head make 16 tasks: the 2 heads are tasks already (8 / 2)"
+    if answer[0] == want[0] and answer[1] == 8192 // 8:
+        return "each head has all 8192 keys: divide them by its 4 splits, not by the threads"
+    if answer[0] == want[0]:
+        return "the number of splits is right; each range holds 8192 / splits keys"
+    return None
+
+
+def _tile_kib():
+    return traffic.tile_bytes(128, 64, 64, 4) / 1024
+
+
+def _tile_mistakes(answer, want):
+    no_state = 4 * (2 * 128 * 64 + 2 * 64 * 64 + 128 * 64) / 1024
+    if close(answer, no_state, 1e-4):
+        return "the row state counts too: m and ℓ, one float32 per row each"
+    return factor_of(answer, want, {
+        1.024: "KB (10^3 bytes), not KiB (2^10)", 0.5: "float32 is 4 bytes, not 2",
+        2.0: "float32 is 4 bytes, not 8"}, rtol=1e-3)
+
+
+# ---------------------------------------------------------------- lesson 06c
+
+def _claim_range():
+    return (110 / 33, 130 / 28)
+
+
+def _claim_range_mistakes(answer, want):
+    if close(answer[0], 110 / 28, 1e-3) or close(answer[1], 130 / 33, 1e-3):
+        return ("the low end pairs standard's fastest quartile (110 ms) with flash's "
+                "slowest (33 ms), the high end the other way round")
+    if answer[0] < 1 and answer[1] < 1:
+        return "a speedup is standard's time over flash's, not flash's over standard's"
+    if close(answer[0], answer[1], 1e-3):
+        return "a range from the quartiles, not the medians' single ratio"
+    return None
+
+
+def _claim_window():
+    return (2 / CLAIM_SLACK, 4 * CLAIM_SLACK)
+
+
+def _window_mistakes(answer, want):
+    if close(answer[0], 2 * CLAIM_SLACK, 1e-3):
+        return "widening moves the low end down: divide it by 1.25"
+    if close(answer[0], 2.25, 1e-3) or close(answer[0], 1.75, 1e-3):
+        return "1.25x is a factor, not +0.25"
+    if close(answer[0], 2 * 0.75, 1e-3):
+        return "dividing by 1.25 is x 0.8, not x 0.75"
+    return None
+
+
 # ---------------------------------------------------------------- lesson 11
 
 def _head_dim():
@@ -196,6 +259,33 @@ EXERCISES = {
         "The same shape with a causal mask took 14 ms. GFLOP/s, by the convention "
         "FlashAttention's benchmarks use? Answer a number.",
         "causal counts half the FLOPs", _causal_rate, _causal_mistakes),
+    "decode_splits": Exercise(
+        "06b_tuning",
+        "A decode step (one query row per head) with B = 1, H = 2 and 8192 cached keys "
+        "runs on 8 threads. Split-KV cuts each head's keys into equal ranges, one task "
+        "each. How many ranges per head give every thread one task, and how many keys "
+        "does each hold? Answer (ranges per head, keys per range).",
+        "tasks = B x H x ranges per head", _splits, _splits_mistakes, rtol=0.0),
+    "tile_kib": Exercise(
+        "06b_tuning",
+        "One block step of flash with Br = 128, Bc = 64, d = 64 in float32 holds Q_i and "
+        "its accumulator (Br x d each), K_j and V_j (Bc x d each), the scores S_ij (Br x "
+        "Bc) and the row state m, ℓ (Br each). How many KiB is that? Answer a number.",
+        "count floats, times 4 bytes, over 1024", _tile_kib, _tile_mistakes, rtol=1e-3),
+    "claim_range": Exercise(
+        "06c_speed_claims",
+        "NumPy's standard attention took a median 120 ms (quartiles 110-130 ms), flash "
+        "30 ms (quartiles 28-33 ms). What speedup range does the claim's verdict judge, "
+        "from its least to its most favourable pairing of quartiles? Answer (low, high).",
+        "low: standard's fastest over flash's slowest", _claim_range,
+        _claim_range_mistakes, rtol=1e-3),
+    "claim_window": Exercise(
+        "06c_speed_claims",
+        "A write-up claims a 2-4x speedup. A measurement reads 'consistent' when its whole "
+        "quartile range lies in the claimed range widened by 1.25x either way. What is "
+        "that window? Answer (low, high).",
+        "widen both ends by the factor: down at the low end, up at the high end",
+        _claim_window, _window_mistakes, rtol=1e-3),
     "head_dim": Exercise(
         "11_real_model",
         "all-MiniLM-L6-v2 has a hidden size of 384, 12 attention heads and 6 layers. "

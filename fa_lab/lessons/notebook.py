@@ -71,12 +71,14 @@ class Lesson:
             self._write_status()
         return path
 
-    def from_run(self, lesson: str, stem: str, **config):
+    def from_run(self, lesson: str, stem: str, *, quiet: bool = False, **config):
         """The table ``stem`` that ``lesson`` saved earlier in this report run (same
         mode; a table left by an earlier run is never read), if every row has ``config``
-        (column == value): one measurement per fact,
+        (column == value; for a list, the column's values are exactly its items): one
+        measurement per fact,
         read instead of timed again. None otherwise, and always outside a report (a
-        lesson run alone in JupyterLab measures everything itself)."""
+        lesson run alone in JupyterLab measures everything itself). ``quiet``: read it
+        without saying so (to compare with a new measurement, not to replace one)."""
         run = os.environ.get("FA_LAB_RUN")
         table = self.data / f"{lesson}_{stem}.csv"
         try:
@@ -89,10 +91,14 @@ class Lesson:
         import pandas as pd
 
         df = pd.read_csv(table)
-        if df.empty or any(k not in df or not (df[k] == v).all() for k, v in config.items()):
+        if df.empty or any(k not in df or not (
+                set(df[k]) == set(v) if isinstance(v, (list, tuple, set)) else (df[k] == v).all())
+                for k, v in config.items()):
             return None
-        print(f"Read from lesson {lesson} ('{stem}'), measured earlier in this run with the "
-              f"same {', '.join(f'{k}={v}' for k, v in config.items())}: one measurement per fact.")
+        if not quiet:
+            print(f"Read from lesson {lesson} ('{stem}'), measured earlier in this run with the "
+                  f"same {', '.join(f'{k}={v}' for k, v in config.items())}: one measurement per "
+                  "fact.")
         return df
 
     def check(self, verdict: Verdict) -> Verdict:

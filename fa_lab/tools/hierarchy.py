@@ -11,7 +11,8 @@ floor of a decode step, and hardware counters where the machine exposes them.
 * :func:`fma_peak` -- the register-resident FMA loop's GFLOP/s (the compute ceiling
   beside :func:`fa_lab.tools.bench.matmul_peak`).
 * :func:`decode_vs_floor` -- a decode step must read all of K and V: its floor is
-  ``bytes(K, V) / bandwidth`` of the level the cache fits in; measured time against it.
+  ``bytes(K, V) / bandwidth`` of the level the cache fits in; a decode latency table's
+  times against it.
 * :func:`perf_counters` -- ``perf stat`` of a known stream (LLC misses), or why not.
 
 ``python -m fa_lab bench --sweep bandwidth`` runs the sweep from the command line.
@@ -30,10 +31,9 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from fa_lab.numerics import reference, verdict
+from fa_lab.numerics import verdict
 from fa_lab.tools import traffic
 from fa_lab.tools.bench import Contender, load_of, time_calls
-from fa_lab.features.decoding import KVCache, decode
 from fa_lab.kernels.probes import stream
 
 SYS_CACHE = Path("/sys/devices/system/cpu/cpu0/cache")
@@ -242,36 +242,32 @@ def fit_level(nbytes: float, levels: dict, threads: int) -> str:
     return "DRAM"
 
 
-def decode_vs_floor(cache_lengths, bandwidths, levels, *, H=8, d=64, repeats=20, seed=0):
-    """One decode step (``fa_lab.decode``, Nq=1) per cache length against its floor,
-    ``bytes(K, V) / bandwidth`` of the level the cache fits in (``bandwidths``: a
-    :func:`level_bandwidths` table of the all-thread read stream). Validated first;
-    calls back to back as in a decoding loop."""
+def decode_vs_floor(latency, bandwidths, levels, *, name="fa_lab.decode"):
+    """Each decode step of a :func:`fa_lab.tools.bench.decode_latency` table (its ``name``
+    rows: one new token, float32 cache, timed back to back as in a decoding loop) against
+    its floor, ``bytes(K, V) / bandwidth`` of the level the cache fits in
+    (``bandwidths``: a :func:`level_bandwidths` table of the all-thread read stream).
+    Reads the timings, does not time again: one measurement per fact."""
     import pandas as pd
 
     t = numba.get_num_threads()
     bw = bandwidths[bandwidths["threads"] == bandwidths["threads"].max()].set_index("level")
-    rng = np.random.default_rng(seed)
     rows = []
-    for L in cache_lengths:
-        cache = KVCache(1, H, L, d, np.float32)
-        cache.append(rng.standard_normal((1, H, L, d)).astype(np.float32),
-                     rng.standard_normal((1, H, L, d)).astype(np.float32))
-        q = rng.standard_normal((1, H, 1, d)).astype(np.float32)
-        exp, _ = reference.attention(q, cache.keys, cache.values, causal="bottom_right")
-        if not np.allclose(decode(q, cache), exp, atol=1e-4):
-            raise AssertionError(f"decode at {L} tokens: wrong result, not timed")
-        times = time_calls([Contender("decode", lambda: decode(q, cache), "kernel")], (),
-                           repeats=repeats, warmup=2, cooldown=0)
-        s = times.summary("decode")
-        nbytes = cache.keys.nbytes + cache.values.nbytes
+    for _, r in latency[latency["name"] == name].iterrows():
+        L = int(r["context"])
+        nbytes = 2 * int(r["H_kv"]) * L * int(r["d"]) * np.dtype(np.float32).itemsize
         level = fit_level(nbytes, levels, t)
         level = level if level in bw.index else bw.index[-1]
         floor = nbytes / (bw.loc[level, "gbps"] * 1e9)
-        rows.append({"tokens": L, "kv_bytes": nbytes, "level": level,
-                     "level_gbps": bw.loc[level, "gbps"], "floor_s": floor, **s,
-                     "x_floor": s["median_s"] / floor, "x_floor_low": s["q25_s"] / floor,
-                     "x_floor_high": s["q75_s"] / floor})
+        s = {f"{q}_s": r[f"{q}_ms"] / 1e3 for q in ("median", "q25", "q75")}
+        loads = {k: r[k] for k in r.index if k not in ("context", "name") and not
+                 k.endswith("_ms") and k not in ("H", "H_kv", "d")}
+        rows.append({"tokens": L, "H": int(r["H"]), "H_kv": int(r["H_kv"]), "d": int(r["d"]),
+                     "kv_bytes": nbytes, "level": level, "level_gbps": bw.loc[level, "gbps"],
+                     "floor_s": floor, **s, **loads, "x_floor": s["median_s"] / floor,
+                     "x_floor_low": s["q25_s"] / floor, "x_floor_high": s["q75_s"] / floor})
+    if not rows:
+        raise ValueError(f"latency: no rows named {name!r}")
     return pd.DataFrame(rows)
 
 

@@ -45,6 +45,8 @@ NOTEBOOKS = [
     ("04_int8_attention", "accuracy_real"),
     ("05_memory_profiling", "peak_vs_N"),
     ("06_performance", "roofline"),
+    ("06b_tuning", "decode"),
+    ("06c_speed_claims", "claims"),
     ("07_backward", "time_ratio"),
     ("08_decoding_and_retrieval", "decode_latency"),
     ("09_memory_hierarchy", "roofline"),
@@ -238,7 +240,7 @@ def index_html(results: list[Result], machine: dict, params: dict, key: dict,
 
     def lesson_link(n):
         info = course.get(n, {})
-        return f'<a href="{n}.html">{esc(n[:2])} · {esc(info.get("title", n))}</a>'
+        return f'<a href="{n}.html">{esc(syllabus.number(n))} · {esc(info.get("title", n))}</a>'
 
     rows = []
     for r in results:

@@ -58,8 +58,13 @@ LESSONS = [
            "FlashAttention's O(N), predicted and measured with memray.", ("00_tour",),
            ("performance",)),
     Lesson("06_performance", "How fast the fastest kernel is, and why: the ladder against "
-           "PyTorch, the tuner, published claims re-measured.",
+           "PyTorch, throughput under the measured peak, where the time goes, threads.",
            ("02_tiling_and_simd", "05_memory_profiling"), ("performance",)),
+    Lesson("06b_tuning", "Block sizes, key splits and decode paths chosen by measurement "
+           "on this machine, and the tuning file later lessons read.",
+           ("06_performance",), ("performance",)),
+    Lesson("06c_speed_claims", "Published FlashAttention speed claims re-measured here and "
+           "judged against their stated range.", ("06_performance",), ("performance",)),
     Lesson("07_backward", "The backward pass by recomputation from the saved log-sum-exp, "
            "checked against float64.", ("01_online_softmax", "03_causal_masking"), ("core",)),
     Lesson("08_decoding_and_retrieval", "Decoding with a KV cache and RoPE, split-KV, "
@@ -96,6 +101,11 @@ def path_lessons(path: str) -> list[str]:
     return [lesson.name for lesson in LESSONS if path in lesson.paths]
 
 
+def number(name: str) -> str:
+    """The lesson's number as the course shows it: ``"06b"`` for ``"06b_tuning"``."""
+    return name.split("_", 1)[0]
+
+
 def title(notebook: Path) -> str:
     """The lesson's title: the first Markdown heading of its notebook, without the ``#``,
     the number and code quotes (``"Causal masking"``); the stem if it has none."""
@@ -103,7 +113,7 @@ def title(notebook: Path) -> str:
     for cell in nb["cells"]:
         if cell["cell_type"] == "markdown":
             for line in "".join(cell["source"]).splitlines():
-                m = re.match(r"#+\s*(?:\d+\s*·\s*)?(.+)", line)
+                m = re.match(r"#+\s*(?:\d+[a-z]?\s*·\s*)?(.+)", line)
                 if m:
                     return m.group(1).replace("`", "").strip()
     return Path(notebook).stem
@@ -137,7 +147,7 @@ def nav_html(name: str, order: list[str], titles: dict[str, str]) -> str:
     def link(n, arrow_left):
         if n is None:
             return "<span></span>"
-        text = html.escape(f"{n[:2]} · {titles.get(n, n)}")
+        text = html.escape(f"{number(n)} · {titles.get(n, n)}")
         return f'<a href="{n}.html">{"← " + text if arrow_left else text + " →"}</a>'
     return ('<nav class="fa-lab-nav" style="display:flex;justify-content:space-between;'
             'gap:1em;padding:.5em 1em;margin:.5em 0;background:#f3f5f8;border-radius:6px;'

@@ -3,7 +3,7 @@
 * :mod:`~fa_lab.viz.core`: pyplot and the machine footer under measured figures;
 * :mod:`~fa_lab.viz.lessons`: the lessons' concepts (attention, tiles, masks, memory,
   the memory hierarchy);
-* :mod:`~fa_lab.viz.perf`: measurements (ladder, throughput, breakdown, decoding,
+* :mod:`~fa_lab.viz.perf`: measurements (ladder, throughput, breakdown, claims, decoding,
   retrieval, INT8 error, peak memory);
 * :mod:`~fa_lab.viz.decoding`: pictures of RoPE, split-KV and the KV cache; quantized
   caches' bytes, accuracy and time against their floors;
@@ -24,7 +24,7 @@ from fa_lab.viz.lessons import (attention_matrix, running_state, tile_schedule, 
 from fa_lab.viz.perf import (plot_ladder, plot_throughput, plot_breakdown, plot_decode,
                              plot_generation, plot_decode_latency, plot_retrieval,
                              plot_k_histograms, plot_error_vs_length, plot_memory_sweep,
-                             plot_sage_breakdown)
+                             plot_sage_breakdown, plot_claims)
 from fa_lab.viz.decoding import (plot_rope, plot_split_kv, plot_kv_cache, kv_formats,
                                  kv_time_vs_context)
 from fa_lab.viz.features import (block_table, score_mods, sink_mass, block_masks, time_vs_tiles)
@@ -35,7 +35,7 @@ __all__ = ['allocations', 'attention_matrix', 'bandwidth_curve', 'bars', 'block_
            'cascade_speedup', 'causal_masks', 'causal_work_bars', 'hide_thresholds',
            'ring_schedule', 'ring_steps', 'sink_mass', 'block_masks', 'time_vs_tiles',
            'decode_floor', 'footer', 'heatmap', 'keep_mask', 'peak_memory_vs_n',
-           'plot_breakdown', 'plot_decode', 'plot_decode_latency', 'plot_error_vs_length',
+           'plot_breakdown', 'plot_claims', 'plot_decode', 'plot_decode_latency', 'plot_error_vs_length',
            'plot_generation', 'plot_k_histograms', 'plot_kv_cache', 'kv_formats',
            'kv_time_vs_context', 'plot_ladder',
            'plot_memory_sweep', 'plot_retrieval', 'plot_rope', 'plot_sage_breakdown', 'plot_split_kv',

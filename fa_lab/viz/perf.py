@@ -1,5 +1,5 @@
 """Figures of measurements: the kernel ladder, throughput against N, flash's time
-breakdown, decode splits, decode latency and generation, retrieval, INT8 error, peak
+breakdown, published claims, decode splits, decode latency and generation, retrieval, INT8 error, peak
 memory. Each takes a table from :mod:`fa_lab.tools.bench` (or a feature) and returns a Figure.
 """
 
@@ -138,6 +138,39 @@ def plot_decode(frames, title="Decode: one new token against the KV cache"):
         ax.set_ylabel("median ms per call")
         ax.margins(y=0.2)
     fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_claims(df, slack):
+    """Each published claim (a :func:`fa_lab.tools.bench.check_speed_claims` table): the
+    claimed speedup range (dark band), widened by ``slack`` either way (light band), and
+    the measured median with its quartile range, on a log axis."""
+    import textwrap
+
+    from matplotlib.ticker import FuncFormatter
+
+    fig, ax = plt.subplots(figsize=(8, 0.75 * len(df) + 1.8))
+    for y in range(len(df)):
+        lo, hi = df["claimed low"].iloc[y], df["claimed high"].iloc[y]
+        ax.barh(y, hi * slack - lo / slack, left=lo / slack, height=0.6, color="tab:green",
+                alpha=0.18, label="claimed, widened" if y == 0 else None)
+        ax.barh(y, max(hi - lo, lo * 0.01), left=lo, height=0.6, color="tab:green", alpha=0.45,
+                label="claimed" if y == 0 else None)
+        med, q25, q75 = (df[c].iloc[y] for c in ("speedup vs standard", "speedup low",
+                                                   "speedup high"))
+        ax.errorbar(med, y, xerr=[[med - q25], [q75 - med]], fmt="o", color="black", capsize=4,
+                    label="measured (quartile range)" if y == 0 else None)
+    ax.set_xscale("log")
+    times = FuncFormatter(lambda x, _: f"{x:g}x")
+    ax.xaxis.set_major_formatter(times)
+    ax.xaxis.set_minor_formatter(times)
+    ax.tick_params(axis="x", which="both", labelsize=8)
+    ax.set_yticks(range(len(df)), [textwrap.fill(str(c), 30) for c in df["claim"]], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("speedup over NumPy standard attention (log)")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, frameon=False)
+    ax.set_title("Published speed claims against this run", fontsize=10)
     fig.tight_layout()
     return fig
 

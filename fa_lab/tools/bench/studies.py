@@ -156,7 +156,7 @@ def decode_latency(context_lengths, *, H=8, H_kv=8, d=64, repeats=30, seed=0):
         # torch in its own rounds (its spinning threads would slow fa_lab's next call).
         times = time_apart(cs, (), repeats=repeats, warmup=1, cooldown=0)
         for c in cs:
-            rows.append({"context": L, "name": c.name, "H": H, "H_kv": H_kv,
+            rows.append({"context": L, "name": c.name, "H": H, "H_kv": H_kv, "d": d,
                          **times.ms(c.name)})
     return pd.DataFrame(rows)
 
