@@ -91,9 +91,12 @@ MISTAKES += [
     ("claim_range", (110 / 28, 130 / 33), "fastest quartile"),
     ("claim_range", (33 / 110, 28 / 130), "over flash's"),
     ("claim_range", (4.0, 4.0), "medians"),
+    ("claim_range", (130 / 28, 110 / 33), "wrong order"),
     ("claim_window", (2.5, 5.0), "divide it"),
     ("claim_window", (1.75, 4.25), "not +0.25"),
     ("claim_window", (1.5, 5.0), "x 0.8"),
+    ("claim_window", (1.6, 4.0), "high end too"),
+    ("claim_window", (1.6, 3.2), "multiply it"),
     ("head_dim", 64, "layers"),
     ("head_dim", 384, "slice"),
     ("gqa", (8, 4), "kv heads"),
@@ -149,6 +152,10 @@ def test_unanswered_and_malformed_answers(name, capsys):
 def test_unknown_exercise_is_refused_by_name():
     with pytest.raises(ValueError, match="name"):
         exercises.check("int9_row", 1.0)
+
+
+def test_claim_range_takes_three_significant_digits():
+    assert exercises.check("claim_range", (3.33, 4.64)).startswith("right")
 
 
 def test_a_rounded_bf16_answer_is_asked_for_every_digit():

@@ -71,14 +71,13 @@ class Lesson:
             self._write_status()
         return path
 
-    def from_run(self, lesson: str, stem: str, *, quiet: bool = False, **config):
+    def from_run(self, lesson: str, stem: str, **config):
         """The table ``stem`` that ``lesson`` saved earlier in this report run (same
         mode; a table left by an earlier run is never read), if every row has ``config``
         (column == value; for a list, the column's values are exactly its items): one
         measurement per fact,
         read instead of timed again. None otherwise, and always outside a report (a
-        lesson run alone in JupyterLab measures everything itself). ``quiet``: read it
-        without saying so (to compare with a new measurement, not to replace one)."""
+        lesson run alone in JupyterLab measures everything itself)."""
         run = os.environ.get("FA_LAB_RUN")
         table = self.data / f"{lesson}_{stem}.csv"
         try:
@@ -95,10 +94,8 @@ class Lesson:
                 set(df[k]) == set(v) if isinstance(v, (list, tuple, set)) else (df[k] == v).all())
                 for k, v in config.items()):
             return None
-        if not quiet:
-            print(f"Read from lesson {lesson} ('{stem}'), measured earlier in this run with the "
-                  f"same {', '.join(f'{k}={v}' for k, v in config.items())}: one measurement per "
-                  "fact.")
+        print(f"Read from lesson {lesson} ('{stem}'), measured earlier in this run with the "
+              f"same {', '.join(f'{k}={v}' for k, v in config.items())}: one measurement per fact.")
         return df
 
     def check(self, verdict: Verdict) -> Verdict:
