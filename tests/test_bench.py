@@ -18,6 +18,7 @@ def test_run_returns_a_table_with_machine_and_flops():
     assert row["gflops"] == pytest.approx(bench.flops(1, 2, 33, 40, 8, True) /
                                           row["median_s"] / 1e9)
     assert (df["q25_s"] <= df["median_s"]).all() and (df["median_s"] <= df["q75_s"]).all()
+    assert (df["timing"] == bench.TIMING_INTERLEAVED).all()  # each row says how it was timed
 
 
 def test_flop_model():

@@ -175,6 +175,7 @@ def test_time_generation_and_decode_latency_run():
             & (df["speedup"] <= df["speedup_high"] * slack)).all()
     lat = decode_latency([64], H=2, H_kv=1, d=8, repeats=2)
     assert "fa_lab.decode" in set(lat["name"])
+    assert (lat["d"] == 8).all() and lat["timing"].str.startswith("one process, back to back").all()
 
 
 # ---------------------------------------------------------------- top-K retrieval

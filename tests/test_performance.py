@@ -164,6 +164,7 @@ def test_decode_splits_validates_every_contender():
     assert {"flash, 1 split", "flash, 2 splits"} <= set(df["name"])
     assert ((df["q25_ms"] <= df["median_ms"]) & (df["median_ms"] <= df["q75_ms"])).all()
     assert (df["H_kv"] == 1).all()
+    assert (df["timing"] == bench.TIMING_APART).all() and "torch_sdpa" in bench.TIMING_APART
     bk = min(config.FLASH_BLOCKS[1], 700)
     assert (df["auto_splits"] == flash.plan_splits(1, 2, 1, 700, 1, bk,
                                                    config.num_threads())).all()

@@ -16,14 +16,15 @@ Their public names are re-exported here (``fa_lab.tools.bench.run``, ``fa_lab.to
 from fa_lab.tools.bench.claims import (SPEED_CLAIMS_CSV, check_speed_claims, judge_speedup, speedup,
                                  targets_table)
 from fa_lab.tools.bench.contenders import contenders
-from fa_lab.tools.bench.harness import (Contender, Timings, flops, load_of, time_apart, time_calls,
-                                        validate)
+from fa_lab.tools.bench.harness import (TIMING_APART, TIMING_INTERLEAVED, Contender, Timings, flops,
+                                        load_of, time_apart, time_calls, validate)
 from fa_lab.tools.bench.studies import (BREAKDOWN_PARTS, backward_vs_forward, breakdown,
                                   decode_latency, retrieval_benchmark, time_generation)
 from fa_lab.tools.bench.sweeps import (decode_splits, matmul_peak, run, run_with_env, sweep_blocks,
                                  thread_scaling)
 
-__all__ = ["BREAKDOWN_PARTS", "Contender", "SPEED_CLAIMS_CSV", "Timings", "backward_vs_forward",
+__all__ = ["BREAKDOWN_PARTS", "Contender", "SPEED_CLAIMS_CSV", "TIMING_APART", "TIMING_INTERLEAVED",
+           "Timings", "backward_vs_forward",
            "breakdown", "check_speed_claims", "contenders", "decode_latency", "decode_splits",
            "flops", "judge_speedup", "load_of", "matmul_peak", "retrieval_benchmark", "run",
            "run_with_env", "speedup", "sweep_blocks", "targets_table", "thread_scaling",

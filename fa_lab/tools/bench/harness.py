@@ -113,6 +113,13 @@ def time_calls(contenders_, args, *, repeats=5, warmup=1, min_time=0.0, cooldown
 #: workers keep spinning after each call and take the cores from whatever runs next.
 APART = ("torch_sdpa",)
 
+#: How a result row was timed (its ``timing`` column): :func:`time_calls` with its pause
+#: before each call, and :func:`time_apart` back to back (the isolated harness says
+#: ``"separate processes, ..."``).
+TIMING_INTERLEAVED = "one process, interleaved rounds, a pause before each call"
+TIMING_APART = (f"one process, back to back; {', '.join(APART)} in rounds of its own "
+                "after the others'")
+
 
 def time_apart(contenders_, args, *, apart=APART, **kw) -> Timings:
     """:func:`time_calls` for back-to-back timings (``cooldown=0``), with the contenders

@@ -15,7 +15,8 @@ from fa_lab.numerics import reference
 from fa_lab.api import attention, prepare
 from fa_lab.features.backward import attention_backward
 from fa_lab.tools.bench.contenders import torch_module
-from fa_lab.tools.bench.harness import Contender, flops, time_apart, time_calls, validate
+from fa_lab.tools.bench.harness import (TIMING_APART, Contender, flops, time_apart, time_calls,
+                                        validate)
 from fa_lab.features.decoding import KVCache, TinyLM, decode
 from fa_lab.registry import KERNELS
 from fa_lab.features.retrieval import numpy_topk, topk_attention
@@ -157,7 +158,7 @@ def decode_latency(context_lengths, *, H=8, H_kv=8, d=64, repeats=30, seed=0):
         times = time_apart(cs, (), repeats=repeats, warmup=1, cooldown=0)
         for c in cs:
             rows.append({"context": L, "name": c.name, "H": H, "H_kv": H_kv, "d": d,
-                         **times.ms(c.name)})
+                         **times.ms(c.name), "timing": TIMING_APART})
     return pd.DataFrame(rows)
 
 

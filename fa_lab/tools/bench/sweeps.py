@@ -17,7 +17,8 @@ import pandas as pd
 from fa_lab.numerics import reference
 from fa_lab.api import attention, prepare
 from fa_lab.tools.bench.contenders import contenders
-from fa_lab.tools.bench.harness import Contender, flops, time_apart, time_calls, validate
+from fa_lab.tools.bench.harness import (TIMING_APART, TIMING_INTERLEAVED, Contender, flops,
+                                        time_apart, time_calls, validate)
 from fa_lab.settings.config import num_threads
 from fa_lab.kernels.probes.tiles import blas_tiles
 from fa_lab.settings.machine import machine
@@ -64,7 +65,8 @@ def run(kernels=None, shapes=None, *, causal=False, dtype=np.float32, repeats=5,
                 "dtype": np.dtype(dtype).name, **times.summary(c.name, f),
                 f"speedup_vs_{baseline}": (medians[baseline] / medians[c.name]
                                            if baseline in medians else float("nan")),
-                "max_error": errors[c.name], **{f"machine_{k}": v for k, v in info.items()},
+                "max_error": errors[c.name], "timing": TIMING_INTERLEAVED,
+                **{f"machine_{k}": v for k, v in info.items()},
             })
     return pd.DataFrame(rows)
 
@@ -184,7 +186,7 @@ def decode_splits(B=1, H=8, H_kv=None, Nk=4096, d=64, splits=(1, 2, 4, 8), *,
     rows = []
     for c in cs:
         rows.append({"name": c.name, "B": B, "H": H, "H_kv": H_kv, "Nk": Nk, "d": d,
-                     "auto_splits": auto, **times.ms(c.name)})
+                     "auto_splits": auto, **times.ms(c.name), "timing": TIMING_APART})
     return pd.DataFrame(rows)
 
 
