@@ -79,9 +79,7 @@ def autotune(kernel="flash", regimes=None, *, quick=False, repeats=3, path=None,
         df["chosen"] = df["median_s"] == df["median_s"].min()
         frames.append(df)
     sweep = pd.concat(frames, ignore_index=True)
-    stored = load(path) or {}
-    if stored.get("fingerprint") != fingerprint():
-        stored = {}
+    stored = _stored(path)
     choices = stored.get("choices", {})
     sweeps = stored.get("sweeps", {})
     for regime, g in sweep.groupby("regime"):
@@ -93,9 +91,20 @@ def autotune(kernel="flash", regimes=None, *, quick=False, repeats=3, path=None,
             "block_q": int(row["block_q"]), "block_kv": int(row["block_kv"]),
             "median_s": float(row["median_s"]), "shape": f"Nq={row['Nq']}, Nk={row['Nk']}",
             "quick": bool(quick)}
-    write({**stored, "fingerprint": fingerprint(), "machine": machine(), "choices": choices,
-           "sweeps": sweeps}, path)
+    _store({**stored, "choices": choices, "sweeps": sweeps}, path)
     return sweep
+
+
+def _stored(path) -> dict:
+    """The tuning file's content if it was written on this machine (fingerprint), else {}."""
+    stored = load(path) or {}
+    return stored if stored.get("fingerprint") == fingerprint() else {}
+
+
+def _store(data: dict, path) -> None:
+    """Write ``data`` (choices, sweeps, paths) with this machine's fingerprint."""
+    write({"choices": {}, "sweeps": {}, "paths": {}, **data, "fingerprint": fingerprint(),
+           "machine": machine()}, path)
 
 
 #: Key splits tried for each decode kernel.
@@ -217,12 +226,9 @@ def tune_paths(names=None, *, quick=False, repeats=20, path=None, progress=None)
         group = df["api"] if "api" in df else pd.Series("", index=df.index)
         df["chosen"] = df["median_s"] == df.groupby(group)["median_s"].transform("min")
         rows.append(df)
-    stored = load(path) or {}
-    if stored.get("fingerprint") != fingerprint():
-        stored = {}
+    stored = _stored(path)
     stored.setdefault("paths", {}).update(entries)
-    write({"choices": {}, "sweeps": {}, **stored, "fingerprint": fingerprint(),
-           "machine": machine()}, path)
+    _store(stored, path)
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
 
 
