@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike
 
-from fa_lab.settings import config
 from fa_lab.numerics.checks import (HALF_DTYPES, as_array, as_float_array, bias_view,  # noqa: F401
                                     check_block, check_bool, check_choice, check_scale,
                                     check_shapes, half_dtype, refuse_masked, widen)
@@ -26,51 +25,15 @@ from fa_lab.kernels.ladder.flash import plan_splits
 from fa_lab.kernels.lowprec.amx_pack import from_bf16, to_bf16
 from fa_lab.numerics.masks import causal_alignment
 from fa_lab.numerics.merge import apply_sinks, check_sinks
-from fa_lab.registry import BF16_KERNELS, CUDA_KERNELS, KERNELS, Kernel, Request, Stage
+from fa_lab.registry import (BF16_KERNELS, KERNELS, Kernel, Request, Stage,  # noqa: F401
+                             choose_kernel, effective_blocks)
 from fa_lab.numerics.scoremod import NONE as NO_MODS, ScoreMods, check_mods
-from fa_lab.settings.tuning_file import measured_bf16_tiles, measured_splits, tuned_blocks
+from fa_lab.settings.tuning_file import (measured_bf16_tiles, measured_pv, measured_splits,
+                                        tuned_blocks)
 
 
 class KernelFallbackWarning(UserWarning):
     """``kernel="auto"`` skipped a faster kernel that cannot serve the call (reason inside)."""
-
-
-def effective_blocks(Nq: int, Nk: int, block_q=None, block_kv=None,
-                     defaults=None) -> tuple[int, int]:
-    """The tile sizes a tiled kernel really uses: its defaults (or :mod:`fa_lab.settings.config`'s)
-    where none are given, clamped to the problem (tiny inputs do not allocate big tiles)."""
-    dq, dk = defaults or (config.BLOCK_Q, config.BLOCK_KV)
-    return min(block_q or dq, max(Nq, 1)), min(block_kv or dk, max(Nk, 1))
-
-
-def choose_kernel(kernel: str, req: Request, table=None) -> tuple[Kernel, list[str]]:
-    """Resolve ``kernel`` (a registry name or ``"auto"``) for ``req`` in ``table``
-    (default :data:`fa_lab.KERNELS`; :data:`fa_lab.BACKWARD_KERNELS` for gradients).
-
-    Returns the kernel and, for ``"auto"``, the reasons why faster kernels were
-    skipped. An explicit kernel that cannot serve the call raises NotImplementedError.
-    """
-    if not isinstance(kernel, str):
-        raise TypeError(f"kernel must be a str (a name in fa_lab.KERNELS or 'auto'), "
-                        f"got {kernel!r}")
-    table = KERNELS if table is None else table
-    if kernel != "auto":
-        if table is KERNELS and kernel in CUDA_KERNELS:  # GPU kernels: by name only
-            table = CUDA_KERNELS
-        if kernel not in table:
-            known = sorted(table) + (sorted(CUDA_KERNELS) if table is KERNELS else [])
-            raise ValueError(f"kernel must be 'auto' or one of {known}, got {kernel!r}")
-        reason = table[kernel].unsupported(req)
-        if reason:
-            raise NotImplementedError(reason)
-        return table[kernel], []
-    skipped = []
-    for candidate in sorted(table.values(), key=lambda c: -c.rung):
-        reason = candidate.unsupported(req)
-        if reason is None:
-            return candidate, skipped
-        skipped.append(reason)
-    raise NotImplementedError("no registered kernel supports this call: " + "; ".join(skipped))
 
 
 @dataclass
@@ -160,6 +123,16 @@ class Call:
             return best
         return None, "the rule: split only when the (head, query block) tasks leave threads idle"
 
+    def pv(self, kernel: str, options: dict) -> tuple:
+        """``(pv, why)``: ``flash``'s ``P V`` path given in ``options``, measured fastest here
+        for this call (``kernel="auto"``, :func:`~fa_lab.settings.tuning_file.measured_pv`),
+        or BLAS."""
+        if "pv" in options:
+            return options["pv"], "given"
+        best = measured_pv(self.Nq, self.v4.shape[3], self.q4.dtype == np.float32) if (
+            kernel == "auto") else None
+        return best or ("blas", "the default: not measured here, or not a call it measured")
+
     def run(self, kernel="auto", *, table=None, arrays=None, block_q=None, block_kv=None,
             splits=None, stage=Stage.FULL, kv_len=None, warn=True, with_sinks=True,
             **options):
@@ -181,6 +154,8 @@ class Call:
             raise TypeError(f"{unknown[0]}: not an option of kernel {chosen.name!r}")
         if self.empty:
             return np.zeros(self.out_shape, self.q.dtype), np.zeros(self.q.shape[:-1], self.q.dtype)
+        if "pv" in chosen.tags:
+            options["pv"] = self.pv(kernel, options)[0]
         bq, bk, _ = self.blocks(kernel, chosen, block_q, block_kv)
         if not chosen.tiled:
             bq = bk = None
@@ -203,12 +178,14 @@ class Call:
         """What :meth:`run` would do (see :func:`plan`)."""
         chosen, skipped = choose_kernel(kernel, self.request, KERNELS)
         bq, bk, source = self.blocks(kernel, chosen)
-        splits, why = 1, "n/a"
+        splits, why, pv, pv_why = 1, "n/a", "n/a", "n/a"
         if chosen.name == "flash" and not self.empty:
             splits, why = self.splits(kernel, chosen, bk)
             splits = splits or plan_splits(self.B, self.H, self.Nq, self.Nk, bq, bk, num_threads())
+            pv, pv_why = self.pv(kernel, {}) if splits == 1 else ("blas", "split-KV runs BLAS")
         return {"kernel": chosen.name, "block_q": bq, "block_kv": bk, "blocks_from": source,
-                "splits": splits, "splits_from": why, "skipped": skipped}
+                "splits": splits, "splits_from": why, "pv": pv, "pv_from": pv_why,
+                "skipped": skipped}
 
 
 def prepare(q, k, v, *, causal=False, scale=None, mask=None, block_q=None, block_kv=None,
@@ -265,7 +242,8 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = 
               return_lse: bool = False, dropout_p: float = 0.0, seed: int | None = None,
               window: tuple[int, int] | None = None, softcap: float = 0.0,
               alibi_slopes: ArrayLike | None = None, sinks: ArrayLike | None = None,
-              layout: str = "bhnd") -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+              layout: str = "bhnd", pv: str | None = None
+              ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Scaled dot-product attention ``softmax(Q K^T * scale + mask) V``.
 
     Parameters
@@ -322,6 +300,11 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = 
         ``"bnhd"``: q, k, v and ``out`` are ``(..., N, H, d)``, flash-attn's layout (a
         mask, ALiBi slopes and ``lse`` keep their head-major shapes). fa_lab cannot tell
         the two layouts apart from the shapes alone: say which.
+    pv : "blas" or "microkernel", optional
+        How ``flash`` computes ``P V``: SciPy's BLAS, or fa_lab's own float32
+        micro-kernel (float32, ``d_v`` a multiple of 32). By default BLAS, or with
+        ``kernel="auto"`` the one measured faster on this machine (``python -m fa_lab
+        tune``; :func:`plan` says which). Other kernels refuse it by name.
 
     Returns
     -------
@@ -351,7 +334,7 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = 
                         causal=causal, scale=scale, mask=mask, kernel=kernel,
                         block_q=block_q, block_kv=block_kv, return_lse=return_lse,
                         dropout_p=dropout_p, seed=seed, window=window, softcap=softcap,
-                        alibi_slopes=alibi_slopes, sinks=sinks)
+                        alibi_slopes=alibi_slopes, sinks=sinks, pv=pv)
         out, lse = res if isinstance(res, tuple) else (res, None)
         out = np.ascontiguousarray(np.swapaxes(out, -3, -2))
         return (out, lse) if lse is not None else out
@@ -359,7 +342,7 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = 
     if half is not None:
         if isinstance(mask, np.ndarray) and mask.dtype == half:
             mask = mask.astype(np.float32)
-        if half.name == "bfloat16" and bf16_kernels_serve(kernel, q):
+        if half.name == "bfloat16" and pv is None and bf16_kernels_serve(kernel, q):
             res = attention_bf16_bits(*_same(half, q=q, k=k, v=v), kernel, causal=causal,
                                   scale=scale, mask=mask, block_q=block_q, block_kv=block_kv,
                                   dropout_p=dropout_p, seed=seed, window=window,
@@ -371,7 +354,8 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = 
                         _wide("v", v, half), causal=causal, scale=scale, mask=mask,
                         kernel=kernel, block_q=block_q, block_kv=block_kv,
                         return_lse=return_lse, dropout_p=dropout_p, seed=seed,
-                        window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
+                        window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
+                        pv=pv)
         narrow = ((lambda x: to_bf16(x, half)) if half.name == "bfloat16"  # in parallel
                   else (lambda x: x.astype(half)))
         return tuple(narrow(x) for x in res) if return_lse else narrow(res)
@@ -379,7 +363,7 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = 
                    block_kv=block_kv, dropout_p=dropout_p, seed=seed, window=window,
                    softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
     return_lse = check_bool("return_lse", return_lse)
-    out, lse = call.run(kernel)
+    out, lse = call.run(kernel, **({} if pv is None else {"pv": pv}))
     return (out, lse) if return_lse else out
 
 
@@ -438,8 +422,10 @@ def plan(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = False
     Returns ``kernel``, ``block_q``, ``block_kv``, ``blocks_from`` (``"given"``,
     ``"tuned"``, ``"default"`` or ``"n/a"``), ``splits`` (key splits of the ``flash``
     kernel's Flash-Decoding path, 1 = none), ``splits_from`` (the rule, or the times
-    measured on this machine that chose them) and ``skipped`` (why faster kernels could
-    not serve the call). Validates the arguments exactly as :func:`attention` does.
+    measured on this machine that chose them), ``pv`` and ``pv_from`` (``flash``'s ``P V``
+    path, BLAS or ``"microkernel"``, and why: the default, or the times measured here)
+    and ``skipped`` (why faster kernels could not serve the call). Validates the
+    arguments exactly as :func:`attention` does.
     """
     half = half_dtype(q)
     if half is not None:  # computed in float32, as attention() does

@@ -14,9 +14,11 @@ Every entry's ``run`` takes the canonical arguments built by :func:`fa_lab.api.p
     block_q, block_kv: positive ints (only for kernels with ``tiled=True``)
     outputs: (out, lse) forward; (dq, dk, dv) backward
 
-Numba kernels get there through :class:`Runner`, the one adapter from this call to a
+Numba kernels get there through :class:`~fa_lab.kernels.runner.Runner`, the one adapter from this call to a
 jitted driver (:mod:`fa_lab.kernels` documents the drivers' signature); :func:`flex_run`
-is the door to the programmable kernel (:func:`fa_lab.flex_attention`).
+is the door to the programmable kernel (:func:`fa_lab.flex_attention`). Choosing a kernel
+for a call (:func:`choose_kernel`) and its tiles (:func:`effective_blocks`) are here too;
+:mod:`fa_lab.api` uses them.
 """
 
 from __future__ import annotations
@@ -26,10 +28,8 @@ from typing import Callable
 
 import numpy as np
 
-from fa_lab.numerics import masks, reference
+from fa_lab.numerics import reference
 from fa_lab.settings import config
-from fa_lab.settings.config import num_threads
-from fa_lab.numerics.dropout import mix_seed
 from fa_lab.settings.machine import cuda_device
 from fa_lab.numerics.scoremod import NONE as NO_MODS
 from fa_lab.kernels.backward import naive as backward_naive, tiled as backward_tiled
@@ -37,8 +37,9 @@ from fa_lab.kernels import flex
 from fa_lab.kernels.ladder import fa1, flash, naive, online, tiled, tiled_simd
 from fa_lab.kernels.lowprec import amx, int8, quantize, sage
 from fa_lab.kernels.layouts import paged, quantized, varlen
-from fa_lab.kernels.common import Stage, no_bias
+from fa_lab.kernels.common import Stage, no_bias  # noqa: F401  (Stage: fa_lab.registry.Stage)
 from fa_lab.kernels.ladder.flash import flash_forward, flash_splitkv_forward
+from fa_lab.kernels.runner import Runner, backward_outputs
 
 
 @dataclass(frozen=True)
@@ -119,85 +120,6 @@ class Kernel:
         return None
 
 
-def _forward_outputs(arrays):
-    q, v = arrays[0], arrays[-1]
-    return np.empty(q.shape[:3] + v.shape[3:], v.dtype), np.empty(q.shape[:3], v.dtype)
-
-
-def _backward_outputs(arrays):
-    return tuple(np.empty_like(x) for x in arrays[:3])
-
-
-@dataclass(frozen=True)
-class Runner:
-    """The one adapter from the canonical call (module docstring) to a jitted driver::
-
-        driver(*arrays, bias, has_bias, scale, causal, offset, [block_q, block_kv,]
-               [dropout_p, seed_mixed,]  *outputs, [dropout_p, seed_mixed,] [stage, kv_len])
-
-    ``keys``: the index of k in ``arrays`` (its length is Nk); the float dtype is that of
-    the last array. ``dropout``: ``"before"`` or ``"after"`` the outputs, or ``""``.
-    ``staged``: the driver ends with ``(stage, kv_len)`` (``flash``: stop each block
-    after a stage; use only the first ``kv_len`` keys). ``split_driver``: the Flash-Decoding
-    driver ``(..., block_q, block_kv, splits, *outputs, kv_len)``, used when ``splits``
-    (given, or :func:`fa_lab.kernels.ladder.flash.plan_splits`) is above 1. ``warm``: called
-    before every call (``flash``: BLAS on every thread). ``mods``: the driver (and the
-    split driver) end with ``(left, right, softcap, slopes, has_alibi)``
-    (:meth:`fa_lab.numerics.scoremod.ScoreMods.kernel_args`), from ``run(..., mods=ScoreMods)``.
-    """
-
-    driver: Callable
-    outputs: Callable = _forward_outputs
-    keys: int = 1
-    blocks: bool = True
-    dropout: str = ""
-    staged: bool = False
-    split_driver: Callable | None = None
-    warm: Callable | None = None
-    mods: bool = False
-
-    def __call__(self, arrays, bias, scale, alignment, block_q=None, block_kv=None, *,
-                 dropout_p=0.0, seed=0, splits=None, stage=Stage.FULL, kv_len=None, mods=None):
-        if not self.staged and (stage != Stage.FULL or kv_len is not None):
-            raise ValueError(f"stage and kv_len: {self.driver.__name__} runs whole calls only")
-        if not Stage.LOOPS <= stage <= Stage.FULL:  # PACK, or an ablation (AMX only)
-            raise ValueError(f"stage: {self.driver.__name__} takes LOOPS..FULL, got {stage!r}")
-        if self.split_driver is None and splits not in (None, 1):
-            raise ValueError(f"splits: {self.driver.__name__} does not split the keys")
-        if not self.mods and mods is not None and mods.active:
-            raise ValueError(f"window/softcap/alibi: {self.driver.__name__} has none")
-        if self.warm is not None:
-            self.warm()
-        dtype = arrays[-1].dtype
-        B, H, Nq = arrays[0].shape[:3]
-        Nk = arrays[self.keys].shape[2] if kv_len is None else int(kv_len)
-        # query i at i + offset: for causal, and (without causal too) window and ALiBi
-        offset = masks.feature_offset(Nq, Nk, alignment)
-        has_bias = bias is not None
-        args = [*arrays, bias if has_bias else no_bias(dtype), has_bias, dtype.type(scale),
-                alignment is not None, offset]
-        if self.blocks:
-            args += [block_q or 1, block_kv or 1]
-        drop = [float(dropout_p), np.uint64(mix_seed(np.uint64(seed)))]
-        outputs = self.outputs(arrays)
-        if self.split_driver is not None and splits is None:
-            splits = flash.plan_splits(B, H, Nq, Nk, block_q or 1, block_kv or 1, num_threads())
-        tail = [] if kv_len is None else [Nk]
-        extra = list((mods or NO_MODS).kernel_args(dtype)) if self.mods else []
-        if splits is not None and splits > 1:
-            self.split_driver(*args, int(splits), *outputs, *(tail or [-1]), *extra)
-            return outputs
-        if self.dropout == "before":
-            args += drop
-        args += outputs
-        if self.dropout == "after":
-            args += drop
-        if self.staged:
-            args += [int(stage), *(tail or [-1])]
-        self.driver(*args, *extra)
-        return outputs
-
-
 def _reference_run(arrays, bias, scale, alignment, block_q=None, block_kv=None, *,
                    dropout_p=0.0, seed=0, mods=None, **_):
     q, k, v = arrays
@@ -232,13 +154,15 @@ KERNELS: dict[str, Kernel] = {
                tiled_simd.tiled_simd_forward, tiled=True, parallel=True, dropout=True,
                window=True, softcap=True, alibi=True, dv=True,
                scratch=tiled_simd.scratch_bytes),
-        Kernel("flash", 5, "tiled_simd with BLAS block products (np.dot) and a vectorized "
-               "polynomial exp, fused max/exp/sum pass; split-KV (Flash-Decoding) when there are "
-               "too few query blocks for the threads",
+        Kernel("flash", 5, "tiled_simd with BLAS block products (np.dot; P V optionally on "
+               "fa_lab's fp32 micro-kernel, pv=) and a vectorized polynomial exp, fused "
+               "max/exp/sum pass; split-KV (Flash-Decoding) when there are too few query "
+               "blocks for the threads",
                Runner(flash_forward, staged=True, split_driver=flash_splitkv_forward,
-                      warm=flash.ensure_blas_threads, mods=True),
+                      warm=flash.ensure_blas_threads, mods=True, pv=True),
                flash_forward, tiled=True, parallel=True, window=True, softcap=True, alibi=True,
-               dv=True, blocks_setting="FLASH_BLOCKS", scratch=flash.scratch_bytes),
+               dv=True, blocks_setting="FLASH_BLOCKS", scratch=flash.scratch_bytes,
+               tags=("pv",)),
     ]
 }
 
@@ -265,11 +189,11 @@ BACKWARD_KERNELS: dict[str, Kernel] = {
                tags=("sinks",)),
         Kernel("naive", 1, "scalar Numba, one query row at a time, recomputes P from the "
                "LSE, float64 accumulators, 1 thread",
-               Runner(backward_naive.naive_backward, _backward_outputs, dropout="before"),
+               Runner(backward_naive.naive_backward, backward_outputs, dropout="before"),
                backward_naive.naive_backward, dropout=True, scratch=backward_naive.scratch_bytes),
         Kernel("tiled", 2, "FlashAttention-2 tiles in two race-free prange passes (dK, dV "
                "over key blocks; dQ over query blocks)",
-               Runner(backward_tiled.tiled_backward, _backward_outputs, dropout="before",
+               Runner(backward_tiled.tiled_backward, backward_outputs, dropout="before",
                       mods=True),
                backward_tiled.tiled_backward, tiled=True, parallel=True, dropout=True,
                window=True, softcap=True, alibi=True, dv=True,
@@ -446,3 +370,41 @@ def flex_run(q, k, v, scale, score_mod, mask_mod, kinds, index, stored, block_q,
                       score_mod is not None, mask_mod or flex.attend_all, kinds, index, stored,
                       block_q, block_kv, out, lse)
     return out, lse
+
+
+def effective_blocks(Nq: int, Nk: int, block_q=None, block_kv=None,
+                     defaults=None) -> tuple[int, int]:
+    """The tile sizes a tiled kernel really uses: its defaults (or :mod:`fa_lab.settings.config`'s)
+    where none are given, clamped to the problem (tiny inputs do not allocate big tiles)."""
+    dq, dk = defaults or (config.BLOCK_Q, config.BLOCK_KV)
+    return min(block_q or dq, max(Nq, 1)), min(block_kv or dk, max(Nk, 1))
+
+
+def choose_kernel(kernel: str, req: Request, table=None) -> tuple[Kernel, list[str]]:
+    """Resolve ``kernel`` (a registry name or ``"auto"``) for ``req`` in ``table``
+    (default :data:`fa_lab.KERNELS`; :data:`fa_lab.BACKWARD_KERNELS` for gradients).
+
+    Returns the kernel and, for ``"auto"``, the reasons why faster kernels were
+    skipped. An explicit kernel that cannot serve the call raises NotImplementedError.
+    """
+    if not isinstance(kernel, str):
+        raise TypeError(f"kernel must be a str (a name in fa_lab.KERNELS or 'auto'), "
+                        f"got {kernel!r}")
+    table = KERNELS if table is None else table
+    if kernel != "auto":
+        if table is KERNELS and kernel in CUDA_KERNELS:  # GPU kernels: by name only
+            table = CUDA_KERNELS
+        if kernel not in table:
+            known = sorted(table) + (sorted(CUDA_KERNELS) if table is KERNELS else [])
+            raise ValueError(f"kernel must be 'auto' or one of {known}, got {kernel!r}")
+        reason = table[kernel].unsupported(req)
+        if reason:
+            raise NotImplementedError(reason)
+        return table[kernel], []
+    skipped = []
+    for candidate in sorted(table.values(), key=lambda c: -c.rung):
+        reason = candidate.unsupported(req)
+        if reason is None:
+            return candidate, skipped
+        skipped.append(reason)
+    raise NotImplementedError("no registered kernel supports this call: " + "; ".join(skipped))

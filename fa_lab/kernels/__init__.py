@@ -11,7 +11,7 @@
   tiles): the one door from the tools to jitted code besides the API.
 
 Shared helpers are in ``common``. Kernels never import the registry
-(docs/ARCHITECTURE.md); :class:`fa_lab.registry.Runner` adapts them.
+(docs/ARCHITECTURE.md); :class:`fa_lab.kernels.runner.Runner` adapts them.
 
 Every forward driver has the same canonical signature, so one adapter calls any of them::
 

@@ -34,7 +34,7 @@ def attend_all(b, h, q_idx, kv_idx):
 def _tile(Qi, Kj, Vj, b, h, i0, j0, partial, score_mod, has_score, mask_mod, stored, state,
           scratch):
     m, l, alpha, acc = state
-    S_buf, P_buf, PV = scratch
+    S_buf, P_buf, PV, _ = scratch  # (no Vpack: flex runs P V through BLAS)
     br, bc = Qi.shape[0], Kj.shape[0]
     S = S_buf[:br * bc].reshape((br, bc))
     np.dot(Qi, Kj.T, S)

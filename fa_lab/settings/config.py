@@ -43,6 +43,10 @@ BLOCK_KV = 64
 #: than loops (a BLAS call needs work to amortize its overhead). The autotuner
 #: (:mod:`fa_lab.tools.tune`) stores a better choice per machine.
 FLASH_BLOCKS = (256, 256)
+#: ``flash``'s two ways to compute ``P V`` (``pv=``): SciPy's BLAS, or fa_lab's own
+#: float32 micro-kernel (:mod:`fa_lab.kernels.ladder.pv_product`); ``kernel="auto"`` runs
+#: the one measured faster on this machine (:mod:`fa_lab.tools.tune`), else BLAS.
+FLASH_PV_PATHS = ("blas", "microkernel")
 #: Tiles (Br, Bc) of the ``sage`` INT8 kernel: a strip's S and P (8 rows) stay in L1.
 SAGE_BLOCKS = (128, 256)
 #: Tiles (Br, Bc) of the AMX kernels (Bc rounded up to a multiple of 32 inside).

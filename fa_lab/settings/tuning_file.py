@@ -85,6 +85,8 @@ PATHS = {
                 dict(B=1, H=8, H_kv=8, Nq=1024, Nk=1024, d=64)),
     "decode_bf16": ("bfloat16 decode: the bf16 kernels (AMX tiles) or float32",
                     dict(B=1, H=8, H_kv=8, Nq=1, Nk=4096, d=64)),
+    "flash_pv": ("flash's P V product: BLAS or fa_lab's float32 micro-kernel",
+                 dict(B=1, H=8, H_kv=8, Nq=2048, Nk=2048, d=64)),
 }
 
 
@@ -170,7 +172,8 @@ def validate(data) -> str | None:
 _FIELDS = {"decode_mha": {"api": ("attention", "kvcache"), "kernel": str, "splits": int},
            "decode_gqa": {"api": ("attention", "kvcache"), "kernel": str, "splits": int},
            "int8_pv": {"kernel": str, "pv_dtype": ("float32", "bfloat16")},
-           "decode_bf16": {"kernel": str}}
+           "decode_bf16": {"kernel": str},
+           "flash_pv": {"kernel": str, "pv": ("blas", "microkernel")}}
 
 
 def _candidate_problem(where, c, fields) -> str | None:
@@ -308,6 +311,16 @@ def measured_splits(B: int, H: int, H_kv: int, Nq: int, Nk: int, block_kv: int) 
             measured_reason(path, best, api="attention"))
 
 
+def measured_pv(Nq: int, d: int, float32: bool) -> tuple | None:
+    """``(pv, why)``: the ``P V`` path of ``flash`` measured fastest here, for a prefill
+    call it can serve (more query rows than the decode regime, float32, ``d`` a multiple
+    of 32: what the micro-kernel needs); or None (then BLAS, the default)."""
+    if Nq <= REGIMES[0].max_Nq or not float32 or d % 32:
+        return None
+    best = measured_choice("flash_pv")
+    return (best["pv"], measured_reason("flash_pv", best)) if best else None
+
+
 _FP: list = []
 
 
@@ -348,6 +361,6 @@ def write(data: dict, path=None) -> Path:
 
 
 __all__ = ["PATHS", "decode_path", "measured", "measured_choice", "measured_reason",
-           "measured_splits", "measured_bf16_tiles", "alike",
+           "measured_splits", "measured_bf16_tiles", "measured_pv", "alike",
            "REGIMES", "Regime", "tuned_blocks", "tune_path", "fingerprint", "choices_table",
            "regime_for", "load", "validate", "write", "TuningFileWarning", "MAX_BLOCK"]

@@ -33,6 +33,7 @@ from fa_lab.registry import BF16_KERNELS, INT8_KERNELS, KVCACHE_KERNELS
 from fa_lab.tools.bench.harness import Contender, time_calls
 from fa_lab.tools.bench.harness import validate as check_contender
 from fa_lab.tools.bench.sweeps import sweep_blocks
+from fa_lab.settings import config
 from fa_lab.settings.machine import machine
 from fa_lab.registry import KERNELS
 from fa_lab.numerics.testing import Case, assert_close
@@ -111,7 +112,8 @@ def _store(data: dict, path) -> None:
 DECODE_SPLITS = (1, 2, 4, 8)
 #: Quick shapes (CI and ``--quick``): the same head counts, shorter sequences.
 QUICK_PATHS = {"decode_mha": dict(Nk=1024), "decode_gqa": dict(Nk=1024),
-               "int8_pv": dict(Nq=256, Nk=256), "decode_bf16": dict(Nk=1024)}
+               "int8_pv": dict(Nq=256, Nk=256), "decode_bf16": dict(Nk=1024),
+               "flash_pv": dict(Nq=256, Nk=256)}
 
 
 def _decode_candidates(case):
@@ -160,6 +162,13 @@ def _bf16_candidates(case):
     return out
 
 
+def _pv_candidates(case):
+    """``(options, fn)`` for each ``P V`` path of ``flash`` (``config.FLASH_PV_PATHS``)."""
+    return [(dict(kernel="flash", pv=p), lambda q, k, v, p=p: attention(q, k, v, kernel="flash",
+                                                                         pv=p))
+            for p in config.FLASH_PV_PATHS]
+
+
 def _inputs(name, case):
     """The entry's inputs (float32; bfloat16 for ``decode_bf16``, None without
     ``ml_dtypes``, the ``models`` extra) and the check each candidate passes first."""
@@ -173,8 +182,8 @@ def _inputs(name, case):
         exact = reference.attention(*(x.astype(np.float64) for x in b), causal="bottom_right")[0]
         base = reference.attention_half(*b, dtype=ml_dtypes.bfloat16, causal="bottom_right")[0]
         return b, lambda c: assert_close(c.fn(*b), exact, baseline=base, what=c.name)
-    if name.startswith("decode"):
-        return (q, k, v), lambda c: check_contender(c, q, k, v, "bottom_right")
+    if name.startswith("decode") or name == "flash_pv":
+        return (q, k, v), lambda c: check_contender(c, q, k, v, name != "flash_pv" and "bottom_right")
 
     def cosine(c):  # INT8 scores: judged by cosine, as lesson 10 does
         out, ref = c.fn(q, k, v).astype(np.float64).ravel(), reference.attention(q, k, v)[0].ravel()
@@ -187,6 +196,8 @@ def _label(opts):
     if "api" in opts:
         s = opts["splits"]
         return f"{opts['api']} {opts['kernel']}, {s} split{'s' if s > 1 else ''}"
+    if "pv" in opts:
+        return f"flash, P V by {opts['pv']}"
     if "pv_dtype" not in opts:
         return f"bf16 inputs on {'the float32 flash' if opts['kernel'] == 'float32' else opts['kernel']}"
     return f"{opts['kernel']}, {'bf16' if opts['pv_dtype'] == 'bfloat16' else 'fp32'} P V"
@@ -205,8 +216,8 @@ def tune_paths(names=None, *, quick=False, repeats=20, path=None, progress=None)
     for name in names:
         case = {**PATHS[name][1], **(QUICK_PATHS[name] if quick else {})}
         decode = name.startswith("decode")
-        cands = {"int8_pv": _int8_candidates, "decode_bf16": _bf16_candidates}.get(
-            name, _decode_candidates)(case)
+        cands = {"int8_pv": _int8_candidates, "decode_bf16": _bf16_candidates,
+                 "flash_pv": _pv_candidates}.get(name, _decode_candidates)(case)
         args, check = _inputs(name, case)
         if not cands or args is None:
             continue
@@ -219,7 +230,8 @@ def tune_paths(names=None, *, quick=False, repeats=20, path=None, progress=None)
                            warmup=2, cooldown=0 if decode else None)
         shape = Case(**case).id
         cand = [{"label": c.name, **o, **times.summary(c.name)} for c, (o, _) in zip(contenders, cands)]
-        keep = ("label", "api", "kernel", "splits", "pv_dtype", "median_s", "q25_s", "q75_s")
+        keep = ("label", "api", "kernel", "splits", "pv_dtype", "pv", "median_s", "q25_s",
+                "q75_s")
         entries[name] = {"what": PATHS[name][0], "shape": shape, "quick": bool(quick),
                          "candidates": [{k_: c[k_] for k_ in keep if k_ in c} for c in cand]}
         df = pd.DataFrame([{"path": name, "shape": shape, **c} for c in cand])

@@ -3,7 +3,8 @@
 What changes against ``tiled_simd`` (same online softmax, same causal block skipping):
 
 * ``Sij = Qi Kj^T`` and ``Pij Vj`` are ``np.dot`` calls on the tiles (SciPy's BLAS,
-  sgemm/dgemm) into buffers reused by every key block, with larger default tiles
+  sgemm/dgemm) into buffers reused by every key block (``Pij Vj`` may instead run on
+  fa_lab's own float32 micro-kernel, ``pack=True``: :mod:`.pv_product`), with larger default tiles
   (``Br x Bc`` = 256 x 256: a BLAS call needs work to amortize its overhead; the
   autotuner, :mod:`fa_lab.tools.tune`, picks per machine). BLAS inside ``prange`` must run
   single-threaded, so the kernel's first call sets SciPy's bundled OpenBLAS (the library
@@ -43,101 +44,37 @@ supported (``tiled_simd`` is).
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
-import scipy.linalg.cython_blas  # noqa: F401  (numba's np.dot calls SciPy's BLAS)
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
-from threadpoolctl import ThreadpoolController
 
 from fa_lab.settings import config
-from fa_lab.settings.config import CACHE, FASTMATH, num_threads
+from fa_lab.settings.config import CACHE, FASTMATH
 from fa_lab.kernels.common import (LOG2E, NEG_INF, NRT_ARRAY_OVERHEAD, exp2_poly,
                                    finalize_row, mask_block, softcap_alibi_block,
                                    task_coords, window_block, window_cuts, window_keys)
 from fa_lab.numerics.merge import merge_splits
-
-def limit_scipy_blas(threads: int = 1) -> list[str]:
-    """Set SciPy's bundled BLAS (not NumPy's, where they differ) to ``threads`` threads.
-
-    Returns the paths of the libraries changed.
-    """
-    changed = []
-    for lib in ThreadpoolController().lib_controllers:
-        path = lib.filepath or ""
-        if lib.user_api == "blas" and f"numpy{os.sep}" not in path and "numpy.libs" not in path:
-            lib.set_num_threads(threads)
-            changed.append(path)
-    return changed
+from fa_lab.kernels.ladder.blas_threads import (BLAS_LIMITED, ensure_blas_threads,  # noqa: F401
+                                                limit_scipy_blas, tile_gemms)
+from fa_lab.kernels.ladder.pv_product import pv_product, rescale_add
 
 
-#: The BLAS libraries this process limited to one thread, filled at the kernel's first
-#: call (:func:`ensure_blas_threads`); empty before it. Importing this module changes no
-#: BLAS setting.
-BLAS_LIMITED: list[str] = []
 
-
-@njit(parallel=True, cache=CACHE, nogil=True)
-def tile_gemms(x, n):
-    """``n`` products ``x @ x`` of a square tile, one per ``prange`` iteration, through the
-    same BLAS as the kernel (static schedule: every thread gets ``n / threads``).
-
-    Used to warm BLAS on every thread and, by :func:`fa_lab.tools.bench.matmul_peak`, to
-    measure what the kernel's block products can reach."""
-    b = x.shape[0]
-    out = np.zeros(n, dtype=x.dtype)
-    for i in prange(n):
-        r = np.empty((b, b), dtype=x.dtype)
-        np.dot(x, x, r)
-        out[i] = r[0, 0]
-    return out
-
-
-_BLAS_READY_THREADS = 0
-
-
-def ensure_blas_threads() -> None:
-    """Make every numba thread call BLAS once (first use, or more threads than before).
-
-    OpenBLAS keeps a pool of work buffers and maps a new one (~32 MiB, measured with
-    memray) when more gemms run at the same moment than it has buffers; it keeps them.
-    Warming up with gemms that overlap on every thread keeps that one-time cost out of
-    the calls (and out of their measured peak memory). The gemms must really overlap:
-    with tiny 64 x 64 ones the threads did not, and with 8 x 256^2 per thread (~2 ms)
-    they still ran one after the other when another process loaded a core (time
-    slices of a few ms), and a 34 MB allocation appeared in a later measured call. Two
-    1024^3 products per thread (~20 ms each) overlap under such load too (60 measured
-    calls with a CPU hog beside them: no new buffer; before: one in 30). Cost: once per
-    process.
-
-    The first call also limits SciPy's BLAS to one thread (BLAS inside ``prange`` must
-    not start threads of its own) and records which libraries in :data:`BLAS_LIMITED`.
-    """
-    global _BLAS_READY_THREADS
-    if not BLAS_LIMITED:
-        BLAS_LIMITED[:] = limit_scipy_blas(1) or ["(no separate SciPy BLAS found)"]
-    threads = num_threads()
-    if threads > _BLAS_READY_THREADS:
-        tile_gemms(np.ones((1024, 1024), dtype=np.float32), 2 * threads)
-        _BLAS_READY_THREADS = threads
-
-#: Degree-6 polynomial for 2^f on [0, 1), lowest degree first: a least-squares fit of
-
-
-def scratch_bytes(*, B, H, Nq, Nk, d, itemsize, block_q, block_kv, threads, **_):
+def scratch_bytes(*, B, H, Nq, Nk, d, itemsize, block_q, block_kv, threads, pv="blas", **_):
     """Byte model per running task (checked with memray), plus the split-KV partials.
 
     Per task, alive throughout: the scaled ``Qi``, ``PV`` and ``acc`` (Br x d), the
-    ``S`` and ``P`` buffers (Br x Bc, reused by every key block) and three row vectors.
-    When :func:`plan_splits` splits the keys, the partial outputs and LSEs of every
+    ``S`` and ``P`` buffers (Br x Bc, reused by every key block), three row vectors, and
+    with ``pv="microkernel"`` V's packed tile (Bc x d). When :func:`plan_splits` splits the keys, the partial outputs and LSEs of every
     split are kept for the merge: ``splits x B x H x Nq x (d + 1)``.
     """
     a = NRT_ARRAY_OVERHEAD
     tasks = B * H * -(-Nq // block_q)
     splits = plan_splits(B, H, Nq, Nk, block_q, block_kv, threads)
     live = max(1, min(threads, tasks * splits))
-    per = (3 * block_q * d + 2 * block_q * block_kv + 3 * block_q) * itemsize + 8 * a
+    per = (3 * block_q * d + 2 * block_q * block_kv + 3 * block_q) * itemsize + 9 * a
+    per += block_kv * d * itemsize if pv == "microkernel" else 0  # Vpack
     items = {f"tiles (Qi, S, P, PV, acc, row state) x {live} threads": live * per}
     if splits > 1:
         items[f"split-KV partials ({splits} splits)"] = (
@@ -257,17 +194,6 @@ def _softmax_block_overload(S, m, l, alpha, P):
     return lambda S, m, l, alpha, P: _softmax_block_libm(S, m, l, alpha, P)
 
 
-@njit(cache=CACHE, fastmath=FASTMATH, error_model="numpy")
-def rescale_add(acc, alpha, PV):
-    """``acc = alpha acc + PV`` row by row."""
-    br, d = acc.shape
-    for r in range(br):
-        a = alpha[r]
-        acc_r, pv_r = acc[r], PV[r]
-        for t in range(d):
-            acc_r[t] = a * acc_r[t] + pv_r[t]
-
-
 @njit(cache=CACHE, error_model="numpy")
 def all_finite(X):
     """True if the 2-D block ``X`` holds no NaN or inf: counts the elements that fail
@@ -310,13 +236,14 @@ def kv_tile(Qi, Kj, Vj, j0, bias, has_bias, b, h, i0, causal, offset, mods, stat
 
     ``mods = (left, right, softcap, slopes, has_alibi)`` (:mod:`fa_lab.numerics.scoremod`),
     ``state = (m, l, alpha, acc)`` (the running row state), ``scratch = (S_buf, P_buf,
-    PV)`` (this task's buffers, ``Br x Bc`` and ``Br x d``). ``stage`` < ``Stage.FULL``
+    PV, Vpack)`` (this task's buffers, ``Br x Bc``, ``Br x d`` and, for the ``P V``
+    micro-kernel only, ``Bc x d``: :mod:`.pv_product`). ``stage`` < ``Stage.FULL``
     (:class:`~fa_lab.kernels.common.Stage`) stops the tile early, for the time breakdown
     only: 0 = nothing, 1 = + ``S`` and masking, 2 = + softmax, 3 = + ``P Vj``.
     """
     left, right, softcap, slopes, has_alibi = mods
     m, l, alpha, acc = state
-    S_buf, P_buf, PV = scratch
+    S_buf, P_buf, PV, Vpack = scratch
     br, bc = Qi.shape[0], Kj.shape[0]
     if stage < 1:
         return
@@ -339,26 +266,30 @@ def kv_tile(Qi, Kj, Vj, j0, bias, has_bias, b, h, i0, causal, offset, mods, stat
         return
     if (has_bias or diagonal or cut) and not all_finite(Vj):
         pv_select(S, P, Vj, PV)  # a hidden NaN/inf value must not reach any row
-    else:
-        np.dot(P, Vj, PV)  # BLAS (finite Vj: a hidden key's P = 0 adds exactly 0)
-    rescale_add(acc, alpha, PV)
+        rescale_add(acc, alpha, PV)
+    else:  # BLAS, or the micro-kernel when Vpack is allocated (pv_product)
+        pv_product(P_buf, P, Vj, PV, Vpack, alpha, acc)
 
 
 @njit(cache=CACHE)
-def row_state(br, d, dtype_of, block_kv):
+def row_state(br, d, dtype_of, block_kv, pack=False):
     """A query block's running state ``(m, l, alpha, acc)`` and scratch ``(S_buf, P_buf,
-    PV)`` for :func:`kv_tile`, in ``dtype_of``'s dtype (counted by :func:`scratch_bytes`)."""
+    PV, Vpack)`` for :func:`kv_tile`, in ``dtype_of``'s dtype (counted by
+    :func:`scratch_bytes`); ``Vpack`` (``Bc x d``) only with ``pack`` (the ``P V``
+    micro-kernel: :mod:`.pv_product`), else empty (BLAS)."""
     state = (np.full(br, NEG_INF, dtype=dtype_of.dtype), np.zeros(br, dtype=dtype_of.dtype),
              np.empty(br, dtype=dtype_of.dtype), np.zeros((br, d), dtype=dtype_of.dtype))
     scratch = (np.empty(br * block_kv, dtype=dtype_of.dtype),
                np.empty(br * block_kv, dtype=dtype_of.dtype),
-               np.empty((br, d), dtype=dtype_of.dtype))
+               np.empty((br, d), dtype=dtype_of.dtype),
+               np.empty(block_kv * d if pack else 0, dtype=dtype_of.dtype))
     return state, scratch
 
 
 @njit(cache=CACHE)
 def q_block(Qi, K, V, bias, has_bias, b, h, i0, causal, offset, j_begin, j_end, block_kv,
-            Oi, lse_i, stage, left=-1, right=-1, softcap=0.0, slopes=None, has_alibi=False):
+            Oi, lse_i, stage, left=-1, right=-1, softcap=0.0, slopes=None, has_alibi=False,
+            pack=False):
     """Key blocks ``j_begin .. j_end`` (clipped to what causal lets the block see) for one
     (already scaled) query block ``Qi``; writes ``O = acc / l`` and ``lse``.
 
@@ -371,7 +302,7 @@ def q_block(Qi, K, V, bias, has_bias, b, h, i0, causal, offset, j_begin, j_end, 
     outside the window band are skipped, as those past the causal diagonal.
     """
     br = Qi.shape[0]
-    state, scratch = row_state(br, V.shape[1], Qi, block_kv)  # acc: d_v columns
+    state, scratch = row_state(br, V.shape[1], Qi, block_kv, pack)  # acc: d_v columns
     mods = (left, right, softcap, slopes, has_alibi)
     j_lo, j_hi = window_keys(i0, br, K.shape[0], causal, offset, left, right, block_kv)
     for j0 in range(max(j_begin, j_lo), min(j_end, j_hi), block_kv):
@@ -386,10 +317,11 @@ def q_block(Qi, K, V, bias, has_bias, b, h, i0, causal, offset, j_begin, j_end, 
 @njit(cache=CACHE, parallel=True, nogil=True)
 def flash_forward(q, k, v, bias, has_bias, scale, causal, offset, block_q, block_kv, out, lse,
                   stage=3, kv_len=-1, left=-1, right=-1, softcap=0.0, slopes=None,
-                  has_alibi=False):
+                  has_alibi=False, pack=False):
     """Parallel driver over (b, h, query block), as ``tiled_simd`` (``stage``: see
     :func:`q_block`; ``kv_len`` >= 0 uses only the first ``kv_len`` keys of ``k`` and
-    ``v``, e.g. the filled part of a preallocated KV cache, without copying)."""
+    ``v``, e.g. the filled part of a preallocated KV cache, without copying; ``pack``:
+    ``P V`` by fa_lab's micro-kernel instead of BLAS, :mod:`.pv_product`)."""
     B, H, Nq, _ = q.shape
     Nk = k.shape[2] if kv_len < 0 else kv_len
     group = H // k.shape[1]
@@ -400,7 +332,7 @@ def flash_forward(q, k, v, bias, has_bias, scale, causal, offset, block_q, block
         Qi = q[b, h, i0:i1] * scale  # scores = (q * scale) k^T: one multiply per q element
         q_block(Qi, k[b, h // group, :Nk], v[b, h // group, :Nk], bias, has_bias, b, h, i0,
                  causal, offset, 0, Nk, block_kv, out[b, h, i0:i1], lse[b, h, i0:i1], stage,
-                 left, right, softcap, slopes, has_alibi)
+                 left, right, softcap, slopes, has_alibi, pack)
 
 
 @njit(cache=CACHE, parallel=True, nogil=True)
