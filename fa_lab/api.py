@@ -22,6 +22,7 @@ from fa_lab.numerics.checks import (HALF_DTYPES, as_array, as_float_array, bias_
 from fa_lab.settings.config import num_threads
 from fa_lab.numerics.dropout import check_dropout
 from fa_lab.kernels.ladder.flash import plan_splits
+from fa_lab.kernels.ladder.pv_product import serves as pv_serves
 from fa_lab.kernels.lowprec.amx_pack import from_bf16, to_bf16
 from fa_lab.numerics.masks import causal_alignment
 from fa_lab.numerics.merge import apply_sinks, check_sinks
@@ -123,15 +124,20 @@ class Call:
             return best
         return None, "the rule: split only when the (head, query block) tasks leave threads idle"
 
-    def pv(self, kernel: str, options: dict) -> tuple:
-        """``(pv, why)``: ``flash``'s ``P V`` path given in ``options``, measured fastest here
-        for this call (``kernel="auto"``, :func:`~fa_lab.settings.tuning_file.measured_pv`),
-        or BLAS."""
+    def pv(self, kernel: str, options: dict, splits: int) -> tuple:
+        """``(pv, why)``: ``flash``'s ``P V`` path given in ``options``; with ``kernel=
+        "auto"`` the one measured fastest here, for a call like the measured one that it
+        serves (:func:`~fa_lab.settings.tuning_file.measured_pv`); else BLAS, as always when
+        the keys split (``splits`` > 1)."""
         if "pv" in options:
             return options["pv"], "given"
-        best = measured_pv(self.Nq, self.v4.shape[3], self.q4.dtype == np.float32) if (
-            kernel == "auto") else None
-        return best or ("blas", "the default: not measured here, or not a call it measured")
+        if splits > 1:
+            return "blas", "split-KV (Flash-Decoding) runs P V through BLAS"
+        dtype, d = self.q4.dtype, self.v4.shape[3]
+        best = measured_pv(self.Nq, d, dtype == np.float32) if kernel == "auto" else None
+        if best and pv_serves(best[0], dtype, d) is None:
+            return best
+        return "blas", "the default: not measured here, or not a call it measured"
 
     def run(self, kernel="auto", *, table=None, arrays=None, block_q=None, block_kv=None,
             splits=None, stage=Stage.FULL, kv_len=None, warn=True, with_sinks=True,
@@ -154,12 +160,14 @@ class Call:
             raise TypeError(f"{unknown[0]}: not an option of kernel {chosen.name!r}")
         if self.empty:
             return np.zeros(self.out_shape, self.q.dtype), np.zeros(self.q.shape[:-1], self.q.dtype)
-        if "pv" in chosen.tags:
-            options["pv"] = self.pv(kernel, options)[0]
         bq, bk, _ = self.blocks(kernel, chosen, block_q, block_kv)
         if not chosen.tiled:
             bq = bk = None
         splits, _ = self.splits(kernel, chosen, bk, splits)
+        if "pv" in chosen.tags:
+            options["pv"] = self.pv(kernel, options, splits or plan_splits(
+                self.B, self.H, self.Nq, self.Nk if kv_len is None else int(kv_len), bq or 1,
+                bk or 1, num_threads()))[0]
         extra = {k: v for k, v in (("splits", splits), ("kv_len", kv_len)) if v is not None}
         if stage != Stage.FULL:
             extra["stage"] = Stage(stage)
@@ -182,7 +190,7 @@ class Call:
         if chosen.name == "flash" and not self.empty:
             splits, why = self.splits(kernel, chosen, bk)
             splits = splits or plan_splits(self.B, self.H, self.Nq, self.Nk, bq, bk, num_threads())
-            pv, pv_why = self.pv(kernel, {}) if splits == 1 else ("blas", "split-KV runs BLAS")
+            pv, pv_why = self.pv(kernel, {}, splits)
         return {"kernel": chosen.name, "block_q": bq, "block_kv": bk, "blocks_from": source,
                 "splits": splits, "splits_from": why, "pv": pv, "pv_from": pv_why,
                 "skipped": skipped}
@@ -304,7 +312,9 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool | str = 
         How ``flash`` computes ``P V``: SciPy's BLAS, or fa_lab's own float32
         micro-kernel (float32, ``d_v`` a multiple of 32). By default BLAS, or with
         ``kernel="auto"`` the one measured faster on this machine (``python -m fa_lab
-        tune``; :func:`plan` says which). Other kernels refuse it by name.
+        tune``; :func:`plan` says which). Other kernels refuse it by name; a call that
+        splits its keys (Flash-Decoding) runs BLAS and refuses ``"microkernel"``; a
+        bfloat16 call with ``pv`` runs the float32 kernels (not the AMX tiles).
 
     Returns
     -------

@@ -1,8 +1,9 @@
 """``flash``'s two ``P V`` paths (BLAS, fa_lab's float32 micro-kernel): the micro-kernel
-against the float64 reference on awkward shapes (rows past the last multiple of 8, GQA,
-masks, both causal alignments, windows, d_v != d), the NaN rule, what it refuses, and
-``kernel="auto"`` running the path the tuning file measured faster (planted times: no
-test times anything)."""
+against NumPy on one tile (panels, tail rows, a strided V) and against the float64
+reference on awkward shapes (GQA, masks, both causal alignments, windows, d_v != d), the
+NaN rule, what it refuses, and ``kernel="auto"`` running the path the tuning file
+measured faster (planted times; only the last test times, to check the tuner stores
+both paths, not which wins)."""
 
 import dataclasses
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 import fa_lab
+from fa_lab.kernels.ladder import pv_product
 from fa_lab.numerics import reference
 from fa_lab.numerics.testing import Case
 from fa_lab.registry import KERNELS
@@ -19,6 +21,61 @@ from fa_lab.tools import tune
 from conftest import check_against_reference
 
 MICRO = dict(kernel="flash", pv="microkernel")
+
+
+@pytest.mark.filterwarnings("ignore::numba.core.errors.NumbaPerformanceWarning")  # np.dot, strided V
+@pytest.mark.parametrize("br,bc,d", [(13, 300, 64), (8, 128, 32), (3, 129, 96), (16, 1, 32)])
+def test_one_tile_against_numpy(br, bc, d):
+    """acc = alpha acc + P V: strips of 8 rows and the rest, V panels of 128 keys (the
+    rescale once), V read through a strided view, as the varlen layout passes it."""
+    rng = np.random.default_rng(br * bc + d)
+    P_buf = rng.random(br * bc + 7).astype(np.float32)  # longer than the tile, as flash's
+    P = P_buf[:br * bc].reshape(br, bc)
+    V3 = rng.standard_normal((bc, 2, d)).astype(np.float32)
+    Vj = V3[:, 1]  # rows d * 2 floats apart
+    acc0 = rng.standard_normal((br, d)).astype(np.float32)
+    alpha = rng.random(br).astype(np.float32)
+    acc, PV = acc0.copy(), np.empty((br, d), np.float32)
+    pv_product._own(P_buf, P, Vj, PV, np.empty(bc * d, np.float32), alpha, acc)
+    want = alpha[:, None].astype(np.float64) * acc0 + P.astype(np.float64) @ Vj
+    np.testing.assert_allclose(acc, want, rtol=2e-5, atol=2e-5 * np.sqrt(bc))
+    with pytest.raises(ValueError, match="Vpack"):
+        pv_product._own(P_buf, P, Vj, PV, np.empty(bc * d - 1, np.float32), alpha, acc)
+    acc = acc0.copy()  # an empty Vpack is the BLAS path
+    pv_product._own(P_buf, P, Vj, PV, np.empty(0, np.float32), alpha, acc)
+    np.testing.assert_allclose(acc, want, rtol=2e-5, atol=2e-5 * np.sqrt(bc))
+
+
+def test_the_microkernel_really_runs_and_differs_from_blas_in_rounding_only():
+    q, k, v = Case(H=2, Nq=300, d=64).inputs(np.float32, seed=9)
+    micro = fa_lab.attention(q, k, v, **MICRO)
+    blas = fa_lab.attention(q, k, v, kernel="flash", pv="blas")
+    assert not np.array_equal(micro, blas)  # another summation order: the path ran
+    np.testing.assert_allclose(micro, blas, atol=1e-5)
+    assert np.array_equal(blas, fa_lab.attention(q, k, v, kernel="flash"))  # the default
+    qb, kb, vb = (np.ascontiguousarray(np.swapaxes(x, 1, 2)) for x in (q, k, v))
+    out = fa_lab.attention(qb, kb, vb, layout="bnhd", **MICRO)
+    np.testing.assert_array_equal(out, np.swapaxes(micro, 1, 2))
+
+
+def test_a_call_that_splits_its_keys_runs_blas_and_refuses_the_microkernel(tune_file):
+    import json
+
+    q, k, v = Case(H=1, Nq=20, Nk=4096, d=64).inputs(np.float32)  # one task: it splits
+    assert fa_lab.plan(q, k, v, kernel="flash")["splits"] > 1
+    with pytest.raises(ValueError, match="splits its keys"):
+        fa_lab.attention(q, k, v, **MICRO)
+    tune_file.write_text(json.dumps(_planted("microkernel")))
+    p = fa_lab.plan(q, k, v)
+    assert p["pv"] == "blas" and p["pv_from"].startswith("split-KV")
+    np.testing.assert_allclose(fa_lab.attention(q, k, v), reference.attention(q, k, v)[0],
+                               atol=2e-5)  # auto: the measured path, but not where it splits
+
+
+def test_without_the_jit_the_microkernel_is_refused(monkeypatch):
+    monkeypatch.setattr(pv_product.numba_config, "DISABLE_JIT", True)
+    assert "NUMBA_DISABLE_JIT" in pv_product.serves("microkernel", np.float32, 64)
+    assert pv_product.serves("blas", np.float32, 64) is None
 
 
 @pytest.mark.parametrize("case", [
@@ -143,7 +200,7 @@ def test_a_candidate_with_an_unknown_path_makes_the_file_invalid(tune_file):
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         assert fa_lab.plan(q, k, v)["pv"] == "blas"
-    assert any("flash_pv" in str(x.message) and "pv" in str(x.message) for x in w)
+    assert any("flash_pv" in str(x.message) and "'gpu'" in str(x.message) for x in w)
 
 
 def test_tune_paths_measures_both_paths_and_auto_follows(tune_file):

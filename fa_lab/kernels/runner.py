@@ -42,8 +42,8 @@ class Runner:
     split driver) end with ``(left, right, softcap, slopes, has_alibi)``
     (:meth:`fa_lab.numerics.scoremod.ScoreMods.kernel_args`), from ``run(..., mods=ScoreMods)``.
     ``pv``: the driver (not the split driver) ends with ``pack``: ``run(..., pv=...)``
-    picks the ``P V`` path (:mod:`fa_lab.kernels.ladder.pv_product`; decoding splits keep
-    BLAS).
+    picks the ``P V`` path (:mod:`fa_lab.kernels.ladder.pv_product`); a call that splits
+    its keys runs BLAS, and refuses ``pv="microkernel"``.
     """
 
     driver: Callable
@@ -89,6 +89,9 @@ class Runner:
         outputs = self.outputs(arrays)
         if self.split_driver is not None and splits is None:
             splits = flash.plan_splits(B, H, Nq, Nk, block_q or 1, block_kv or 1, num_threads())
+        if pv == "microkernel" and splits is not None and splits > 1:
+            raise ValueError(f"pv='microkernel': this call splits its keys ({splits} splits, "
+                             "Flash-Decoding), whose P V runs on BLAS; pass splits=1 or pv='blas'")
         tail = [] if kv_len is None else [Nk]
         extra = list((mods or NO_MODS).kernel_args(dtype)) if self.mods else []
         if splits is not None and splits > 1:

@@ -47,6 +47,8 @@ FLASH_BLOCKS = (256, 256)
 #: float32 micro-kernel (:mod:`fa_lab.kernels.ladder.pv_product`); ``kernel="auto"`` runs
 #: the one measured faster on this machine (:mod:`fa_lab.tools.tune`), else BLAS.
 FLASH_PV_PATHS = ("blas", "microkernel")
+#: The micro-kernel's channels per call (two zmm of float32): it serves ``d_v`` multiples.
+FLASH_PV_CHANNELS = 32
 #: Tiles (Br, Bc) of the ``sage`` INT8 kernel: a strip's S and P (8 rows) stay in L1.
 SAGE_BLOCKS = (128, 256)
 #: Tiles (Br, Bc) of the AMX kernels (Bc rounded up to a multiple of 32 inside).

@@ -36,6 +36,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from fa_lab.settings import config
 from fa_lab.settings.config import num_threads
 from fa_lab.settings.machine import machine
 
@@ -173,7 +174,7 @@ _FIELDS = {"decode_mha": {"api": ("attention", "kvcache"), "kernel": str, "split
            "decode_gqa": {"api": ("attention", "kvcache"), "kernel": str, "splits": int},
            "int8_pv": {"kernel": str, "pv_dtype": ("float32", "bfloat16")},
            "decode_bf16": {"kernel": str},
-           "flash_pv": {"kernel": str, "pv": ("blas", "microkernel")}}
+           "flash_pv": {"kernel": str, "pv": config.FLASH_PV_PATHS}}
 
 
 def _candidate_problem(where, c, fields) -> str | None:
@@ -313,9 +314,10 @@ def measured_splits(B: int, H: int, H_kv: int, Nq: int, Nk: int, block_kv: int) 
 
 def measured_pv(Nq: int, d: int, float32: bool) -> tuple | None:
     """``(pv, why)``: the ``P V`` path of ``flash`` measured fastest here, for a prefill
-    call it can serve (more query rows than the decode regime, float32, ``d`` a multiple
-    of 32: what the micro-kernel needs); or None (then BLAS, the default)."""
-    if Nq <= REGIMES[0].max_Nq or not float32 or d % 32:
+    call (more query rows than the decode regime) in float32 with ``d`` a multiple of
+    :data:`~fa_lab.settings.config.FLASH_PV_CHANNELS` (the calls the micro-kernel can
+    serve); or None (then BLAS, the default)."""
+    if Nq <= REGIMES[0].max_Nq or not float32 or d % config.FLASH_PV_CHANNELS:
         return None
     best = measured_choice("flash_pv")
     return (best["pv"], measured_reason("flash_pv", best)) if best else None

@@ -74,7 +74,7 @@ def scratch_bytes(*, B, H, Nq, Nk, d, itemsize, block_q, block_kv, threads, pv="
     splits = plan_splits(B, H, Nq, Nk, block_q, block_kv, threads)
     live = max(1, min(threads, tasks * splits))
     per = (3 * block_q * d + 2 * block_q * block_kv + 3 * block_q) * itemsize + 9 * a
-    per += block_kv * d * itemsize if pv == "microkernel" else 0  # Vpack
+    per += block_kv * d * itemsize if pv == "microkernel" and splits == 1 else 0  # Vpack
     items = {f"tiles (Qi, S, P, PV, acc, row state) x {live} threads": live * per}
     if splits > 1:
         items[f"split-KV partials ({splits} splits)"] = (

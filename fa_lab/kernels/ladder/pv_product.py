@@ -18,17 +18,17 @@ the one measured faster on this machine (:mod:`fa_lab.tools.tune`, ``flash_pv``)
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, types
+from numba import config as numba_config, njit, types
 from numba.extending import overload
 
-from fa_lab.settings.config import CACHE, FASTMATH, FLASH_PV_PATHS
+from fa_lab.settings.config import CACHE, FASTMATH, FLASH_PV_CHANNELS, FLASH_PV_PATHS
 from fa_lab.kernels.lowprec.microkernels import MR, pv_tile
 
 #: The two ways, by name (``pv=`` of ``flash``).
 PATHS = FLASH_PV_PATHS
 #: Channels per micro-kernel call (two zmm of float32), and keys per panel of V that
 #: every strip of 8 rows runs over while it stays in L1 (128 x 32 floats: 16 KiB).
-CHANNELS = 32
+CHANNELS = FLASH_PV_CHANNELS
 KEYS = 128
 
 
@@ -39,6 +39,8 @@ def serves(pv: str, dtype, d: int) -> str | None:
     if pv == "microkernel" and (np.dtype(dtype) != np.float32 or d % CHANNELS):
         return (f"pv='microkernel' needs float32 and d a multiple of {CHANNELS} (got "
                 f"{np.dtype(dtype).name}, d={d}); pv='blas' serves every call")
+    if pv == "microkernel" and numba_config.DISABLE_JIT:
+        return "pv='microkernel' needs the JIT (NUMBA_DISABLE_JIT is set); pv='blas' runs"
     return None
 
 
@@ -73,9 +75,11 @@ def _blas(P_buf, P, Vj, PV, Vpack, alpha, acc):
 def _own(P_buf, P, Vj, PV, Vpack, alpha, acc):
     br, bc = P.shape
     d = Vj.shape[1]
-    if Vpack.shape[0] < bc * d or d % CHANNELS:
+    if Vpack.shape[0] == 0:  # no packed tile: the BLAS path
         _blas(P_buf, P, Vj, PV, Vpack, alpha, acc)
         return
+    if Vpack.shape[0] < bc * d or d % CHANNELS:  # serves() refuses such calls first
+        raise ValueError("pv_product: Vpack smaller than the tile, or d not a multiple of 32")
     for c in range(bc):  # V's rows, contiguous (any layout in)
         Vc = Vj[c]
         for t in range(d):
@@ -101,7 +105,7 @@ def _own(P_buf, P, Vj, PV, Vpack, alpha, acc):
                 acc_r[t] += p * Vpack[c * d + t]
 
 
-@overload(pv_product, jit_options={"error_model": "numpy"})
+@overload(pv_product, jit_options={"error_model": "numpy", "fastmath": FASTMATH})
 def _pv_product_overload(P_buf, P, Vj, PV, Vpack, alpha, acc):
     if P_buf.dtype == types.float32:
         return _own.py_func
